@@ -1,0 +1,83 @@
+"""Settings read from ``TARS_*`` environment variables (or a ``.env`` file).
+
+With nothing set, TARS runs *embedded*: an in-memory broker, in-process workers and
+a SQLite file, so ``tars loadgen run baseline`` works on a machine with no services.
+Set ``TARS_BROKER_URL`` and ``TARS_DATABASE_URL`` to run a real fleet.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER_URL = "memory://"
+EMBEDDED_DATABASE_URL = "sqlite:///tars-embedded.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TARS_", env_file=".env", extra="ignore")
+
+    broker_url: str = EMBEDDED_BROKER_URL
+    database_url: str = EMBEDDED_DATABASE_URL
+    #: Redis used for fleet-shared state (notifications, limiter, breaker). Defaults to the broker.
+    redis_url: str | None = None
+    #: Prefix of every Redis key and pub/sub channel TARS owns (not Celery's queues).
+    namespace: str = "tars"
+    #: Path of a TOML model catalog replacing the packaged one.
+    catalog_path: Path | None = None
+
+    # --- delivery (see docs/DELIVERY.md) -------------------------------------------------
+    #: Seconds an unacked message may stay with a worker before Redis hands it to another.
+    #: Must exceed the longest task, retries included, or tasks run twice while alive.
+    visibility_timeout_s: float = 3600.0
+    #: How often surviving workers sweep for messages of dead workers.
+    unacked_restore_interval_s: float = 10.0
+    #: Deliveries of one request after which it is failed as poison instead of run again.
+    max_deliveries: int = Field(default=5, ge=1)
+    worker_prefetch_multiplier: int = Field(default=1, ge=1)
+    #: Celery task events (what Flower shows). Costs two extra broker messages per task.
+    task_events: bool = True
+
+    # --- worker ---------------------------------------------------------------------------
+    worker_concurrency: int = Field(default=500, ge=1)
+    worker_pool: str = "gevent"
+    #: Group commit: at most this many tasks' rows per transaction ...
+    writer_batch_max: int = Field(default=500, ge=1)
+    #: ... and a batch waits at most this long for company before it is committed.
+    writer_linger_ms: float = Field(default=2.0, ge=0)
+
+    # --- input limits -----------------------------------------------------------------------
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+
+    # --- simulated provider overrides (benchmarks, tests) -----------------------------------
+    #: "uniform:LOW_MS:HIGH_MS" or "fixed:MS"; replaces every tier's latency profile.
+    sim_latency: str | None = None
+    sim_failure_rate: float | None = Field(default=None, ge=0, le=1)
+    sim_seed: int | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_simple(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("namespace must be non-empty and contain only letters, digits, '-', '_', '.'")
+        return v
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url.startswith("memory://")
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

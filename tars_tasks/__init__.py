@@ -1,0 +1,60 @@
+"""TARS fleet: LLM agent work as a Celery worker fleet.
+
+``celery -A tars_tasks worker -Q tars.haiku`` finds :data:`app` here.
+"""
+
+from __future__ import annotations
+
+from tars_tasks.celery_app import app
+from tars_tasks.errors import (
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    InvalidRequest,
+    Overloaded,
+    RequestNotFound,
+    ResultTimeout,
+    TarsError,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "DatabaseUnavailable",
+    "InvalidRequest",
+    "Overloaded",
+    "RequestNotFound",
+    "ResultTimeout",
+    "TarsClient",
+    "TarsError",
+    "app",
+    "submit",
+    "submit_many",
+]
+
+
+def __getattr__(name: str):
+    if name == "TarsClient":
+        from tars_tasks.client import TarsClient
+
+        return TarsClient
+    raise AttributeError(name)
+
+
+_default_client = None
+
+
+def _client():
+    global _default_client
+    if _default_client is None:
+        from tars_tasks.client import TarsClient
+
+        _default_client = TarsClient()
+    return _default_client
+
+
+def submit(**kwargs):
+    """Submit one request with the process's default :class:`TarsClient` (see its ``submit``)."""
+    return _client().submit(**kwargs)
+
+
+def submit_many(requests, **kwargs):
+    return _client().submit_many(requests, **kwargs)

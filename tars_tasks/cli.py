@@ -1,0 +1,205 @@
+"""The ``tars`` command line. User mistakes print one clear line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import import_module
+
+import click
+
+from config.keys import TIERS
+from tars_tasks.errors import TarsError
+
+#: Sub-command groups that live with their domain: "name": "module:attribute".
+PLUGIN_COMMANDS = {
+    "loadgen": "loadgen.cli:loadgen",
+    "fleet": "tars_tasks.fleet_cli:fleet",
+    "mock-llm": "workers.mock_llm.cli:mock_llm",
+    "metrics": "tars_tasks.metrics_cli:metrics",
+    "dead-letter": "tars_tasks.dead_letter_cli:dead_letter",
+    "flower": "tars_tasks.flower_cli:flower",
+}
+
+
+class TarsGroup(click.Group):
+    def list_commands(self, ctx):
+        names = set(super().list_commands(ctx))
+        for name, target in PLUGIN_COMMANDS.items():
+            try:
+                import_module(target.split(":")[0])
+                names.add(name)
+            except ImportError:
+                pass
+        return sorted(names)
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in PLUGIN_COMMANDS:
+            mod, _, attr = PLUGIN_COMMANDS[name].partition(":")
+            try:
+                cmd = getattr(import_module(mod), attr)
+            except ImportError:
+                return None
+        return cmd
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TarsError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=TarsGroup)
+def main() -> None:
+    """TARS fleet: LLM agent work on a Celery worker fleet."""
+
+
+# --- db ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema."""
+    import migrations
+    from config.settings import get_settings
+
+    url = get_settings().database_url
+    migrations.upgrade(url, revision)
+    click.echo(f"database at revision {migrations.current(url)}")
+
+
+@db.command("current")
+def db_current() -> None:
+    import migrations
+    from config.settings import get_settings
+
+    click.echo(migrations.current(get_settings().database_url) or "(empty)")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    import migrations
+    from config.settings import get_settings
+
+    migrations.downgrade(get_settings().database_url, revision)
+
+
+# --- worker --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--tier", "tiers", type=click.Choice(TIERS), multiple=True, required=True,
+              help="Tier(s) whose queue this pool consumes; repeat for several.")
+@click.option("--concurrency", "-c", type=int, default=None, help="Tasks in flight (default TARS_WORKER_CONCURRENCY).")
+@click.option("--pool", "-P", default=None, help="Celery pool (default gevent).")
+@click.option("--name", "-n", default=None, help="Celery node name (default TIER.%i@%h).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(tiers: tuple[str, ...], concurrency: int | None, pool: str | None, name: str | None,
+           loglevel: str) -> None:
+    """Start a sub-agent pool: a Celery worker on the tier's queue."""
+    from workers.start import exec_worker
+
+    exec_worker(tiers=list(tiers), concurrency=concurrency, pool=pool, name=name, loglevel=loglevel)
+
+
+# --- producer ------------------------------------------------------------------------------------
+
+
+def _result_dict(r) -> dict:
+    d = {k: getattr(r, k) for k in r.__dataclass_fields__}
+    for k, v in d.items():
+        if hasattr(v, "isoformat"):
+            d[k] = v.isoformat()
+        elif k == "cost_usd":
+            d[k] = str(v)
+    return d
+
+
+@main.command()
+@click.option("--role", required=True)
+@click.option("--prompt", required=True, help="The prompt; '-' reads it from standard input.")
+@click.option("--priority", default="normal", show_default=True, help="low / normal / high or 0..9.")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--idempotency-key", default=None)
+@click.option("--tier", type=click.Choice(TIERS), default=None, help="Override the role's tier.")
+@click.option("--wait/--no-wait", default=False, help="Wait for the result.")
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+def submit(role, prompt, priority, tenant, idempotency_key, tier, wait, timeout) -> None:
+    """Submit one request; prints its id (and with --wait, its result as JSON)."""
+    from tars_tasks.client import TarsClient
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    with TarsClient() as client:
+        handle = client.submit(role=role, prompt=prompt, priority=priority, tenant=tenant,
+                               idempotency_key=idempotency_key, tier=tier)
+        if not wait:
+            click.echo(json.dumps({"id": handle.id, "tier": handle.tier, "created": handle.created}))
+            return
+        click.echo(json.dumps(_result_dict(handle.wait(timeout=timeout)), indent=2))
+
+
+@main.command()
+@click.argument("request_id")
+def result(request_id: str) -> None:
+    """Print a request's current state as JSON."""
+    from tars_tasks.client import TarsClient
+
+    with TarsClient() as client:
+        click.echo(json.dumps(_result_dict(client.get(request_id)), indent=2))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Queue depth per tier and priority, workers per tier, requests by status."""
+    from config.settings import get_settings
+    from tars_tasks.celery_app import app
+    from tars_tasks.status import fleet_status
+
+    st = fleet_status(get_settings(), app)
+    if as_json:
+        click.echo(json.dumps(st.as_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    qt = Table(title="Queue depth (priority 9 is served first)")
+    qt.add_column("tier")
+    prios = sorted({p for d in st.queue_depth.values() for p in d}, reverse=True)
+    for p in prios:
+        qt.add_column(f"p{p}", justify="right")
+    qt.add_column("total", justify="right")
+    qt.add_column("workers")
+    for tier in TIERS:
+        depth = st.queue_depth.get(tier, {})
+        qt.add_row(tier, *[str(depth.get(p, 0)) for p in prios], str(sum(depth.values())),
+                   ", ".join(st.workers.get(tier, [])) or "-")
+    console.print(qt)
+    rt = Table(title="Requests")
+    rt.add_column("status")
+    rt.add_column("count", justify="right")
+    for s, n in sorted(st.requests.items()):
+        rt.add_row(s, str(n))
+    console.print(rt)
+    if st.breakers:
+        bt = Table(title="Circuit breakers")
+        bt.add_column("model")
+        bt.add_column("state")
+        for m, s in sorted(st.breakers.items()):
+            bt.add_row(m, s)
+        console.print(bt)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,189 @@
+"""The producer API: submit requests, fetch and wait for their results.
+
+    from tars_tasks import TarsClient
+    with TarsClient() as tars:
+        handle = tars.submit(role="researcher", prompt="...", priority="high", tenant="acme")
+        result = handle.wait(timeout=30)
+
+A request is recorded before it is queued, so ``handle.id`` is always a row in ``requests``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+
+from config.catalog import Catalog, load_catalog
+from config.settings import Settings, get_settings
+from tars_tasks.coordinator import Coordinator, Submission
+from tars_tasks.db.engine import get_engine
+from tars_tasks.db.models import TERMINAL_STATUSES, Request
+from tars_tasks.errors import RequestNotFound, ResultTimeout
+from tars_tasks.notify import CompletionListener, LocalListener, RedisListener
+from tars_tasks.redis_client import get_redis
+from tars_tasks.schemas import RequestSpec
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    id: str
+    status: str
+    tenant: str
+    role: str
+    tier_requested: str
+    tier_used: str | None
+    model: str | None
+    priority: int
+    result: str | None
+    error: str | None
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    submitted_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHandle:
+    id: str
+    tier: str
+    priority: int
+    #: False when an earlier request with the same idempotency key was returned instead.
+    created: bool
+    client: TarsClient
+
+    def get(self) -> RequestResult:
+        return self.client.get(self.id)
+
+    def wait(self, *, timeout: float | None = None) -> RequestResult:
+        return self.client.wait(self.id, timeout=timeout)
+
+
+class TarsClient:
+    """A producer. Thread-safe; create one per process and reuse it."""
+
+    def __init__(self, *, settings: Settings | None = None, catalog: Catalog | None = None) -> None:
+        from tars_tasks.celery_app import app as default_app
+        from tars_tasks.celery_app import make_app
+
+        self.settings = settings or get_settings()
+        self.catalog = catalog or load_catalog(self.settings.catalog_path)
+        self.celery_app = default_app if settings is None else make_app(self.settings)
+        self.engine = get_engine(self.settings.database_url)
+        self.coordinator = Coordinator(
+            settings=self.settings, catalog=self.catalog, celery_app=self.celery_app, engine=self.engine
+        )
+        self.producer_id = uuid.uuid4().hex
+        self._listener: CompletionListener | None = None
+
+    # --- submit --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        role: str,
+        prompt: str,
+        priority: int | str = "normal",
+        tenant: str = "default",
+        idempotency_key: str | None = None,
+        tier: str | None = None,
+        run_id: str | None = None,
+    ) -> RequestHandle:
+        spec = {"role": role, "prompt": prompt, "priority": priority, "tenant": tenant,
+                "idempotency_key": idempotency_key, "tier": tier}
+        return self.submit_many([spec], run_id=run_id)[0]
+
+    def submit_many(
+        self, requests: Iterable[RequestSpec | dict[str, Any]], *, run_id: str | None = None
+    ) -> list[RequestHandle]:
+        """Validate all, then record and queue all. One bad request rejects the whole call."""
+        listener = self.listener  # subscribe before anything can finish
+        subs: list[Submission] = self.coordinator.submit_many(
+            requests, run_id=run_id, reply_to=listener.channel if hasattr(listener, "channel") else None
+        )
+        return [RequestHandle(id=s.id, tier=s.tier, priority=s.priority, created=s.created, client=self)
+                for s in subs]
+
+    # --- results -------------------------------------------------------------------------------
+
+    @property
+    def listener(self) -> CompletionListener:
+        if self._listener is None:
+            redis_url = self.settings.shared_redis_url
+            if redis_url:
+                self._listener = RedisListener(
+                    self.producer_id, namespace=self.settings.namespace, redis_client=get_redis(redis_url)
+                )
+            else:
+                self._listener = LocalListener(self.producer_id, namespace=self.settings.namespace)
+        return self._listener
+
+    def get(self, request_id: str) -> RequestResult:
+        results = self.get_many([request_id])
+        if not results:
+            raise RequestNotFound(f"no request with id {request_id!r}")
+        return results[0]
+
+    def get_many(self, request_ids: Iterable[str]) -> list[RequestResult]:
+        ids = list(request_ids)
+        if not ids:
+            return []
+        t = Request.__table__.c
+        cols = [getattr(t, f) for f in RequestResult.__dataclass_fields__]
+        out: dict[str, RequestResult] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 1000):
+                for row in conn.execute(select(*cols).where(t.id.in_(ids[i : i + 1000]))):
+                    out[row.id] = RequestResult(**row._asdict())
+        return [out[i] for i in ids if i in out]
+
+    def wait(self, request_id: str, *, timeout: float | None = None, poll_interval_s: float = 2.0) -> RequestResult:
+        """Block until the request is terminal. Notices wake us; the row is the truth."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        event = self.listener.event_for(request_id)
+        while True:
+            result = self.get(request_id)
+            if result.done:
+                self.listener.forget(request_id)
+                return result
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self.listener.forget(request_id)
+                raise ResultTimeout(f"request {request_id} is still {result.status} after {timeout}s")
+            event.wait(poll_interval_s if remaining is None else min(poll_interval_s, remaining))
+
+    def wait_many(self, request_ids: Iterable[str], *, timeout: float | None = None) -> list[RequestResult]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = []
+        for rid in request_ids:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            results.append(self.wait(rid, timeout=remaining))
+        return results
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def __enter__(self) -> TarsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,186 @@
+"""The coordinator (the seed's "main agent"): validate, route, record, enqueue.
+
+Order of operations for every request:
+1. validate and route — bad input raises :class:`InvalidRequest`, nothing is written;
+2. record the request row (status ``queued``) in the database;
+3. publish it to its tier's queue with its priority.
+If publishing fails, the recorded rows are marked ``failed`` and :class:`BrokerUnavailable`
+is raised: a producer is never left believing a dropped request is queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine, select, tuple_, update
+from sqlalchemy.exc import OperationalError
+
+from config.catalog import Catalog
+from config.keys import TASK_RUN_REQUEST
+from config.settings import Settings
+from tars_tasks.celery_app import redis_priority
+from tars_tasks.db.models import STATUS_FAILED, STATUS_QUEUED, Request
+from tars_tasks.db.upsert import insert_for
+from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest
+from tars_tasks.routing import Route, route
+from tars_tasks.schemas import RequestSpec, validate_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    id: str
+    tier: str
+    priority: int
+    #: False when the idempotency key matched a request submitted earlier.
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    spec: RequestSpec
+    route: Route
+    id: str
+
+
+class Coordinator:
+    def __init__(self, *, settings: Settings, catalog: Catalog, celery_app: Celery, engine: Engine) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.celery_app = celery_app
+        self.engine = engine
+
+    def plan(self, requests: Iterable[RequestSpec | dict[str, Any]]) -> list[_Planned]:
+        """Validate and route every request; raise on the first bad one, before any write."""
+        planned = []
+        for i, data in enumerate(requests):
+            spec = validate_spec(data, index=i)
+            try:
+                r = route(spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"request #{i}: {exc}", field=exc.field) from None
+            planned.append(_Planned(spec=spec, route=r, id=str(uuid.uuid4())))
+        return planned
+
+    def submit_many(
+        self,
+        requests: Iterable[RequestSpec | dict[str, Any]],
+        *,
+        run_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> list[Submission]:
+        planned = self.plan(requests)
+        if not planned:
+            return []
+        created, existing = self._record(planned, run_id=run_id)
+        self._enqueue([p for p in planned if p.id in created], reply_to=reply_to)
+        out = []
+        for p in planned:
+            if p.id in created:
+                out.append(Submission(id=p.id, tier=p.route.tier, priority=p.spec.priority, created=True))
+            else:
+                rid, tier, prio = existing[(p.spec.tenant, p.spec.idempotency_key)]
+                out.append(Submission(id=rid, tier=tier, priority=prio, created=False))
+        return out
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def _record(
+        self, planned: Sequence[_Planned], *, run_id: str | None
+    ) -> tuple[set[str], dict[tuple[str, str | None], tuple[str, str, int]]]:
+        now = datetime.now(UTC)
+        rows, seen_keys = [], set()
+        for p in planned:
+            key = (p.spec.tenant, p.spec.idempotency_key)
+            if p.spec.idempotency_key is not None:
+                if key in seen_keys:  # same key twice in one call: the first one wins
+                    continue
+                seen_keys.add(key)
+            rows.append(
+                {
+                    "id": p.id,
+                    "tenant": p.spec.tenant,
+                    "idempotency_key": p.spec.idempotency_key,
+                    "role": p.spec.role,
+                    "tier_requested": p.route.tier,
+                    "priority": p.spec.priority,
+                    "prompt": p.spec.prompt,
+                    "status": STATUS_QUEUED,
+                    "run_id": run_id,
+                    "submitted_at": now,
+                }
+            )
+        try:
+            with self.engine.begin() as conn:
+                stmt = insert_for(conn, Request.__table__).on_conflict_do_nothing(
+                    index_elements=["tenant", "idempotency_key"]
+                )
+                created = {r[0] for r in conn.execute(stmt.returning(Request.__table__.c.id), rows)}
+                existing: dict[tuple[str, str | None], tuple[str, str, int]] = {}
+                dup_keys = [
+                    (p.spec.tenant, p.spec.idempotency_key)
+                    for p in planned
+                    if p.id not in created and p.spec.idempotency_key is not None
+                ]
+                if dup_keys:
+                    t = Request.__table__.c
+                    q = select(t.id, t.tenant, t.idempotency_key, t.tier_requested, t.priority).where(
+                        tuple_(t.tenant, t.idempotency_key).in_(dup_keys)
+                    )
+                    for rid, tenant, key, tier, prio in conn.execute(q):
+                        existing[(tenant, key)] = (rid, tier, prio)
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"could not record requests: {exc.orig or exc}") from exc
+        return created, existing
+
+    def _enqueue(self, planned: Sequence[_Planned], *, reply_to: str | None) -> None:
+        sent = 0
+        try:
+            with self.celery_app.producer_or_acquire() as producer:
+                for p in planned:
+                    self.celery_app.send_task(
+                        TASK_RUN_REQUEST,
+                        kwargs={
+                            "request_id": p.id,
+                            "tier": p.route.tier,
+                            "role": p.spec.role,
+                            "prompt": p.spec.prompt,
+                            "tenant": p.spec.tenant,
+                            "priority": p.spec.priority,
+                            "reply_to": reply_to,
+                        },
+                        task_id=p.id,
+                        queue=p.route.queue,
+                        routing_key=p.route.queue,
+                        priority=redis_priority(p.spec.priority),
+                        producer=producer,
+                    )
+                    sent += 1
+        except Exception as exc:
+            unsent = [p.id for p in planned[sent:]]
+            self._fail_unsent(unsent, reason=f"enqueue failed: {exc}")
+            raise BrokerUnavailable(
+                f"broker unavailable; {len(unsent)} of {len(planned)} request(s) were not queued "
+                f"and are recorded as failed: {exc}"
+            ) from exc
+
+    def _fail_unsent(self, ids: list[str], *, reason: str) -> None:
+        if not ids:
+            return
+        try:
+            with self.engine.begin() as conn:
+                t = Request.__table__.c
+                conn.execute(
+                    update(Request.__table__)
+                    .where(t.id.in_(ids), t.status == STATUS_QUEUED)
+                    .values(status=STATUS_FAILED, error=reason, finished_at=datetime.now(UTC))
+                )
+        except Exception:
+            log.exception("could not mark %d unqueued request(s) failed", len(ids))

@@ -1,0 +1,1 @@
+"""Persistence: the schema (changed only through ``migrations/``) and engine set-up."""

@@ -1,0 +1,124 @@
+"""The schema: every request, every API call attempt, every load run.
+
+Requests are written once by the coordinator (status ``queued``) and finished once by a
+sub-agent; api_calls get one row per attempt, keyed by an attempt id made before the
+call, so a redelivered task adds rows for the calls it really made and never repeats one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Postgres gets exact decimals; 6 decimal places cover a single token of the cheapest model.
+USD = Numeric(18, 9)
+
+STATUS_QUEUED = "queued"
+STATUS_SUCCEEDED = "succeeded"
+STATUS_FAILED = "failed"
+#: api_calls.outcome of an attempt recorded before the call and not (yet) finished.
+OUTCOME_IN_FLIGHT = "in_flight"
+OUTCOME_OK = "ok"
+TERMINAL_STATUSES = (STATUS_SUCCEEDED, STATUS_FAILED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One loadgen run (or any named batch of requests)."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    scenario: Mapped[str | None] = mapped_column(String(100))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_requests_tenant_idempotency_key"),
+        Index("ix_requests_status", "status"),
+        Index("ix_requests_run_id", "run_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(50))
+    tier_requested: Mapped[str] = mapped_column(String(20))
+    tier_used: Mapped[str | None] = mapped_column(String(20))
+    model: Mapped[str | None] = mapped_column(String(100))
+    priority: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20))
+    result: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))
+    submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiCall(Base):
+    """One attempt at a model API call — what a provider would bill."""
+
+    __tablename__ = "api_calls"
+    __table_args__ = (Index("ix_api_calls_request_id", "request_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(36), ForeignKey("requests.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    tier: Mapped[str] = mapped_column(String(20))
+    provider: Mapped[str] = mapped_column(String(50))
+    model: Mapped[str] = mapped_column(String(100))
+    outcome: Mapped[str] = mapped_column(String(30))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
+    #: None while the call is in flight; stays None for an attempt whose worker died mid-call.
+    latency_ms: Mapped[float | None] = mapped_column(Numeric(12, 3))
+    #: Time spent waiting for fleet rate-limit capacity before the call.
+    ratelimit_wait_ms: Mapped[float] = mapped_column(Numeric(12, 3), default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeadLetter(Base):
+    """A message the fleet could not run at all (unknown task, undecodable body)."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reason: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[str | None] = mapped_column(Text)
+    queue: Mapped[str | None] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

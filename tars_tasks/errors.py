@@ -1,0 +1,96 @@
+"""The one error hierarchy of TARS fleet.
+
+Producer-facing errors (bad input, overload, broker down) are raised before anything is
+queued. Provider errors are raised inside sub-agents and decide retry versus fail.
+"""
+
+from __future__ import annotations
+
+
+class TarsError(Exception):
+    """Base of every error TARS raises on purpose."""
+
+
+# --- producer side -----------------------------------------------------------------------------
+
+
+class InvalidRequest(TarsError, ValueError):
+    """The request is malformed; nothing was recorded or queued. Do not retry it as is."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Overloaded(TarsError):
+    """Admission control refused the request: the fleet is beyond capacity. Retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BrokerUnavailable(TarsError):
+    """The request could not be queued (broker unreachable). It was recorded as failed."""
+
+
+class DatabaseUnavailable(TarsError):
+    """Postgres (or the embedded SQLite) could not be reached."""
+
+
+class RequestNotFound(TarsError, LookupError):
+    """No request has that id."""
+
+
+class ResultTimeout(TarsError, TimeoutError):
+    """The request did not reach a terminal state within the time waited."""
+
+
+# --- sub-agent side ----------------------------------------------------------------------------
+
+
+class ProviderError(TarsError):
+    """A model API call failed. ``retryable`` says whether another attempt may succeed."""
+
+    retryable: bool = False
+    outcome: str = "error"
+
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class TransientProviderError(ProviderError):
+    """429, 5xx, overloaded, timeouts, dropped connections: worth another attempt."""
+
+    retryable = True
+    outcome = "transient_error"
+
+
+class RateLimited(TransientProviderError):
+    outcome = "rate_limited"
+
+
+class ProviderTimeout(TransientProviderError):
+    outcome = "timeout"
+
+
+class PermanentProviderError(ProviderError):
+    """400, 403, 404, context too long: the same call will fail again."""
+
+    outcome = "permanent_error"
+
+
+class AuthenticationFailed(PermanentProviderError):
+    """401: retrying risks a ban; the breaker opens for the model instead."""
+
+    outcome = "auth_error"
+
+
+class CircuitOpen(TarsError):
+    """The fleet-wide breaker for a model is open; the call was not made."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,134 @@
+"""Shared fixtures: a real Postgres database, a real Redis database, real worker processes.
+
+Isolation: each test run uses its own Postgres database (``TARS_TEST_PG_DB``, default
+``tars_test``) and Redis database number (``TARS_TEST_REDIS_DB``, default 1), so parallel
+runs on one machine can be kept apart by setting those two variables.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from tests.helpers import ROOT, WorkerProcess, make_settings
+
+PG_ADMIN_URL = os.environ.get("TARS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_DB = os.environ.get("TARS_TEST_PG_DB", "tars_test")
+REDIS_BASE = os.environ.get("TARS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("TARS_TEST_REDIS_DB", "1"))
+
+# Nothing from the developer's shell may leak into tests.
+for _k in [k for k in os.environ if k.startswith("TARS_") and not k.startswith("TARS_TEST_")]:
+    del os.environ[_k]
+
+
+def _pg_url(db: str) -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{db}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A freshly created and migrated Postgres database for this test session."""
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (PG_DB,),
+        )
+        conn.execute(f'DROP DATABASE IF EXISTS "{PG_DB}"')
+        conn.execute(f'CREATE DATABASE "{PG_DB}"')
+    url = _pg_url(PG_DB)
+    import migrations
+
+    migrations.upgrade(url)
+    yield url
+
+
+@pytest.fixture
+def db(pg_url: str):
+    """The test database's engine, emptied before the test."""
+    from sqlalchemy import text
+
+    from tars_tasks.db.engine import get_engine
+
+    engine = get_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE api_calls, requests, runs, dead_letters RESTART IDENTITY CASCADE"))
+    return engine
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return f"{REDIS_BASE}/{REDIS_DB}"
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
+    """A real Redis database, flushed before and after the test."""
+    r = redis_lib.Redis.from_url(redis_url)
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture
+def fleet_env(pg_url: str, redis_url: str, redis, db) -> dict[str, str]:
+    """Environment for producers and workers of one test's fleet (fresh Redis and tables)."""
+    return {
+        "TARS_BROKER_URL": redis_url,
+        "TARS_DATABASE_URL": pg_url,
+        "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
+        "TARS_SIM_LATENCY": "uniform:20:60",
+        "TARS_SIM_FAILURE_RATE": "0",
+        "TARS_TASK_EVENTS": "false",
+        "TARS_VISIBILITY_TIMEOUT_S": "60",
+        "TARS_UNACKED_RESTORE_INTERVAL_S": "1",
+    }
+
+
+@pytest.fixture
+def client(fleet_env):
+    from tars_tasks.client import TarsClient
+
+    c = TarsClient(settings=make_settings(fleet_env))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def start_worker(fleet_env, tmp_path) -> Iterator:
+    """Start real ``tars worker`` processes: ``start_worker(tiers=["haiku"], concurrency=50)``."""
+    from workers.start import worker_argv
+
+    started: list[WorkerProcess] = []
+
+    def _start(*, tiers=("haiku", "sonnet", "opus"), concurrency: int = 100, env: dict | None = None,
+               pool: str = "gevent", wait: bool = True) -> WorkerProcess:
+        name = f"w{len(started)}-{'+'.join(tiers)}@test"
+        full_env = {**os.environ, **fleet_env, **(env or {})}
+        argv = worker_argv(tiers=list(tiers), concurrency=concurrency, pool=pool, name=name,
+                           loglevel="INFO", events=False)
+        argv[0] = sys.executable
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        with log_path.open("wb") as fh:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        wp = WorkerProcess(proc=proc, log_path=log_path, name=name)
+        started.append(wp)
+        if wait:
+            wp.wait_ready()
+        return wp
+
+    yield _start
+    for wp in started:
+        wp.stop(timeout=20)
+
+

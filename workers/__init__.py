@@ -1,0 +1,1 @@
+"""What runs inside a sub-agent: provider clients, retries, the group-commit writer."""

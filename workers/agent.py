@@ -1,0 +1,262 @@
+"""The sub-agent: what one task does with one request.
+
+1. A redelivered message is checked first: poison cap (a request whose deliveries keep
+   killing workers is failed after ``max_deliveries``) and "already finished" (re-announce,
+   do nothing else).
+2. Model call with retries. Every attempt is written as an ``in_flight`` row *before* the
+   call, and completed after it, so an attempt whose worker died is still visible.
+3. The request's final rows go to the group-commit writer; the task returns (and Celery acks)
+   only after they are durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from config.catalog import Catalog, LatencyProfile, ModelSpec, load_catalog
+from config.keys import deliveries_key
+from config.settings import Settings, get_settings
+from tars_tasks.db.engine import get_engine
+from tars_tasks.db.models import (
+    OUTCOME_IN_FLIGHT,
+    OUTCOME_OK,
+    STATUS_FAILED,
+    STATUS_SUCCEEDED,
+    TERMINAL_STATUSES,
+    Request,
+)
+from tars_tasks.errors import ProviderError
+from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
+from tars_tasks.redis_client import get_redis
+from workers.providers import Provider, get_provider
+from workers.retry import retrying_for
+from workers.writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
+
+#: How long a poison counter outlives the last delivery.
+DELIVERY_COUNTER_TTL_S = 7 * 24 * 3600
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class CallResult:
+    status: str
+    text: str | None
+    error: str | None
+    tier_used: str
+    model: str
+    api_rows: list[dict[str, Any]]
+
+
+class SubAgent:
+    def __init__(self, *, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.engine = get_engine(settings.database_url)
+        redis_url = settings.shared_redis_url
+        self.redis = get_redis(redis_url) if redis_url else None
+        self.notifier: Notifier = RedisNotifier(self.redis) if self.redis is not None else LocalNotifier()
+        self.writer = GroupCommitWriter(
+            engine=self.engine,
+            notifier=self.notifier,
+            batch_max=settings.writer_batch_max,
+            linger_ms=settings.writer_linger_ms,
+        )
+        self._providers: dict[str, Provider] = {}
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+
+    # --- providers -----------------------------------------------------------------------------
+
+    def provider_for(self, spec: ModelSpec) -> Provider:
+        p = self._providers.get(spec.tier)
+        if p is None:
+            kwargs: dict[str, Any] = {}
+            if spec.provider == "simulated":
+                s = self.settings
+                kwargs = {
+                    "latency": LatencyProfile.parse(s.sim_latency) if s.sim_latency else None,
+                    "failure_rate": s.sim_failure_rate,
+                    "seed": s.sim_seed,
+                }
+            p = self._providers[spec.tier] = get_provider(spec.provider, **kwargs)
+        return p
+
+    # --- the task ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        request_id: str,
+        tier: str,
+        prompt: str,
+        reply_to: str | None = None,
+        redelivered: bool = False,
+        worker: str | None = None,
+        **_ignored: Any,
+    ) -> str:
+        worker = worker or self.worker_name
+        started = _now()
+        if redelivered:
+            status = self._check_redelivery(request_id=request_id, tier=tier, reply_to=reply_to, worker=worker)
+            if status is not None:
+                return status
+        result = self.call_model(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
+        self.writer.finish(
+            api_rows=result.api_rows,
+            request={
+                "b_id": request_id,
+                "b_status": result.status,
+                "b_result": result.text,
+                "b_error": result.error,
+                "b_tier_used": result.tier_used,
+                "b_model": result.model,
+                "b_worker": worker,
+                "b_started_at": started,
+                "b_finished_at": _now(),
+            },
+            reply_to=reply_to,
+        )
+        return result.status
+
+    def call_model(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallResult:
+        spec = self.catalog.spec(tier)
+        provider = self.provider_for(spec)
+        rows: list[dict[str, Any]] = []
+        completion = None
+        try:
+            for attempt in retrying_for(spec):
+                with attempt:
+                    row = self._attempt_row(request_id, len(rows) + 1, spec, provider, worker)
+                    self.writer.record([dict(row)])
+                    rows.append(row)
+                    t0 = time.perf_counter()
+                    try:
+                        completion = provider.complete(
+                            spec=spec, prompt=prompt, request_id=request_id, attempt=row["attempt"]
+                        )
+                    except ProviderError as exc:
+                        row.update(outcome=exc.outcome, http_status=exc.status_code, error=str(exc)[:2000],
+                                   latency_ms=(time.perf_counter() - t0) * 1000, finished_at=_now())
+                        raise
+                    row.update(
+                        outcome=OUTCOME_OK,
+                        http_status=completion.http_status,
+                        input_tokens=completion.input_tokens,
+                        output_tokens=completion.output_tokens,
+                        cost_usd=spec.cost_usd(
+                            input_tokens=completion.input_tokens, output_tokens=completion.output_tokens
+                        ),
+                        latency_ms=(time.perf_counter() - t0) * 1000,
+                        finished_at=_now(),
+                    )
+        except ProviderError as exc:
+            return CallResult(
+                status=STATUS_FAILED,
+                text=None,
+                error=f"{exc.outcome} after {len(rows)} attempt(s): {exc}",
+                tier_used=tier,
+                model=spec.model,
+                api_rows=rows,
+            )
+        return CallResult(status=STATUS_SUCCEEDED, text=completion.text, error=None, tier_used=tier,
+                          model=spec.model, api_rows=rows)
+
+    @staticmethod
+    def _attempt_row(request_id: str, attempt: int, spec: ModelSpec, provider: Provider, worker: str) -> dict:
+        return {
+            "id": str(uuid.uuid4()),
+            "request_id": request_id,
+            "attempt": attempt,
+            "tier": spec.tier,
+            "provider": provider.name,
+            "model": spec.model,
+            "outcome": OUTCOME_IN_FLIGHT,
+            "http_status": None,
+            "error": None,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cost_usd": 0,
+            "latency_ms": None,
+            "ratelimit_wait_ms": 0,
+            "worker": worker,
+            "started_at": _now(),
+            "finished_at": None,
+        }
+
+    # --- redelivery ----------------------------------------------------------------------------
+
+    def _check_redelivery(self, *, request_id: str, tier: str, reply_to: str | None, worker: str) -> str | None:
+        """Return a status if the redelivered request needs no model call, else None."""
+        with self.engine.connect() as conn:
+            status = conn.execute(
+                select(Request.__table__.c.status).where(Request.__table__.c.id == request_id)
+            ).scalar()
+        if status in TERMINAL_STATUSES:
+            log.info("request %s redelivered but already %s; not running it again", request_id, status)
+            if reply_to:
+                self.notifier.publish({reply_to: [(request_id, status)]})
+            return status
+        if self.redis is not None:
+            key = deliveries_key(self.settings.namespace, request_id)
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, DELIVERY_COUNTER_TTL_S)
+            redeliveries = pipe.execute()[0]
+            if redeliveries + 1 > self.settings.max_deliveries:
+                log.error("request %s redelivered %d times; failing it as poison", request_id, redeliveries)
+                now = _now()
+                self.writer.finish(
+                    api_rows=[],
+                    request={
+                        "b_id": request_id, "b_status": STATUS_FAILED,
+                        "b_result": None,
+                        "b_error": f"poison: redelivered {redeliveries} times without finishing "
+                                   f"(max_deliveries={self.settings.max_deliveries})",
+                        "b_tier_used": tier, "b_model": self.catalog.spec(tier).model, "b_worker": worker,
+                        "b_started_at": now, "b_finished_at": now,
+                    },
+                    reply_to=reply_to,
+                )
+                return STATUS_FAILED
+        return None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_agent: SubAgent | None = None
+_agent_pid: int | None = None
+_agent_lock = threading.Lock()
+
+
+def get_agent() -> SubAgent:
+    """The sub-agent of this process (made on first use; made anew after a fork)."""
+    global _agent, _agent_pid
+    with _agent_lock:
+        if _agent is None or _agent_pid != os.getpid():
+            settings = get_settings()
+            _agent = SubAgent(settings=settings, catalog=load_catalog(settings.catalog_path))
+            _agent_pid = os.getpid()
+        return _agent
+
+
+def close_agent() -> None:
+    global _agent
+    with _agent_lock:
+        if _agent is not None and _agent_pid == os.getpid():
+            _agent.close()
+        _agent = None

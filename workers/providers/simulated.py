@@ -1,0 +1,67 @@
+"""A simulated model: the tier's latency profile, injected failures, sized token counts.
+
+It sleeps with ``time.sleep``, which gevent patches in the worker, so hundreds of calls
+wait concurrently in one process. With ``TARS_SIM_SEED`` set, a (request, attempt) pair
+always gets the same latency, failure and response.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from config.catalog import LatencyProfile, ModelSpec
+from tars_tasks.errors import TransientProviderError
+from workers.providers.base import Completion
+
+_FILLER = "The analysis finds the request well-formed and answers it in full. "
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token, as providers' own rules of thumb say."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def sample_latency_ms(profile: LatencyProfile, rng: random.Random) -> float:
+    if profile.distribution == "fixed":
+        return profile.low_ms
+    if profile.distribution == "uniform":
+        return rng.uniform(profile.low_ms, profile.high_ms)
+    return rng.lognormvariate(math.log(max(profile.median_ms, 1e-9)), profile.sigma)
+
+
+class SimulatedProvider:
+    name = "simulated"
+
+    def __init__(
+        self,
+        *,
+        latency: LatencyProfile | None = None,
+        failure_rate: float | None = None,
+        seed: int | None = None,
+        sleep=time.sleep,
+    ) -> None:
+        self.latency_override = latency
+        self.failure_rate_override = failure_rate
+        self.seed = seed
+        self._sleep = sleep
+
+    def _rng(self, request_id: str, attempt: int) -> random.Random:
+        if self.seed is None:
+            return random.Random()
+        return random.Random(f"{self.seed}:{request_id}:{attempt}")
+
+    def complete(self, *, spec: ModelSpec, prompt: str, request_id: str, attempt: int) -> Completion:
+        rng = self._rng(request_id, attempt)
+        profile = self.latency_override or spec.latency
+        failure_rate = spec.failure_rate if self.failure_rate_override is None else self.failure_rate_override
+        latency_s = sample_latency_ms(profile, rng) / 1000.0
+        fails = rng.random() < failure_rate
+        if latency_s > 0:
+            self._sleep(latency_s)
+        if fails:
+            raise TransientProviderError(f"simulated {spec.model} overloaded", status_code=529)
+        out_tokens = rng.randint(*spec.output_tokens)
+        text = (_FILLER * (out_tokens * 4 // len(_FILLER) + 1))[: out_tokens * 4]
+        return Completion(text=text, input_tokens=estimate_tokens(prompt), output_tokens=estimate_tokens(text))

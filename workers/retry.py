@@ -1,0 +1,52 @@
+"""Retry policy for model calls (tenacity): exponential backoff with full jitter,
+``Retry-After`` honoured, transient errors only, capped by attempts and total time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from config.catalog import ModelSpec
+from tars_tasks.errors import ProviderError
+
+BACKOFF_INITIAL_S = 0.25
+BACKOFF_MAX_S = 20.0
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and exc.retryable
+
+
+class wait_backoff_or_retry_after:
+    """Full-jitter exponential backoff, but never less than the server's ``Retry-After``."""
+
+    def __init__(self, *, initial_s: float = BACKOFF_INITIAL_S, max_s: float = BACKOFF_MAX_S) -> None:
+        self._jitter = wait_random_exponential(multiplier=initial_s, max=max_s)
+        self._max_s = max_s
+
+    def __call__(self, state: RetryCallState) -> float:
+        delay = self._jitter(state)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after:
+            delay = max(delay, min(float(retry_after), self._max_s * 3))
+        return delay
+
+
+def retrying_for(spec: ModelSpec, *, sleep: Callable[[float], None] = time.sleep) -> Retrying:
+    return Retrying(
+        stop=stop_after_attempt(spec.max_attempts) | stop_after_delay(spec.retry_budget_s),
+        wait=wait_backoff_or_retry_after(),
+        retry=retry_if_exception(is_retryable),
+        sleep=sleep,
+        reraise=True,
+    )

@@ -63,7 +63,14 @@ class ModelSpec(BaseModel):
 
     tier: str
     model: str
+    #: "simulated", "anthropic" or "openai" (see ``workers.providers``).
     provider: str = "simulated"
+    #: Root URL of the provider's API (no trailing ``/v1``); None = the provider's public endpoint.
+    base_url: str | None = None
+    #: Name of the environment variable holding the API key; None = the provider's usual one
+    #: (ANTHROPIC_API_KEY / OPENAI_API_KEY). The key itself is never part of the catalog.
+    api_key_env: str | None = None
+    connect_timeout_s: float = Field(default=5, gt=0)
     input_usd_per_mtok: Decimal = Field(ge=0)
     output_usd_per_mtok: Decimal = Field(ge=0)
     rpm: int = Field(gt=0)
@@ -104,6 +111,20 @@ class Catalog(BaseModel):
 
     def spec(self, tier: str) -> ModelSpec:
         return self.tiers[tier]
+
+    def with_overrides(self, *, provider: str | None = None, base_url: str | None = None) -> Catalog:
+        """The same catalog with every tier pointed at one provider and/or base URL
+        (``TARS_PROVIDER_OVERRIDE`` / ``TARS_PROVIDER_BASE_URL``: tests and benchmarks aim a
+        whole fleet at the mock server without editing the catalog)."""
+        if provider is None and base_url is None:
+            return self
+        update: dict[str, str] = {}
+        if provider is not None:
+            update["provider"] = provider
+        if base_url is not None:
+            update["base_url"] = base_url
+        tiers = {name: spec.model_copy(update=update) for name, spec in self.tiers.items()}
+        return self.model_copy(update={"tiers": tiers})
 
     def by_model(self, model: str) -> ModelSpec | None:
         return next((s for s in self.tiers.values() if s.model == model), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,7 +38,11 @@ class Settings(BaseSettings):
     unacked_restore_interval_s: float = 10.0
     #: Deliveries of one request after which it is failed as poison instead of run again.
     max_deliveries: int = Field(default=5, ge=1)
-    worker_prefetch_multiplier: int = Field(default=1, ge=1)
+    #: 2, not 1: with the gevent pool Celery runs its "synloop", and when a worker holds as many
+    #: messages as its concurrency kombu stops its BRPOP; the next one is fetched only when the
+    #: loop wakes (up to 2 s later). A full gevent pool blocks the consumer in spawn() anyway, so
+    #: in practice a worker holds about concurrency + 1 messages, not 2x.
+    worker_prefetch_multiplier: int = Field(default=2, ge=1)
     #: Celery task events (what Flower shows). Costs two extra broker messages per task.
     task_events: bool = True
 
@@ -57,6 +62,33 @@ class Settings(BaseSettings):
     sim_latency: str | None = None
     sim_failure_rate: float | None = Field(default=None, ge=0, le=1)
     sim_seed: int | None = None
+
+    # --- model calls: providers, fleet rate limiter, circuit breaker, retries ---------------
+    #: Replaces every tier's ``provider`` ("simulated", "anthropic", "openai").
+    provider_override: str | None = None
+    #: Replaces every tier's ``base_url`` (e.g. the mock server: ``http://127.0.0.1:18080``).
+    provider_base_url: str | None = None
+    #: Fleet-wide RPM/TPM limiter on (needs Redis; embedded fleets have none).
+    ratelimit_enabled: bool = True
+    #: Length of the limiter's "minute": RPM and TPM are per this many seconds. Tests scale it down.
+    ratelimit_window_s: float = Field(default=60.0, gt=0)
+    #: Fraction of the catalog's RPM/TPM the fleet aims at; the rest absorbs network jitter,
+    #: so the provider never counts more than the limit in any window.
+    ratelimit_utilisation: float = Field(default=0.98, gt=0, le=1)
+    #: A call reserves capacity at most this far ahead; further out it sleeps and asks again,
+    #: so a reservation is never held for a caller that may have gone.
+    ratelimit_max_wait_s: float = Field(default=30.0, gt=0)
+    breaker_enabled: bool = True
+    #: Consecutive failed calls (5xx, 529, timeouts, connection errors) that open a breaker.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    #: Seconds an open breaker refuses calls before it lets one probe through.
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    #: While a tier's breaker is open: "fallback" to the tier's fallback tier (waiting only
+    #: when it has none), or "wait" for the breaker to close within the retry budget.
+    breaker_open_policy: Literal["fallback", "wait"] = "fallback"
+    #: First step of the full-jitter exponential backoff, and its cap.
+    retry_backoff_initial_s: float = Field(default=0.25, gt=0)
+    retry_backoff_max_s: float = Field(default=20.0, gt=0)
 
     @field_validator("namespace")
     @classmethod

@@ -69,11 +69,25 @@ class TransientProviderError(ProviderError):
 
 
 class RateLimited(TransientProviderError):
+    """429: the provider's own limit (or ours, when the fleet limiter gives up waiting)."""
+
     outcome = "rate_limited"
+
+
+class ProviderOverloaded(TransientProviderError):
+    """Anthropic's 529 ``overloaded_error``: the provider is short of capacity, not us over a limit."""
+
+    outcome = "overloaded"
 
 
 class ProviderTimeout(TransientProviderError):
     outcome = "timeout"
+
+
+class ProviderConnectionError(TransientProviderError):
+    """The connection was refused, reset or closed before a full response arrived."""
+
+    outcome = "connection_error"
 
 
 class PermanentProviderError(ProviderError):
@@ -82,15 +96,36 @@ class PermanentProviderError(ProviderError):
     outcome = "permanent_error"
 
 
+class ContextTooLong(PermanentProviderError):
+    """400 because the prompt (plus ``max_tokens``) exceeds the model's context window."""
+
+    outcome = "context_too_long"
+
+
 class AuthenticationFailed(PermanentProviderError):
     """401: retrying risks a ban; the breaker opens for the model instead."""
 
     outcome = "auth_error"
 
 
+class ProviderNotConfigured(PermanentProviderError):
+    """The provider cannot be called at all (its API key variable is unset). No call was made."""
+
+    outcome = "not_configured"
+
+
 class CircuitOpen(TarsError):
     """The fleet-wide breaker for a model is open; the call was not made."""
+
+    outcome = "circuit_open"
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+# --- load generation ---------------------------------------------------------------------------
+
+
+class LoadgenError(TarsError):
+    """A load run could not be set up or carried out (bad scenario, fleet did not start)."""

@@ -70,9 +70,21 @@ def requests_by_status(settings: Settings) -> dict[str, int]:
         return {s: n for s, n in conn.execute(select(t.status, func.count()).group_by(t.status))}
 
 
+def breaker_states(settings: Settings) -> dict[str, str]:
+    """``provider:model`` -> a one-line state of every fleet breaker that has state in Redis."""
+    url = settings.shared_redis_url
+    if not url:
+        return {}
+    from workers.breaker import FleetBreaker
+
+    breaker = FleetBreaker(redis_client=get_redis(url), namespace=settings.namespace)
+    return {f"{v.provider}:{v.model}": v.describe() for v in breaker.all_views()}
+
+
 def fleet_status(settings: Settings, celery_app) -> FleetStatus:
     return FleetStatus(
         queue_depth=queue_depths(settings),
         workers=workers_by_tier(celery_app) if settings.shared_redis_url else {},
         requests=requests_by_status(settings),
+        breakers=breaker_states(settings),
     )

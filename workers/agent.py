@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,23 +22,20 @@ from typing import Any
 
 from sqlalchemy import select
 
-from config.catalog import Catalog, LatencyProfile, ModelSpec, load_catalog
+from config.catalog import Catalog, ModelSpec, load_catalog
 from config.keys import deliveries_key
 from config.settings import Settings, get_settings
 from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import (
     OUTCOME_IN_FLIGHT,
-    OUTCOME_OK,
     STATUS_FAILED,
-    STATUS_SUCCEEDED,
     TERMINAL_STATUSES,
     Request,
 )
-from tars_tasks.errors import ProviderError
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
-from workers.providers import Provider, get_provider
-from workers.retry import retrying_for
+from workers.caller import ModelCaller
+from workers.providers import Provider
 from workers.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -77,23 +73,13 @@ class SubAgent:
             linger_ms=settings.writer_linger_ms,
         )
         self._providers: dict[str, Provider] = {}
+        self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
     # --- providers -----------------------------------------------------------------------------
 
     def provider_for(self, spec: ModelSpec) -> Provider:
-        p = self._providers.get(spec.tier)
-        if p is None:
-            kwargs: dict[str, Any] = {}
-            if spec.provider == "simulated":
-                s = self.settings
-                kwargs = {
-                    "latency": LatencyProfile.parse(s.sim_latency) if s.sim_latency else None,
-                    "failure_rate": s.sim_failure_rate,
-                    "seed": s.sim_seed,
-                }
-            p = self._providers[spec.tier] = get_provider(spec.provider, **kwargs)
-        return p
+        return self.caller.provider_for(spec)
 
     # --- the task ------------------------------------------------------------------------------
 
@@ -133,47 +119,10 @@ class SubAgent:
         return result.status
 
     def call_model(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallResult:
-        spec = self.catalog.spec(tier)
-        provider = self.provider_for(spec)
-        rows: list[dict[str, Any]] = []
-        completion = None
-        try:
-            for attempt in retrying_for(spec):
-                with attempt:
-                    row = self._attempt_row(request_id, len(rows) + 1, spec, provider, worker)
-                    self.writer.record([dict(row)])
-                    rows.append(row)
-                    t0 = time.perf_counter()
-                    try:
-                        completion = provider.complete(
-                            spec=spec, prompt=prompt, request_id=request_id, attempt=row["attempt"]
-                        )
-                    except ProviderError as exc:
-                        row.update(outcome=exc.outcome, http_status=exc.status_code, error=str(exc)[:2000],
-                                   latency_ms=(time.perf_counter() - t0) * 1000, finished_at=_now())
-                        raise
-                    row.update(
-                        outcome=OUTCOME_OK,
-                        http_status=completion.http_status,
-                        input_tokens=completion.input_tokens,
-                        output_tokens=completion.output_tokens,
-                        cost_usd=spec.cost_usd(
-                            input_tokens=completion.input_tokens, output_tokens=completion.output_tokens
-                        ),
-                        latency_ms=(time.perf_counter() - t0) * 1000,
-                        finished_at=_now(),
-                    )
-        except ProviderError as exc:
-            return CallResult(
-                status=STATUS_FAILED,
-                text=None,
-                error=f"{exc.outcome} after {len(rows)} attempt(s): {exc}",
-                tier_used=tier,
-                model=spec.model,
-                api_rows=rows,
-            )
-        return CallResult(status=STATUS_SUCCEEDED, text=completion.text, error=None, tier_used=tier,
-                          model=spec.model, api_rows=rows)
+        """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
+        out = self.caller.call(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
+        return CallResult(status=out.status, text=out.text, error=out.error, tier_used=out.tier_used,
+                          model=out.model, api_rows=out.api_rows)
 
     @staticmethod
     def _attempt_row(request_id: str, attempt: int, spec: ModelSpec, provider: Provider, worker: str) -> dict:

@@ -11,7 +11,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -42,10 +42,18 @@ class wait_backoff_or_retry_after:
         return delay
 
 
-def retrying_for(spec: ModelSpec, *, sleep: Callable[[float], None] = time.sleep) -> Retrying:
+def retrying_for(
+    spec: ModelSpec,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    initial_s: float = BACKOFF_INITIAL_S,
+    max_s: float = BACKOFF_MAX_S,
+) -> Retrying:
+    """Attempts for one tier. Stops at ``max_attempts``, or *before* a backoff sleep that would
+    end past ``retry_budget_s`` (no sleeping into a retry that the budget then forbids)."""
     return Retrying(
-        stop=stop_after_attempt(spec.max_attempts) | stop_after_delay(spec.retry_budget_s),
-        wait=wait_backoff_or_retry_after(),
+        stop=stop_after_attempt(spec.max_attempts) | stop_before_delay(spec.retry_budget_s),
+        wait=wait_backoff_or_retry_after(initial_s=initial_s, max_s=max_s),
         retry=retry_if_exception(is_retryable),
         sleep=sleep,
         reraise=True,

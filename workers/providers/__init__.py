@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from workers.providers.anthropic import AnthropicProvider
 from workers.providers.base import Completion, Provider
+from workers.providers.openai import OpenAIProvider
 from workers.providers.simulated import SimulatedProvider
 
-__all__ = ["Completion", "Provider", "SimulatedProvider", "get_provider"]
+__all__ = ["AnthropicProvider", "Completion", "OpenAIProvider", "Provider", "SimulatedProvider", "get_provider"]
 
-_REGISTRY: dict[str, type] = {"simulated": SimulatedProvider}
+_REGISTRY: dict[str, type] = {
+    "simulated": SimulatedProvider,
+    "anthropic": AnthropicProvider,
+    "openai": OpenAIProvider,
+}
 
 
 def register(name: str, cls: type) -> None:

@@ -1,0 +1,252 @@
+"""One model call for one request, the way it must go against real APIs:
+
+    for each tier (the requested one, then its fallback while a breaker is open):
+        retry loop (tenacity; transient errors only; Retry-After honoured; attempts and time capped)
+            circuit breaker   — refuse at once if the model is known sick (fleet-wide)
+            rate limiter      — wait for fleet-wide RPM + TPM capacity (a sleep, recorded)
+            api_calls row     — written ``in_flight`` before the call ...
+            provider call     — ... and completed after it, whatever happened
+
+Repairs: requests lost or hung when a provider storms 429/5xx (every path ends in a
+terminal :class:`CallOutcome`), one worker overrunning a fleet limit (the limiter is shared),
+and every worker hammering a failing model (the breaker is shared). A 401 opens the breaker
+and fails the request at once; other permanent errors (400/403/404, context too long) fail it
+at once without touching the breaker.
+
+Delivery note: a request may be called more than once (redelivery); every attempt that was
+really made is its own row, so costs match what a provider would bill.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import redis
+
+from config.catalog import Catalog, LatencyProfile, ModelSpec
+from config.settings import Settings
+from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_OK, STATUS_FAILED, STATUS_SUCCEEDED
+from tars_tasks.errors import CircuitOpen, ProviderError, RateLimited
+from workers.breaker import FleetBreaker, Permit, counts_as_failure, trips_at_once
+from workers.providers import Completion, Provider, get_provider
+from workers.providers.http import estimate_tokens
+from workers.ratelimit import FleetRateLimiter, LimitSpec
+from workers.retry import retrying_for
+
+log = logging.getLogger(__name__)
+
+#: Longest single sleep while waiting for an open breaker (policy "wait").
+BREAKER_WAIT_STEP_MAX_S = 5.0
+#: Errors kept on a row are cut to this many characters.
+ERROR_MAX_CHARS = 2000
+
+
+class RowSink(Protocol):
+    """Where attempt rows go before the call (the group-commit writer)."""
+
+    def record(self, api_rows: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    status: str
+    text: str | None
+    error: str | None
+    tier_used: str
+    model: str
+    api_rows: list[dict[str, Any]]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ModelCaller:
+    """The call path of one worker process. Without Redis (embedded) there is no limiter or breaker."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Catalog,
+        writer: RowSink,
+        redis_client: redis.Redis | None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog.with_overrides(provider=settings.provider_override,
+                                              base_url=settings.provider_base_url)
+        self.writer = writer
+        self._sleep = sleep
+        self._providers: dict[str, Provider] = {}
+        self.limiter: FleetRateLimiter | None = None
+        self.breaker: FleetBreaker | None = None
+        if redis_client is not None and settings.ratelimit_enabled:
+            self.limiter = FleetRateLimiter(
+                redis_client=redis_client, namespace=settings.namespace, window_s=settings.ratelimit_window_s,
+                utilisation=settings.ratelimit_utilisation, max_wait_s=settings.ratelimit_max_wait_s, sleep=sleep,
+            )
+        if redis_client is not None and settings.breaker_enabled:
+            self.breaker = FleetBreaker(
+                redis_client=redis_client, namespace=settings.namespace,
+                failure_threshold=settings.breaker_failure_threshold, cooldown_s=settings.breaker_cooldown_s,
+            )
+
+    # --- providers -----------------------------------------------------------------------------
+
+    def spec(self, tier: str) -> ModelSpec:
+        """The tier's spec with the settings' provider/base-URL overrides applied."""
+        return self.catalog.spec(tier)
+
+    def provider_for(self, spec: ModelSpec) -> Provider:
+        p = self._providers.get(spec.tier)
+        if p is None:
+            eff = self.spec(spec.tier)
+            kwargs: dict[str, Any] = {}
+            if eff.provider == "simulated":
+                s = self.settings
+                kwargs = {
+                    "latency": LatencyProfile.parse(s.sim_latency) if s.sim_latency else None,
+                    "failure_rate": s.sim_failure_rate,
+                    "seed": s.sim_seed,
+                }
+            else:
+                kwargs = {"base_url": eff.base_url, "api_key_env": eff.api_key_env}
+            p = self._providers[spec.tier] = get_provider(eff.provider, **kwargs)
+        return p
+
+    # --- the call ------------------------------------------------------------------------------
+
+    def call(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
+        """Call the tier's model (or its fallback). Always returns; never raises a provider error."""
+        rows: list[dict[str, Any]] = []
+        requested = self.spec(tier)
+        deadline = time.monotonic() + requested.retry_budget_s
+        tried: list[str] = [tier]
+        current = tier
+        while True:
+            spec = self.spec(current)
+            try:
+                completion = self._call_tier(spec=spec, prompt=prompt, request_id=request_id, worker=worker,
+                                             rows=rows)
+            except CircuitOpen as exc:
+                if (self.settings.breaker_open_policy == "fallback" and spec.fallback
+                        and spec.fallback not in tried):
+                    log.warning("request %s: %s; falling back from tier %s to %s",
+                                request_id, exc, current, spec.fallback)
+                    current = spec.fallback
+                    tried.append(current)
+                    continue
+                wait_s = min(max(exc.retry_after_s or 0.0, 0.05), BREAKER_WAIT_STEP_MAX_S)
+                if time.monotonic() + wait_s >= deadline:
+                    return self._failed(rows=rows, spec=spec,
+                                        error=f"{CircuitOpen.outcome}: {exc}; tiers tried: {', '.join(tried)}; "
+                                              f"retry budget {requested.retry_budget_s:g}s spent")
+                self._sleep(wait_s)
+                current, tried = tier, [tier]  # the requested tier may have recovered
+                continue
+            except ProviderError as exc:
+                tier_rows = sum(1 for r in rows if r["tier"] == spec.tier)
+                return self._failed(rows=rows, spec=spec,
+                                    error=f"{exc.outcome} after {tier_rows} attempt(s) on tier {spec.tier}: {exc}")
+            return CallOutcome(status=STATUS_SUCCEEDED, text=completion.text, error=None, tier_used=spec.tier,
+                               model=spec.model, api_rows=rows)
+
+    def _failed(self, *, rows: list[dict[str, Any]], spec: ModelSpec, error: str) -> CallOutcome:
+        return CallOutcome(status=STATUS_FAILED, text=None, error=error[:ERROR_MAX_CHARS], tier_used=spec.tier,
+                           model=spec.model, api_rows=rows)
+
+    def _call_tier(self, *, spec: ModelSpec, prompt: str, request_id: str, worker: str,
+                   rows: list[dict[str, Any]]) -> Completion:
+        provider = self.provider_for(spec)
+        limits = LimitSpec(rpm=spec.rpm, tpm=spec.tpm)
+        est_tokens = estimate_tokens(prompt) + spec.output_tokens[1]
+        budget_deadline = time.monotonic() + spec.retry_budget_s
+        completion: Completion | None = None
+        retrying = retrying_for(spec, sleep=self._sleep, initial_s=self.settings.retry_backoff_initial_s,
+                                max_s=self.settings.retry_backoff_max_s)
+        for attempt in retrying:
+            with attempt:
+                permit = (self.breaker.allow(provider=provider.name, model=spec.model,
+                                             probe_lease_s=spec.timeout_s + 5)
+                          if self.breaker is not None else Permit(probe=False))
+                waited_s = 0.0
+                if self.limiter is not None:
+                    try:
+                        waited_s = self.limiter.acquire(provider=provider.name, model=spec.model, limits=limits,
+                                                        tokens=est_tokens, deadline_s=budget_deadline)
+                    except TimeoutError as exc:
+                        raise RateLimited(f"fleet rate limiter: {exc}") from None
+                row = self._attempt_row(request_id=request_id, attempt=len(rows) + 1, spec=spec,
+                                        provider=provider, worker=worker, waited_s=waited_s)
+                self.writer.record([dict(row)])
+                rows.append(row)
+                t0 = time.perf_counter()
+                try:
+                    completion = provider.complete(spec=spec, prompt=prompt, request_id=request_id,
+                                                   attempt=row["attempt"])
+                except ProviderError as exc:
+                    row.update(outcome=exc.outcome, http_status=exc.status_code, error=str(exc)[:ERROR_MAX_CHARS],
+                               latency_ms=(time.perf_counter() - t0) * 1000, finished_at=_now())
+                    self._tell_breaker(exc=exc, permit=permit, provider=provider.name, model=spec.model)
+                    raise
+                row.update(
+                    outcome=OUTCOME_OK,
+                    http_status=completion.http_status,
+                    input_tokens=completion.input_tokens,
+                    output_tokens=completion.output_tokens,
+                    cost_usd=spec.cost_usd(input_tokens=completion.input_tokens,
+                                           output_tokens=completion.output_tokens),
+                    latency_ms=(time.perf_counter() - t0) * 1000,
+                    finished_at=_now(),
+                )
+                if self.breaker is not None and permit.success_matters:
+                    self.breaker.record_success(provider=provider.name, model=spec.model)
+                if self.limiter is not None:
+                    used = completion.input_tokens + completion.output_tokens
+                    self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
+                                               tokens=used - est_tokens)
+        assert completion is not None  # tenacity re-raises when it stops
+        return completion
+
+    def _tell_breaker(self, *, exc: ProviderError, permit: Permit, provider: str, model: str) -> None:
+        if self.breaker is None:
+            return
+        if trips_at_once(exc):
+            log.error("%s:%s answered 401; opening its breaker (no retries into a ban)", provider, model)
+            self.breaker.record_failure(provider=provider, model=model, reason=exc.outcome, trip=True)
+        elif counts_as_failure(exc):
+            if self.breaker.record_failure(provider=provider, model=model, reason=f"{exc.outcome}: {exc}"[:200]):
+                log.warning("breaker for %s:%s is open after %s", provider, model, exc.outcome)
+        elif permit.success_matters:
+            # The model answered (429, 400, ...): it is up. A probe that got this far closes the breaker.
+            self.breaker.record_success(provider=provider, model=model)
+
+    @staticmethod
+    def _attempt_row(*, request_id: str, attempt: int, spec: ModelSpec, provider: Provider, worker: str,
+                     waited_s: float) -> dict[str, Any]:
+        return {
+            "id": str(uuid.uuid4()),
+            "request_id": request_id,
+            "attempt": attempt,
+            "tier": spec.tier,
+            "provider": provider.name,
+            "model": spec.model,
+            "outcome": OUTCOME_IN_FLIGHT,
+            "http_status": None,
+            "error": None,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cost_usd": 0,
+            "latency_ms": None,
+            "ratelimit_wait_ms": round(waited_s * 1000, 3),
+            "worker": worker,
+            "started_at": _now(),
+            "finished_at": None,
+        }

@@ -1,0 +1,148 @@
+"""What the real HTTP providers share: one pooled httpx client per process, status → error
+mapping, ``Retry-After`` parsing, API keys from the environment and their redaction.
+
+Under the gevent worker pool httpx's sync client is cooperative (sockets are monkeypatched),
+so one keep-alive pool serves every greenlet of a worker process.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import os
+import re
+import threading
+import time
+
+import httpx
+
+from config.catalog import ModelSpec
+from tars_tasks.errors import (
+    AuthenticationFailed,
+    ContextTooLong,
+    PermanentProviderError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderNotConfigured,
+    ProviderOverloaded,
+    ProviderTimeout,
+    RateLimited,
+    TransientProviderError,
+)
+
+#: Connections one worker process keeps to one API host (a gevent worker runs hundreds of calls).
+POOL_MAX_CONNECTIONS = 1000
+POOL_MAX_KEEPALIVE = 500
+POOL_KEEPALIVE_EXPIRY_S = 30.0
+#: An error body longer than this is cut before it is kept.
+ERROR_BODY_MAX_CHARS = 500
+#: Token-like strings (sk-..., sk-ant-...) are redacted from anything kept, even masked ones.
+_SECRET_RE = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{4,}")
+
+_clients: dict[tuple[int, str], httpx.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client(base_url: str) -> httpx.Client:
+    """The process's pooled client for one API root (made anew after a fork)."""
+    key = (os.getpid(), base_url)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = httpx.Client(
+                base_url=base_url,
+                limits=httpx.Limits(max_connections=POOL_MAX_CONNECTIONS, max_keepalive_connections=POOL_MAX_KEEPALIVE,
+                                    keepalive_expiry=POOL_KEEPALIVE_EXPIRY_S),
+                follow_redirects=False,
+            )
+            _clients[key] = client
+        return client
+
+
+def timeout_for(spec: ModelSpec) -> httpx.Timeout:
+    """The tier's whole-call timeout, with a shorter connect timeout."""
+    return httpx.Timeout(spec.timeout_s, connect=min(spec.connect_timeout_s, spec.timeout_s))
+
+
+def api_key(*, env_var: str) -> str:
+    """Read the key at call time. It goes into a request header and nowhere else."""
+    key = os.environ.get(env_var, "")
+    if not key:
+        raise ProviderNotConfigured(f"environment variable {env_var} (the API key) is not set")
+    return key
+
+
+def redact(text: str, *, secret: str | None) -> str:
+    """Remove the key (and anything key-shaped, such as a provider echoing a masked key)."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _SECRET_RE.sub("[redacted]", text)
+
+
+def retry_after_s(headers: httpx.Headers) -> float | None:
+    """``retry-after-ms`` (OpenAI), then ``retry-after`` as seconds or an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_for_status(*, status: int, message: str, kind: str, headers: httpx.Headers, model: str,
+                     context_markers: tuple[str, ...]) -> ProviderError:
+    """Map an HTTP error status to the error hierarchy (``message`` already redacted)."""
+    text = f"{model}: HTTP {status} {kind}: {message}".strip()
+    wait = retry_after_s(headers)
+    if status == 429:
+        return RateLimited(text, status_code=status, retry_after_s=wait)
+    if status == 529:
+        return ProviderOverloaded(text, status_code=status, retry_after_s=wait)
+    if status >= 500 or status in (408, 409):
+        return TransientProviderError(text, status_code=status, retry_after_s=wait)
+    if status == 401:
+        return AuthenticationFailed(text, status_code=status)
+    lowered = f"{kind} {message}".lower()
+    if status in (400, 413) and any(m in lowered for m in context_markers):
+        return ContextTooLong(text, status_code=status)
+    return PermanentProviderError(text, status_code=status)
+
+
+def post_json(*, client: httpx.Client, path: str, headers: dict[str, str], body: dict, spec: ModelSpec,
+              secret: str) -> httpx.Response:
+    """POST and map transport failures; the caller maps HTTP statuses."""
+    try:
+        return client.post(path, json=body, headers=headers, timeout=timeout_for(spec))
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(f"{spec.model}: {type(exc).__name__} after at most {spec.timeout_s:g}s") from None
+    except httpx.TransportError as exc:
+        raise ProviderConnectionError(f"{spec.model}: {type(exc).__name__}: {redact(str(exc), secret=secret)}"
+                                      ) from None
+
+
+def parse_json(response: httpx.Response, *, spec: ModelSpec) -> dict:
+    try:
+        data = response.json()
+    except ValueError:
+        raise TransientProviderError(f"{spec.model}: HTTP {response.status_code} with a body that is not JSON",
+                                     status_code=response.status_code) from None
+    if not isinstance(data, dict):
+        raise TransientProviderError(f"{spec.model}: unexpected JSON body", status_code=response.status_code)
+    return data
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token (the providers' own rule of thumb)."""
+    return max(1, math.ceil(len(text) / 4))

@@ -1,0 +1,222 @@
+"""``tars fleet``: run the compose topology as local processes, inspect it, health-check it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from config.keys import TIERS
+from tars_tasks import topology
+from tars_tasks.topology import ConfigurationError
+
+
+@click.group("fleet")
+def fleet() -> None:
+    """The whole fleet on this machine: workers per tier, Flower, metrics, the mock LLM server."""
+
+
+def _tier_counts(default: int, overrides: tuple[str, ...]) -> dict[str, int]:
+    counts = dict.fromkeys(TIERS, default)
+    for item in overrides:
+        tier, sep, n = item.partition("=")
+        if not sep or tier not in TIERS or not n.isdigit():
+            raise ConfigurationError(f"--tier-workers takes TIER=N with a tier of {', '.join(TIERS)}, not {item!r}")
+        counts[tier] = int(n)
+    return counts
+
+
+def _check_flower_credentials(insecure: bool) -> None:
+    from tars_tasks.flower_cli import FlowerSettings, basic_auth_value
+
+    if insecure:
+        return
+    fs = FlowerSettings()
+    basic_auth_value(user=fs.user, password=fs.password.get_secret_value() if fs.password else None)
+
+
+@fleet.command("up")
+@click.option("--workers", "-w", type=int, default=1, show_default=True, help="Worker processes per tier.")
+@click.option("--tier-workers", multiple=True, metavar="TIER=N", help="Worker count of one tier (repeatable).")
+@click.option("--concurrency", "-c", type=int, default=None, help="Tasks in flight per worker (default setting).")
+@click.option("--flower/--no-flower", default=True, show_default=True)
+@click.option("--flower-port", type=int, default=topology.FLOWER_PORT, show_default=True)
+@click.option("--flower-insecure-no-auth", is_flag=True, help="Start Flower without basic auth.")
+@click.option("--mock-llm/--no-mock-llm", default=None, help="The mock LLM server (default: when installed).")
+@click.option("--mock-llm-port", type=int, default=topology.MOCK_LLM_PORT, show_default=True)
+@click.option("--metrics/--no-metrics", default=True, show_default=True, help="`tars metrics serve`.")
+@click.option("--metrics-port", type=int, default=topology.METRICS_PORT, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP services listen on.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="fleet.json and logs/ (default TARS_FLEET_DIR, else ~/.local/state/tars/fleet).")
+@click.option("--ready-timeout-s", type=float, default=90.0, show_default=True)
+@click.option("--stop-timeout-s", type=float, default=60.0, show_default=True,
+              help="Warm-shutdown grace per worker before SIGKILL.")
+@click.option("--keep-going", is_flag=True, help="Keep the rest running when one process exits.")
+def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flower: bool, flower_port: int,
+       flower_insecure_no_auth: bool, mock_llm: bool | None, mock_llm_port: int, metrics: bool, metrics_port: int,
+       host: str, state_dir: Path | None, ready_timeout_s: float, stop_timeout_s: float, keep_going: bool) -> None:
+    """Start the fleet in the foreground; Ctrl-C (or SIGTERM, or `tars fleet down`) stops it cleanly."""
+    from config.settings import get_settings
+    from tars_tasks.fleet import FleetError, LocalFleet, default_state_dir, plan_fleet
+
+    if get_settings().embedded:
+        raise ConfigurationError("a fleet needs a real broker and database: set TARS_BROKER_URL and TARS_DATABASE_URL")
+    if flower:
+        _check_flower_credentials(flower_insecure_no_auth)
+    specs = plan_fleet(
+        workers=_tier_counts(workers, tier_workers), concurrency=concurrency, flower=flower,
+        flower_port=flower_port, flower_insecure_no_auth=flower_insecure_no_auth, mock_llm=mock_llm,
+        mock_llm_port=mock_llm_port, metrics=metrics, metrics_port=metrics_port, host=host,
+        worker_stop_timeout_s=stop_timeout_s,
+    )
+    state_dir = state_dir or default_state_dir()
+
+    def echo(msg: str) -> None:
+        click.echo(f"fleet: {msg}", err=True)
+
+    env = {}
+    if flower and not os.environ.get("TARS_FLOWER_DB"):
+        env["TARS_FLOWER_DB"] = str(Path(state_dir) / "flower" / "flower.db")  # this fleet's Flower history
+    fl = LocalFleet(specs=specs, state_dir=state_dir, env=env, echo=echo)
+    fl.start()
+    try:
+        fl.wait_ready(timeout_s=ready_timeout_s)
+    except FleetError:
+        fl.stop()
+        raise
+    except KeyboardInterrupt:
+        fl.stop()
+        sys.exit(130)
+    lines = [f"  {fp.spec.name:<12} pid {fp.pid:<8} log {fp.log_path}" for fp in fl.processes]
+    echo("ready (Ctrl-C stops)\n" + "\n".join(lines))
+    if flower:
+        echo(f"Flower: http://{host}:{flower_port}/")
+    if metrics:
+        echo(f"metrics: http://{host}:{metrics_port}/metrics")
+    sys.exit(fl.run_until_signalled(keep_going=keep_going))
+
+
+@fleet.command("down")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+def down(state_dir: Path | None) -> None:
+    """Ask the running `tars fleet up` to stop (as Ctrl-C would) and wait for it."""
+    import time
+
+    from tars_tasks.fleet import pid_alive, signal_runner
+
+    pid = signal_runner(state_dir=state_dir)
+    click.echo(f"asked fleet runner {pid} to stop", err=True)
+    while pid_alive(pid):
+        time.sleep(0.2)
+
+
+@fleet.command("status")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def status(state_dir: Path | None, as_json: bool) -> None:
+    """The local fleet's processes, plus queue depths, workers per tier and requests by status."""
+    from config.settings import get_settings
+    from tars_tasks.fleet import default_state_dir, pid_alive, read_state
+
+    state = read_state(state_dir)
+    procs = []
+    if state is not None:
+        procs = [{"name": p["name"], "service": p["service"], "tier": p["tier"], "pid": p["pid"],
+                  "alive": pid_alive(p["pid"]), "log": p["log"]} for p in state.processes]
+    out: dict = {"state_dir": str(state_dir or default_state_dir()),
+                 "runner_pid": state.runner_pid if state else None,
+                 "runner_alive": bool(state and state.runner_alive()), "processes": procs}
+    settings = get_settings()
+    if not settings.embedded:
+        from tars_tasks.celery_app import app
+        from tars_tasks.status import fleet_status
+
+        try:
+            out["fleet"] = fleet_status(settings, app).as_dict()
+        except Exception as exc:  # status must work while parts are down
+            out["fleet_error"] = str(exc)
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    if not procs:
+        click.echo(f"no local fleet running from {out['state_dir']}")
+    else:
+        click.echo(f"fleet runner pid {out['runner_pid']} ({'alive' if out['runner_alive'] else 'gone'})")
+        for p in procs:
+            click.echo(f"  {p['name']:<12} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN':<5} {p['log']}")
+    fl = out.get("fleet")
+    if fl:
+        for tier in TIERS:
+            depth = sum(fl["queue_depth"].get(tier, {}).values())
+            nodes = ", ".join(fl["workers"].get(tier, [])) or "-"
+            click.echo(f"  {tier:<7} queued {depth:<7} workers {nodes}")
+        click.echo("  requests: " + (", ".join(f"{k}={v}" for k, v in sorted(fl["requests"].items())) or "none"))
+    elif "fleet_error" in out:
+        click.echo(f"  fleet unreachable: {out['fleet_error']}")
+
+
+# --- health checks (compose healthcheck commands) ---------------------------------------------
+
+
+@fleet.group("healthcheck")
+def healthcheck() -> None:
+    """Exit 0 when a service is healthy (used by the compose healthchecks)."""
+
+
+def worker_node_name(tier: str, *, hostname: str | None = None) -> str:
+    """The node name `tars worker --tier TIER` takes on this host (from workers.start)."""
+    from celery.utils.nodenames import host_format
+
+    from workers.start import worker_argv
+
+    argv = worker_argv(tiers=[tier])
+    return host_format(argv[argv.index("-n") + 1], host=hostname or socket.gethostname())
+
+
+@healthcheck.command("worker")
+@click.option("--tier", type=click.Choice(TIERS), required=True)
+@click.option("--node", default=None, help="Node name to ping (default: this host's worker of the tier).")
+@click.option("--timeout-s", type=float, default=5.0, show_default=True)
+def healthcheck_worker(tier: str, node: str | None, timeout_s: float) -> None:
+    """Ping this host's worker of a tier over the broker."""
+    from tars_tasks.celery_app import app
+
+    node = node or worker_node_name(tier)
+    try:
+        replies = app.control.ping(destination=[node], timeout=timeout_s) or []
+    except Exception as exc:
+        click.echo(f"unhealthy: broker unreachable: {exc}", err=True)
+        sys.exit(1)
+    if not any(node in r for r in replies):
+        click.echo(f"unhealthy: {node} did not answer a ping within {timeout_s}s", err=True)
+        sys.exit(1)
+    click.echo(f"{node}: pong")
+
+
+@healthcheck.command("http")
+@click.argument("url")
+@click.option("--timeout-s", type=float, default=3.0, show_default=True)
+def healthcheck_http(url: str, timeout_s: float) -> None:
+    """GET URL; healthy on a 2xx answer."""
+    from tars_tasks.fleet import http_ok
+
+    if not http_ok(url, timeout_s=timeout_s):
+        click.echo(f"unhealthy: {url}", err=True)
+        sys.exit(1)
+
+
+@healthcheck.command("tcp")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, required=True)
+def healthcheck_tcp(host: str, port: int) -> None:
+    """Healthy when HOST:PORT accepts a connection."""
+    from tars_tasks.fleet import tcp_open
+
+    if not tcp_open(host, port):
+        click.echo(f"unhealthy: nothing listens on {host}:{port}", err=True)
+        sys.exit(1)

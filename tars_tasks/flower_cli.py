@@ -1,0 +1,143 @@
+"""``tars flower``: Flower on the project's Celery app, with basic auth on by default.
+
+What Flower 2.2 (the pinned version) does, read from its source:
+
+* ``--basic_auth=user:password`` (or ``FLOWER_BASIC_AUTH``) guards the dashboard and the
+  ``/api/*`` endpoints; a request without the right credentials gets ``401`` with
+  ``WWW-Authenticate: Basic``. Credentials are handed to Flower through ``FLOWER_BASIC_AUTH``
+  in its environment, never on the command line where ``ps`` would show them.
+* ``/metrics`` (Prometheus) and ``/healthcheck`` are **not** behind auth — scrapers and
+  health probes reach them without credentials. Only publish Flower's port where that is fine.
+* ``--persistent=True --db=PATH`` keeps the task/worker history in a ``shelve`` file,
+  saved on shutdown and every ``--state_save_interval`` ms; without it history is memory only.
+* ``--enable_events`` (default on) makes Flower periodically *switch task events on* in every
+  worker; we pass ``TARS_TASK_EVENTS`` through so Flower does not override an operator who
+  turned them off (then Flower sees workers, from heartbeats, but no tasks).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+import click
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tars_tasks.topology import FLOWER_PORT, ConfigurationError
+
+#: How often Flower saves its state in persistent mode.
+DEFAULT_STATE_SAVE_INTERVAL_S = 60
+
+
+class FlowerSettings(BaseSettings):
+    """``TARS_FLOWER_*`` variables (or ``.env``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TARS_FLOWER_", env_file=".env", extra="ignore")
+
+    user: str | None = None
+    password: SecretStr | None = None
+    #: Persistent-mode database file (``shelve``); default under the user's state directory.
+    db: Path | None = None
+
+
+def default_db_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tars" / "flower" / "flower.db"
+
+
+def basic_auth_value(*, user: str | None, password: str | None) -> str:
+    """``user:password`` for Flower, or :class:`ConfigurationError` naming what is wrong."""
+    if not user or not password:
+        missing = [n for n, v in (("TARS_FLOWER_USER", user), ("TARS_FLOWER_PASSWORD", password)) if not v]
+        raise ConfigurationError(
+            f"Flower needs basic-auth credentials: set {' and '.join(missing)} "
+            "(or pass --insecure-no-auth for a dashboard on this machine only)"
+        )
+    if ":" in user or "," in user:
+        raise ConfigurationError("TARS_FLOWER_USER must not contain ':' or ','")
+    if "," in password:
+        raise ConfigurationError("TARS_FLOWER_PASSWORD must not contain ',' (Flower splits the list on it)")
+    return f"{user}:{password}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def flower_argv(
+    *,
+    host: str,
+    port: int,
+    persistent: bool,
+    db_path: Path | None,
+    state_save_interval_s: int = DEFAULT_STATE_SAVE_INTERVAL_S,
+    enable_events: bool = True,
+    url_prefix: str | None = None,
+    python: str | None = None,
+) -> list[str]:
+    """``python -m celery -A tars_tasks flower ...`` (credentials go in the environment)."""
+    argv = [
+        python or sys.executable, "-m", "celery", "-A", "tars_tasks", "flower",
+        f"--address={host}", f"--port={port}",
+        f"--enable_events={enable_events}",
+    ]
+    if persistent:
+        if db_path is None:
+            raise ConfigurationError("persistent mode needs a database path (--db or TARS_FLOWER_DB)")
+        argv += ["--persistent=True", f"--db={db_path}", f"--state_save_interval={state_save_interval_s * 1000}"]
+    if url_prefix:
+        argv.append(f"--url_prefix={url_prefix}")
+    return argv
+
+
+def flower_env(*, base: dict[str, str], basic_auth: str | None) -> dict[str, str]:
+    env = dict(base)
+    if basic_auth is not None:
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    return env
+
+
+@click.command("flower")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=FLOWER_PORT, show_default=True)
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Start without basic auth (local use only): anyone who reaches the port controls the workers.")
+@click.option("--persistent/--no-persistent", default=True, show_default=True,
+              help="Keep Flower's history in a file across restarts.")
+@click.option("--db", "db_path", type=click.Path(path_type=Path), default=None,
+              help="Persistent-mode file (default TARS_FLOWER_DB, else ~/.local/state/tars/flower/flower.db).")
+@click.option("--state-save-interval-s", type=int, default=DEFAULT_STATE_SAVE_INTERVAL_S, show_default=True)
+@click.option("--url-prefix", default=None, help="Serve under a path prefix (behind a reverse proxy).")
+def flower(host: str, port: int, insecure_no_auth: bool, persistent: bool, db_path: Path | None,
+           state_save_interval_s: int, url_prefix: str | None) -> None:
+    """Flower, the Celery dashboard, on the fleet's broker (basic auth from TARS_FLOWER_USER/PASSWORD)."""
+    from config.settings import get_settings
+
+    fs = FlowerSettings()
+    settings = get_settings()
+    if settings.embedded:
+        raise ConfigurationError("Flower needs a real broker: set TARS_BROKER_URL (the embedded fleet has none)")
+    if insecure_no_auth:
+        basic_auth = None
+        click.echo("warning: Flower runs WITHOUT authentication (--insecure-no-auth)", err=True)
+        if not is_loopback(host):
+            click.echo(f"warning: and it listens on {host}, not only on this machine", err=True)
+    else:
+        basic_auth = basic_auth_value(user=fs.user, password=fs.password.get_secret_value() if fs.password else None)
+    db = db_path or fs.db or default_db_path()
+    if persistent:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    argv = flower_argv(host=host, port=port, persistent=persistent, db_path=db,
+                       state_save_interval_s=state_save_interval_s, enable_events=settings.task_events,
+                       url_prefix=url_prefix)
+    env = flower_env(base=dict(os.environ), basic_auth=basic_auth)
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)

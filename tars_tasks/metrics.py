@@ -1,0 +1,193 @@
+"""The project's own Prometheus metrics, read from Postgres and Redis when scraped.
+
+Flower's ``/metrics`` counts Celery events; these count what the fleet *recorded*: requests
+by tier and status, API-call attempts, tokens and dollars by tier (what a provider would
+bill: every attempt, retries included), time spent waiting for the fleet rate limiter,
+breaker state per model and queue depth per tier and priority.
+
+A scrape runs a few ``GROUP BY`` queries over ``requests`` and ``api_calls`` (full scans:
+fine for test and load-run sizes; put a recording rule or a summary table in front of a
+database with many millions of rows). Results are cached for ``min_interval_s`` so several
+scrapers do not multiply the load. A source that cannot be read does not fail the scrape:
+``tars_metrics_source_up{source}`` drops to 0 and that source's series are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from sqlalchemy import func, select
+
+from config.keys import TIERS
+from config.settings import Settings
+from tars_tasks.db.engine import get_engine
+from tars_tasks.db.models import ApiCall, Request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_INTERVAL_S = 2.0
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def request_counts(settings: Settings) -> dict[tuple[str, str], int]:
+    """(tier, status) -> requests. The tier is the one that served it, else the one asked for."""
+    t = Request.__table__.c
+    tier = func.coalesce(t.tier_used, t.tier_requested)
+    q = select(tier, t.status, func.count()).group_by(tier, t.status)
+    with get_engine(settings.database_url).connect() as conn:
+        return {(row[0], row[1]): int(row[2]) for row in conn.execute(q)}
+
+
+def api_call_totals(settings: Settings) -> dict[tuple[str, str], dict[str, Decimal | int]]:
+    """(tier, outcome) -> calls, input/output tokens, cost, rate-limit wait (ms) and waited calls."""
+    t = ApiCall.__table__.c
+    q = select(
+        t.tier, t.outcome, func.count(), func.coalesce(func.sum(t.input_tokens), 0),
+        func.coalesce(func.sum(t.output_tokens), 0), func.coalesce(func.sum(t.cost_usd), 0),
+        func.coalesce(func.sum(t.ratelimit_wait_ms), 0),
+        func.count().filter(t.ratelimit_wait_ms > 0),
+    ).group_by(t.tier, t.outcome)
+    out: dict[tuple[str, str], dict[str, Decimal | int]] = {}
+    with get_engine(settings.database_url).connect() as conn:
+        for tier, outcome, n, tin, tout, cost, wait_ms, waited in conn.execute(q):
+            out[(tier, outcome)] = {"calls": int(n), "input_tokens": int(tin), "output_tokens": int(tout),
+                                    "cost_usd": Decimal(cost), "ratelimit_wait_ms": Decimal(wait_ms),
+                                    "ratelimit_waited": int(waited)}
+    return out
+
+
+def breaker_views(settings: Settings) -> list | None:
+    """Every breaker with state, or None where the breaker module is not part of this build."""
+    try:
+        from workers.breaker import FleetBreaker
+    except ImportError:
+        return None
+    url = settings.shared_redis_url
+    if not url:
+        return []
+    from tars_tasks.redis_client import get_redis
+
+    return FleetBreaker(redis_client=get_redis(url), namespace=settings.namespace).all_views()
+
+
+class FleetCollector(Collector):
+    """A ``prometheus_client`` collector reading Postgres and Redis on scrape."""
+
+    def __init__(self, *, settings: Settings, min_interval_s: float = DEFAULT_MIN_INTERVAL_S) -> None:
+        self.settings = settings
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._cached: list[Metric] | None = None
+        self._cached_at = 0.0
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic: do not run queries at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached_at >= self.min_interval_s:
+                self._cached = list(self._read())
+                self._cached_at = now
+            yield from self._cached
+
+    # --- one reading ----------------------------------------------------------------------------
+
+    def _read(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily("tars_metrics_source_up", "1 if the source could be read on this scrape.",
+                               labels=["source"])
+        pg_ok = True
+        try:
+            yield from self._postgres_metrics()
+        except Exception as exc:
+            pg_ok = False
+            log.warning("metrics: postgres unreadable: %s", exc)
+        up.add_metric(["postgres"], 1.0 if pg_ok else 0.0)
+        redis_ok = True
+        try:
+            yield from self._redis_metrics()
+        except Exception as exc:
+            redis_ok = False
+            log.warning("metrics: redis unreadable: %s", exc)
+        up.add_metric(["redis"], 1.0 if redis_ok else 0.0)
+        yield up
+        duration = GaugeMetricFamily("tars_metrics_read_seconds", "Time the last reading of all sources took.")
+        duration.add_metric([], time.perf_counter() - started)
+        yield duration
+
+    def _postgres_metrics(self) -> Iterator[Metric]:
+        reqs = request_counts(self.settings)
+        calls = api_call_totals(self.settings)
+        requests = GaugeMetricFamily(
+            "tars_requests", "Requests recorded, by tier (that served it, else requested) and status.",
+            labels=["tier", "status"])
+        for (tier, status), n in sorted(reqs.items()):
+            requests.add_metric([tier, status], n)
+        api = GaugeMetricFamily("tars_api_calls", "Model API call attempts recorded, by tier and outcome.",
+                                labels=["tier", "outcome"])
+        per_tier: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+        for (tier, outcome), v in sorted(calls.items()):
+            api.add_metric([tier, outcome], v["calls"])
+            for k in ("input_tokens", "output_tokens", "cost_usd", "ratelimit_wait_ms", "ratelimit_waited"):
+                per_tier[tier][k] += Decimal(v[k])
+        tiers = sorted(set(per_tier) | set(TIERS))
+        cost = CounterMetricFamily("tars_cost_usd", "Dollars of every API call attempt (what a provider bills).",
+                                   labels=["tier"])
+        tokens = CounterMetricFamily("tars_tokens", "Tokens of every API call attempt.", labels=["tier", "kind"])
+        wait = CounterMetricFamily("tars_ratelimit_wait_seconds",
+                                   "Time API calls waited for fleet rate-limit capacity.", labels=["tier"])
+        waited = CounterMetricFamily("tars_ratelimit_waited_calls", "API calls that waited for the rate limiter.",
+                                     labels=["tier"])
+        for tier in tiers:
+            v = per_tier.get(tier, {})
+            cost.add_metric([tier], float(v.get("cost_usd", 0)))
+            tokens.add_metric([tier, "input"], float(v.get("input_tokens", 0)))
+            tokens.add_metric([tier, "output"], float(v.get("output_tokens", 0)))
+            wait.add_metric([tier], float(v.get("ratelimit_wait_ms", 0)) / 1000.0)
+            waited.add_metric([tier], float(v.get("ratelimit_waited", 0)))
+        yield from (requests, api, cost, tokens, wait, waited)
+
+    def _redis_metrics(self) -> Iterator[Metric]:
+        from tars_tasks.status import queue_depths
+
+        depth = GaugeMetricFamily("tars_queue_depth", "Messages waiting, by tier and TARS priority (9 first).",
+                                  labels=["tier", "priority"])
+        for tier, by_prio in sorted(queue_depths(self.settings).items()):
+            for prio, n in sorted(by_prio.items()):
+                depth.add_metric([tier, str(prio)], n)
+        yield depth
+        views = breaker_views(self.settings)
+        if views is None:
+            return
+        state = GaugeMetricFamily("tars_breaker_state", "1 for the breaker's current state, 0 for the others.",
+                                  labels=["provider", "model", "state"])
+        failures = GaugeMetricFamily("tars_breaker_consecutive_failures", "Consecutive failures counted.",
+                                     labels=["provider", "model"])
+        trips = CounterMetricFamily("tars_breaker_trips", "Times the breaker opened.", labels=["provider", "model"])
+        for v in views:
+            for s in BREAKER_STATES:
+                state.add_metric([v.provider, v.model, s], 1.0 if v.state == s else 0.0)
+            failures.add_metric([v.provider, v.model], v.failures)
+            trips.add_metric([v.provider, v.model], v.trips)
+        yield from (state, failures, trips)
+
+
+def make_registry(*, settings: Settings, min_interval_s: float = DEFAULT_MIN_INTERVAL_S) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(settings=settings, min_interval_s=min_interval_s))
+    return registry
+
+
+def render(*, settings: Settings) -> str:
+    """One reading in the Prometheus text format (``tars metrics show``)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(make_registry(settings=settings, min_interval_s=0)).decode()

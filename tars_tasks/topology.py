@@ -1,0 +1,162 @@
+"""The fleet's topology: every service an operator runs and the one command line of each.
+
+``docker-compose.yml`` and ``tars fleet up`` (the local runner) are both derived from this
+module, and ``tests/ops`` checks that the compose file says what this module says, so the
+two ways of running the fleet cannot drift apart. A command starts with ``tars``: in the
+image it is the installed entry point; the local runner replaces that word with
+``python -m tars_tasks.cli`` of its own interpreter.
+
+Host and port are *container* values here (``0.0.0.0`` and a fixed port); the local
+runner substitutes its own with :meth:`Service.argv`, never other options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from config.keys import TIERS
+from tars_tasks.errors import TarsError
+
+#: Ports inside the compose network (and defaults of the local runner).
+FLOWER_PORT = 5555
+MOCK_LLM_PORT = 8090
+METRICS_PORT = 9108
+CONTAINER_HOST = "0.0.0.0"  # containers listen in their own network namespace
+
+#: Seconds compose waits after SIGTERM before SIGKILL. A Celery warm shutdown finishes the
+#: tasks it holds; the longest tier's retry budget (opus: 240 s) plus the group commit fits.
+WORKER_STOP_GRACE_S = 300
+SERVICE_STOP_GRACE_S = 30
+
+
+
+class ConfigurationError(TarsError, ValueError):
+    """An operations option or setting is missing or invalid; nothing was started."""
+
+
+ROLE_WORKER = "worker"
+ROLE_FLOWER = "flower"
+ROLE_MOCK_LLM = "mock-llm"
+ROLE_METRICS = "metrics"
+ROLE_MIGRATE = "migrate"
+ROLE_LOADGEN = "loadgen"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One compose service / one kind of local process."""
+
+    name: str
+    role: str
+    #: The command, starting with ``tars``. For ``loadgen`` it is the compose entrypoint.
+    command: tuple[str, ...]
+    tier: str | None = None
+    #: Port the service listens on (``--port`` in ``command``), if any.
+    port: int | None = None
+    #: Runs until stopped (gets a healthcheck and a restart policy) or runs once.
+    long_running: bool = True
+    #: Default arguments after ``command`` (compose ``command:`` of an entrypoint service).
+    default_args: tuple[str, ...] = ()
+    healthcheck: tuple[str, ...] = ()
+    stop_grace_s: int = SERVICE_STOP_GRACE_S
+    #: Compose profile; services with a profile are not started by a plain ``up``.
+    profile: str | None = None
+    #: Started by the local runner (``tars fleet up``) too.
+    local: bool = True
+    depends: tuple[str, ...] = field(default=())
+
+    def argv(self, *, host: str | None = None, port: int | None = None) -> list[str]:
+        """``command`` with ``--host``/``--port`` replaced, for a process outside compose."""
+        out = list(self.command)
+        for flag, value in (("--host", host), ("--port", None if port is None else str(port))):
+            if value is None:
+                continue
+            if flag not in out:
+                raise ValueError(f"service {self.name} has no {flag} option")
+            out[out.index(flag) + 1] = value
+        return out
+
+
+def worker_service(tier: str) -> Service:
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}: tiers are {', '.join(TIERS)}")
+    return Service(
+        name=f"worker-{tier}",
+        role=ROLE_WORKER,
+        command=("tars", "worker", "--tier", tier),
+        tier=tier,
+        healthcheck=("tars", "fleet", "healthcheck", "worker", "--tier", tier),
+        stop_grace_s=WORKER_STOP_GRACE_S,
+        depends=("migrate", "redis"),
+    )
+
+
+FLOWER = Service(
+    name="flower",
+    role=ROLE_FLOWER,
+    command=("tars", "flower", "--host", CONTAINER_HOST, "--port", str(FLOWER_PORT)),
+    port=FLOWER_PORT,
+    healthcheck=("tars", "fleet", "healthcheck", "http", f"http://127.0.0.1:{FLOWER_PORT}/healthcheck"),
+    depends=("redis",),
+)
+
+MOCK_LLM = Service(
+    name="mock-llm",
+    role=ROLE_MOCK_LLM,
+    command=("tars", "mock-llm", "--host", CONTAINER_HOST, "--port", str(MOCK_LLM_PORT)),
+    port=MOCK_LLM_PORT,
+    healthcheck=("tars", "fleet", "healthcheck", "tcp", "--port", str(MOCK_LLM_PORT)),
+)
+
+METRICS = Service(
+    name="metrics",
+    role=ROLE_METRICS,
+    command=("tars", "metrics", "serve", "--host", CONTAINER_HOST, "--port", str(METRICS_PORT)),
+    port=METRICS_PORT,
+    healthcheck=("tars", "fleet", "healthcheck", "http", f"http://127.0.0.1:{METRICS_PORT}/metrics"),
+    depends=("migrate", "redis"),
+)
+
+MIGRATE = Service(
+    name="migrate",
+    role=ROLE_MIGRATE,
+    command=("tars", "db", "upgrade"),
+    long_running=False,
+    local=False,
+    depends=("postgres",),
+)
+
+LOADGEN = Service(
+    name="loadgen",
+    role=ROLE_LOADGEN,
+    command=("tars", "loadgen", "run"),
+    default_args=("baseline",),
+    long_running=False,
+    profile="load",
+    local=False,
+    depends=("migrate", "redis"),
+)
+
+WORKERS: tuple[Service, ...] = tuple(worker_service(t) for t in TIERS)
+
+#: Every project-image service, in start order.
+SERVICES: tuple[Service, ...] = (MIGRATE, MOCK_LLM, METRICS, FLOWER, *WORKERS, LOADGEN)
+
+
+def service(name: str) -> Service:
+    for s in SERVICES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no service {name!r}: services are {', '.join(s.name for s in SERVICES)}")
+
+
+def local_prefix(python: str) -> list[str]:
+    """What replaces the leading ``tars`` of a command outside the image."""
+    return [python, "-m", "tars_tasks.cli"]
+
+
+def localise(command: Sequence[str], *, python: str) -> list[str]:
+    if not command or command[0] != "tars":
+        raise ValueError(f"a topology command starts with 'tars', not {list(command)[:1]}")
+    return [*local_prefix(python), *command[1:]]

@@ -16,6 +16,8 @@ Guarantees (window ``W``, limit ``L`` after the utilisation factor):
   than ``L`` slot times;
 * tokens: a window holds at most ``L_tok`` plus the tokens of the one call that opened it
   (GCRA without burst; reconcile with :meth:`FleetRateLimiter.adjust_tokens` after the call);
+* a caller woken more than ``late_tolerance_s`` after its slot (a stalled process) does not
+  send late into the next window; it gives the slot up and reserves again;
 * a reservation is made at most ``max_wait_s`` ahead. Further out the script reserves nothing
   and answers the wait; the caller sleeps part of it and asks again, so capacity is never
   held for a caller that has gone away (a killed worker wastes at most its own slots, which
@@ -38,6 +40,9 @@ from config.keys import ratelimit_key
 log = logging.getLogger(__name__)
 
 _US_PER_S = 1_000_000
+#: A caller that wakes this much later than its slot (a CPU-starved or stalled process) gives
+#: the slot up and asks again: sent late, it would crowd the next window past the limit.
+LATE_TOLERANCE_S = 0.05
 
 #: KEYS[1] = the limiter hash. ARGV: mode ("acquire" | "adjust"), request cost, token cost
 #: (may be negative in "adjust"), µs per request, µs per token, max wait µs, now µs ("" = TIME).
@@ -96,9 +101,12 @@ class FleetRateLimiter:
         window_s: float = 60.0,
         utilisation: float = 1.0,
         max_wait_s: float = 30.0,
+        late_tolerance_s: float = LATE_TOLERANCE_S,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.redis = redis_client
+        self.late_tolerance_s = late_tolerance_s
+        self.late_slots = 0  # slots given up because the caller woke too late (this process)
         self.namespace = namespace
         self.window_s = window_s
         self.utilisation = utilisation
@@ -143,6 +151,10 @@ class FleetRateLimiter:
             if grant.granted:
                 if grant.wait_s > 0:
                     self._sleep(grant.wait_s)
+                    if time.monotonic() - (now + grant.wait_s) > self.late_tolerance_s:
+                        self.late_slots += 1  # the request slot is spent; the tokens go back
+                        self.adjust_tokens(provider=provider, model=model, limits=limits, tokens=-tokens)
+                        continue
                 return time.monotonic() - t0
             # Too far out to reserve: sleep until the slot is within reach, then ask again.
             self._sleep(max(grant.wait_s - self.max_wait_s, 0.001))

@@ -20,6 +20,9 @@ from tars_tasks.errors import ProviderError
 
 BACKOFF_INITIAL_S = 0.25
 BACKOFF_MAX_S = 20.0
+#: A server's Retry-After is honoured up to this; longer is treated as this (the retry budget
+#: then decides whether another attempt fits at all).
+RETRY_AFTER_MAX_S = 120.0
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -38,7 +41,7 @@ class wait_backoff_or_retry_after:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after_s", None)
         if retry_after:
-            delay = max(delay, min(float(retry_after), self._max_s * 3))
+            delay = max(delay, min(float(retry_after), RETRY_AFTER_MAX_S))
         return delay
 
 

@@ -148,6 +148,7 @@ class Stats:
 class MockLLM:
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
+        self._initial = MockConfig(**asdict(self.config))
         self.stats = Stats()
         self.windows: dict[str, _Window] = defaultdict(_Window)
         self.rng = random.Random(self.config.seed)
@@ -171,9 +172,14 @@ class MockLLM:
     async def get_stats(self, _req: web.Request) -> web.Response:
         return web.json_response(self.stats.as_dict())
 
-    async def reset(self, _req: web.Request) -> web.Response:
+    async def reset(self, req: web.Request) -> web.Response:
+        """Zero the counters and the mock's own limit windows; ``{"config": true}`` also restores
+        the configuration the server was started with."""
+        body = await req.json() if req.can_read_body else {}
         self.stats.reset()
         self.windows.clear()
+        if isinstance(body, dict) and body.get("config"):
+            self.config = MockConfig(**asdict(self._initial))
         return web.json_response({"ok": True})
 
     async def get_config(self, _req: web.Request) -> web.Response:
@@ -292,9 +298,9 @@ class MockLLM:
 
 
 def _key_of(req: web.Request, protocol: str) -> str:
-    if protocol == PROTOCOL_ANTHROPIC:
-        return req.headers.get("x-api-key", "")
-    auth = req.headers.get("authorization", "")
+    if protocol == PROTOCOL_ANTHROPIC and req.headers.get("x-api-key"):
+        return req.headers["x-api-key"]
+    auth = req.headers.get("authorization", "")  # OpenAI; newer Anthropic SDKs send Bearer too
     return auth[7:] if auth.lower().startswith("bearer ") else ""
 
 

@@ -1,0 +1,151 @@
+"""The real HTTP clients (Anthropic Messages, OpenAI Chat Completions) against the mock server:
+request shape, usage parsing, and every HTTP failure mapped to the right error class."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.catalog import ModelSpec
+from tars_tasks.errors import (
+    AuthenticationFailed,
+    ContextTooLong,
+    PermanentProviderError,
+    ProviderConnectionError,
+    ProviderNotConfigured,
+    ProviderOverloaded,
+    ProviderTimeout,
+    RateLimited,
+    TransientProviderError,
+)
+from tests.integration.model_calls_support import (  # noqa: F401 - fixture
+    FAKE_ANTHROPIC_KEY,
+    FAKE_OPENAI_KEY,
+    free_port,
+    mock_llm,
+    shared_mock,
+)
+from workers.providers import AnthropicProvider, OpenAIProvider, get_provider
+
+pytestmark = pytest.mark.integration
+
+KEY_ENV = "TARS_TEST_MOCK_KEY"
+
+
+def _spec(*, provider: str, base_url: str, model: str = "mock-model", timeout_s: float = 5.0) -> ModelSpec:
+    return ModelSpec(tier="haiku", model=model, provider=provider, base_url=base_url, api_key_env=KEY_ENV,
+                     input_usd_per_mtok=1, output_usd_per_mtok=5, rpm=1000, tpm=10**6, timeout_s=timeout_s,
+                     output_tokens=(10, 30))
+
+
+@pytest.fixture(params=["anthropic", "openai"])
+def provider_name(request, monkeypatch) -> str:
+    monkeypatch.setenv(KEY_ENV, FAKE_ANTHROPIC_KEY if request.param == "anthropic" else FAKE_OPENAI_KEY)
+    return request.param
+
+
+@pytest.fixture
+def server(shared_mock):  # noqa: F811
+    shared_mock.reset(config=True)
+    return shared_mock
+
+
+def _call(name: str, spec: ModelSpec, prompt: str = "Summarise the quarterly report, please."):
+    return get_provider(name).complete(spec=spec, prompt=prompt, request_id="r-1", attempt=1)
+
+
+def test_both_clients_round_trip_and_take_usage_from_the_response(provider_name, server):
+    spec = _spec(provider=provider_name, base_url=server.url, model=f"m-{provider_name}")
+    done = _call(provider_name, spec, prompt="x" * 400)
+    assert done.http_status == 200 and done.text
+    assert (done.input_tokens, done.output_tokens) == (100, 12)
+    assert server.total(spec.model, "input_tokens") == 100 and server.total(spec.model, "output_tokens") == 12
+
+
+def test_max_tokens_of_the_tier_reaches_the_provider(provider_name, server):
+    server.configure(output_tokens=[500, 500])
+    done = _call(provider_name, _spec(provider=provider_name, base_url=server.url))
+    assert done.output_tokens == 30  # capped by the tier's output_tokens[1], sent as max_tokens
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (400, PermanentProviderError), (403, PermanentProviderError), (404, PermanentProviderError),
+    (401, AuthenticationFailed), (500, TransientProviderError), (503, TransientProviderError),
+    (529, ProviderOverloaded),
+])
+def test_http_statuses_map_to_the_error_classes(provider_name, server, status, error):
+    with pytest.raises(error) as info:
+        _call(provider_name, _spec(provider=provider_name, base_url=server.url), prompt=f"[[mock:status={status}]]")
+    assert info.value.status_code == status
+    assert info.value.retryable == (status >= 500)
+
+
+def test_a_429_is_rate_limited_with_the_servers_retry_after(provider_name, server):
+    server.configure(rpm=1, window_s=60, retry_after_s=7)
+    spec = _spec(provider=provider_name, base_url=server.url)
+    _call(provider_name, spec)
+    with pytest.raises(RateLimited) as info:
+        _call(provider_name, spec)
+    expected = 7.0
+    assert info.value.retry_after_s == pytest.approx(expected) and info.value.retryable
+
+
+def test_a_prompt_beyond_the_context_window_is_context_too_long(provider_name, server):
+    server.configure(context_tokens=50)
+    with pytest.raises(ContextTooLong) as info:
+        _call(provider_name, _spec(provider=provider_name, base_url=server.url), prompt="y" * 1000)
+    assert not info.value.retryable
+
+
+def test_a_hung_call_times_out_at_the_tiers_timeout(provider_name, server):
+    server.configure(timeout_rate=1.0, hang_s=5.0)
+    with pytest.raises(ProviderTimeout):
+        _call(provider_name, _spec(provider=provider_name, base_url=server.url, timeout_s=0.3))
+
+
+def test_a_refused_connection_is_a_transient_connection_error(provider_name):
+    with pytest.raises(ProviderConnectionError):
+        _call(provider_name, _spec(provider=provider_name, base_url=f"http://127.0.0.1:{free_port()}"))
+
+
+def test_a_missing_key_fails_before_any_call_is_made(provider_name, server, monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(ProviderNotConfigured):
+        _call(provider_name, _spec(provider=provider_name, base_url=server.url))
+    assert server.stats()["models"] == {}
+
+
+def test_a_wrong_key_is_a_401_and_the_echoed_key_is_redacted(provider_name, mock_llm, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("MOCK_ACCEPTED_KEY", "sk-the-only-key-accepted-here")
+    server = mock_llm("--expected-key-env", "MOCK_ACCEPTED_KEY")
+    with pytest.raises(AuthenticationFailed) as info:
+        _call(provider_name, _spec(provider=provider_name, base_url=server.url))
+    assert "Incorrect API key" in str(info.value)
+    assert "sk-" not in str(info.value)
+
+
+def test_the_official_anthropic_sdk_parses_the_mocks_answers(server):
+    anthropic = pytest.importorskip("anthropic")
+    sdk = anthropic.Anthropic(api_key=FAKE_ANTHROPIC_KEY, base_url=server.url, max_retries=0)
+    msg = sdk.messages.create(model="mock-sdk", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+    assert msg.content[0].text and msg.usage.output_tokens == 12 and msg.usage.input_tokens == 2
+    with pytest.raises(anthropic.RateLimitError):
+        server.configure(force_status={"mock-sdk": 429})
+        sdk.messages.create(model="mock-sdk", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+
+
+def test_the_official_openai_sdk_parses_the_mocks_answers(server):
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(api_key=FAKE_OPENAI_KEY, base_url=server.url + "/v1", max_retries=0)
+    out = sdk.chat.completions.create(model="mock-sdk", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.content and out.usage.completion_tokens == 12
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="mock-sdk", max_tokens=20,
+                                    messages=[{"role": "user", "content": "[[mock:status=400]]"}])
+
+
+def test_one_pooled_client_serves_every_call_of_a_process(server, monkeypatch):
+    from workers.providers.http import shared_client
+
+    assert shared_client(server.url) is shared_client(server.url)
+    assert isinstance(get_provider("anthropic"), AnthropicProvider)
+    assert isinstance(get_provider("openai"), OpenAIProvider)

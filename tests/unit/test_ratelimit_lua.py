@@ -1,0 +1,118 @@
+"""The limiter's Lua script against real Redis, with the clock passed in (µs) so the math is exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.ratelimit import FleetRateLimiter, LimitSpec
+
+T0_US = 1_700_000_000_000_000
+S_US = 1_000_000
+
+
+@pytest.fixture
+def limiter(redis) -> FleetRateLimiter:
+    return FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=1.0, max_wait_s=30.0)
+
+
+def _reserve(limiter, *, tokens=1, at_s=0.0, limits=LimitSpec(rpm=60, tpm=1_000_000), max_wait_s=None):
+    return limiter.try_reserve(provider="p", model="m", limits=limits, tokens=tokens,
+                               now_us=T0_US + int(at_s * S_US), max_wait_s=max_wait_s)
+
+
+def test_requests_are_spaced_one_window_over_the_limit_apart(limiter):
+    waits = [_reserve(limiter).wait_s for _ in range(5)]
+    assert waits == [0.0, 1.0, 2.0, 3.0, 4.0]  # 60 RPM: one slot a second
+
+
+def test_no_window_holds_more_slots_than_the_limit(limiter):
+    limits = LimitSpec(rpm=120, tpm=10**9)
+    slots = [_reserve(limiter, limits=limits, max_wait_s=1e6).wait_s for _ in range(500)]
+    for i in range(len(slots) - 120):
+        assert slots[i + 120] - slots[i] >= 60.0 - 1e-6
+
+
+def test_an_idle_limiter_does_not_bank_a_burst(limiter):
+    assert _reserve(limiter, at_s=0).wait_s == 0.0
+    assert _reserve(limiter, at_s=100).wait_s == 0.0
+    assert _reserve(limiter, at_s=100).wait_s == pytest.approx(1.0)
+
+
+def test_tokens_per_minute_bound_the_slot_when_they_are_the_scarcer_limit(limiter):
+    limits = LimitSpec(rpm=10_000, tpm=6_000)  # 100 tokens a second
+    assert _reserve(limiter, tokens=500, limits=limits).wait_s == 0.0
+    assert _reserve(limiter, tokens=500, limits=limits).wait_s == pytest.approx(5.0)
+    assert _reserve(limiter, tokens=10, limits=limits).wait_s == pytest.approx(10.0)
+
+
+def test_a_slot_beyond_the_max_wait_is_refused_and_nothing_is_reserved(limiter):
+    for _ in range(31):
+        _reserve(limiter)
+    refused = _reserve(limiter, max_wait_s=30.0)
+    assert not refused.granted and refused.wait_s == pytest.approx(31.0)
+    again = _reserve(limiter, max_wait_s=60.0)
+    assert again.granted and again.wait_s == pytest.approx(31.0)  # the refusal took no slot
+
+
+def test_refunded_tokens_give_capacity_back_and_charges_take_it(limiter):
+    limits = LimitSpec(rpm=10_000, tpm=6_000)
+    _reserve(limiter, tokens=600, limits=limits)  # estimate: 6 s of tokens
+    limiter.adjust_tokens(provider="p", model="m", limits=limits, tokens=-400, now_us=T0_US)
+    assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(2.0)
+    limiter.adjust_tokens(provider="p", model="m", limits=limits, tokens=300, now_us=T0_US)
+    assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(5.01)
+
+
+def test_a_refund_never_moves_capacity_into_the_past(limiter):
+    limits = LimitSpec(rpm=10_000, tpm=6_000)
+    _reserve(limiter, tokens=100, limits=limits)
+    limiter.adjust_tokens(provider="p", model="m", limits=limits, tokens=-10_000, now_us=T0_US)
+    assert _reserve(limiter, tokens=600, limits=limits).wait_s == pytest.approx(0.006)  # the request slot
+    assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(6.006)
+
+
+def test_utilisation_scales_the_rate_down(redis):
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=0.5)
+    waits = [lim.try_reserve(provider="p", model="m", limits=LimitSpec(rpm=60, tpm=10**9), tokens=1,
+                             now_us=T0_US).wait_s for _ in range(3)]
+    assert waits == [0.0, 2.0, 4.0]
+
+
+def test_a_scaled_window_keeps_the_rate_per_window(redis):
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=6.0, utilisation=1.0)
+    waits = [lim.try_reserve(provider="p", model="m", limits=LimitSpec(rpm=600, tpm=10**9), tokens=1,
+                             now_us=T0_US).wait_s for _ in range(3)]
+    assert waits == pytest.approx([0.0, 0.01, 0.02])
+
+
+def test_limits_of_different_models_are_independent(limiter):
+    _reserve(limiter)
+    other = limiter.try_reserve(provider="p", model="other", limits=LimitSpec(rpm=60, tpm=10**6), tokens=1,
+                                now_us=T0_US)
+    assert other.wait_s == 0.0
+
+
+def test_acquire_sleeps_for_the_scripts_answer_instead_of_polling(redis):
+    sleeps: list[float] = []
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, max_wait_s=30.0,
+                           sleep=sleeps.append)
+    limits = LimitSpec(rpm=60, tpm=10**9)
+    for _ in range(3):
+        lim.acquire(provider="p", model="m", limits=limits, tokens=1)
+    assert len(sleeps) == 2 and sleeps[0] == pytest.approx(1.0, abs=0.05) and sleeps[1] == pytest.approx(2.0, abs=0.05)
+
+
+def test_acquire_gives_up_before_reserving_past_its_deadline(redis):
+    import time
+
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, sleep=lambda s: None)
+    limits = LimitSpec(rpm=1, tpm=10**9)
+    lim.acquire(provider="p", model="m", limits=limits, tokens=1)
+    with pytest.raises(TimeoutError):
+        lim.acquire(provider="p", model="m", limits=limits, tokens=1, deadline_s=time.monotonic() + 5)
+
+
+def test_the_limiter_key_expires_once_idle(limiter, redis):
+    _reserve(limiter)
+    ttl_ms = redis.pttl(limiter.key(provider="p", model="m"))
+    assert 0 < ttl_ms <= 61_000 + 1_000

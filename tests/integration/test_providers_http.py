@@ -149,3 +149,72 @@ def test_one_pooled_client_serves_every_call_of_a_process(server, monkeypatch):
     assert shared_client(server.url) is shared_client(server.url)
     assert isinstance(get_provider("anthropic"), AnthropicProvider)
     assert isinstance(get_provider("openai"), OpenAIProvider)
+
+
+def _tars(env: dict[str, str], *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "tars_tasks.cli", *args], cwd=ROOT, env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_workers_fail_400_and_401_without_retrying_and_never_write_the_keys_anywhere(
+        fleet_env, tmp_path, mock_llm, start_worker, db):  # noqa: F811
+    from sqlalchemy import text
+
+    from tars_tasks.client import TarsClient
+    from tests.helpers import make_settings
+    from tests.integration.model_calls_support import MODELS, api_rows, write_catalog
+
+    mock = mock_llm("--latency", "fixed:10")
+    catalog = write_catalog(tmp_path / "catalog.toml", haiku={"retry_budget_s": 3},
+                            sonnet={"provider": "openai", "fallback": None})
+    env = {**fleet_env, "TARS_CATALOG_PATH": str(catalog), "TARS_PROVIDER_BASE_URL": mock.url,
+           "ANTHROPIC_API_KEY": FAKE_ANTHROPIC_KEY, "OPENAI_API_KEY": FAKE_OPENAI_KEY}
+    worker = start_worker(tiers=["haiku", "sonnet"], concurrency=20, env=env)
+    with TarsClient(settings=make_settings(env)) as client:
+        def run(specs):
+            return client.wait_many([h.id for h in client.submit_many(specs)], timeout=60)
+
+        ok = run([{"role": r, "prompt": f"fine {i}"} for i in range(3) for r in ("researcher", "engineer")])
+        assert all(r.status == "succeeded" and r.attempts == 1 and r.output_tokens > 0 and r.cost_usd > 0
+                   for r in ok)  # both clients, through real workers
+        bad = run([{"role": r, "prompt": "[[mock:status=400]]"} for r in ("researcher", "engineer")])
+        assert all(r.status == "failed" and r.attempts == 1 and "permanent_error" in r.error for r in bad)
+        (denied,) = run([{"role": "researcher", "prompt": "[[mock:status=401]]"}])
+        assert denied.status == "failed" and denied.attempts == 1 and "auth_error" in denied.error
+        # The 401 opened the breaker: the next haiku request is refused without a call.
+        calls_before = mock.total(MODELS["haiku"])
+        (refused,) = run([{"role": "researcher", "prompt": "after the 401"}])
+        assert refused.status == "failed" and refused.attempts == 0 and "circuit_open" in refused.error
+        assert mock.total(MODELS["haiku"]) == calls_before
+
+    assert all(r["outcome"] != "in_flight" for r in api_rows(db))
+    worker.stop()
+    with db.connect() as conn:
+        for key in (FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY):
+            for table in ("requests", "api_calls", "dead_letters"):
+                hits = conn.execute(text(f"SELECT count(*) FROM {table} t WHERE t::text LIKE :k"),
+                                    {"k": f"%{key}%"}).scalar()
+                assert hits == 0, f"API key found in {table}"
+            assert key not in worker.log()
+    assert "sk-" not in worker.log()
+
+    # The dead-letter view lists the failures with their reasons and re-submits them as new requests.
+    listed = _tars(env, "dead-letter", "list", "--reason", "auth_error", "--json")
+    import json
+    assert [r["id"] for r in json.loads(listed)] == [denied.id]
+    out = _tars(env, "dead-letter", "list", "--tier", "sonnet")
+    assert bad[1].id in out and bad[0].id not in out
+    resubmitted = _tars(env, "dead-letter", "resubmit", bad[0].id)
+    old, _, new = resubmitted.strip().partition(" -> ")
+    assert old == bad[0].id and new and new != old
+    with db.connect() as conn:
+        row = conn.execute(text("SELECT status, prompt FROM requests WHERE id = :i"), {"i": new}).one()
+    assert row.prompt == "[[mock:status=400]]" and row.status in ("queued", "failed")

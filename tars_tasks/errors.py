@@ -129,3 +129,10 @@ class CircuitOpen(TarsError):
 
 class LoadgenError(TarsError):
     """A load run could not be set up or carried out (bad scenario, fleet did not start)."""
+
+
+# --- load generation ---------------------------------------------------------------------------
+
+
+class LoadgenError(TarsError):
+    """A load run could not be set up or carried out (bad scenario, fleet did not start)."""

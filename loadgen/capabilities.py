@@ -1,0 +1,64 @@
+"""What the fleet under test can do, probed — so a report never claims a feature it lacked.
+
+A capability counts as *exercised* in a run only if the run's data show it acting (a wait,
+a refusal, a mode switch); being importable is not enough.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+CAPABILITY_TEXT = {
+    "fleet_rate_limiter": "fleet-wide rate limiter (workers/ratelimit.py)",
+    "degradation_modes": "graceful degradation modes (optimal → high load → critical)",
+    "admission_control": "admission control (refusing requests with Overloaded)",
+    "worker_processes": "several worker processes",
+}
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def probe() -> dict[str, bool]:
+    """Present in this code base (importable), whether or not a run exercises it."""
+    return {
+        "fleet_rate_limiter": _has("workers.ratelimit"),
+        "degradation_modes": _has("tars_tasks.degradation"),
+        "admission_control": _has("tars_tasks.admission"),
+        "worker_processes": True,
+    }
+
+
+def exercised(name: str, aggregates: dict[str, Any], *, fleet_processes: int | None) -> bool:
+    if name == "fleet_rate_limiter":
+        return aggregates["rate_limit"]["requests_waited"] > 0
+    if name == "admission_control":
+        return any(k.startswith("rejected:") for k in aggregates["requests"]["run"]["failures_by_reason"])
+    if name == "degradation_modes":
+        return aggregates["fallbacks"]["count"] > 0
+    if name == "worker_processes":
+        return (fleet_processes or 0) > 1 or aggregates["workers"]["count"] > 1
+    return False
+
+
+def not_exercised(required: tuple[str, ...], aggregates: dict[str, Any], *, fleet_processes: int | None,
+                  present: dict[str, bool]) -> list[str]:
+    """One sentence per required capability the run did not exercise, saying why."""
+    out = []
+    for name in required:
+        if exercised(name, aggregates, fleet_processes=fleet_processes):
+            continue
+        text = CAPABILITY_TEXT.get(name, name)
+        if name == "worker_processes":
+            out.append(f"{text}: the fleet under test ran {fleet_processes or 'an unknown number of'} worker "
+                       f"process(es) and {aggregates['workers']['count']} distinct worker(s) served requests")
+        elif not present.get(name, False):
+            out.append(f"{text}: not present in this code base, so not exercised")
+        else:
+            out.append(f"{text}: present, but no request in this run shows it acting")
+    return out

@@ -1,0 +1,228 @@
+"""The fleet under test: embedded (in this process), local (worker processes loadgen starts
+and stops) or external (already running; reached through ``TARS_BROKER_URL``).
+
+Local workers are started with :func:`workers.start.worker_argv`, the one command line of a
+sub-agent pool, and stopped with SIGTERM (warm shutdown) — only the processes started here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import psutil
+
+from config.keys import TIERS
+from tars_tasks.errors import LoadgenError
+
+FleetMode = Literal["auto", "embedded", "local", "external"]
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
+class Fleet(Protocol):
+    kind: str
+    #: worker processes (None: unknown), and request slots across them (None: unknown).
+    processes: int | None
+    slots: int | None
+
+    def pids(self) -> list[int]: ...
+
+    def describe(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+class EmbeddedFleetHandle:
+    kind = "embedded"
+    processes = 1
+
+    def __init__(self, *, concurrency: int) -> None:
+        from tars_tasks.embedded import EmbeddedFleet
+
+        self.slots = concurrency
+        self._fleet = EmbeddedFleet(concurrency=concurrency).start()
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def describe(self) -> str:
+        return f"embedded: in-process thread-pool worker ({self.slots} slots), memory:// broker, SQLite"
+
+    def stop(self) -> None:
+        self._fleet.stop()
+
+
+@dataclass
+class _Proc:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class LocalFleet:
+    """``count`` worker processes of ``concurrency`` slots each, consuming every tier's queue."""
+
+    count: int
+    concurrency: int
+    env: Mapping[str, str]
+    log_dir: Path
+    name_prefix: str = "lg"
+    pool: str = "gevent"
+    catalog_overrides: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "local"
+    _procs: list[_Proc] = field(default_factory=list)
+    _catalog_file: Path | None = None
+
+    @property
+    def processes(self) -> int:
+        return self.count
+
+    @property
+    def slots(self) -> int:
+        return self.count * self.concurrency
+
+    def start(self) -> LocalFleet:
+        from workers.start import worker_argv
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        if self.catalog_overrides:
+            self._catalog_file = write_catalog_override(self.catalog_overrides, base=env.get("TARS_CATALOG_PATH"),
+                                                        directory=self.log_dir)
+            env["TARS_CATALOG_PATH"] = str(self._catalog_file)
+        try:
+            for i in range(self.count):
+                name = f"{self.name_prefix}{i}@%h"
+                argv = worker_argv(tiers=list(TIERS), concurrency=self.concurrency, pool=self.pool, name=name,
+                                   loglevel="INFO", events=False)
+                log = self.log_dir / f"{self.name_prefix}{i}.log"
+                with log.open("wb") as fh:
+                    proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+                self._procs.append(_Proc(name=name, proc=proc, log=log))
+            for p in self._procs:
+                self._wait_ready(p)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _wait_ready(p: _Proc) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if p.proc.poll() is not None:
+                raise LoadgenError(f"worker {p.name} exited with {p.proc.returncode}: "
+                                   f"{p.log.read_text(errors='replace')[-2000:]}")
+            if " ready." in p.log.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise LoadgenError(f"worker {p.name} not ready after {READY_TIMEOUT_S:.0f}s (log: {p.log})")
+
+    def pids(self) -> list[int]:
+        return [p.proc.pid for p in self._procs if p.proc.poll() is None]
+
+    def describe(self) -> str:
+        return (f"local: {self.count} worker process(es) x {self.concurrency} {self.pool} slots, started by loadgen"
+                + (f"; catalog overrides {dict(self.catalog_overrides)}" if self.catalog_overrides else ""))
+
+    def stop(self) -> None:
+        for p in self._procs:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in self._procs:
+            try:
+                p.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait(10)
+        self._procs.clear()
+
+
+class ExternalFleet:
+    """A fleet loadgen did not start. Local worker processes of it, if any, are sampled."""
+
+    kind = "external"
+    processes: int | None = None
+    slots: int | None = None
+
+    def __init__(self, *, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self._pids = discover_local_workers()
+        self.processes = len(self._pids) or None
+
+    def pids(self) -> list[int]:
+        return [p for p in self._pids if psutil.pid_exists(p)]
+
+    def describe(self) -> str:
+        local = f"{len(self._pids)} local worker process(es) sampled" if self._pids else "no local worker processes"
+        return f"external: an existing fleet on {_redact(self.broker_url)} ({local})"
+
+    def stop(self) -> None:  # not ours to stop
+        pass
+
+
+def discover_local_workers() -> list[int]:
+    """Pids of Celery workers of ``tars_tasks`` running on this host (read-only discovery)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if "celery" in " ".join(cmd) and "tars_tasks" in cmd and "worker" in cmd:
+            found.append(p.info["pid"])
+    return found
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def write_catalog_override(overrides: Mapping[str, Any], *, base: str | None, directory: Path) -> Path:
+    """A copy of the catalog with ``overrides`` applied to every tier (TOML)."""
+    import tomllib
+
+    from config.catalog import DEFAULT_CATALOG_PATH
+
+    data = tomllib.loads(Path(base or DEFAULT_CATALOG_PATH).read_text())
+    lines = ["[roles]"] + [f'{k} = "{v}"' for k, v in data.get("roles", {}).items()]
+    for tier, body in data.get("tiers", {}).items():
+        body = {**body, **overrides}
+        lines.append(f"\n[tiers.{tier}]")
+        for k, v in body.items():
+            lines.append(f"{k} = {_toml(v)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="catalog-", suffix=".toml", dir=directory)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return str(v)
+
+
+def probe_workers(celery_app, *, timeout_s: float = 2.0) -> int:
+    """Number of workers answering a ping on the broker (0 if none or unreachable)."""
+    try:
+        return len(celery_app.control.ping(timeout=timeout_s) or [])
+    except Exception:
+        return 0

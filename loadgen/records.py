@@ -1,0 +1,143 @@
+"""One record per request: the generator's timings joined with the request's database row.
+
+This is the raw material of every figure in a report; :func:`join` is the only place the two
+views meet, so a figure recomputed from the stored rows goes through the same join.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from loadgen.drivers import ClientSample
+
+UNFINISHED = "unfinished"
+_REASON_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_ -]*?)(?: after \d+ attempt|:|$)")
+
+
+@dataclass(slots=True)
+class DbRow:
+    """The fields loadgen reads from ``requests`` (plus per-request sums over ``api_calls``)."""
+
+    id: str
+    status: str
+    error: str | None
+    tier_requested: str
+    tier_used: str | None
+    worker: str | None
+    attempts: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    api_calls: int = 0
+    ratelimit_wait_ms: float = 0.0
+    calls_waited: int = 0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    status: str  # succeeded | failed | unfinished
+    reason: str | None
+    origin: float  # epoch s latency is measured from
+    done_at: float | None
+    intended_at: float | None
+    sent_at: float | None
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    tier_requested: str | None
+    tier_used: str | None
+    worker: str | None
+    attempts: int
+    api_calls: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    ratelimit_wait_ms: float
+    calls_waited: int
+    done_via: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cost_usd"] = str(self.cost_usd)
+        return d
+
+
+def epoch(ts: datetime | None) -> float | None:
+    """Database timestamp → epoch seconds (SQLite hands back naive datetimes, which are UTC)."""
+    if ts is None:
+        return None
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts)
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.timestamp()
+
+
+def failure_reason(error: str | None) -> str:
+    """``"transient_error after 4 attempt(s): ..."`` → ``transient_error``; a short slug otherwise."""
+    if not error:
+        return "unknown"
+    m = _REASON_RE.match(error.strip())
+    text = m.group(1) if m else error.strip()[:40]
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
+
+
+def join(
+    *, samples: Iterable[ClientSample], rows: Mapping[str, DbRow], origin: str, ended_at: float
+) -> list[RequestRecord]:
+    """Every request the generator sent or the database holds for the run, once.
+
+    ``origin`` is ``intended_at`` (open loop) or ``send_start`` (closed loop). A request whose
+    row is not terminal is ``unfinished``, its latency censored at ``ended_at``.
+    """
+    out: list[RequestRecord] = []
+    seen: set[str] = set()
+    for s in samples:
+        seen.add(s.request_id)
+        row = rows.get(s.request_id)
+        t0 = getattr(s, origin)
+        if row is None:  # refused before it was recorded
+            out.append(RequestRecord(
+                id=s.request_id, status="failed", reason=s.client_error or "no_row", origin=t0, done_at=s.done_at,
+                intended_at=s.intended_at, sent_at=s.sent_at, submitted_at=None, started_at=None, finished_at=None,
+                tier_requested=None, tier_used=None, worker=None, attempts=0, api_calls=0, input_tokens=0,
+                output_tokens=0, cost_usd=Decimal(0), ratelimit_wait_ms=0.0, calls_waited=0, done_via=s.done_via))
+            continue
+        out.append(_record(row, origin_t=t0, done_at=s.done_at, intended_at=s.intended_at, sent_at=s.sent_at,
+                           done_via=s.done_via, ended_at=ended_at))
+    for rid, row in rows.items():  # rows the generator has no sample of (e.g. publish failed)
+        if rid not in seen:
+            out.append(_record(row, origin_t=row.submitted_at, done_at=row.finished_at, intended_at=None,
+                               sent_at=None, done_via="row", ended_at=ended_at))
+    return out
+
+
+def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: float | None,
+            sent_at: float | None, done_via: str | None, ended_at: float) -> RequestRecord:
+    terminal = row.status in ("succeeded", "failed")
+    if terminal and done_at is None:  # finished, but after the drain stopped listening
+        done_at = row.finished_at
+        done_via = "row"
+    status = row.status if terminal else UNFINISHED
+    reason = None
+    if status == "failed":
+        reason = failure_reason(row.error)
+    elif status == UNFINISHED:
+        reason = UNFINISHED
+        done_at = None
+    return RequestRecord(
+        id=row.id, status=status, reason=reason, origin=origin_t, done_at=done_at, intended_at=intended_at,
+        sent_at=sent_at, submitted_at=row.submitted_at, started_at=row.started_at, finished_at=row.finished_at,
+        tier_requested=row.tier_requested, tier_used=row.tier_used, worker=row.worker, attempts=row.attempts,
+        api_calls=row.api_calls, input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+        cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
+        done_via=done_via)

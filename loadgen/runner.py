@@ -1,0 +1,286 @@
+"""Run scenarios end to end: fleet up, run row, drive, sample, read rows back, aggregate, store.
+
+One invocation is a *session* (id ``YYYYmmdd-HHMMSS-xxxx``, the report directory's name);
+each scenario step (a sweep has one per level) is a *run*: a ``runs`` row with id
+``<session>-NN`` that its requests reference through ``requests.run_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from config.settings import Settings
+from loadgen import capabilities, metrics, samplers, store
+from loadgen.clock import RunClock
+from loadgen.drivers import ClosedLoop, DriveResult, OpenLoop, Progress
+from loadgen.fleet import EmbeddedFleetHandle, ExternalFleet, Fleet, FleetMode, LocalFleet, probe_workers
+from loadgen.records import RequestRecord, join
+from loadgen.scenarios import RequestMix, Scenario
+from loadgen.schedule import make_schedule
+from loadgen.sweep import KneePolicy, find_knee, level_of, oversaturated_because
+from tars_tasks.db.engine import get_engine
+from tars_tasks.errors import LoadgenError
+
+EMBEDDED_SLOTS = 200
+
+
+class ProgressSink(Protocol):
+    def begin(self, *, label: str, bound: str) -> None: ...
+
+    def update(self, p: Progress) -> None: ...
+
+    def end(self, *, label: str, aggregates: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class StepResult:
+    run_id: str
+    scenario: str
+    label: str
+    level: float | None
+    config: dict[str, Any]
+    drive: dict[str, Any]
+    aggregates: dict[str, Any]
+    records: list[RequestRecord] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    steps: list[StepResult]
+    sweep: dict[str, Any] | None = None
+    not_exercised: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    id: str
+    started_at: str
+    finished_at: str | None
+    environment: dict[str, Any]
+    scenarios: list[ScenarioResult]
+    out_dir: Path
+
+
+def new_session_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def drive_info(d: DriveResult) -> dict[str, Any]:
+    return {"kind": d.kind, "started_at": d.started_at, "window": list(d.window), "load_end": d.load_end,
+            "ended_at": d.ended_at, "concurrency": d.concurrency, "rate_per_s": d.rate_per_s, "arrival": d.arrival,
+            "stopped_early": d.stopped_early, "unfinished": d.unfinished, "latency_origin": d.latency_origin,
+            **d.extra}
+
+
+def aggregate(records: Sequence[RequestRecord], drive: Mapping[str, Any], *,
+              max_send_lag_p99_ms: float = metrics.DEFAULT_MAX_SEND_LAG_P99_MS) -> dict[str, Any]:
+    """Aggregates from records and the stored drive info — used for a run and for re-checking one."""
+    agg = metrics.compute(records, kind=drive["kind"], window=(drive["window"][0], drive["window"][1]),
+                          started_at=drive["started_at"], load_end=drive["load_end"], ended_at=drive["ended_at"],
+                          concurrency=drive.get("concurrency"), rate_per_s=drive.get("rate_per_s"),
+                          max_send_lag_p99_ms=max_send_lag_p99_ms)
+    if drive.get("stopped_early"):
+        agg["valid"] = False
+        agg["invalid_reasons"].append(f"stopped early: {drive['stopped_early']}")
+    return agg
+
+
+class Runner:
+    def __init__(self, *, settings: Settings, out_dir: Path, session_id: str | None = None,
+                 mode: FleetMode = "auto", worker_env: Mapping[str, str] | None = None, time_scale: float = 1.0,
+                 progress: ProgressSink | None = None, embedded_slots: int = EMBEDDED_SLOTS,
+                 max_send_lag_p99_ms: float = metrics.DEFAULT_MAX_SEND_LAG_P99_MS,
+                 knee_policy: KneePolicy | None = None) -> None:
+        self.settings = settings
+        self.session_id = session_id or new_session_id()
+        self.out_dir = out_dir
+        if mode == "auto":
+            mode = "embedded" if settings.embedded else "external"
+        if mode == "embedded" and not settings.embedded:
+            raise LoadgenError("--fleet embedded needs the memory:// broker: unset TARS_BROKER_URL")
+        if mode in ("local", "external") and settings.embedded:
+            raise LoadgenError(f"--fleet {mode} needs a real broker: set TARS_BROKER_URL and TARS_DATABASE_URL")
+        self.mode = mode
+        self.worker_env = dict(worker_env) if worker_env is not None else {
+            k: v for k, v in os.environ.items() if k.startswith("TARS_")}
+        self.time_scale = time_scale
+        self.progress = progress
+        self.embedded_slots = embedded_slots
+        self.max_send_lag_p99_ms = max_send_lag_p99_ms
+        self.knee_policy = knee_policy or KneePolicy()
+        self.present = capabilities.probe()
+        self._fleet: Fleet | None = None
+        self._fleet_key: tuple[Any, ...] | None = None
+        self._index = 0
+        self.engine = get_engine(settings.database_url)
+
+    # --- fleet ---------------------------------------------------------------------------------
+
+    def _fleet_for(self, sc: Scenario) -> Fleet:
+        if self.mode == "embedded":
+            if self._fleet is None:
+                self._fleet = EmbeddedFleetHandle(concurrency=self.embedded_slots)
+            return self._fleet
+        if self.mode == "external":
+            if self._fleet is None:
+                from tars_tasks.celery_app import make_app
+
+                if probe_workers(make_app(self.settings)) == 0:
+                    raise LoadgenError("no worker answered on the broker; start workers (tars worker ...) "
+                                       "or let loadgen start them with --fleet local")
+                self._fleet = ExternalFleet(broker_url=self.settings.broker_url)
+            return self._fleet
+        key = (sc.workers, sc.worker_concurrency, tuple(sorted(sc.catalog_overrides.items())))
+        if self._fleet is None or self._fleet_key != key:
+            self.stop_fleet()
+            self._fleet = LocalFleet(count=sc.workers, concurrency=sc.worker_concurrency, env=self.worker_env,
+                                     log_dir=self.out_dir / "workers" / f"{self._index:02d}",
+                                     name_prefix=f"lg{self.session_id[-4:]}w",
+                                     catalog_overrides=dict(sc.catalog_overrides)).start()
+            self._fleet_key = key
+        return self._fleet
+
+    def stop_fleet(self) -> None:
+        if self._fleet is not None:
+            self._fleet.stop()
+        self._fleet, self._fleet_key = None, None
+
+    def _client(self):
+        from tars_tasks.client import TarsClient
+
+        return TarsClient() if self.mode == "embedded" else TarsClient(settings=self.settings)
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def environment(self) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        return {"host": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
+                "cpus": psutil.cpu_count(), "memory_gb": round(vm.total / 2**30, 1), "fleet_mode": self.mode,
+                "broker": self.settings.broker_url.split("@")[-1], "database": self.engine.url.render_as_string(
+                    hide_password=True), "sim_latency": self.settings.sim_latency,
+                "sim_failure_rate": self.settings.sim_failure_rate, "capabilities_present": self.present}
+
+    def run_step(self, sc: Scenario, *, label: str, level: float | None = None) -> StepResult:
+        fleet = self._fleet_for(sc)
+        if self.mode != "embedded":
+            store.ensure_schema(self.engine)
+        run_id = f"{self.session_id}-{self._index:02d}"
+        self._index += 1
+        config = {**sc.config(), "label": label, "level": level, "session": self.session_id,
+                  "fleet": fleet.describe(), "fleet_kind": fleet.kind, "fleet_processes": fleet.processes,
+                  "fleet_slots": fleet.slots}
+        store.create_run(self.engine, run_id=run_id, name=label, scenario=sc.name, config=config)
+        client = self._client()
+        sampler = samplers.ResourceSampler(pids=fleet.pids, interval_s=sc.sample_interval_s).start()
+        bound = f"{sc.count} requests" if sc.count is not None else f"{sc.duration_s:g} s"
+        if self.progress is not None:
+            self.progress.begin(label=label, bound=bound)
+        try:
+            drive = self._drive(sc, client=client, run_id=run_id)
+        finally:
+            samples = sampler.stop()
+            client.close()
+        info = drive_info(drive)
+        rows = store.fetch_rows(self.engine, run_id=run_id)
+        records = join(samples=drive.samples, rows=rows, origin=drive.latency_origin, ended_at=drive.ended_at)
+        agg = aggregate(records, info, max_send_lag_p99_ms=self.max_send_lag_p99_ms)
+        agg["retries"]["outcomes"] = store.call_outcomes(self.engine, run_id=run_id)
+        what = "this process (embedded fleet; includes the generator)" if fleet.kind == "embedded" else (
+            f"{len(fleet.pids())} worker process(es)" if fleet.pids() else "none reachable from this host")
+        agg["resources"] = samplers.summarise(samples, after=drive.window[0], processes=what)
+        agg["not_exercised"] = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes,
+                                                          present=self.present)
+        store.finish_run(self.engine, run_id=run_id, aggregates=agg, samples=drive.samples, drive=info)
+        self._write_records(run_id, records)
+        if self.progress is not None:
+            self.progress.end(label=label, aggregates=agg)
+        return StepResult(run_id=run_id, scenario=sc.name, label=label, level=level, config=config, drive=info,
+                          aggregates=agg, records=records)
+
+    def _drive(self, sc: Scenario, *, client, run_id: str) -> DriveResult:
+        factory = RequestMix(roles=sc.roles, seed=sc.seed)
+        common = {"producer": client, "factory": factory, "warmup_s": sc.warmup_s, "run_id": run_id,
+                  "drain_timeout_s": sc.drain_timeout_s, "clock": RunClock(),
+                  "on_progress": self.progress.update if self.progress is not None else None}
+        if sc.kind == "open":
+            if not sc.rate_per_s:
+                raise LoadgenError(f"scenario {sc.name}: an open loop needs rate_per_s")
+            schedule = make_schedule(rate_per_s=sc.rate_per_s, arrival=sc.arrival, duration_s=sc.duration_s,  # type: ignore[arg-type]
+                                     count=sc.count if sc.duration_s is None else None, seed=sc.seed)
+            return OpenLoop(schedule=schedule, rate_per_s=sc.rate_per_s, arrival=sc.arrival,
+                            max_in_flight=sc.max_in_flight, **common).run()
+        return ClosedLoop(concurrency=sc.concurrency, duration_s=sc.duration_s, count=sc.count, **common).run()
+
+    def _write_records(self, run_id: str, records: Sequence[RequestRecord]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / f"requests-{run_id}.jsonl").open("w") as fh:
+            for r in records:
+                fh.write(json.dumps(r.as_json(), separators=(",", ":")) + "\n")
+
+    # --- scenarios -----------------------------------------------------------------------------
+
+    def run_scenario(self, sc: Scenario) -> ScenarioResult:
+        sc = sc.scaled(self.time_scale)
+        if sc.kind != "sweep":
+            step = self.run_step(sc, label=sc.name)
+            return ScenarioResult(scenario=sc, steps=[step], not_exercised=list(step.aggregates["not_exercised"]))
+        return self._sweep(sc)
+
+    def _sweep(self, sc: Scenario) -> ScenarioResult:
+        notes: list[str] = []
+        levels = list(sc.levels)
+        if sc.axis == "workers" and self.mode != "local":
+            notes.append(f"worker-process scaling over {', '.join(f'{x:g}' for x in levels)}: not exercised — the "
+                         f"fleet is {self.mode}; loadgen varies worker processes only for a local fleet "
+                         "(--fleet local with TARS_BROKER_URL/TARS_DATABASE_URL set). One step ran on the fleet as is.")
+            levels = levels[:1]
+        steps: list[StepResult] = []
+        done = []
+        stopped = None
+        for i, lv in enumerate(levels):
+            if sc.axis == "concurrency":
+                step_sc = replace(sc, kind="closed", concurrency=int(lv))
+            elif sc.axis == "workers":
+                step_sc = replace(sc, kind="closed", workers=int(lv))
+            else:
+                step_sc = replace(sc, kind="open", rate_per_s=float(lv))
+            step = self.run_step(step_sc, label=f"{sc.name} @ {sc.axis}={lv:g}", level=float(lv))
+            steps.append(step)
+            done.append(level_of(float(lv), step.aggregates))
+            why = oversaturated_because(done, self.knee_policy)
+            if why and i < len(levels) - 1:
+                stopped = {"why": why, "not_run": levels[i + 1 :]}
+                break
+        knee = find_knee(done, self.knee_policy)
+        for s in steps:
+            notes.extend(n for n in s.aggregates["not_exercised"] if n not in notes)
+        return ScenarioResult(scenario=sc, steps=steps, not_exercised=notes,
+                              sweep={"axis": sc.axis, "levels": [d.level for d in done], **knee, "stopped": stopped,
+                                     "policy": vars(self.knee_policy) if hasattr(self.knee_policy, "__dict__") else {
+                                         f: getattr(self.knee_policy, f) for f in self.knee_policy.__slots__}})
+
+    def run(self, scenarios: Sequence[Scenario]) -> Session:
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        results = []
+        t0 = time.monotonic()
+        try:
+            for sc in scenarios:
+                results.append(self.run_scenario(sc))
+        finally:
+            self.stop_fleet()
+        env = self.environment()
+        env["wall_time_s"] = round(time.monotonic() - t0, 1)
+        return Session(id=self.session_id, started_at=started, finished_at=datetime.now(UTC).isoformat(
+            timespec="seconds"), environment=env, scenarios=results, out_dir=self.out_dir)

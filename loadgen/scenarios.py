@@ -1,0 +1,139 @@
+"""Named load scenarios: the seed report's, as presets, plus larger closed-loop levels.
+
+A scenario says *what load* (driver, concurrency or rate, bound, warm-up, request mix) and
+*what fleet* it wants (worker processes when loadgen starts a local fleet, catalog overrides).
+``requires`` names capabilities the scenario is about; the report says which of them the
+fleet under test did not have, instead of pretending they were exercised.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from tars_tasks.errors import LoadgenError
+
+Kind = Literal["closed", "open", "sweep"]
+SweepAxis = Literal["concurrency", "workers", "rate"]
+
+#: The seed's mix: research/analysis/validation on haiku, engineering/writing on sonnet.
+DEFAULT_ROLES: dict[str, float] = {"researcher": 0.3, "analyst": 0.2, "validator": 0.2, "engineer": 0.2,
+                                   "writer": 0.1}
+PROMPT_CHARS = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    title: str
+    kind: Kind = "closed"
+    concurrency: int = 1
+    duration_s: float | None = 10.0
+    count: int | None = None
+    warmup_s: float = 2.0
+    rate_per_s: float | None = None
+    arrival: str = "constant"
+    seed: int = 1
+    #: sweep only: the levels and what they vary.
+    levels: tuple[float, ...] = ()
+    axis: SweepAxis = "concurrency"
+    #: worker processes for a local fleet (ignored by the embedded and external fleets).
+    workers: int = 1
+    worker_concurrency: int = 200
+    roles: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_ROLES))
+    sample_interval_s: float = 0.5
+    drain_timeout_s: float = 60.0
+    max_in_flight: int = 20_000
+    #: Per-tier catalog overrides for a local fleet, e.g. {"rpm": 600}.
+    catalog_overrides: Mapping[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    description: str = ""
+
+    def with_overrides(self, **kw: Any) -> Scenario:
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "levels" in kw:
+            kw["levels"] = tuple(kw["levels"])
+        if kw.get("rate_per_s") is not None and self.kind == "closed":
+            kw.setdefault("kind", "open")
+        return replace(self, **kw)
+
+    def scaled(self, factor: float) -> Scenario:
+        """Durations (not counts) multiplied by ``factor``; for quick runs and tests."""
+        if factor == 1.0:
+            return self
+        return replace(self, duration_s=None if self.duration_s is None else self.duration_s * factor,
+                       warmup_s=self.warmup_s * factor)
+
+    def config(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
+                for k, v in ((f, getattr(self, f)) for f in self.__dataclass_fields__)}
+
+
+class RequestMix:
+    """Request *i* of a run: a role drawn (seeded) from the mix and a prompt of fixed size."""
+
+    def __init__(self, *, roles: Mapping[str, float], seed: int, prompt_chars: int = PROMPT_CHARS,
+                 tenant: str = "loadgen") -> None:
+        if not roles or any(w < 0 for w in roles.values()) or sum(roles.values()) <= 0:
+            raise LoadgenError(f"bad role mix {dict(roles)!r}")
+        self.roles = list(roles)
+        self.weights = [roles[r] for r in self.roles]
+        self.seed = seed
+        self.tenant = tenant
+        body = "Summarise the findings, list the risks and propose the next three steps. "
+        self._body = (body * (prompt_chars // len(body) + 1))[:prompt_chars]
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        role = random.Random(self.seed * 1_000_003 + i).choices(self.roles, self.weights)[0]
+        return {"role": role, "prompt": f"[{i}] {self._body}", "tenant": self.tenant}
+
+
+_P = Scenario
+PRESETS: dict[str, Scenario] = {s.name: s for s in [
+    _P("baseline", "Baseline — single request at a time", concurrency=1, duration_s=10, warmup_s=2,
+       roles={"engineer": 1.0}, description="One request in flight (sonnet): the latency floor."),
+    _P("concurrent-10", "Concurrent requests — 10", concurrency=10, duration_s=10),
+    _P("concurrent-25", "Concurrent requests — 25", concurrency=25, duration_s=10),
+    _P("concurrent-50", "Concurrent requests — 50", concurrency=50, duration_s=15),
+    _P("concurrent-100", "Concurrent requests — 100", concurrency=100, duration_s=20, workers=5),
+    _P("multi-agent", "Multi-agent — 5 workers x 10 tasks", concurrency=50, duration_s=None, count=50,
+       warmup_s=0, workers=5, roles={"researcher": 0.5, "analyst": 0.3, "validator": 0.2},
+       requires=("worker_processes",),
+       description="50 tasks at once over 5 worker processes: how evenly the sub-agents share them."),
+    _P("memory-30s", "Memory profile — 30 seconds", concurrency=20, duration_s=30, warmup_s=5,
+       sample_interval_s=0.1),
+    _P("memory-5m", "Memory profile — 5 minutes", concurrency=30, duration_s=300, warmup_s=30,
+       sample_interval_s=0.5),
+    _P("degradation", "Response-time degradation curve", kind="sweep", axis="concurrency",
+       levels=(1, 5, 10, 25, 50, 75, 100), duration_s=10, warmup_s=2,
+       description="Closed loop stepped through concurrency levels; stops at over-saturation."),
+    _P("rate-limit", "API rate limiting", concurrency=50, duration_s=30, warmup_s=3,
+       catalog_overrides={"rpm": 600}, requires=("fleet_rate_limiter",),
+       description="Offered load above a lowered fleet-wide limit (600 requests/min per model)."),
+    _P("overload-150", "Overload at 150 concurrent", concurrency=150, duration_s=30, warmup_s=3,
+       requires=("degradation_modes", "admission_control"),
+       description="Beyond capacity: what degrades, what fails, what is refused."),
+    _P("scaling", "Horizontal scaling — 1, 5, 10 worker processes", kind="sweep", axis="workers",
+       levels=(1, 5, 10), concurrency=100, duration_s=15, warmup_s=3, worker_concurrency=50,
+       requires=("worker_processes",),
+       description="Same offered load (C=100) on 1, 5 and 10 worker processes of 50 slots each."),
+    _P("c1000", "Closed loop — 1000 in flight", concurrency=1000, duration_s=20, warmup_s=5, workers=2,
+       worker_concurrency=500),
+    _P("c2000", "Closed loop — 2000 in flight", concurrency=2000, duration_s=20, warmup_s=5, workers=4,
+       worker_concurrency=500),
+    _P("open", "Open loop — constant arrivals", kind="open", rate_per_s=20, duration_s=15, warmup_s=3,
+       description="Arrivals on a fixed schedule; latency from the intended send time."),
+]}
+
+#: ``tars loadgen run all``: the seed report's scenarios (the 5-minute and 1000+ runs are opt-in).
+SEED_SCENARIOS = ("baseline", "concurrent-10", "concurrent-25", "concurrent-50", "concurrent-100",
+                  "multi-agent", "memory-30s", "degradation", "rate-limit", "overload-150", "scaling")
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise LoadgenError(f"unknown scenario {name!r}; presets: {', '.join(PRESETS)}") from None

@@ -1,0 +1,105 @@
+"""Runs and their rows in the database: the ``runs`` table and ``requests.run_id``.
+
+A run row is created before the first request (``requests.run_id`` references it) and
+finished with a summary holding every aggregate *and* the generator's per-request timings,
+so a report can be rebuilt — and checked — from the database alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine, func, inspect, or_, select, update
+
+from loadgen.drivers import ClientSample
+from loadgen.records import DbRow, epoch
+from tars_tasks.db.models import ApiCall, Request, Run
+from tars_tasks.errors import LoadgenError
+
+_runs = Run.__table__
+_req = Request.__table__
+_api = ApiCall.__table__
+
+
+def ensure_schema(engine: Engine) -> None:
+    if not inspect(engine).has_table("runs"):
+        raise LoadgenError(f"database {engine.url.render_as_string(hide_password=True)} has no TARS schema: "
+                           "run `tars db upgrade` first")
+
+
+def create_run(engine: Engine, *, run_id: str, name: str, scenario: str, config: dict[str, Any]) -> None:
+    with engine.begin() as conn:
+        conn.execute(_runs.insert().values(id=run_id, name=name, scenario=scenario, config=config, summary=None,
+                                           started_at=datetime.now(UTC), finished_at=None))
+
+
+def finish_run(engine: Engine, *, run_id: str, aggregates: dict[str, Any], samples: Sequence[ClientSample],
+               drive: dict[str, Any]) -> None:
+    summary = {"aggregates": aggregates, "drive": drive,
+               "client": {"columns": list(ClientSample.COLUMNS), "rows": [s.as_row() for s in samples]}}
+    with engine.begin() as conn:
+        conn.execute(update(_runs).where(_runs.c.id == run_id).values(summary=summary,
+                                                                       finished_at=datetime.now(UTC)))
+
+
+def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
+    """The run's request rows with per-request sums over their api_calls."""
+    t = _req.c
+    cols = [t.id, t.status, t.error, t.tier_requested, t.tier_used, t.worker, t.attempts, t.input_tokens,
+            t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at]
+    rows: dict[str, DbRow] = {}
+    calls: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    with engine.connect() as conn:
+        for r in conn.execute(select(*cols).where(t.run_id == run_id)):
+            rows[r.id] = DbRow(id=r.id, status=r.status, error=r.error, tier_requested=r.tier_requested,
+                               tier_used=r.tier_used, worker=r.worker, attempts=r.attempts or 0,
+                               input_tokens=r.input_tokens or 0, output_tokens=r.output_tokens or 0,
+                               cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
+                               started_at=epoch(r.started_at), finished_at=epoch(r.finished_at))
+        a = _api.c
+        q = (select(a.request_id, a.outcome, a.ratelimit_wait_ms)
+             .select_from(_api.join(_req, _req.c.id == a.request_id)).where(t.run_id == run_id))
+        for rid, outcome, wait in conn.execute(q):
+            calls[rid].append((outcome, float(wait or 0)))
+    for rid, cs in calls.items():
+        row = rows.get(rid)
+        if row is not None:
+            row.api_calls = len(cs)
+            row.ratelimit_wait_ms = sum(w for _, w in cs)
+            row.calls_waited = sum(1 for _, w in cs if w > 0)
+    return rows
+
+
+def call_outcomes(engine: Engine, *, run_id: str) -> dict[str, int]:
+    a = _api.c
+    q = (select(a.outcome, func.count()).select_from(_api.join(_req, _req.c.id == a.request_id))
+         .where(_req.c.run_id == run_id).group_by(a.outcome))
+    with engine.connect() as conn:
+        return dict(Counter({o: int(n) for o, n in conn.execute(q)}).most_common())
+
+
+def load_run(engine: Engine, *, run_id: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        r = conn.execute(select(_runs).where(_runs.c.id == run_id)).mappings().first()
+    if r is None:
+        raise LoadgenError(f"no run {run_id!r} in the database")
+    return dict(r)
+
+
+def client_samples(summary: dict[str, Any]) -> list[ClientSample]:
+    client = (summary or {}).get("client") or {}
+    cols = client.get("columns") or list(ClientSample.COLUMNS)
+    if tuple(cols) != ClientSample.COLUMNS:
+        raise LoadgenError(f"stored client timings have columns {cols}, expected {list(ClientSample.COLUMNS)}")
+    return [ClientSample.from_row(row) for row in client.get("rows", [])]
+
+
+def find_runs(engine: Engine, *, ref: str) -> list[dict[str, Any]]:
+    """Runs whose id is ``ref`` or which belong to session ``ref`` (ids ``ref-NN``), in order."""
+    with engine.connect() as conn:
+        q = select(_runs).where(or_(_runs.c.id == ref, _runs.c.id.like(f"{ref}-%"))).order_by(_runs.c.id)
+        return [dict(r) for r in conn.execute(q).mappings()]

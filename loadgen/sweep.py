@@ -1,0 +1,77 @@
+"""Sweep analysis: where the fleet's knee is and when to stop adding load.
+
+Per level we know throughput, p99, error rate and (closed loop) the Little's-law ratio.
+
+* A level is **healthy** when its error rate is at most ``max_error_rate``, its p99 at most
+  ``p99_factor`` x the lightest level's p99 and (closed loop) its Little ratio at least
+  ``min_little_ratio``. The **knee** is the last healthy level before the first unhealthy one.
+* The sweep **stops** (over-saturation) after a level whose throughput fell more than
+  ``drop_tolerance`` below the best level so far, whose error rate exceeds twice the limit,
+  or whose Little ratio is under half the minimum — more load there only builds a backlog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class KneePolicy:
+    max_error_rate: float = 0.05
+    p99_factor: float = 2.0
+    min_little_ratio: float = 0.8
+    drop_tolerance: float = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    level: float
+    throughput: float
+    p99_ms: float | None
+    error_rate: float
+    little_ratio: float | None
+
+
+def level_of(level: float, aggregates: dict[str, Any]) -> Level:
+    little = aggregates.get("little") or {}
+    return Level(level=level, throughput=aggregates["throughput"]["completions_per_s"],
+                 p99_ms=aggregates["latency_ms"]["e2e"]["p99"],
+                 error_rate=aggregates["requests"]["window"]["error_rate"], little_ratio=little.get("ratio"))
+
+
+def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
+    why = []
+    if lv.error_rate > policy.max_error_rate:
+        why.append(f"error rate {lv.error_rate:.1%} > {policy.max_error_rate:.0%}")
+    if lv.p99_ms is not None and first.p99_ms and lv.p99_ms > policy.p99_factor * first.p99_ms:
+        why.append(f"p99 {lv.p99_ms:,.0f} ms > {policy.p99_factor:g}x the lightest level's {first.p99_ms:,.0f} ms")
+    if lv.little_ratio is not None and lv.little_ratio < policy.min_little_ratio:
+        why.append(f"throughput only {lv.little_ratio:.0%} of its Little's bound")
+    return why
+
+
+def oversaturated_because(levels: Sequence[Level], policy: KneePolicy) -> str | None:
+    """Why the sweep should stop after the last of ``levels`` (None: carry on)."""
+    last = levels[-1]
+    best = max(levels[:-1], key=lambda lv: lv.throughput, default=None)
+    if best is not None and last.throughput < (1 - policy.drop_tolerance) * best.throughput:
+        return (f"throughput fell to {last.throughput:.2f} req/s at {last.level:g}, below the "
+                f"{best.throughput:.2f} req/s reached at {best.level:g}")
+    if last.error_rate > 2 * policy.max_error_rate:
+        return f"error rate {last.error_rate:.1%} at {last.level:g}"
+    if last.little_ratio is not None and last.little_ratio < policy.min_little_ratio / 2:
+        return f"throughput only {last.little_ratio:.0%} of its Little's bound at {last.level:g}"
+    return None
+
+
+def find_knee(levels: Sequence[Level], policy: KneePolicy) -> dict[str, Any]:
+    if not levels:
+        return {"knee": None, "broke_at": None, "why": []}
+    first = levels[0]
+    for i, lv in enumerate(levels):
+        why = unhealthy_because(lv, first, policy)
+        if why:
+            return {"knee": levels[i - 1].level if i else None, "broke_at": lv.level, "why": why}
+    return {"knee": levels[-1].level, "broke_at": None, "why": []}

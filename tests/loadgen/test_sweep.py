@@ -1,0 +1,24 @@
+from loadgen.sweep import KneePolicy, Level, find_knee, oversaturated_because
+
+
+def _lv(c, thr, p99, err=0.0, ratio=1.0):
+    return Level(level=c, throughput=thr, p99_ms=p99, error_rate=err, little_ratio=ratio)
+
+
+def test_the_knee_is_the_last_level_before_p99_or_errors_or_efficiency_break():
+    levels = [_lv(1, 1, 1000), _lv(10, 10, 1100), _lv(50, 45, 1500, ratio=0.9), _lv(100, 50, 2600, ratio=0.5)]
+    knee = find_knee(levels, KneePolicy())
+    assert knee["knee"] == 50 and knee["broke_at"] == 100
+    assert any("p99" in w for w in knee["why"]) and any("Little" in w for w in knee["why"])
+
+
+def test_a_sweep_stops_when_throughput_falls_below_the_best_level():
+    policy = KneePolicy()
+    assert oversaturated_because([_lv(10, 10, 100), _lv(50, 40, 200)], policy) is None
+    why = oversaturated_because([_lv(10, 10, 100), _lv(50, 40, 200), _lv(100, 30, 900)], policy)
+    assert why is not None and "fell" in why
+
+
+def test_a_sweep_without_a_break_reports_its_last_level_as_healthy():
+    knee = find_knee([_lv(1, 1, 100), _lv(2, 2, 110)], KneePolicy())
+    assert knee == {"knee": 2, "broke_at": None, "why": []}

@@ -129,10 +129,3 @@ class CircuitOpen(TarsError):
 
 class LoadgenError(TarsError):
     """A load run could not be set up or carried out (bad scenario, fleet did not start)."""
-
-
-# --- load generation ---------------------------------------------------------------------------
-
-
-class LoadgenError(TarsError):
-    """A load run could not be set up or carried out (bad scenario, fleet did not start)."""

@@ -211,7 +211,7 @@ class ModelCaller:
                 if self.limiter is not None:
                     used = completion.input_tokens + completion.output_tokens
                     self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
-                                               tokens=used - est_tokens)
+                                               tokens=used - est_tokens, defer=True)
         assert completion is not None  # tenacity re-raises when it stops
         return completion
 

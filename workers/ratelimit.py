@@ -45,7 +45,8 @@ _US_PER_S = 1_000_000
 LATE_TOLERANCE_S = 0.05
 
 #: KEYS[1] = the limiter hash. ARGV: mode ("acquire" | "adjust"), request cost, token cost
-#: (may be negative in "adjust"), µs per request, µs per token, max wait µs, now µs ("" = TIME).
+#: (may be negative in "adjust"), µs per request, µs per token, max wait µs, now µs ("" = TIME),
+#: token correction of earlier calls applied first (deferred :meth:`adjust_tokens`).
 #: Returns {granted (0/1), wait µs}.
 LIMITER_LUA = """
 local now
@@ -54,6 +55,8 @@ if ARGV[7] ~= '' then now = tonumber(ARGV[7]) else
 local rtat = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 local ttat = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
 local tok_us = tonumber(ARGV[3]) * tonumber(ARGV[5])
+local credit = tonumber(ARGV[8] or '0')
+if credit ~= 0 then ttat = math.max(ttat + credit * tonumber(ARGV[5]), now) end
 if ARGV[1] == 'adjust' then
   ttat = math.max(ttat + tok_us, now)
   redis.call('HSET', KEYS[1], 't', string.format('%d', ttat))
@@ -113,6 +116,9 @@ class FleetRateLimiter:
         self.max_wait_s = max_wait_s
         self._sleep = sleep
         self._script = redis_client.register_script(LIMITER_LUA)
+        #: Token corrections not yet sent, per key: they ride along with the next reservation,
+        #: so reconciling usage costs no round trip of its own.
+        self._pending_tokens: dict[str, int] = {}
 
     def key(self, *, provider: str, model: str) -> str:
         return ratelimit_key(self.namespace, provider, model)
@@ -124,11 +130,18 @@ class FleetRateLimiter:
         """One round trip: reserve a slot at most ``max_wait_s`` ahead, or learn the wait."""
         req_us, tok_us = limits.intervals_us(window_s=self.window_s, utilisation=self.utilisation)
         wait_cap_us = (self.max_wait_s if max_wait_s is None else max_wait_s) * _US_PER_S
-        granted, wait_us = self._script(
-            keys=[self.key(provider=provider, model=model)],
-            args=["acquire", requests, tokens, repr(req_us), repr(tok_us), repr(wait_cap_us),
-                  "" if now_us is None else str(now_us)],
-        )
+        key = self.key(provider=provider, model=model)
+        credit = self._pending_tokens.pop(key, 0)
+        try:
+            granted, wait_us = self._script(
+                keys=[key],
+                args=["acquire", requests, tokens, repr(req_us), repr(tok_us), repr(wait_cap_us),
+                      "" if now_us is None else str(now_us), credit],
+            )
+        except BaseException:
+            if credit:
+                self._pending_tokens[key] = self._pending_tokens.get(key, 0) + credit
+            raise
         return Grant(granted=bool(int(granted)), wait_s=int(wait_us) / _US_PER_S)
 
     def acquire(
@@ -160,9 +173,14 @@ class FleetRateLimiter:
             self._sleep(max(grant.wait_s - self.max_wait_s, 0.001))
 
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                      now_us: int | None = None) -> None:
-        """Charge (``tokens`` > 0) or refund (< 0) tokens after the call, once usage is known."""
+                      now_us: int | None = None, defer: bool = False) -> None:
+        """Charge (``tokens`` > 0) or refund (< 0) tokens after the call, once usage is known.
+        ``defer``: send it with this process's next reservation for the model instead of now."""
         if tokens == 0:
+            return
+        if defer:
+            key = self.key(provider=provider, model=model)
+            self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
             return
         req_us, tok_us = limits.intervals_us(window_s=self.window_s, utilisation=self.utilisation)
         self._script(

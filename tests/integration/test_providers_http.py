@@ -143,10 +143,21 @@ def test_the_official_openai_sdk_parses_the_mocks_answers(server):
                                     messages=[{"role": "user", "content": "[[mock:status=400]]"}])
 
 
-def test_one_pooled_client_serves_every_call_of_a_process(server, monkeypatch):
-    from workers.providers.http import shared_client
+def test_keep_alive_connections_are_reused_across_calls(server):
+    from workers.providers.http import shared_pool
 
-    assert shared_client(server.url) is shared_client(server.url)
+    pool = shared_pool(server.url)
+    assert pool is shared_pool(server.url)
+    before = pool.created
+    spec = _spec(provider="anthropic", base_url=server.url)
+    import os
+    os.environ[KEY_ENV] = FAKE_ANTHROPIC_KEY
+    try:
+        for _ in range(5):
+            _call("anthropic", spec)
+    finally:
+        del os.environ[KEY_ENV]
+    assert pool.created - before <= 1  # sequential calls: one connection, kept alive
     assert isinstance(get_provider("anthropic"), AnthropicProvider)
     assert isinstance(get_provider("openai"), OpenAIProvider)
 

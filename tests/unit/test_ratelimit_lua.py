@@ -116,3 +116,11 @@ def test_the_limiter_key_expires_once_idle(limiter, redis):
     _reserve(limiter)
     ttl_ms = redis.pttl(limiter.key(provider="p", model="m"))
     assert 0 < ttl_ms <= 61_000 + 1_000
+
+
+def test_a_deferred_correction_rides_along_with_the_next_reservation(limiter):
+    limits = LimitSpec(rpm=10_000, tpm=6_000)
+    _reserve(limiter, tokens=600, limits=limits)
+    limiter.adjust_tokens(provider="p", model="m", limits=limits, tokens=-400, defer=True)
+    assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(2.0)  # 600-400 tokens: 2 s
+    assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(2.01)  # applied once only

@@ -12,7 +12,7 @@ import httpx
 from config.catalog import ModelSpec
 from tars_tasks.errors import TransientProviderError
 from workers.providers.base import Completion
-from workers.providers.http import api_key, error_for_status, parse_json, post_json, redact, shared_client
+from workers.providers.http import ClientPool, api_key, error_for_status, parse_json, post_json, redact, shared_pool
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_API_KEY_ENV = "ANTHROPIC_API_KEY"
@@ -30,8 +30,8 @@ class AnthropicProvider:
         self.api_key_env = api_key_env
         self._client = client
 
-    def _client_for(self, spec: ModelSpec) -> httpx.Client:
-        return self._client or shared_client(spec.base_url or self.base_url or DEFAULT_BASE_URL)
+    def _client_for(self, spec: ModelSpec) -> httpx.Client | ClientPool:
+        return self._client or shared_pool(spec.base_url or self.base_url or DEFAULT_BASE_URL)
 
     def complete(self, *, spec: ModelSpec, prompt: str, request_id: str, attempt: int) -> Completion:
         secret = api_key(env_var=spec.api_key_env or self.api_key_env or DEFAULT_API_KEY_ENV)

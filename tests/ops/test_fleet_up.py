@@ -81,12 +81,16 @@ def test_fleet_status_lists_each_process_alive_and_the_workers_of_every_tier(ops
         t: [t] for t in TIERS}
 
 
-def test_flower_answers_401_without_credentials(ops_fleet):
+def test_flower_answers_401_without_credentials_but_leaves_metrics_and_healthcheck_open(ops_fleet):
     for path in ("/", "/workers", "/api/workers", "/tasks"):
         resp = httpx.get(ops_fleet.flower_url + path, timeout=10)
         assert resp.status_code == 401, path
     assert httpx.get(ops_fleet.flower_url + "/api/workers", auth=("operator", "wrong"), timeout=10).status_code == 401
     assert "Basic" in httpx.get(ops_fleet.flower_url + "/", timeout=10).headers["WWW-Authenticate"]
+    # Flower 2.x serves these without auth by design (documented in docs/OPERATIONS.md)
+    assert httpx.get(ops_fleet.flower_url + "/healthcheck", timeout=10).status_code == 200
+    metrics = httpx.get(ops_fleet.flower_url + "/metrics", timeout=10)
+    assert metrics.status_code == 200 and "flower_worker_online" in metrics.text
 
 
 def test_flower_api_with_credentials_lists_the_fleets_workers_per_tier(ops_fleet):

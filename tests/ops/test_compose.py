@@ -13,7 +13,7 @@ import pytest
 
 from config.keys import TIERS
 from tars_tasks import topology
-from tars_tasks.fleet import plan_fleet
+from tars_tasks.fleet import mock_llm_available, plan_fleet
 from tests.helpers import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -119,6 +119,7 @@ def test_the_local_runner_runs_the_same_commands_as_compose(compose_config):
             assert shared[shared.index("--port") + 1] == str(p.port)
             assert shared[shared.index("--host") + 1] == "127.0.0.1"
     assert seen >= {"flower", "metrics", *(f"worker-{t}" for t in TIERS)}
+    assert ("mock-llm" in seen) == mock_llm_available()
     for tier in TIERS:
         assert [p.name for p in plan if p.tier == tier] == [f"{tier}-1", f"{tier}-2"]
 

@@ -1,0 +1,49 @@
+"""The local runner's worst case: killed outright, it still leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_runner_killed_with_sigkill_takes_its_workers_down_with_it(fleet_env, tmp_path):
+    state_dir = tmp_path / "fleet"
+    env = {**os.environ, **fleet_env, "TARS_FLEET_DIR": str(state_dir)}
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tars_tasks.cli", "fleet", "up", "--no-flower", "--no-metrics", "--no-mock-llm",
+         "--workers", "0", "--tier-workers", "haiku=1", "--concurrency", "5"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "fleet: ready" not in (tmp_path / "up.log").read_text():
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, "fleet not ready"
+            time.sleep(0.2)
+        (worker,) = json.loads((state_dir / "fleet.json").read_text())["processes"]
+        assert worker["name"] == "haiku-1"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        _gone, alive = psutil.wait_procs([psutil.Process(worker["pid"])], timeout=30)
+        assert alive == [], "the worker outlived its runner"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    # the stale state file does not block the next `tars fleet up`, and status says the runner is gone
+    out = subprocess.run([sys.executable, "-m", "tars_tasks.cli", "fleet", "status", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    st = json.loads(out.stdout)
+    assert st["runner_alive"] is False
+    assert [p["alive"] for p in st["processes"]] == [False]

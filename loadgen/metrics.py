@@ -11,7 +11,8 @@ Definitions (the report repeats them):
   ``finished_at - started_at`` (what a worker spent on it, retries included). Throughput can
   reach it only if nothing else — queueing, broker, commit, notice, generator refill — takes
   time; ``ratio`` = throughput / bound is the honest efficiency figure.
-* **latency** (HdrHistogram, µs resolution, 3 significant digits): end-to-end = completion -
+* **latency** (HdrHistogram, µs resolution, 3 significant digits; percentile p is the value of
+  rank round(p/100 · n) in sorted order): end-to-end = completion -
   origin, for every request in the window, failed and unfinished ones included (unfinished
   ones at the time the drain gave up); queue wait = ``started_at - submitted_at``; service as
   above.
@@ -106,6 +107,7 @@ def compute(
         "e2e_succeeded": latency_summary(e2e(r) for r in steady if r.status == "succeeded"),
         "queue_wait": latency_summary(waits),
         "service": latency_summary(services),
+        "ratelimit_wait": latency_summary(r.ratelimit_wait_ms / 1000 for r in steady if r.api_calls),
     }
     throughput = completions / dur
     little = None

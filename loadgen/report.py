@@ -88,8 +88,12 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
     rl = a["rate_limit"]
     if rl["requests_waited"]:
         w = rl["per_waiting_request_ms"]
-        out.append(f"{rl['requests_waited']} requests waited for rate-limit capacity (avg {ms(w['avg'])}, "
-                   f"p99 {ms(w['p99'])}, total {rl['total_wait_ms'] / 1000:,.1f} s).")
+        line = (f"{rl['requests_waited']} requests waited for rate-limit capacity (avg {ms(w['avg'])}, "
+                f"p99 {ms(w['p99'])}, total {rl['total_wait_ms'] / 1000:,.1f} s)")
+        rw = lat.get("ratelimit_wait") or {}
+        if rw.get("avg") is not None and svc["avg"]:
+            line += f"; that is {rw['avg'] / svc['avg']:.1%} of the mean service time, which includes it"
+        out.append(line + ".")
     fb = a["fallbacks"]
     if fb["count"]:
         pairs = ", ".join(f"{k} {v}" for k, v in fb["pairs"].items())

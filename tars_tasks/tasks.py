@@ -39,10 +39,24 @@ def _init_process(**_kw) -> None:
     dispose_engines()  # never share a parent's pooled connections after fork
 
 
+_restorer = None
+
+
+@signals.worker_ready.connect
+def _start_maintenance(sender=None, **_kw) -> None:
+    global _restorer
+    from workers.maintenance import UnackedRestorer
+
+    app_ = getattr(sender, "app", None) or app
+    _restorer = UnackedRestorer(celery_app=app_, interval_s=get_settings().unacked_restore_interval_s).start()
+
+
 @signals.worker_shutdown.connect
 def _flush_on_shutdown(**_kw) -> None:
     from workers.agent import close_agent
 
+    if _restorer is not None:
+        _restorer.stop()
     close_agent()
 
 

@@ -48,6 +48,8 @@ def _check_flower_credentials(insecure: bool) -> None:
 @click.option("--flower-insecure-no-auth", is_flag=True, help="Start Flower without basic auth.")
 @click.option("--mock-llm/--no-mock-llm", default=None, help="The mock LLM server (default: when installed).")
 @click.option("--mock-llm-port", type=int, default=topology.MOCK_LLM_PORT, show_default=True)
+@click.option("--route-to-mock-llm", is_flag=True,
+              help="Send every model call to the mock server (as compose.mock-llm.yml does).")
 @click.option("--metrics/--no-metrics", default=True, show_default=True, help="`tars metrics serve`.")
 @click.option("--metrics-port", type=int, default=topology.METRICS_PORT, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP services listen on.")
@@ -58,8 +60,9 @@ def _check_flower_credentials(insecure: bool) -> None:
               help="Warm-shutdown grace per worker before SIGKILL.")
 @click.option("--keep-going", is_flag=True, help="Keep the rest running when one process exits.")
 def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flower: bool, flower_port: int,
-       flower_insecure_no_auth: bool, mock_llm: bool | None, mock_llm_port: int, metrics: bool, metrics_port: int,
-       host: str, state_dir: Path | None, ready_timeout_s: float, stop_timeout_s: float, keep_going: bool) -> None:
+       flower_insecure_no_auth: bool, mock_llm: bool | None, mock_llm_port: int, route_to_mock_llm: bool,
+       metrics: bool, metrics_port: int, host: str, state_dir: Path | None, ready_timeout_s: float,
+       stop_timeout_s: float, keep_going: bool) -> None:
     """Start the fleet in the foreground; Ctrl-C (or SIGTERM, or `tars fleet down`) stops it cleanly."""
     from config.settings import get_settings
     from tars_tasks.fleet import FleetError, LocalFleet, default_state_dir, plan_fleet
@@ -68,6 +71,10 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
         raise ConfigurationError("a fleet needs a real broker and database: set TARS_BROKER_URL and TARS_DATABASE_URL")
     if flower:
         _check_flower_credentials(flower_insecure_no_auth)
+    if route_to_mock_llm:
+        if mock_llm is False:
+            raise ConfigurationError("--route-to-mock-llm needs the mock server: drop --no-mock-llm")
+        mock_llm = True
     specs = plan_fleet(
         workers=_tier_counts(workers, tier_workers), concurrency=concurrency, flower=flower,
         flower_port=flower_port, flower_insecure_no_auth=flower_insecure_no_auth, mock_llm=mock_llm,
@@ -79,7 +86,12 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
     def echo(msg: str) -> None:
         click.echo(f"fleet: {msg}", err=True)
 
-    env = {}
+    env: dict[str, str] = {}
+    if route_to_mock_llm:
+        loopback = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        env.update(topology.mock_route_env(base_url=f"http://{loopback}:{mock_llm_port}",
+                                           api_key=os.environ.get("ANTHROPIC_API_KEY")
+                                           or topology.MOCK_LLM_DEFAULT_KEY))
     if flower and not os.environ.get("TARS_FLOWER_DB"):
         env["TARS_FLOWER_DB"] = str(Path(state_dir) / "flower" / "flower.db")  # this fleet's Flower history
     fl = LocalFleet(specs=specs, state_dir=state_dir, env=env, echo=echo)

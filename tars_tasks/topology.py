@@ -138,6 +138,19 @@ LOADGEN = Service(
     depends=("migrate", "redis"),
 )
 
+#: Provider protocol the workers speak to the mock server when routed to it.
+MOCK_LLM_PROTOCOL = "anthropic"
+#: The mock checks no key unless told to; the provider client still needs one to be set.
+MOCK_LLM_DEFAULT_KEY = "mock-key-not-a-secret"
+
+
+def mock_route_env(*, base_url: str, api_key: str = MOCK_LLM_DEFAULT_KEY) -> dict[str, str]:
+    """Worker environment that sends every model call to the mock LLM server at ``base_url``
+    (compose.mock-llm.yml in compose, ``tars fleet up --route-to-mock-llm`` locally)."""
+    return {"TARS_PROVIDER_OVERRIDE": MOCK_LLM_PROTOCOL, "TARS_PROVIDER_BASE_URL": base_url,
+            "ANTHROPIC_API_KEY": api_key}
+
+
 WORKERS: tuple[Service, ...] = tuple(worker_service(t) for t in TIERS)
 
 #: Every project-image service, in start order.

@@ -25,8 +25,15 @@ needs_compose = pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compos
 
 
 def _compose(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([DOCKER_COMPOSE, "--project-directory", str(cwd), "-f", str(cwd / "docker-compose.yml"),
-                           *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    """docker-compose on cwd's docker-compose.yml; a leading ``-f FILE`` in args adds an override file."""
+    files = ["-f", str(cwd / "docker-compose.yml")]
+    args_list = list(args)
+    while "-f" in args_list:
+        i = args_list.index("-f")
+        files += args_list[i : i + 2]
+        del args_list[i : i + 2]
+    return subprocess.run([DOCKER_COMPOSE, "--project-directory", str(cwd), *files, *args_list], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
 
 
 def _yaml_to_json(yaml_text: str) -> dict:
@@ -122,6 +129,19 @@ def test_the_local_runner_runs_the_same_commands_as_compose(compose_config):
     assert ("mock-llm" in seen) == mock_llm_available()
     for tier in TIERS:
         assert [p.name for p in plan if p.tier == tier] == [f"{tier}-1", f"{tier}-2"]
+
+
+def test_the_mock_override_file_routes_every_worker_to_the_mock_service_as_the_local_runner_does():
+    out = _compose("--env-file", str(ENV_EXAMPLE), "-f", str(ROOT / "compose.mock-llm.yml"), "config")
+    assert out.returncode == 0, out.stderr
+    services = _yaml_to_json(out.stdout)["services"]
+    expected = topology.mock_route_env(base_url=f"http://{topology.MOCK_LLM.name}:{topology.MOCK_LLM_PORT}")
+    for tier in TIERS:
+        w = services[f"worker-{tier}"]
+        assert {k: w["environment"][k] for k in expected} == expected
+        assert w["depends_on"]["mock-llm"]["condition"] == "service_healthy"
+        assert w["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["mock-llm"]["command"] == list(topology.MOCK_LLM.command)
 
 
 def test_only_flower_publishes_a_port_and_only_on_loopback_by_default(compose_config):

@@ -47,3 +47,38 @@ def test_a_runner_killed_with_sigkill_takes_its_workers_down_with_it(fleet_env, 
     st = json.loads(out.stdout)
     assert st["runner_alive"] is False
     assert [p["alive"] for p in st["processes"]] == [False]
+
+
+def test_route_to_mock_llm_sends_every_model_call_of_the_local_fleet_to_the_mock_server(fleet_env, tmp_path, db):
+    pytest.importorskip("workers.mock_llm")
+    from sqlalchemy import text
+
+    from tars_tasks.client import TarsClient
+    from tests.helpers import make_settings
+    from tests.ops.conftest import free_port
+
+    env = {**os.environ, **fleet_env, "TARS_FLEET_DIR": str(tmp_path / "fleet")}
+    env.pop("ANTHROPIC_API_KEY", None)
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tars_tasks.cli", "fleet", "up", "--no-flower", "--no-metrics",
+             "--route-to-mock-llm", "--mock-llm-port", str(free_port()), "--workers", "1", "--concurrency", "20"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "fleet: ready" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "fleet not ready"
+            time.sleep(0.2)
+        with TarsClient(settings=make_settings(fleet_env)) as client:
+            handles = client.submit_many([{"role": "researcher", "prompt": f"mock {i}",
+                                           "tier": ("haiku", "sonnet", "opus")[i % 3]} for i in range(30)])
+            results = client.wait_many([h.id for h in handles], timeout=60)
+        assert {r.status for r in results} == {"succeeded"}, [r.error for r in results if not r.ok][:3]
+        with db.connect() as conn:
+            providers = dict(conn.execute(text("SELECT provider, count(*) FROM api_calls GROUP BY provider")).all())
+        assert providers == {"anthropic": 30}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]

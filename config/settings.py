@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     sim_latency: str | None = None
     sim_failure_rate: float | None = Field(default=None, ge=0, le=1)
     sim_seed: int | None = None
+    #: Fault injection for tests: a prompt containing this text kills the worker mid-call.
+    sim_crash_marker: str | None = None
 
     # --- model calls: providers, fleet rate limiter, circuit breaker, retries ---------------
     #: Replaces every tier's ``provider`` ("simulated", "anthropic", "openai").

@@ -64,3 +64,9 @@ def run_producer_script(code: str, env: dict[str, str], timeout: float = 300) ->
     """Run Python code as a separate producer process with the fleet's environment."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_producer_script(code: str, env: dict[str, str], *, args: list[str] = ()) -> subprocess.Popen:
+    """Start Python code as a separate producer process; read it with ``communicate()``."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -115,6 +115,7 @@ class ModelCaller:
                     "latency": LatencyProfile.parse(s.sim_latency) if s.sim_latency else None,
                     "failure_rate": s.sim_failure_rate,
                     "seed": s.sim_seed,
+                    "crash_marker": s.sim_crash_marker,
                 }
             else:
                 kwargs = {"base_url": eff.base_url, "api_key_env": eff.api_key_env}

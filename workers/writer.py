@@ -90,9 +90,16 @@ class GroupCommitWriter:
 
     # --- task side -----------------------------------------------------------------------------
 
-    def record(self, api_rows: list[dict[str, Any]]) -> None:
-        """Queue attempt rows without waiting (an attempt about to start)."""
-        self._q.put(_Entry(api_rows=api_rows))
+    def record(self, api_rows: list[dict[str, Any]], *, wait: bool = True, timeout: float | None = None) -> None:
+        """Write attempt rows (an attempt about to start) and, by default, block until durable.
+
+        Waiting is what makes "every call a provider could bill has a row" true even when the
+        worker is killed the instant the call goes out: the row is committed before the call.
+        """
+        entry = _Entry(api_rows=api_rows, done=threading.Event() if wait else None)
+        self._q.put(entry)
+        if wait:
+            self._wait(entry, timeout)
 
     def finish(
         self, *, api_rows: list[dict[str, Any]], request: dict[str, Any], reply_to: str | None,
@@ -101,8 +108,12 @@ class GroupCommitWriter:
         """Queue the final rows of a request and block until they are committed."""
         entry = _Entry(api_rows=api_rows, finish=request, reply_to=reply_to, done=threading.Event())
         self._q.put(entry)
+        self._wait(entry, timeout)
+
+    @staticmethod
+    def _wait(entry: _Entry, timeout: float | None) -> None:
         if not entry.done.wait(timeout):
-            raise TimeoutError("result rows not durable in time")
+            raise TimeoutError("rows not durable in time")
         if entry.error is not None:
             raise entry.error
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from config.catalog import load_catalog
-from tests.helpers import make_settings
+from tests.helpers import make_settings, start_producer_script
 
 pytestmark = pytest.mark.integration
 
@@ -48,19 +48,9 @@ def test_a_thousand_requests_from_two_producers_end_terminal_and_cost_what_the_c
     for tier in ("haiku", "sonnet", "opus"):
         start_worker(tiers=[tier], concurrency=100, env=env)
 
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
-    procs = [
-        subprocess.Popen([sys.executable, "-c", PRODUCER, tag, "500"], cwd=ROOT,
-                         env={**__import__("os").environ, **fleet_env}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for tag in ("p1", "p2")
-    ]
+    procs = [start_producer_script(PRODUCER, fleet_env, args=[tag, "500"]) for tag in ("p1", "p2")]
     outputs = [p.communicate(timeout=280) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     ids = [i for out, _ in outputs for i in json.loads(out)["ids"]]
     assert len(set(ids)) == 1000
@@ -74,7 +64,9 @@ def test_a_thousand_requests_from_two_producers_end_terminal_and_cost_what_the_c
         assert set(tiers) == {"haiku", "sonnet", "opus"}
 
         catalog = load_catalog()
-        calls = conn.execute(text("SELECT tier, model, outcome, input_tokens, output_tokens, cost_usd FROM api_calls")).all()
+        calls = conn.execute(
+            text("SELECT tier, model, outcome, input_tokens, output_tokens, cost_usd FROM api_calls")
+        ).all()
         retried = [c for c in calls if c.outcome != "ok"]
         assert retried, "failure injection produced no failed attempts; the retry path was not exercised"
         for c in calls:
@@ -254,3 +246,26 @@ print(json.dumps({"status": [r.status for r in rs], "worker": [r.worker if hasat
     assert data["task"] == "tars.run_request"
     assert data["broker"].startswith("memory://") and data["db"].startswith("sqlite")
     assert (tmp_path / "tars-embedded.db").exists()
+
+
+def test_a_request_that_kills_its_worker_every_time_is_failed_after_max_deliveries(fleet_env, start_worker, client, db):
+    env = {"TARS_SIM_CRASH_MARKER": "__crash__", "TARS_VISIBILITY_TIMEOUT_S": "2", "TARS_MAX_DELIVERIES": "3",
+           "TARS_SIM_LATENCY": "fixed:10"}
+    poison = client.submit(role="researcher", prompt="please __crash__ the worker")
+    crashes = 0
+    for _ in range(8):  # a supervisor restarting the worker, as systemd or compose would
+        worker = start_worker(tiers=["haiku"], concurrency=1, env=env)
+        _wait_until(lambda w=worker: w.proc.poll() is not None or client.get(poison.id).done, timeout=60)
+        if worker.proc.poll() is not None:
+            crashes += 1
+        if client.get(poison.id).done:
+            break
+    result = client.get(poison.id)
+    assert result.status == "failed" and "poison" in result.error
+    assert crashes == 3  # delivered 3 times (max_deliveries), then failed without a 4th model call
+    with db.connect() as conn:
+        outcomes = conn.execute(text("SELECT outcome FROM api_calls WHERE request_id = :i"), {"i": poison.id}).scalars()
+        assert sorted(outcomes) == ["in_flight"] * 3
+
+    healthy = client.submit(role="researcher", prompt="an ordinary request")
+    assert healthy.wait(timeout=60).status == "succeeded"

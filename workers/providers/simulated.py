@@ -8,6 +8,7 @@ always gets the same latency, failure and response.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 
@@ -40,9 +41,13 @@ class SimulatedProvider:
         latency: LatencyProfile | None = None,
         failure_rate: float | None = None,
         seed: int | None = None,
+        crash_marker: str | None = None,
         sleep=time.sleep,
     ) -> None:
         self.latency_override = latency
+        #: Fault injection: a prompt containing this text kills the worker process mid-call
+        #: (``os._exit``), the way an out-of-memory kill or a segfault in a C library would.
+        self.crash_marker = crash_marker
         self.failure_rate_override = failure_rate
         self.seed = seed
         self._sleep = sleep
@@ -57,6 +62,8 @@ class SimulatedProvider:
         profile = self.latency_override or spec.latency
         failure_rate = spec.failure_rate if self.failure_rate_override is None else self.failure_rate_override
         latency_s = sample_latency_ms(profile, rng) / 1000.0
+        if self.crash_marker and self.crash_marker in prompt:
+            os._exit(137)
         fails = rng.random() < failure_rate
         if latency_s > 0:
             self._sleep(latency_s)

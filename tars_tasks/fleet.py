@@ -164,6 +164,22 @@ def tcp_open(host: str, port: int, *, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(specs: list[ProcessSpec], *, host: str = LOCAL_HOST) -> None:
+    """Refuse to start (one clear line) rather than have a service die on a taken port."""
+    for spec in specs:
+        if spec.port is not None and port_in_use(host, spec.port):
+            raise ConfigurationError(f"port {spec.port} for {spec.name} is already in use on {host}")
+
+
 def _parse_tcp(ready: str) -> tuple[str, int]:
     host, _, port = ready.removeprefix("tcp:").rpartition(":")
     return host, int(port)
@@ -256,6 +272,7 @@ class LocalFleet:
         existing = read_state(self.state_dir)
         if existing and existing.runner_alive():
             raise FleetError(f"a fleet is already running from {self.state_dir} (runner pid {existing.runner_pid})")
+        check_ports_free(self.specs)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -95,6 +96,7 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
     if flower and not os.environ.get("TARS_FLOWER_DB"):
         env["TARS_FLOWER_DB"] = str(Path(state_dir) / "flower" / "flower.db")  # this fleet's Flower history
     fl = LocalFleet(specs=specs, state_dir=state_dir, env=env, echo=echo)
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM while starting stops what was started
     fl.start()
     try:
         fl.wait_ready(timeout_s=ready_timeout_s)
@@ -111,6 +113,10 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
     if metrics:
         echo(f"metrics: http://{host}:{metrics_port}/metrics")
     sys.exit(fl.run_until_signalled(keep_going=keep_going))
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 @fleet.command("down")

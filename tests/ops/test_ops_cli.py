@@ -108,3 +108,18 @@ def test_metrics_report_an_unreachable_postgres_as_a_source_down_instead_of_fail
     up = {s.labels["source"]: s.value for fam in registry.collect() for s in fam.samples
           if s.name == "tars_metrics_source_up"}
     assert up == {"postgres": 0.0, "redis": 1.0}
+
+
+def test_fleet_up_refuses_a_port_that_is_taken_before_starting_anything(redis_url, pg_url, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _tars("fleet", "up", "--no-flower", "--no-mock-llm", "--metrics-port", str(port),
+                    env={"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url,
+                         "TARS_FLEET_DIR": str(tmp_path / "fleet")})
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: port {port} for metrics is already in use on 127.0.0.1"
+    assert not (tmp_path / "fleet" / "fleet.json").exists()

@@ -202,6 +202,10 @@ class Runner:
         agg["resources"] = samplers.summarise(samples, after=drive.window[0], processes=what)
         agg["not_exercised"] = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes,
                                                           present=self.present)
+        if sc.catalog_overrides and fleet.kind != "local":
+            agg["not_exercised"].append(
+                f"catalog overrides {dict(sc.catalog_overrides)} not applied: loadgen sets them only on a local fleet "
+                f"it starts; this {fleet.kind} fleet ran with its own catalog")
         store.finish_run(self.engine, run_id=run_id, aggregates=agg, samples=drive.samples, drive=info)
         self._write_records(run_id, records)
         if self.progress is not None:

@@ -57,6 +57,17 @@ class Settings(BaseSettings):
     # --- input limits -----------------------------------------------------------------------
     max_prompt_chars: int = Field(default=200_000, ge=1)
 
+    # --- admission control and graceful degradation (tars_tasks/admission.py) ----------------
+    #: Messages a tier's queue may hold; beyond it, submit raises Overloaded. 0 disables.
+    max_queue_depth: int = Field(default=20_000, ge=0)
+    #: Load (queued / max_queue_depth) at which a tier enters "high load": requests below high
+    #: priority are routed to the tier's fallback (cheaper, faster) tier when that one has room.
+    degrade_high_load_at: float = Field(default=0.60, gt=0, le=1)
+    #: Load at which a tier is "critical": low-priority requests are refused as well.
+    degrade_critical_at: float = Field(default=0.85, gt=0, le=1)
+    #: Queue depths are sampled at most this often per producer process.
+    admission_sample_interval_ms: float = Field(default=250.0, ge=0)
+
     # --- simulated provider overrides (benchmarks, tests) -----------------------------------
     #: "uniform:LOW_MS:HIGH_MS" or "fixed:MS"; replaces every tier's latency profile.
     sim_latency: str | None = None

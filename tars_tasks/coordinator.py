@@ -2,6 +2,8 @@
 
 Order of operations for every request:
 1. validate and route — bad input raises :class:`InvalidRequest`, nothing is written;
+   admission control may refuse (:class:`Overloaded`) or move the request to a cheaper
+   tier under load (see :mod:`tars_tasks.admission`);
 2. record the request row (status ``queued``) in the database;
 3. publish it to its tier's queue with its priority.
 If publishing fails, the recorded rows are marked ``failed`` and :class:`BrokerUnavailable`
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +24,9 @@ from sqlalchemy import Engine, select, tuple_, update
 from sqlalchemy.exc import OperationalError
 
 from config.catalog import Catalog
-from config.keys import TASK_RUN_REQUEST
+from config.keys import TASK_RUN_REQUEST, queue_for_tier
 from config.settings import Settings
+from tars_tasks.admission import Admission
 from tars_tasks.celery_app import redis_priority
 from tars_tasks.db.models import STATUS_FAILED, STATUS_QUEUED, Request
 from tars_tasks.db.upsert import insert_for
@@ -46,16 +49,21 @@ class Submission:
 @dataclass(frozen=True, slots=True)
 class _Planned:
     spec: RequestSpec
+    #: Where the request goes (after degradation).
     route: Route
     id: str
+    #: The tier routing asked for; differs from ``route.tier`` when degradation moved it.
+    requested_tier: str
 
 
 class Coordinator:
-    def __init__(self, *, settings: Settings, catalog: Catalog, celery_app: Celery, engine: Engine) -> None:
+    def __init__(self, *, settings: Settings, catalog: Catalog, celery_app: Celery, engine: Engine,
+                 admission: Admission | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.celery_app = celery_app
         self.engine = engine
+        self.admission = admission or Admission.for_settings(settings=settings, catalog=catalog)
 
     def plan(self, requests: Iterable[RequestSpec | dict[str, Any]]) -> list[_Planned]:
         """Validate and route every request; raise on the first bad one, before any write."""
@@ -66,8 +74,20 @@ class Coordinator:
                 r = route(spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
             except InvalidRequest as exc:
                 raise InvalidRequest(f"request #{i}: {exc}", field=exc.field) from None
-            planned.append(_Planned(spec=spec, route=r, id=str(uuid.uuid4())))
+            planned.append(_Planned(spec=spec, route=r, id=str(uuid.uuid4()), requested_tier=r.tier))
         return planned
+
+    def admit(self, planned: list[_Planned]) -> list[_Planned]:
+        """Apply admission control and degradation; raise Overloaded before any write."""
+        decisions = self.admission.decide_many([(p.route.tier, p.spec.priority) for p in planned])
+        out = []
+        for p, d in zip(planned, decisions, strict=True):
+            if d.tier != p.route.tier:
+                p = replace(p, route=Route(tier=d.tier, queue=queue_for_tier(d.tier),
+                                           model=self.catalog.spec(d.tier).model))
+            out.append(p)
+        self.admission.admitted(decisions)
+        return out
 
     def submit_many(
         self,
@@ -79,6 +99,7 @@ class Coordinator:
         planned = self.plan(requests)
         if not planned:
             return []
+        planned = self.admit(planned)
         created, existing = self._record(planned, run_id=run_id)
         self._enqueue([p for p in planned if p.id in created], reply_to=reply_to)
         out = []
@@ -109,7 +130,7 @@ class Coordinator:
                     "tenant": p.spec.tenant,
                     "idempotency_key": p.spec.idempotency_key,
                     "role": p.spec.role,
-                    "tier_requested": p.route.tier,
+                    "tier_requested": p.requested_tier,
                     "priority": p.spec.priority,
                     "prompt": p.spec.prompt,
                     "status": STATUS_QUEUED,

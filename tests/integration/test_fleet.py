@@ -269,3 +269,23 @@ def test_a_request_that_kills_its_worker_every_time_is_failed_after_max_deliveri
 
     healthy = client.submit(role="researcher", prompt="an ordinary request")
     assert healthy.wait(timeout=60).status == "succeeded"
+
+
+def test_admission_degrades_then_refuses_against_real_queue_depths(fleet_env, redis, db):
+    from tars_tasks.client import TarsClient
+    from tars_tasks.errors import Overloaded
+
+    settings = make_settings(fleet_env, max_queue_depth=10, admission_sample_interval_ms=0)
+    with TarsClient(settings=settings) as client:
+        first = client.submit_many([{"role": "engineer", "prompt": f"s{i}"} for i in range(6)])
+        assert {h.tier for h in first} == {"sonnet"}
+        moved = client.submit(role="engineer", prompt="under high load")
+        assert moved.tier == "haiku"
+        kept = client.submit(role="engineer", prompt="urgent", priority="high")
+        assert kept.tier == "sonnet"
+        client.submit_many([{"role": "engineer", "prompt": "u", "priority": "high"}] * 3)
+        with pytest.raises(Overloaded):
+            client.submit(role="engineer", prompt="one too many", priority="high")
+        assert moved.get().tier_requested == "sonnet"
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 11  # the refused one never written

@@ -1,0 +1,24 @@
+"""Bare Celery baseline for bench/bench_fleet.py: a no-op task, same Redis, ignore_result.
+
+Configured like the fleet where it matters for a fair comparison (acks_late, prefetch 2,
+JSON, gevent pool, no events, no result backend)."""
+
+import os
+
+from celery import Celery
+
+app = Celery("bare", broker=os.environ.get("BARE_BROKER_URL", "redis://127.0.0.1:6379/10"))
+app.conf.update(
+    task_ignore_result=True,
+    task_acks_late=True,
+    worker_prefetch_multiplier=2,
+    task_serializer="json",
+    accept_content=["json"],
+    worker_hijack_root_logger=False,
+    broker_transport_options={"visibility_timeout": 3600},
+)
+
+
+@app.task(name="bare.noop")
+def noop(i: int = 0) -> None:
+    return None

@@ -1,0 +1,142 @@
+"""Admission control and graceful degradation, decided by the coordinator before a write.
+
+Load is measured per tier as queued messages / ``max_queue_depth`` (the seed's "load > 60%,
+> 85%" triggers). Modes per tier:
+
+* ``optimal``  — below ``degrade_high_load_at``: requests go where routing sends them;
+* ``high_load`` — requests below high priority (9) move to the tier's fallback tier
+  (sonnet → haiku, opus → sonnet) when that tier is less loaded; the row keeps the tier that
+  was asked for (``tier_requested``) and the worker records the one that ran (``tier_used``);
+* ``critical`` — as high load, and low-priority requests (< normal) are refused;
+* full — a tier at ``max_queue_depth`` refuses everything, so queues stay bounded.
+
+Refusals raise :class:`~tars_tasks.errors.Overloaded` with a ``retry_after_s`` hint, before
+anything is recorded or queued. The embedded fleet (no Redis) always runs ``optimal``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from config.catalog import Catalog
+from config.keys import TIERS
+from config.settings import Settings
+from tars_tasks.errors import Overloaded
+
+PRIORITY_HIGH = 9
+PRIORITY_NORMAL = 5
+#: What a refused producer is told to wait before trying again.
+RETRY_AFTER_S = 1.0
+
+
+class Mode(StrEnum):
+    OPTIMAL = "optimal"
+    HIGH_LOAD = "high_load"
+    CRITICAL = "critical"
+    FULL = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    tier: str
+    mode: Mode
+    degraded_from: str | None = None
+
+
+def mode_for(load: float, *, settings: Settings) -> Mode:
+    if load >= 1.0:
+        return Mode.FULL
+    if load >= settings.degrade_critical_at:
+        return Mode.CRITICAL
+    if load >= settings.degrade_high_load_at:
+        return Mode.HIGH_LOAD
+    return Mode.OPTIMAL
+
+
+class QueueDepthGauge:
+    """Queued messages per tier, read from Redis at most every ``interval_s`` (one pipeline)."""
+
+    def __init__(self, *, read_depths: Callable[[], dict[str, int]], interval_s: float) -> None:
+        self._read = read_depths
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._depths: dict[str, int] = {t: 0 for t in TIERS}
+
+    def depths(self) -> dict[str, int]:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._at >= self._interval_s:
+                self._depths = self._read()
+                self._at = now
+            return dict(self._depths)
+
+    def add(self, tier: str, n: int) -> None:
+        """Count what this producer just queued until the next sample sees it."""
+        with self._lock:
+            self._depths[tier] = self._depths.get(tier, 0) + n
+
+
+def redis_depth_reader(settings: Settings) -> Callable[[], dict[str, int]]:
+    from tars_tasks.status import queue_depths
+
+    def read() -> dict[str, int]:
+        return {tier: sum(by_prio.values()) for tier, by_prio in queue_depths(settings).items()}
+
+    return read
+
+
+class Admission:
+    def __init__(self, *, settings: Settings, catalog: Catalog, gauge: QueueDepthGauge | None) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.gauge = gauge if settings.max_queue_depth > 0 else None
+
+    @classmethod
+    def for_settings(cls, *, settings: Settings, catalog: Catalog) -> Admission:
+        gauge = None
+        if settings.shared_redis_url and settings.max_queue_depth > 0:
+            gauge = QueueDepthGauge(read_depths=redis_depth_reader(settings),
+                                    interval_s=settings.admission_sample_interval_ms / 1000)
+        return cls(settings=settings, catalog=catalog, gauge=gauge)
+
+    def decide_many(self, requests: list[tuple[str, int]]) -> list[Decision]:
+        """Decide (tier, priority) pairs of one submit call; refuse the call if any is refused."""
+        if self.gauge is None:
+            return [Decision(tier=t, mode=Mode.OPTIMAL) for t, _ in requests]
+        depths = self.gauge.depths()
+        pending = dict.fromkeys(TIERS, 0)
+        limit = self.settings.max_queue_depth
+        out = []
+        for tier, priority in requests:
+            def load(t: str) -> float:
+                return (depths.get(t, 0) + pending[t]) / limit
+
+            mode = mode_for(load(tier), settings=self.settings)
+            chosen, degraded_from = tier, None
+            if mode is not Mode.OPTIMAL and priority < PRIORITY_HIGH:
+                fallback = self.catalog.spec(tier).fallback
+                if fallback and load(fallback) < load(tier) and load(fallback) < 1.0:
+                    chosen, degraded_from = fallback, tier
+            chosen_mode = mode_for(load(chosen), settings=self.settings)
+            if chosen_mode is Mode.FULL or (chosen_mode is Mode.CRITICAL and priority < PRIORITY_NORMAL):
+                raise Overloaded(
+                    f"tier {chosen!r} is {chosen_mode.value} ({depths.get(chosen, 0) + pending[chosen]} queued, "
+                    f"limit {limit}); retry in {RETRY_AFTER_S:.0f}s",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            pending[chosen] += 1
+            out.append(Decision(tier=chosen, mode=mode, degraded_from=degraded_from))
+        return out
+
+    def admitted(self, decisions: list[Decision]) -> None:
+        if self.gauge is None:
+            return
+        for tier in TIERS:
+            n = sum(1 for d in decisions if d.tier == tier)
+            if n:
+                self.gauge.add(tier, n)

@@ -46,7 +46,8 @@ _WORDS = ("the", "fleet", "answers", "each", "request", "in", "full", "and", "co
 
 @dataclass
 class MockConfig:
-    #: Default latency ("fixed:MS" / "uniform:LOW_MS:HIGH_MS") and per-model overrides.
+    #: Default latency ("fixed:MS" / "uniform:LOW_MS:HIGH_MS" / "lognormal:MEDIAN_MS:SIGMA") and
+    #: per-model overrides.
     latency: str = "uniform:20:60"
     model_latency: dict[str, str] = field(default_factory=dict)
     error_rate: float = 0.0
@@ -93,6 +94,10 @@ def estimate_tokens(text: str) -> int:
 
 
 def _sample_ms(spec: str, rng: random.Random) -> float:
+    """``fixed:MS``, ``uniform:LOW_MS:HIGH_MS`` or ``lognormal:MEDIAN_MS:SIGMA``."""
+    if spec.startswith("lognormal:"):
+        median_ms, sigma = (float(x) for x in spec.split(":")[1:3])
+        return rng.lognormvariate(math.log(max(median_ms, 1e-9)), sigma)
     profile = LatencyProfile.parse(spec)
     if profile.distribution == "fixed":
         return profile.low_ms

@@ -51,10 +51,20 @@ def _client():
     return _default_client
 
 
-def submit(**kwargs):
-    """Submit one request with the process's default :class:`TarsClient` (see its ``submit``)."""
-    return _client().submit(**kwargs)
+def submit(
+    *,
+    role: str,
+    prompt: str,
+    priority: int | str = "normal",
+    tenant: str = "default",
+    idempotency_key: str | None = None,
+    tier: str | None = None,
+):
+    """Submit one request with this process's default :class:`TarsClient`; returns its handle."""
+    return _client().submit(role=role, prompt=prompt, priority=priority, tenant=tenant,
+                            idempotency_key=idempotency_key, tier=tier)
 
 
-def submit_many(requests, **kwargs):
-    return _client().submit_many(requests, **kwargs)
+def submit_many(requests, *, run_id: str | None = None):
+    """Validate all, then record and queue all, with this process's default client."""
+    return _client().submit_many(requests, run_id=run_id)

@@ -156,6 +156,9 @@ def status(state_dir: Path | None, as_json: bool) -> None:
 
         try:
             out["fleet"] = fleet_status(settings, app).as_dict()
+            from tars_tasks.metrics import breaker_views
+
+            out["fleet"]["breakers"] = {f"{v.provider}:{v.model}": v.describe() for v in breaker_views(settings) or []}
         except Exception as exc:  # status must work while parts are down
             out["fleet_error"] = str(exc)
     if as_json:
@@ -174,6 +177,8 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             nodes = ", ".join(fl["workers"].get(tier, [])) or "-"
             click.echo(f"  {tier:<7} queued {depth:<7} workers {nodes}")
         click.echo("  requests: " + (", ".join(f"{k}={v}" for k, v in sorted(fl["requests"].items())) or "none"))
+        for model, state in sorted(fl.get("breakers", {}).items()):
+            click.echo(f"  breaker {model}: {state}")
     elif "fleet_error" in out:
         click.echo(f"  fleet unreachable: {out['fleet_error']}")
 

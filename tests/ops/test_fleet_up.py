@@ -192,3 +192,5 @@ def test_ctrl_c_stops_the_fleet_cleanly_with_no_orphaned_processes(ops_fleet):
         assert f"stopped {name} (exit code 0)" in log
     assert not (ops_fleet.state_dir / "fleet.json").exists()
     assert list((ops_fleet.state_dir / "flower").glob("flower.db*")), "Flower's persistent state was not saved"
+    leaks = [p for p in ops_fleet.state_dir.rglob("*") if p.is_file() and FLOWER_PASSWORD.encode() in p.read_bytes()]
+    assert leaks == [], "the Flower password was written to the fleet's logs or state"

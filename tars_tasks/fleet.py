@@ -354,8 +354,10 @@ class LocalFleet:
             for fp in group:
                 if fp.alive():
                     fp.signal_group(signal.SIGTERM)
+            # one deadline per group: N workers in warm shutdown together take one grace, not N
+            deadline = time.monotonic() + max((fp.spec.stop_timeout_s for fp in group), default=0.0)
             for fp in group:
-                self._reap(fp)
+                self._reap(fp, deadline=deadline)
         for fp in self.processes:
             fp.signal_group(signal.SIGKILL)  # leftovers of a group whose leader already exited
             if fp._log_fh is not None:
@@ -368,13 +370,13 @@ class LocalFleet:
         for fp in self.processes:
             fp.signal_group(signal.SIGKILL)
 
-    def _reap(self, fp: FleetProcess) -> None:
+    def _reap(self, fp: FleetProcess, *, deadline: float) -> None:
         if fp.proc is None:
             return
         try:
-            fp.exit_code = fp.proc.wait(fp.spec.stop_timeout_s)
+            fp.exit_code = fp.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.echo(f"{fp.spec.name} still running after {fp.spec.stop_timeout_s:.0f}s: SIGKILL")
+            self.echo(f"{fp.spec.name} still running after its {fp.spec.stop_timeout_s:.0f}s grace: SIGKILL")
             fp.signal_group(signal.SIGKILL)
             fp.exit_code = fp.proc.wait(10)
         self.echo(f"stopped {fp.spec.name} (exit code {fp.exit_code})")

@@ -30,6 +30,10 @@ from tars_tasks.topology import FLOWER_PORT, ConfigurationError
 
 #: How often Flower saves its state in persistent mode.
 DEFAULT_STATE_SAVE_INTERVAL_S = 60
+#: Workers offline this long leave the dashboard and /metrics. Compose replicas are named after
+#: their container, so without a purge every replica ever scaled away stays listed (and, in
+#: persistent mode, survives Flower restarts).
+DEFAULT_PURGE_OFFLINE_WORKERS_S = 3600
 
 
 class FlowerSettings(BaseSettings):
@@ -80,6 +84,7 @@ def flower_argv(
     db_path: Path | None,
     state_save_interval_s: int = DEFAULT_STATE_SAVE_INTERVAL_S,
     enable_events: bool = True,
+    purge_offline_workers_s: int | None = DEFAULT_PURGE_OFFLINE_WORKERS_S,
     url_prefix: str | None = None,
     python: str | None = None,
 ) -> list[str]:
@@ -93,6 +98,8 @@ def flower_argv(
         if db_path is None:
             raise ConfigurationError("persistent mode needs a database path (--db or TARS_FLOWER_DB)")
         argv += ["--persistent=True", f"--db={db_path}", f"--state_save_interval={state_save_interval_s * 1000}"]
+    if purge_offline_workers_s:
+        argv.append(f"--purge_offline_workers={purge_offline_workers_s}")
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix}")
     return argv
@@ -115,9 +122,11 @@ def flower_env(*, base: dict[str, str], basic_auth: str | None) -> dict[str, str
 @click.option("--db", "db_path", type=click.Path(path_type=Path), default=None,
               help="Persistent-mode file (default TARS_FLOWER_DB, else ~/.local/state/tars/flower/flower.db).")
 @click.option("--state-save-interval-s", type=int, default=DEFAULT_STATE_SAVE_INTERVAL_S, show_default=True)
+@click.option("--purge-offline-workers-s", type=int, default=DEFAULT_PURGE_OFFLINE_WORKERS_S, show_default=True,
+              help="Drop workers offline this long from the dashboard (0 keeps them forever).")
 @click.option("--url-prefix", default=None, help="Serve under a path prefix (behind a reverse proxy).")
 def flower(host: str, port: int, insecure_no_auth: bool, persistent: bool, db_path: Path | None,
-           state_save_interval_s: int, url_prefix: str | None) -> None:
+           state_save_interval_s: int, purge_offline_workers_s: int, url_prefix: str | None) -> None:
     """Flower, the Celery dashboard, on the fleet's broker (basic auth from TARS_FLOWER_USER/PASSWORD)."""
     from config.settings import get_settings
 
@@ -137,7 +146,7 @@ def flower(host: str, port: int, insecure_no_auth: bool, persistent: bool, db_pa
         db.parent.mkdir(parents=True, exist_ok=True)
     argv = flower_argv(host=host, port=port, persistent=persistent, db_path=db,
                        state_save_interval_s=state_save_interval_s, enable_events=settings.task_events,
-                       url_prefix=url_prefix)
+                       purge_offline_workers_s=purge_offline_workers_s, url_prefix=url_prefix)
     env = flower_env(base=dict(os.environ), basic_auth=basic_auth)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)

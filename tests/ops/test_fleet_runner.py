@@ -82,3 +82,31 @@ def test_route_to_mock_llm_sends_every_model_call_of_the_local_fleet_to_the_mock
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+
+
+STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+GRANDCHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+child = subprocess.Popen([sys.executable, "-c", GRANDCHILD])
+print("ready child", child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_process_that_ignores_sigterm_is_killed_with_its_whole_group_after_its_grace(tmp_path):
+    from tars_tasks.fleet import LocalFleet, ProcessSpec
+
+    specs = [ProcessSpec(name=f"stubborn-{i}", service="test", argv=(sys.executable, "-c", STUBBORN),
+                         ready="log:ready child", tier="haiku", stop_timeout_s=1.0) for i in range(2)]
+    fleet = LocalFleet(specs=specs, state_dir=tmp_path / "fleet")
+    fleet.start()
+    fleet.wait_ready(timeout_s=30)
+    pids = []
+    for fp in fleet.processes:
+        pids.append(fp.pid)
+        pids.append(int(fp.log_path.read_text().split("ready child")[1].split()[0]))
+    codes = fleet.stop()
+    assert codes == {"stubborn-0": -signal.SIGKILL, "stubborn-1": -signal.SIGKILL}
+    _gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=5)
+    assert alive == [], "a grandchild survived the group kill"

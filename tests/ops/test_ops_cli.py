@@ -68,7 +68,7 @@ def test_flower_credentials_go_in_the_environment_never_on_the_command_line(tmp_
     assert "pw-123" not in " ".join(argv)
     assert argv[1:6] == ["-m", "celery", "-A", "tars_tasks", "flower"]
     assert {"--persistent=True", f"--db={tmp_path / 'f.db'}", "--enable_events=False", "--address=0.0.0.0",
-            "--port=5555"} <= set(argv)
+            "--port=5555", "--purge_offline_workers=3600"} <= set(argv)
     assert flower_env(base={}, basic_auth=auth) == {"FLOWER_BASIC_AUTH": "op:pw-123"}
     with pytest.raises(ConfigurationError, match="','"):
         basic_auth_value(user="op", password="a,b")

@@ -15,8 +15,6 @@ import logging
 import os
 import socket
 import threading
-import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,15 +24,10 @@ from config.catalog import Catalog, ModelSpec, load_catalog
 from config.keys import deliveries_key
 from config.settings import Settings, get_settings
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import (
-    OUTCOME_IN_FLIGHT,
-    STATUS_FAILED,
-    TERMINAL_STATUSES,
-    Request,
-)
+from tars_tasks.db.models import STATUS_FAILED, TERMINAL_STATUSES, Request
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
-from workers.caller import ModelCaller
+from workers.caller import CallOutcome, ModelCaller
 from workers.providers import Provider
 from workers.writer import GroupCommitWriter
 
@@ -46,16 +39,6 @@ DELIVERY_COUNTER_TTL_S = 7 * 24 * 3600
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class CallResult:
-    status: str
-    text: str | None
-    error: str | None
-    tier_used: str
-    model: str
-    api_rows: list[dict[str, Any]]
 
 
 class SubAgent:
@@ -72,7 +55,6 @@ class SubAgent:
             batch_max=settings.writer_batch_max,
             linger_ms=settings.writer_linger_ms,
         )
-        self._providers: dict[str, Provider] = {}
         self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -103,48 +85,24 @@ class SubAgent:
         result = self.call_model(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
         self.writer.finish(
             api_rows=result.api_rows,
-            request={
-                "b_id": request_id,
-                "b_status": result.status,
-                "b_result": result.text,
-                "b_error": result.error,
-                "b_tier_used": result.tier_used,
-                "b_model": result.model,
-                "b_worker": worker,
-                "b_started_at": started,
-                "b_finished_at": _now(),
-            },
+            request=self._finish_row(request_id=request_id, status=result.status, result=result.text,
+                                     error=result.error, tier_used=result.tier_used, model=result.model,
+                                     worker=worker, started_at=started),
             reply_to=reply_to,
         )
         return result.status
 
-    def call_model(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallResult:
+    def call_model(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
         """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
-        out = self.caller.call(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
-        return CallResult(status=out.status, text=out.text, error=out.error, tier_used=out.tier_used,
-                          model=out.model, api_rows=out.api_rows)
+        return self.caller.call(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
 
     @staticmethod
-    def _attempt_row(request_id: str, attempt: int, spec: ModelSpec, provider: Provider, worker: str) -> dict:
-        return {
-            "id": str(uuid.uuid4()),
-            "request_id": request_id,
-            "attempt": attempt,
-            "tier": spec.tier,
-            "provider": provider.name,
-            "model": spec.model,
-            "outcome": OUTCOME_IN_FLIGHT,
-            "http_status": None,
-            "error": None,
-            "input_tokens": 0,
-            "output_tokens": 0,
-            "cost_usd": 0,
-            "latency_ms": None,
-            "ratelimit_wait_ms": 0,
-            "worker": worker,
-            "started_at": _now(),
-            "finished_at": None,
-        }
+    def _finish_row(*, request_id: str, status: str, result: str | None, error: str | None, tier_used: str,
+                    model: str, worker: str, started_at: datetime) -> dict[str, Any]:
+        """Bind parameters of the writer's finishing UPDATE (``workers.writer._finish_stmt``)."""
+        return {"b_id": request_id, "b_status": status, "b_result": result, "b_error": error,
+                "b_tier_used": tier_used, "b_model": model, "b_worker": worker,
+                "b_started_at": started_at, "b_finished_at": _now()}
 
     # --- redelivery ----------------------------------------------------------------------------
 
@@ -167,17 +125,13 @@ class SubAgent:
             redeliveries = pipe.execute()[0]
             if redeliveries + 1 > self.settings.max_deliveries:
                 log.error("request %s redelivered %d times; failing it as poison", request_id, redeliveries)
-                now = _now()
+                error = (f"poison: redelivered {redeliveries} times without finishing "
+                         f"(max_deliveries={self.settings.max_deliveries})")
                 self.writer.finish(
                     api_rows=[],
-                    request={
-                        "b_id": request_id, "b_status": STATUS_FAILED,
-                        "b_result": None,
-                        "b_error": f"poison: redelivered {redeliveries} times without finishing "
-                                   f"(max_deliveries={self.settings.max_deliveries})",
-                        "b_tier_used": tier, "b_model": self.catalog.spec(tier).model, "b_worker": worker,
-                        "b_started_at": now, "b_finished_at": now,
-                    },
+                    request=self._finish_row(request_id=request_id, status=STATUS_FAILED, result=None,
+                                             error=error, tier_used=tier, model=self.catalog.spec(tier).model,
+                                             worker=worker, started_at=_now()),
                     reply_to=reply_to,
                 )
                 return STATUS_FAILED

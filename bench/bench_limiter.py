@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_limiter.py overhead       # µs per call added by limiter+breaker+retry
     .venv/bin/python bench/bench_limiter.py closed-loop    # C=1000 closed loop through the mock over HTTP
 
-* **accuracy** — P processes × G greenlets loop "acquire, then call the mock" against one
+* **accuracy** — P processes x G greenlets loop "acquire, then call the mock" against one
   fleet limit; the mock counts what it received per second. Reported: the mean and the
   maximum over whole-second windows of the limiter's window length, as % of the limit.
 * **overhead** — one process calls an instant in-process provider N times directly, and N
@@ -249,7 +249,8 @@ def overhead(args) -> dict:
         bo.append(breaker_only(per))
     us = lambda xs: round(statistics.median(xs) * 1e6, 1)  # noqa: E731
     out = {"calls_per_round": per, "rounds": rounds, "direct_us": us(d), "wrapped_us": us(w),
-           "added_us": round(us(w) - us(d), 1), "wrapped_cpu_us": us(cpu), "limiter_round_trip_us": us(lo), "breaker_round_trip_us": us(bo)}
+           "added_us": round(us(w) - us(d), 1), "wrapped_cpu_us": us(cpu), "limiter_round_trip_us": us(lo),
+           "breaker_round_trip_us": us(bo)}
     print(json.dumps({"overhead": out}), flush=True)
     return out
 

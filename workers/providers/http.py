@@ -8,6 +8,7 @@ so one keep-alive pool (:class:`ClientPool`) serves every greenlet of a worker p
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import os
 import re
@@ -43,6 +44,10 @@ POOL_KEEPALIVE_EXPIRY_S = 30.0
 ERROR_BODY_MAX_CHARS = 500
 #: Token-like strings (sk-..., sk-ant-...) are redacted from anything kept, even masked ones.
 _SECRET_RE = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{4,}")
+
+#: httpx logs every request at INFO; at hundreds of calls a second that buries a worker's log.
+#: (It logs the URL and status only — never headers, so never the key.)
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 _pools: dict[tuple[int, str], ClientPool] = {}
 _pools_lock = threading.Lock()

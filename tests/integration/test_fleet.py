@@ -289,3 +289,48 @@ def test_admission_degrades_then_refuses_against_real_queue_depths(fleet_env, re
         assert moved.get().tier_requested == "sonnet"
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 11  # the refused one never written
+
+
+def test_an_unknown_task_and_an_undecodable_message_are_recorded_and_the_worker_keeps_going(
+    fleet_env, start_worker, client, db
+):
+    from tars_tasks.celery_app import make_app
+
+    app = make_app(make_settings(fleet_env))
+    app.send_task("tars.no_such_task", kwargs={"x": 1}, queue="tars.haiku")
+    with app.producer_or_acquire() as producer:
+        producer.publish(b"\x00\x01 not json", exchange="tars.haiku", routing_key="tars.haiku",
+                         content_type="application/x-garbage", content_encoding="binary",
+                         headers={"task": "tars.run_request", "id": "garbage-1"})
+    start_worker(tiers=["haiku"], concurrency=10)
+    assert client.submit(role="researcher", prompt="after the bad ones").wait(timeout=60).status == "succeeded"
+
+    def both_recorded():
+        with db.connect() as conn:
+            return sorted(conn.execute(text("SELECT reason FROM dead_letters")).scalars().all())
+
+    assert _wait_until(lambda: len(both_recorded()) >= 2, timeout=30)
+    assert both_recorded() == ["rejected_message", "unknown_task"]
+
+
+def test_sigterm_is_a_warm_shutdown_that_neither_loses_nor_repeats_work(fleet_env, start_worker, client, db):
+    env = {"TARS_SIM_LATENCY": "uniform:1000:2000", "TARS_VISIBILITY_TIMEOUT_S": "30"}
+    first = start_worker(tiers=["haiku"], concurrency=10, env=env)
+    handles = client.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(40)])
+
+    def busy():
+        with db.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM api_calls WHERE outcome = 'in_flight'")).scalar() >= 5
+
+    _wait_until(busy, timeout=30)
+    assert first.stop(timeout=60) == 0  # SIGTERM: running tasks finish, the rest go back to the queue
+    with db.connect() as conn:
+        abandoned = conn.execute(text("SELECT count(*) FROM api_calls WHERE outcome = 'in_flight'")).scalar()
+    assert abandoned == 0, "a warm shutdown left calls unfinished"
+    start_worker(tiers=["haiku"], concurrency=20, env=env)
+    results = client.wait_many([h.id for h in handles], timeout=120)
+    assert {r.status for r in results} == {"succeeded"}
+    with db.connect() as conn:
+        repeated = conn.execute(text(
+            "SELECT request_id FROM api_calls GROUP BY request_id HAVING count(*) > 1")).scalars().all()
+    assert repeated == [], "a request finished before the shutdown was called again"

@@ -400,3 +400,37 @@ def test_a_redis_restart_with_work_queued_and_running_loses_nothing(fleet_env, s
     assert {r.status for r in results} == {"succeeded"}
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 80
+
+
+def test_postgres_down_during_result_writes_holds_the_acks_until_the_rows_are_durable(
+    fleet_env, start_worker, client, redis, db
+):
+    from tests.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(target_host="127.0.0.1", target_port=5432)
+    try:
+        worker_db = fleet_env["TARS_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        start_worker(tiers=["haiku"], concurrency=20,
+                     env={"TARS_DATABASE_URL": worker_db, "TARS_SIM_LATENCY": "uniform:200:400"})
+        handles = client.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(60)])
+
+        def some_done():
+            with db.connect() as conn:
+                return conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'queued'")).scalar() >= 5
+
+        _wait_until(some_done, timeout=60)
+        proxy.cut()
+        time.sleep(3)  # the outage: workers finish calls they cannot record
+        with db.connect() as conn:
+            done_during = conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'queued'")).scalar()
+        held = redis.hlen("unacked")
+        assert held > 0, "no message was held unacked while its rows could not be written"
+        proxy.restore()
+        results = client.wait_many([h.id for h in handles], timeout=120)
+    finally:
+        proxy.close()
+    assert {r.status for r in results} == {"succeeded"}
+    assert done_during < 60
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 60
+        assert conn.execute(text("SELECT count(*) FROM api_calls WHERE outcome = 'in_flight'")).scalar() == 0

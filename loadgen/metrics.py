@@ -15,7 +15,8 @@ Definitions (the report repeats them):
   rank round(p/100 · n) in sorted order): end-to-end = completion -
   origin, for every request in the window, failed and unfinished ones included (unfinished
   ones at the time the drain gave up); queue wait = ``started_at - submitted_at``; service as
-  above.
+  above; model call = the request's ``api_calls.latency_ms`` summed over its attempts (the
+  provider calls alone — service minus rate-limit waits, backoff and the worker's own work).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def compute(
         "queue_wait": latency_summary(waits),
         "service": latency_summary(services),
         "ratelimit_wait": latency_summary(r.ratelimit_wait_ms / 1000 for r in steady if r.api_calls),
+        "model_call": latency_summary(r.model_ms / 1000 for r in steady if r.model_ms is not None),
     }
     throughput = completions / dur
     little = None

@@ -39,6 +39,8 @@ class DbRow:
     api_calls: int = 0
     ratelimit_wait_ms: float = 0.0
     calls_waited: int = 0
+    #: sum of ``api_calls.latency_ms`` (the provider calls themselves, every attempt)
+    model_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class RequestRecord:
     ratelimit_wait_ms: float
     calls_waited: int
     done_via: str | None
+    model_ms: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,4 +143,4 @@ def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: 
         tier_requested=row.tier_requested, tier_used=row.tier_used, worker=row.worker, attempts=row.attempts,
         api_calls=row.api_calls, input_tokens=row.input_tokens, output_tokens=row.output_tokens,
         cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
-        done_via=done_via)
+        done_via=done_via, model_ms=row.model_ms)

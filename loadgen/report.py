@@ -69,9 +69,20 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
                        "intended time, so any lag is inside the latency figures too.")
     if e2e["avg"] and wait["avg"] is not None and wait["avg"] > 0.2 * e2e["avg"]:
         slots = step.config.get("fleet_slots")
-        out.append(f"Queue wait averaged {wait['avg']:,.0f} ms — {wait['avg'] / e2e['avg']:.0%} of end-to-end latency"
-                   + (f": {step.drive.get('concurrency')} in flight against {slots} worker slots." if slots and
-                      step.drive.get("concurrency") else "."))
+        c = step.drive.get("concurrency")
+        line = f"Queue wait averaged {wait['avg']:,.0f} ms — {wait['avg'] / e2e['avg']:.0%} of end-to-end latency"
+        if slots and c:
+            line += f": {c} in flight against {slots} worker slots"
+            if c < slots:
+                line += (", so requests were not waiting for a free slot but for the broker to hand the message to "
+                         "a worker (delivery or polling delay)")
+        out.append(line + ".")
+    mc = lat.get("model_call") or {}
+    if mc.get("avg") is not None and svc["avg"]:
+        rw = (lat.get("ratelimit_wait") or {}).get("avg") or 0.0
+        out.append(f"Of the {svc['avg']:,.0f} ms mean service time, {mc['avg']:,.0f} ms were provider calls, "
+                   f"{rw:,.1f} ms rate-limit waits and {svc['avg'] - mc['avg'] - rw:,.1f} ms the worker's own work "
+                   "(breaker, limiter, attempt rows, backoff between retries).")
     if e2e["p99"] is not None and svc["p99"] is not None:
         out.append(f"p99 end-to-end {ms(e2e['p99'])} vs p99 service {ms(svc['p99'])}: the fleet added "
                    f"{e2e['p99'] - svc['p99']:,.0f} ms at the tail; p99/p50 = {e2e['p99'] / e2e['p50']:.2f}.")
@@ -134,7 +145,7 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
                        f"(scaling efficiency {tr / cr:.0%}).")
     if not a["valid"]:
         out.append("**Run invalid:** " + "; ".join(a["invalid_reasons"]) + ".")
-    out.extend(a.get("notes", []))
+    out.extend(n[:1].upper() + n[1:] + ("" if n.endswith(".") else ".") for n in a.get("notes", []))
     return out
 
 
@@ -159,6 +170,8 @@ def results_table(step: StepResult) -> list[str]:
         ("Max Response Time", ms(e2e["max"])),
         ("Queue Wait (avg / p99)", f"{ms(wait['avg'])} / {ms(wait['p99'])}"),
         ("Service Time (avg / p99)", f"{ms(svc['avg'])} / {ms(svc['p99'])}"),
+        ("Model Call Time (avg / p99)", f"{ms(a['latency_ms']['model_call']['avg'])} / "
+                                        f"{ms(a['latency_ms']['model_call']['p99'])}"),
         ("Throughput", rate(a["throughput"]["completions_per_s"])),
     ]
     if a.get("little"):
@@ -203,9 +216,13 @@ def configuration(step: StepResult, *, sweep: bool = False) -> list[str]:
         out.append(f"- Driver: open loop, {cfg['arrival']} arrivals at {cfg['rate_per_s']:g} req/s "
                    f"(seed {cfg['seed']})")
     bound = f"{cfg['count']} requests" if cfg.get("count") is not None else f"{cfg['duration_s']:g} s"
-    out.append(f"- Bound: {bound}; warm-up {d['window'][0] - d['started_at']:.1f} s and drain "
-               f"{d['ended_at'] - d['load_end']:.1f} s excluded (steady window "
-               f"{d['window'][1] - d['window'][0]:.1f} s)")
+    if sweep:
+        out.append(f"- Bound per level: {bound}; a warm-up of {cfg['warmup_s']:g} s (closed loop: and until every "
+                   "slot has completed once) and the drain are excluded from each level's steady window")
+    else:
+        out.append(f"- Bound: {bound}; warm-up {d['window'][0] - d['started_at']:.1f} s and drain "
+                   f"{d['ended_at'] - d['load_end']:.1f} s excluded (steady window "
+                   f"{d['window'][1] - d['window'][0]:.1f} s)")
     roles = ", ".join(f"{r} {w:.0%}" for r, w in cfg["roles"].items())
     out.append(f"- Request mix: {roles}")
     out.append(f"- Fleet: {cfg['fleet']}")

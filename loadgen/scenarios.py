@@ -125,6 +125,9 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        worker_concurrency=500),
     _P("open", "Open loop — constant arrivals", kind="open", rate_per_s=20, duration_s=15, warmup_s=3,
        description="Arrivals on a fixed schedule; latency from the intended send time."),
+    _P("open-sweep", "Open loop — Poisson arrivals stepped up to saturation", kind="sweep", axis="rate",
+       levels=(10, 20, 40, 80, 160), arrival="poisson", duration_s=10, warmup_s=2, max_in_flight=5000,
+       description="Offered rate stepped up on seeded Poisson schedules; stops once the fleet falls behind."),
 ]}
 
 #: ``tars loadgen run all``: the seed report's scenarios (the 5-minute and 1000+ runs are opt-in).

@@ -52,7 +52,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     cols = [t.id, t.status, t.error, t.tier_requested, t.tier_used, t.worker, t.attempts, t.input_tokens,
             t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at]
     rows: dict[str, DbRow] = {}
-    calls: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    calls: dict[str, list[tuple[str, float, float | None]]] = defaultdict(list)
     with engine.connect() as conn:
         for r in conn.execute(select(*cols).where(t.run_id == run_id)):
             rows[r.id] = DbRow(id=r.id, status=r.status, error=r.error, tier_requested=r.tier_requested,
@@ -61,16 +61,18 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
                                started_at=epoch(r.started_at), finished_at=epoch(r.finished_at))
         a = _api.c
-        q = (select(a.request_id, a.outcome, a.ratelimit_wait_ms)
+        q = (select(a.request_id, a.outcome, a.ratelimit_wait_ms, a.latency_ms)
              .select_from(_api.join(_req, _req.c.id == a.request_id)).where(t.run_id == run_id))
-        for rid, outcome, wait in conn.execute(q):
-            calls[rid].append((outcome, float(wait or 0)))
+        for rid, outcome, wait, latency in conn.execute(q):
+            calls[rid].append((outcome, float(wait or 0), None if latency is None else float(latency)))
     for rid, cs in calls.items():
         row = rows.get(rid)
         if row is not None:
             row.api_calls = len(cs)
-            row.ratelimit_wait_ms = sum(w for _, w in cs)
-            row.calls_waited = sum(1 for _, w in cs if w > 0)
+            row.ratelimit_wait_ms = sum(w for _, w, _ in cs)
+            row.calls_waited = sum(1 for _, w, _ in cs if w > 0)
+            timed = [lat for _, _, lat in cs if lat is not None]
+            row.model_ms = sum(timed) if timed else None
     return rows
 
 

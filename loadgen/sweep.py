@@ -4,10 +4,12 @@ Per level we know throughput, p99, error rate and (closed loop) the Little's-law
 
 * A level is **healthy** when its error rate is at most ``max_error_rate``, its p99 at most
   ``p99_factor`` x the lightest level's p99 and (closed loop) its Little ratio at least
-  ``min_little_ratio``. The **knee** is the last healthy level before the first unhealthy one.
+  ``min_little_ratio`` (open loop: it completes at least ``1 - drop_tolerance`` of the offered
+  rate). The **knee** is the last healthy level before the first unhealthy one.
 * The sweep **stops** (over-saturation) after a level whose throughput fell more than
   ``drop_tolerance`` below the best level so far, whose error rate exceeds twice the limit,
-  or whose Little ratio is under half the minimum — more load there only builds a backlog.
+  whose Little ratio is under half the minimum, or (open loop) which completed under half the
+  offered rate — more load there only builds a backlog.
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ class Level:
     p99_ms: float | None
     error_rate: float
     little_ratio: float | None
+    #: open loop: the offered arrival rate
+    offered: float | None = None
 
 
 def level_of(level: float, aggregates: dict[str, Any]) -> Level:
     little = aggregates.get("little") or {}
     return Level(level=level, throughput=aggregates["throughput"]["completions_per_s"],
                  p99_ms=aggregates["latency_ms"]["e2e"]["p99"],
-                 error_rate=aggregates["requests"]["window"]["error_rate"], little_ratio=little.get("ratio"))
+                 error_rate=aggregates["requests"]["window"]["error_rate"], little_ratio=little.get("ratio"),
+                 offered=aggregates["throughput"].get("offered_per_s"))
 
 
 def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
@@ -49,6 +54,8 @@ def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
         why.append(f"p99 {lv.p99_ms:,.0f} ms > {policy.p99_factor:g}x the lightest level's {first.p99_ms:,.0f} ms")
     if lv.little_ratio is not None and lv.little_ratio < policy.min_little_ratio:
         why.append(f"throughput only {lv.little_ratio:.0%} of its Little's bound")
+    if lv.offered and lv.throughput < (1 - policy.drop_tolerance) * lv.offered:
+        why.append(f"completed {lv.throughput:.2f} of {lv.offered:.2f} req/s offered")
     return why
 
 
@@ -61,6 +68,8 @@ def oversaturated_because(levels: Sequence[Level], policy: KneePolicy) -> str | 
                 f"{best.throughput:.2f} req/s reached at {best.level:g}")
     if last.error_rate > 2 * policy.max_error_rate:
         return f"error rate {last.error_rate:.1%} at {last.level:g}"
+    if last.offered and last.throughput < 0.5 * last.offered:
+        return f"only {last.throughput:.2f} of {last.offered:.2f} req/s offered completed at {last.level:g}"
     if last.little_ratio is not None and last.little_ratio < policy.min_little_ratio / 2:
         return f"throughput only {last.little_ratio:.0%} of its Little's bound at {last.level:g}"
     return None

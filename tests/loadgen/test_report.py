@@ -25,12 +25,12 @@ from tests.helpers import ROOT, make_settings
 pytestmark = pytest.mark.integration
 
 SCENARIOS = [
-    Scenario(name="closed-5", title="Closed loop at 5", concurrency=5, duration_s=3, warmup_s=0.5, workers=2,
+    Scenario(name="closed-5", title="Closed loop at 5", concurrency=5, duration_s=2, warmup_s=0.5, workers=2,
              worker_concurrency=20),
-    Scenario(name="sweep", title="Sweep 2 and 6", kind="sweep", levels=(2, 6), duration_s=2, warmup_s=0.5,
+    Scenario(name="sweep", title="Sweep 2 and 6", kind="sweep", levels=(2, 6), duration_s=1.5, warmup_s=0.3,
              workers=2, worker_concurrency=20),
     Scenario(name="open-20", title="Open loop at 20/s", kind="open", rate_per_s=20, arrival="poisson", seed=3,
-             duration_s=3, warmup_s=0.5, workers=2, worker_concurrency=20),
+             duration_s=2, warmup_s=0.5, workers=2, worker_concurrency=20),
 ]
 
 
@@ -41,7 +41,7 @@ def session(pg_url, redis_url, tmp_path_factory):
     with get_engine(pg_url).begin() as conn:
         conn.execute(text("TRUNCATE api_calls, requests, runs, dead_letters RESTART IDENTITY CASCADE"))
     env = {"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url, "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
-           "TARS_SIM_LATENCY": "uniform:50:150", "TARS_SIM_FAILURE_RATE": "0.25", "TARS_TASK_EVENTS": "false"}
+           "TARS_SIM_LATENCY": "uniform:50:150", "TARS_SIM_FAILURE_RATE": "0.15", "TARS_TASK_EVENTS": "false"}
     out = tmp_path_factory.mktemp("lg-report")
     runner = Runner(settings=make_settings(env), out_dir=out, mode="local", worker_env=env)
     s = runner.run(SCENARIOS)
@@ -55,10 +55,11 @@ def _db_rows(pg_url: str, run_id: str):
         reqs = {row[0]: row for row in conn.execute(
             "SELECT id, status, submitted_at, started_at, finished_at, cost_usd, input_tokens, output_tokens, worker"
             " FROM requests WHERE run_id = %s", (run_id,))}
-        calls = conn.execute("SELECT count(*) FROM api_calls a JOIN requests r ON r.id = a.request_id "
-                             "WHERE r.run_id = %s", (run_id,)).fetchone()[0]
+        calls, model_ms = conn.execute(
+            "SELECT count(*), sum(a.latency_ms) FROM api_calls a JOIN requests r ON r.id = a.request_id "
+            "WHERE r.run_id = %s", (run_id,)).fetchone()
         summary = conn.execute("SELECT summary FROM runs WHERE id = %s", (run_id,)).fetchone()[0]
-    return reqs, calls, summary
+    return reqs, calls, float(model_ms), summary
 
 
 def _rank(values: np.ndarray, p: float) -> float:
@@ -67,7 +68,7 @@ def _rank(values: np.ndarray, p: float) -> float:
 
 
 def _recompute(pg_url: str, run_id: str) -> dict:
-    reqs, calls, summary = _db_rows(pg_url, run_id)
+    reqs, calls, model_ms, summary = _db_rows(pg_url, run_id)
     drive = summary["drive"]
     cols = summary["client"]["columns"]
     client = [dict(zip(cols, row, strict=True)) for row in summary["client"]["rows"]]
@@ -89,7 +90,7 @@ def _recompute(pg_url: str, run_id: str) -> dict:
         "p50": _rank(e2e, 50) * 1000, "p95": _rank(e2e, 95) * 1000, "p99": _rank(e2e, 99) * 1000,
         "wait_avg": waits.mean() * 1000, "svc_avg": svc.mean() * 1000,
         "cost": sum((Decimal(r[5]) for r in reqs.values()), Decimal(0)),
-        "tokens": sum(r[6] + r[7] for r in reqs.values()), "retries": calls - len(reqs),
+        "tokens": sum(r[6] + r[7] for r in reqs.values()), "retries": calls - len(reqs), "model_ms": model_ms,
         "workers": {w for w in (r[8] for r in reqs.values()) if w},
     }
     if drive["kind"] == "closed":
@@ -125,6 +126,8 @@ def test_every_figure_in_the_report_is_recomputed_from_the_stored_rows(session):
         assert a["latency_ms"]["service"]["avg"] == pytest.approx(want["svc_avg"], abs=1e-3)
         if "bound" in want:
             assert a["little"]["bound_per_s"] == pytest.approx(want["bound"], rel=1e-6)
+        run_model_ms = sum(r.model_ms or 0 for r in st.records)
+        assert run_model_ms == pytest.approx(want["model_ms"], abs=0.01)
         assert Decimal(a["cost"]["total_usd"]) == want["cost"]
         assert a["cost"]["input_tokens"] + a["cost"]["output_tokens"] == want["tokens"]
         assert a["retries"]["retries"] == want["retries"]
@@ -154,7 +157,7 @@ def test_a_multi_scenario_report_renders_every_scenario_and_its_plots_are_valid_
         assert f"### Scenario {i}: {sc.title}" in md
     assert "## Executive Summary" in md and "## Cost Analysis" in md
     assert "Little's Bound" in md and "Send Lag" in md  # closed and open loop figures both present
-    assert "retries over" in md  # the 25% injected failure rate shows as retries
+    assert "retries over" in md  # the 15% injected failure rate shows as retries
     pngs = [p for k, p in session["paths"].items() if k.endswith(".png")]
     assert {p.name for p in pngs} == {"throughput_vs_concurrency.png", "latency_vs_concurrency.png",
                                       "memory_over_time.png"}

@@ -22,3 +22,11 @@ def test_a_sweep_stops_when_throughput_falls_below_the_best_level():
 def test_a_sweep_without_a_break_reports_its_last_level_as_healthy():
     knee = find_knee([_lv(1, 1, 100), _lv(2, 2, 110)], KneePolicy())
     assert knee == {"knee": 2, "broke_at": None, "why": []}
+
+
+def test_an_open_loop_sweep_breaks_where_completions_fall_behind_the_offered_rate():
+    levels = [Level(level=r, throughput=t, p99_ms=100, error_rate=0, little_ratio=None, offered=r)
+              for r, t in ((10, 10), (20, 19.8), (40, 30), (80, 31))]
+    knee = find_knee(levels, KneePolicy())
+    assert knee["knee"] == 20 and knee["broke_at"] == 40
+    assert oversaturated_because(levels, KneePolicy()) is not None

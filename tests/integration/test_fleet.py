@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -292,16 +294,18 @@ def test_admission_degrades_then_refuses_against_real_queue_depths(fleet_env, re
 
 
 def test_an_unknown_task_and_an_undecodable_message_are_recorded_and_the_worker_keeps_going(
-    fleet_env, start_worker, client, db
+    fleet_env, start_worker, client, redis, db
 ):
     from tars_tasks.celery_app import make_app
 
     app = make_app(make_settings(fleet_env))
     app.send_task("tars.no_such_task", kwargs={"x": 1}, queue="tars.haiku")
-    with app.producer_or_acquire() as producer:
-        producer.publish(b"\x00\x01 not json", exchange="tars.haiku", routing_key="tars.haiku",
-                         content_type="application/x-garbage", content_encoding="binary",
-                         headers={"task": "tars.run_request", "id": "garbage-1"})
+    # A message in kombu's Redis envelope whose body no accepted serializer can decode.
+    garbage = {"body": base64.b64encode(b"\x00\x01 not json").decode(), "content-encoding": "binary",
+               "content-type": "application/x-garbage", "headers": {"task": "tars.run_request", "id": "garbage-1"},
+               "properties": {"delivery_tag": str(uuid.uuid4()), "body_encoding": "base64", "priority": 0,
+                              "delivery_info": {"exchange": "tars.haiku", "routing_key": "tars.haiku"}}}
+    redis.lpush("tars.haiku", json.dumps(garbage))
     start_worker(tiers=["haiku"], concurrency=10)
     assert client.submit(role="researcher", prompt="after the bad ones").wait(timeout=60).status == "succeeded"
 

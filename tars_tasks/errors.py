@@ -34,6 +34,10 @@ class BrokerUnavailable(TarsError):
     """The request could not be queued (broker unreachable). It was recorded as failed."""
 
 
+class ConfigurationError(TarsError, ValueError):
+    """An operations option or setting is missing or invalid; nothing was started."""
+
+
 class DatabaseUnavailable(TarsError):
     """Postgres (or the embedded SQLite) could not be reached."""
 

@@ -35,8 +35,7 @@ from pathlib import Path
 
 from config.keys import TIERS
 from tars_tasks import topology
-from tars_tasks.errors import TarsError
-from tars_tasks.topology import ConfigurationError
+from tars_tasks.errors import ConfigurationError, TarsError
 
 STATE_FILE = "fleet.json"
 DEFAULT_READY_TIMEOUT_S = 90.0

@@ -13,7 +13,7 @@ import click
 
 from config.keys import TIERS
 from tars_tasks import topology
-from tars_tasks.topology import ConfigurationError
+from tars_tasks.errors import ConfigurationError
 
 
 @click.group("fleet")

@@ -26,7 +26,8 @@ import click
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tars_tasks.topology import FLOWER_PORT, ConfigurationError
+from tars_tasks.errors import ConfigurationError
+from tars_tasks.topology import FLOWER_PORT
 
 #: How often Flower saves its state in persistent mode.
 DEFAULT_STATE_SAVE_INTERVAL_S = 60

@@ -7,7 +7,8 @@ import threading
 
 import click
 
-from tars_tasks.topology import METRICS_PORT, ConfigurationError
+from tars_tasks.errors import ConfigurationError
+from tars_tasks.topology import METRICS_PORT
 
 
 @click.group("metrics")

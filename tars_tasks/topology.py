@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from config.keys import TIERS
-from tars_tasks.errors import TarsError
 
 #: Ports inside the compose network (and defaults of the local runner).
 FLOWER_PORT = 5555
@@ -29,10 +28,6 @@ CONTAINER_HOST = "0.0.0.0"  # containers listen in their own network namespace
 WORKER_STOP_GRACE_S = 300
 SERVICE_STOP_GRACE_S = 30
 
-
-
-class ConfigurationError(TarsError, ValueError):
-    """An operations option or setting is missing or invalid; nothing was started."""
 
 
 ROLE_WORKER = "worker"

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tars_tasks.errors import ConfigurationError
 from tars_tasks.fleet import plan_fleet
 from tars_tasks.flower_cli import basic_auth_value, flower_argv, flower_env
-from tars_tasks.topology import ConfigurationError
 from tests.helpers import ROOT, make_settings
 from tests.ops.conftest import free_port
 

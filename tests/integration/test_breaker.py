@@ -71,3 +71,30 @@ def test_consecutive_failures_trip_the_breaker_for_every_worker_and_a_probe_clos
         after = client.wait_many([h.id for h in client.submit_many(
             [{"role": "engineer", "prompt": f"again {i}"} for i in range(10)])], timeout=30)
         assert all(r.status == "succeeded" and r.tier_used == "sonnet" for r in after)
+
+
+def test_a_5xx_and_overload_storm_ends_every_request_terminal_with_every_call_a_row(
+        fleet_env, tmp_path, mock_llm, start_worker, db):  # noqa: F811
+    from tars_tasks.client import TarsClient
+
+    mock = mock_llm("--latency", "fixed:10", "--error-rate", "0.3", "--overload-rate", "0.2", "--seed", "7")
+    catalog = write_catalog(tmp_path / "catalog.toml", haiku={"max_attempts": 4, "retry_budget_s": 15})
+    env = {**fleet_env, "TARS_CATALOG_PATH": str(catalog), "TARS_PROVIDER_BASE_URL": mock.url,
+           "ANTHROPIC_API_KEY": FAKE_ANTHROPIC_KEY, "TARS_BREAKER_COOLDOWN_S": "1",
+           "TARS_RETRY_BACKOFF_INITIAL_S": "0.05"}
+    start_worker(tiers=["haiku"], concurrency=40, env=env)
+    n = 100
+    with TarsClient(settings=make_settings(env)) as client:
+        handles = client.submit_many([{"role": "researcher", "prompt": f"storm {i}"} for i in range(n)])
+        results = client.wait_many([h.id for h in handles], timeout=90)
+
+    assert len(results) == n and all(r.done for r in results)
+    assert sum(r.ok for r in results) > n / 2
+    rows = api_rows(db)
+    outcomes = {r["outcome"] for r in rows}
+    assert {"ok", "transient_error", "overloaded"} <= outcomes and "in_flight" not in outcomes
+    # every call the provider received is an attempt row, and every attempt row a call it received
+    assert mock.total(MODELS["haiku"]) == len(rows) == sum(r.attempts for r in results)
+    for r in results:
+        if not r.ok:
+            assert any(k in r.error for k in ("transient_error", "overloaded", "circuit_open")), r.error

@@ -157,7 +157,7 @@ class ExternalFleet:
 
     def __init__(self, *, broker_url: str) -> None:
         self.broker_url = broker_url
-        self._pids = discover_local_workers()
+        self._pids = discover_local_workers(broker_url=broker_url)
         self.processes = len(self._pids) or None
 
     def pids(self) -> list[int]:
@@ -171,13 +171,22 @@ class ExternalFleet:
         pass
 
 
-def discover_local_workers() -> list[int]:
-    """Pids of Celery workers of ``tars_tasks`` running on this host (read-only discovery)."""
+def discover_local_workers(*, broker_url: str) -> list[int]:
+    """Pids of this host's Celery workers of ``tars_tasks`` on ``broker_url`` (read-only discovery).
+
+    A worker counts only if its environment names the same ``TARS_BROKER_URL``: other fleets on
+    the host (another namespace, another Redis database) are not ours to sample.
+    """
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if "celery" in " ".join(cmd) and "tars_tasks" in cmd and "worker" in cmd:
-            found.append(p.info["pid"])
+        if not ("celery" in " ".join(cmd) and "tars_tasks" in cmd and "worker" in cmd):
+            continue
+        try:
+            if p.environ().get("TARS_BROKER_URL") == broker_url:
+                found.append(p.info["pid"])
+        except psutil.Error:
+            continue
     return found
 
 

@@ -8,7 +8,8 @@ Definitions (the report repeats them):
   its lifetime (origin → completion) that lies in the window, so a window edge never adds or
   drops a whole request. ``completed_in_window`` is the plain count of completions.
 * **Little's bound** (closed loop) = C / mean service time, service = the row's
-  ``finished_at - started_at`` (what a worker spent on it, retries included). Throughput can
+  ``finished_at - started_at`` (what a worker spent on it, retries included), the mean taken
+  over the requests the throughput counts, with the same window shares as weights. Throughput can
   reach it only if nothing else — queueing, broker, commit, notice, generator refill — takes
   time; ``ratio`` = throughput / bound is the honest efficiency figure.
 * **latency** (HdrHistogram, µs resolution, 3 significant digits; percentile p is the value of
@@ -113,8 +114,14 @@ def compute(
     }
     throughput = completions / dur
     little = None
-    if kind == "closed" and concurrency and services:
-        mean_service = sum(services) / len(services)
+    # Little's bound uses the mean service time of the very requests the throughput counts,
+    # weighted by the same window shares; since no request's service exceeds its lifetime,
+    # the ratio cannot exceed 1 (short runs of few, unequal requests would otherwise scatter it).
+    weighted = [(_overlap_share(r.origin, r.done_at, w0, w1), r.finished_at - r.started_at) for r in done  # type: ignore[arg-type]
+                if r.started_at is not None and r.finished_at is not None]
+    share_sum = sum(w for w, _ in weighted)
+    if kind == "closed" and concurrency and share_sum > 0:
+        mean_service = sum(w * s for w, s in weighted) / share_sum
         bound = concurrency / mean_service
         little = {"concurrency": concurrency, "mean_service_ms": mean_service * 1000, "bound_per_s": bound,
                   "ratio": throughput / bound}

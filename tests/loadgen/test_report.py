@@ -93,8 +93,13 @@ def _recompute(pg_url: str, run_id: str) -> dict:
         "tokens": sum(r[6] + r[7] for r in reqs.values()), "retries": calls - len(reqs), "model_ms": model_ms,
         "workers": {w for w in (r[8] for r in reqs.values()) if w},
     }
-    if drive["kind"] == "closed":
-        out["bound"] = drive["concurrency"] / svc.mean()
+    if drive["kind"] == "closed":  # mean service of the requests counted, weighted by their window share
+        ws = []
+        for c in client:
+            r = reqs[c["request_id"]]
+            a, b = c[origin_key], c["done_at"]
+            ws.append((max(0.0, min(b, w1) - max(a, w0)) / (b - a), (r[4] - r[3]).total_seconds()))
+        out["bound"] = drive["concurrency"] * sum(w for w, _ in ws) / sum(w * s for w, s in ws)
     return out
 
 

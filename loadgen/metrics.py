@@ -82,8 +82,9 @@ def compute(
     notes: list[str] = []
     if w1 - w0 < MIN_WINDOW_S and records:
         last = max((r.done_at for r in records if r.done_at is not None), default=ended_at)
-        notes.append(f"the load phase lasted {w1 - w0:.2f} s (a burst): throughput and latency cover the whole run, "
-                     f"from the first request to the last completion ({last - started_at:.2f} s)")
+        notes.append(f"the steady window was only {w1 - w0:.2f} s (a burst, or a warm-up that outlasted the load "
+                     f"phase): throughput and latency cover the whole run, from the first request to the last "
+                     f"completion ({last - started_at:.2f} s)")
         w0, w1 = started_at, max(last, started_at + 1e-6) + 1e-9
         window = (w0, w1)
     steady = in_window(records, window)

@@ -118,7 +118,10 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
         line = f"RSS of {res['processes']}: peak {mb(res['rss_peak_mb'])}, average {mb(res['rss_avg_mb'])}"
         if res["growth_mb_per_min"] is not None:
             lo, hi = res["growth_ci95_mb_per_min"]
-            verdict = {"growing": "growth above the threshold — a leak or an unbounded buffer",
+            verdict = {"growing": ("growth above the threshold throughout the window — a leak, an unbounded buffer, "
+                                   "or warm-up allocation that a longer run (memory-5m) would tell apart"
+                                   if res["steady_span_s"] < 120 else
+                                   "growth above the threshold throughout the window — a leak or an unbounded buffer"),
                        "flat": "no growth above the threshold",
                        "inconclusive": (f"sampled for less than {res.get('leak_min_span_s', 0):g} s after warm-up, "
                                         "too short to tell" if res["steady_span_s"] < res.get("leak_min_span_s", 0)

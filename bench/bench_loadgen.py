@@ -90,12 +90,15 @@ class BareCeleryProducer:
         return []
 
 
+def factory(i: int) -> dict:
+    return {"role": "researcher", "prompt": f"bench {i}", "tenant": "bench"}
+
+
 def run_rate(producer, *, rate: float, duration_s: float) -> dict:
     from loadgen.drivers import OpenLoop
     from loadgen.schedule import make_schedule
 
     schedule = make_schedule(rate_per_s=rate, arrival="constant", duration_s=duration_s)
-    factory = (lambda i: {"role": "researcher", "prompt": f"bench {i}", "tenant": "bench"})
     drive = OpenLoop(producer=producer, factory=factory, schedule=schedule, rate_per_s=rate, arrival="constant",
                      drain_timeout_s=0.0, max_in_flight=10**9).run()
     lags = np.array([(s.sent_at - s.intended_at) * 1000 for s in drive.samples])

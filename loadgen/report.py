@@ -52,7 +52,8 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
     little = a.get("little")
     if little:
         line = (f"Throughput {thr:.2f} req/s is {little['ratio']:.1%} of Little's bound {little['bound_per_s']:.2f} "
-                f"req/s ({little['concurrency']} in flight ÷ {little['mean_service_ms']:,.0f} ms mean service time).")
+                f"req/s ({little['concurrency']} in flight ÷ {little['mean_service_ms']:,.0f} ms mean service time "
+                f"of the requests completing in the window).")
         if e2e["avg"] is not None and svc["avg"] is not None:
             other = e2e["avg"] - svc["avg"] - (wait["avg"] or 0)
             line += (f" Per request, {wait['avg'] or 0:,.1f} ms went to queue wait and {other:,.1f} ms to broker, "
@@ -80,7 +81,8 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
     mc = lat.get("model_call") or {}
     if mc.get("avg") is not None and svc["avg"]:
         rw = (lat.get("ratelimit_wait") or {}).get("avg") or 0.0
-        out.append(f"Of the {svc['avg']:,.0f} ms mean service time, {mc['avg']:,.0f} ms were provider calls, "
+        out.append(f"Of the {svc['avg']:,.0f} ms mean service time of the requests sent in the window, "
+                   f"{mc['avg']:,.0f} ms were provider calls, "
                    f"{rw:,.1f} ms rate-limit waits and {svc['avg'] - mc['avg'] - rw:,.1f} ms the worker's own work "
                    "(breaker, limiter, attempt rows, backoff between retries).")
     if e2e["p99"] is not None and svc["p99"] is not None:

@@ -11,7 +11,8 @@ from typing import Any
 
 CAPABILITY_TEXT = {
     "fleet_rate_limiter": "fleet-wide rate limiter (workers/ratelimit.py)",
-    "degradation_modes": "graceful degradation modes (optimal → high load → critical)",
+    "degradation_modes": "graceful degradation modes (optimal → high load → critical; seen as requests run on a "
+                         "cheaper tier than requested)",
     "admission_control": "admission control (refusing requests with Overloaded)",
     "worker_processes": "several worker processes",
 }
@@ -28,7 +29,7 @@ def probe() -> dict[str, bool]:
     """Present in this code base (importable), whether or not a run exercises it."""
     return {
         "fleet_rate_limiter": _has("workers.ratelimit"),
-        "degradation_modes": _has("tars_tasks.degradation"),
+        "degradation_modes": _has("tars_tasks.degradation") or _has("tars_tasks.admission"),
         "admission_control": _has("tars_tasks.admission"),
         "worker_processes": True,
     }

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = 3600.0
     #: How often surviving workers sweep for messages of dead workers.
     unacked_restore_interval_s: float = 10.0
+    #: A request still ``queued`` after this long, with no attempt, in no queue and held by no
+    #: worker, was lost by the broker (see workers/maintenance.py) and is published again.
+    requeue_lost_after_s: float = Field(default=120.0, gt=0)
+    #: How often one worker of the fleet looks for lost requests.
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
     #: Deliveries of one request after which it is failed as poison instead of run again.
     max_deliveries: int = Field(default=5, ge=1)
     #: 2, not 1: with the gevent pool Celery runs its "synloop", and when a worker holds as many

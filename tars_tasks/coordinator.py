@@ -24,13 +24,13 @@ from sqlalchemy import Engine, select, tuple_, update
 from sqlalchemy.exc import OperationalError
 
 from config.catalog import Catalog
-from config.keys import TASK_RUN_REQUEST, queue_for_tier
+from config.keys import queue_for_tier
 from config.settings import Settings
 from tars_tasks.admission import Admission
-from tars_tasks.celery_app import redis_priority
 from tars_tasks.db.models import STATUS_FAILED, STATUS_QUEUED, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest
+from tars_tasks.publish import publish_request
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import RequestSpec, validate_spec
 
@@ -166,23 +166,9 @@ class Coordinator:
         try:
             with self.celery_app.producer_or_acquire() as producer:
                 for p in planned:
-                    self.celery_app.send_task(
-                        TASK_RUN_REQUEST,
-                        kwargs={
-                            "request_id": p.id,
-                            "tier": p.route.tier,
-                            "role": p.spec.role,
-                            "prompt": p.spec.prompt,
-                            "tenant": p.spec.tenant,
-                            "priority": p.spec.priority,
-                            "reply_to": reply_to,
-                        },
-                        task_id=p.id,
-                        queue=p.route.queue,
-                        routing_key=p.route.queue,
-                        priority=redis_priority(p.spec.priority),
-                        producer=producer,
-                    )
+                    publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
+                                    role=p.spec.role, prompt=p.spec.prompt, tenant=p.spec.tenant,
+                                    priority=p.spec.priority, reply_to=reply_to)
                     sent += 1
         except Exception as exc:
             unsent = [p.id for p in planned[sent:]]

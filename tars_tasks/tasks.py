@@ -39,24 +39,25 @@ def _init_process(**_kw) -> None:
     dispose_engines()  # never share a parent's pooled connections after fork
 
 
-_restorer = None
+_maintenance: list = []
 
 
 @signals.worker_ready.connect
 def _start_maintenance(sender=None, **_kw) -> None:
-    global _restorer
-    from workers.maintenance import UnackedRestorer
+    from workers.maintenance import LostRequestReconciler, UnackedRestorer
 
     app_ = getattr(sender, "app", None) or app
-    _restorer = UnackedRestorer(celery_app=app_, interval_s=get_settings().unacked_restore_interval_s).start()
+    settings = get_settings()
+    _maintenance.append(UnackedRestorer(celery_app=app_, interval_s=settings.unacked_restore_interval_s).start())
+    _maintenance.append(LostRequestReconciler(celery_app=app_, settings=settings).start())
 
 
 @signals.worker_shutdown.connect
 def _flush_on_shutdown(**_kw) -> None:
     from workers.agent import close_agent
 
-    if _restorer is not None:
-        _restorer.stop()
+    for job in _maintenance:
+        job.stop()
     close_agent()
 
 

@@ -388,7 +388,7 @@ def test_a_redis_restart_with_work_queued_and_running_loses_nothing(fleet_env, s
     from tars_tasks.client import TarsClient
 
     env = {**fleet_env, "TARS_BROKER_URL": private_redis.url, "TARS_VISIBILITY_TIMEOUT_S": "5",
-           "TARS_SIM_LATENCY": "uniform:300:800"}
+           "TARS_SIM_LATENCY": "uniform:300:800", "TARS_REQUEUE_LOST_AFTER_S": "5", "TARS_RECONCILE_INTERVAL_S": "1"}
     fleet_env.update(env)  # the worker fixture reads fleet_env
     start_worker(tiers=["haiku"], concurrency=20)
     with TarsClient(settings=make_settings(env)) as client:
@@ -438,3 +438,29 @@ def test_postgres_down_during_result_writes_holds_the_acks_until_the_rows_are_du
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 60
         assert conn.execute(text("SELECT count(*) FROM api_calls WHERE outcome = 'in_flight'")).scalar() == 0
+
+
+def test_a_request_the_broker_lost_is_published_again_and_one_still_queued_is_not(
+    fleet_env, start_worker, client, redis, db
+):
+    from tars_tasks.db.models import Request
+    from workers.maintenance import LostRequestReconciler
+
+    # "lost": recorded, never published (what a message popped just before a Redis crash looks like)
+    lost = client.coordinator.plan([{"role": "researcher", "prompt": "lost in transit"}])
+    client.coordinator._record(lost, run_id=None)
+    settings = make_settings(fleet_env, requeue_lost_after_s=0.5)
+    with db.begin() as conn:
+        conn.execute(Request.__table__.update().values(submitted_at=text("now() - interval '1 minute'")))
+    reconciler = LostRequestReconciler(celery_app=client.celery_app, settings=settings)
+    # while the tier's queue holds a backlog, nothing is re-published: it may be in there
+    waiting = client.submit(role="researcher", prompt="waiting in the queue")
+    assert reconciler.sweep() == 0
+    redis.delete(f"{settings.namespace}:reconcile:lock")  # let the next sweep run now
+    start_worker(tiers=["haiku"], concurrency=10)
+    assert waiting.wait(timeout=60).ok
+    assert _wait_until(lambda: reconciler.sweep() == 1 or None, timeout=10, interval=1.1)
+    assert client.wait(lost[0].id, timeout=60).ok
+    with db.connect() as conn:
+        calls = conn.execute(text("SELECT count(*) FROM api_calls WHERE request_id = :i"), {"i": lost[0].id}).scalar()
+    assert calls == 1

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     #: Seconds an open breaker refuses calls before it lets one probe through.
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    #: A worker that saw a breaker closed with no failures trusts that for this long before it
+    #: asks Redis again: a breaker opened elsewhere reaches this worker within this time. The
+    #: worker's own failures go to Redis at once. 0 asks Redis before every call.
+    breaker_cache_s: float = Field(default=0.25, ge=0)
     #: While a tier's breaker is open: "fallback" to the tier's fallback tier (waiting only
     #: when it has none), or "wait" for the breaker to close within the retry budget.
     breaker_open_policy: Literal["fallback", "wait"] = "fallback"

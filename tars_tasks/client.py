@@ -116,7 +116,7 @@ class TarsClient:
         """Validate all, then record and queue all. One bad request rejects the whole call."""
         listener = self.listener  # subscribe before anything can finish
         subs: list[Submission] = self.coordinator.submit_many(
-            requests, run_id=run_id, reply_to=listener.channel if hasattr(listener, "channel") else None
+            requests, run_id=run_id, reply_to=listener.channel
         )
         return [RequestHandle(id=s.id, tier=s.tier, priority=s.priority, created=s.created, client=self)
                 for s in subs]
@@ -169,13 +169,45 @@ class TarsClient:
                 raise ResultTimeout(f"request {request_id} is still {result.status} after {timeout}s")
             event.wait(poll_interval_s if remaining is None else min(poll_interval_s, remaining))
 
-    def wait_many(self, request_ids: Iterable[str], *, timeout: float | None = None) -> list[RequestResult]:
+    def wait_many(
+        self, request_ids: Iterable[str], *, timeout: float | None = None, poll_interval_s: float = 2.0
+    ) -> list[RequestResult]:
+        """Block until every request is terminal; results in the order of ``request_ids``.
+
+        Rows are read in batches (one query per round, not one per request); notices wake the
+        wait early, and the rows are re-read at least every ``poll_interval_s``.
+        """
+        ids = list(request_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        results = []
-        for rid in request_ids:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            results.append(self.wait(rid, timeout=remaining))
-        return results
+        events = {rid: self.listener.event_for(rid) for rid in ids}
+        done: dict[str, RequestResult] = {}
+        pending = list(dict.fromkeys(ids))
+        first = True
+        try:
+            while True:
+                rows = self.get_many(pending)
+                if first and len(rows) < len(pending):
+                    missing = sorted(set(pending) - {r.id for r in rows})
+                    raise RequestNotFound(f"no request with id {missing[0]!r}" +
+                                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                first = False
+                done.update((r.id, r) for r in rows if r.done)
+                pending = [rid for rid in pending if rid not in done]
+                if not pending:
+                    return [done[rid] for rid in ids]
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise ResultTimeout(f"{len(pending)} of {len(set(ids))} request(s) not finished after {timeout}s "
+                                        f"(first: {pending[0]})")
+                round_end = now + poll_interval_s if deadline is None else min(now + poll_interval_s, deadline)
+                for rid in pending:
+                    remaining = round_end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    events[rid].wait(remaining)
+        finally:
+            for rid in ids:
+                self.listener.forget(rid)
 
     def close(self) -> None:
         if self._listener is not None:

@@ -37,8 +37,10 @@ class CompletionListener:
     #: Remember this many finished ids whose waiter has not registered yet.
     RECENT_MAX = 200_000
 
-    def __init__(self, producer_id: str) -> None:
+    def __init__(self, producer_id: str, *, namespace: str) -> None:
         self.producer_id = producer_id
+        #: Where workers publish this producer's notices (the task's ``reply_to``).
+        self.channel = done_channel(namespace, producer_id)
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         self._recent: OrderedDict[str, str] = OrderedDict()
@@ -81,8 +83,8 @@ class CompletionListener:
             self._events.pop(request_id, None)
             self._recent.pop(request_id, None)
 
-    def close(self) -> None:  # pragma: no cover - overridden
-        pass
+    def close(self) -> None:
+        """Stop receiving notices (subclasses release their subscription)."""
 
 
 # --- in-process (embedded fleet) -----------------------------------------------------------
@@ -102,8 +104,7 @@ class LocalNotifier:
 
 class LocalListener(CompletionListener):
     def __init__(self, producer_id: str, *, namespace: str) -> None:
-        super().__init__(producer_id)
-        self.channel = done_channel(namespace, producer_id)
+        super().__init__(producer_id, namespace=namespace)
         with _local_lock:
             _local_listeners[self.channel] = self
 
@@ -133,8 +134,7 @@ class RedisNotifier:
 
 class RedisListener(CompletionListener):
     def __init__(self, producer_id: str, *, namespace: str, redis_client) -> None:
-        super().__init__(producer_id)
-        self.channel = done_channel(namespace, producer_id)
+        super().__init__(producer_id, namespace=namespace)
         self._pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(self.channel)
         self._stop = threading.Event()

@@ -87,6 +87,8 @@ class ModelCaller:
         self._providers: dict[str, Provider] = {}
         self.limiter: FleetRateLimiter | None = None
         self.breaker: FleetBreaker | None = None
+        #: (provider, model) -> monotonic time until which a closed breaker is trusted unasked.
+        self._closed_until: dict[tuple[str, str], float] = {}
         if redis_client is not None and settings.ratelimit_enabled:
             self.limiter = FleetRateLimiter(
                 redis_client=redis_client, namespace=settings.namespace, window_s=settings.ratelimit_window_s,
@@ -174,9 +176,7 @@ class ModelCaller:
                                 max_s=self.settings.retry_backoff_max_s)
         for attempt in retrying:
             with attempt:
-                permit = (self.breaker.allow(provider=provider.name, model=spec.model,
-                                             probe_lease_s=spec.timeout_s + 5)
-                          if self.breaker is not None else Permit(probe=False))
+                permit = self._allow(provider=provider.name, model=spec.model, probe_lease_s=spec.timeout_s + 5)
                 waited_s = 0.0
                 if self.limiter is not None:
                     try:
@@ -216,9 +216,23 @@ class ModelCaller:
         assert completion is not None  # tenacity re-raises when it stops
         return completion
 
+    def _allow(self, *, provider: str, model: str, probe_lease_s: float) -> Permit:
+        """The breaker's leave for one call. A breaker seen closed with no failures is trusted for
+        ``breaker_cache_s`` without asking Redis (two round trips saved per call in the common case)."""
+        if self.breaker is None:
+            return Permit(probe=False)
+        key = (provider, model)
+        if self._closed_until.get(key, 0.0) > time.monotonic():
+            return Permit(probe=False)
+        permit = self.breaker.allow(provider=provider, model=model, probe_lease_s=probe_lease_s)
+        if not permit.probe and permit.failures == 0 and self.settings.breaker_cache_s > 0:
+            self._closed_until[key] = time.monotonic() + self.settings.breaker_cache_s
+        return permit
+
     def _tell_breaker(self, *, exc: ProviderError, permit: Permit, provider: str, model: str) -> None:
         if self.breaker is None:
             return
+        self._closed_until.pop((provider, model), None)
         if trips_at_once(exc):
             log.error("%s:%s answered 401; opening its breaker (no retries into a ban)", provider, model)
             self.breaker.record_failure(provider=provider, model=model, reason=exc.outcome, trip=True)

@@ -21,9 +21,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, select, update
+from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
 
-from tars_tasks.db.models import STATUS_QUEUED, ApiCall, Request
+from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, ApiCall, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.notify import Notice, Notifier
 
@@ -48,13 +48,21 @@ class _Entry:
 
 
 def _finish_stmt():
-    """Finish a request once: only a row still ``queued`` changes. Totals come from api_calls,
-    so the request's cost is what every attempt of every delivery cost."""
+    """Finish a request once: only a row still ``queued`` (or failed only for its enqueue) changes.
+    Totals come from api_calls, so the request's cost is what every attempt of every delivery cost."""
     a = _api.c
     calls = lambda col: select(col).where(a.request_id == _req.c.id).scalar_subquery()  # noqa: E731
     return (
         update(_req)
-        .where(_req.c.id == bindparam("b_id"), _req.c.status == STATUS_QUEUED)
+        .where(
+            _req.c.id == bindparam("b_id"),
+            or_(
+                _req.c.status == STATUS_QUEUED,
+                # marked failed because its publish raised, yet it reached a worker: it was queued
+                and_(_req.c.status == STATUS_FAILED, _req.c.started_at.is_(None),
+                     _req.c.error.startswith(ENQUEUE_FAILED)),
+            ),
+        )
         .values(
             status=bindparam("b_status"),
             result=bindparam("b_result"),

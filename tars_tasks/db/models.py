@@ -34,6 +34,8 @@ STATUS_FAILED = "failed"
 OUTCOME_IN_FLIGHT = "in_flight"
 OUTCOME_OK = "ok"
 TERMINAL_STATUSES = (STATUS_SUCCEEDED, STATUS_FAILED)
+#: Prefix of ``requests.error`` for a request whose publish failed (the producer was told).
+ENQUEUE_FAILED = "enqueue failed"
 
 
 class Base(DeclarativeBase):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,3 +72,16 @@ def start_producer_script(code: str, env: dict[str, str], *, args: list[str] = (
     """Start Python code as a separate producer process; read it with ``communicate()``."""
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def free_port(*, low: int, high: int) -> int:
+    """A TCP port on 127.0.0.1 in [low, high] that nothing listens on now (ranges keep suites apart)."""
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")

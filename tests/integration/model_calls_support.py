@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import ROOT
+from tests.helpers import free_port as helpers_free_port
 
 #: Ports of this suite's mock servers (other engineers' suites use other ranges).
 MOCK_PORT_RANGE = (18300, 18999)
@@ -33,15 +32,7 @@ MODELS = {"haiku": "mock-haiku", "sonnet": "mock-sonnet", "opus": "mock-opus"}
 
 
 def free_port() -> int:
-    for _ in range(200):
-        port = random.randint(*MOCK_PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port for the mock server")
+    return helpers_free_port(low=MOCK_PORT_RANGE[0], high=MOCK_PORT_RANGE[1])
 
 
 @dataclass

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ import redis as redis_lib
 from sqlalchemy import text
 
 from tests.helpers import ROOT
+from tests.helpers import free_port as helpers_free_port
 
 FLOWER_USER = "operator"
 FLOWER_PASSWORD = "s3cret-flower-pw"
@@ -27,16 +26,8 @@ PORT_RANGE = (19000, 19999)
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 inside the tests' range."""
-    for _ in range(200):
-        port = random.randint(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in the test range")
+    """A free TCP port on 127.0.0.1 inside the ops tests' range."""
+    return helpers_free_port(low=PORT_RANGE[0], high=PORT_RANGE[1])
 
 
 @dataclass

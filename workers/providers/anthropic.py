@@ -12,7 +12,7 @@ import httpx
 from config.catalog import ModelSpec
 from tars_tasks.errors import TransientProviderError
 from workers.providers.base import Completion
-from workers.providers.http import ClientPool, api_key, error_for_status, parse_json, post_json, redact, shared_pool
+from workers.providers.http import HttpProvider, error_for_status, parse_json, post_json, redact
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_API_KEY_ENV = "ANTHROPIC_API_KEY"
@@ -21,20 +21,14 @@ ANTHROPIC_VERSION = "2023-06-01"
 CONTEXT_MARKERS = ("prompt is too long", "context window", "too many tokens", "context length")
 
 
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     name = "anthropic"
 
-    def __init__(self, *, base_url: str | None = None, api_key_env: str | None = None,
-                 client: httpx.Client | None = None) -> None:
-        self.base_url = base_url
-        self.api_key_env = api_key_env
-        self._client = client
-
-    def _client_for(self, spec: ModelSpec) -> httpx.Client | ClientPool:
-        return self._client or shared_pool(spec.base_url or self.base_url or DEFAULT_BASE_URL)
+    default_base_url = DEFAULT_BASE_URL
+    default_api_key_env = DEFAULT_API_KEY_ENV
 
     def complete(self, *, spec: ModelSpec, prompt: str, request_id: str, attempt: int) -> Completion:
-        secret = api_key(env_var=spec.api_key_env or self.api_key_env or DEFAULT_API_KEY_ENV)
+        secret = self._secret(spec)
         body = {
             "model": spec.model,
             "max_tokens": spec.output_tokens[1],

@@ -203,3 +203,25 @@ def parse_json(response: httpx.Response, *, spec: ModelSpec) -> dict:
 def estimate_tokens(text: str) -> int:
     """About four characters per token (the providers' own rule of thumb)."""
     return max(1, math.ceil(len(text) / 4))
+
+
+class HttpProvider:
+    """What the HTTP providers share: where to send, which key to read, which client to use.
+    Subclasses set ``name``, ``default_base_url`` and ``default_api_key_env`` and implement
+    ``complete``."""
+
+    name: str
+    default_base_url: str
+    default_api_key_env: str
+
+    def __init__(self, *, base_url: str | None = None, api_key_env: str | None = None,
+                 client: httpx.Client | None = None) -> None:
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self._client = client
+
+    def _client_for(self, spec: ModelSpec) -> httpx.Client | ClientPool:
+        return self._client or shared_pool(spec.base_url or self.base_url or self.default_base_url)
+
+    def _secret(self, spec: ModelSpec) -> str:
+        return api_key(env_var=spec.api_key_env or self.api_key_env or self.default_api_key_env)

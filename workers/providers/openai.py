@@ -12,27 +12,21 @@ import httpx
 from config.catalog import ModelSpec
 from tars_tasks.errors import TransientProviderError
 from workers.providers.base import Completion
-from workers.providers.http import ClientPool, api_key, error_for_status, parse_json, post_json, redact, shared_pool
+from workers.providers.http import HttpProvider, error_for_status, parse_json, post_json, redact
 
 DEFAULT_BASE_URL = "https://api.openai.com"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context window")
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     name = "openai"
 
-    def __init__(self, *, base_url: str | None = None, api_key_env: str | None = None,
-                 client: httpx.Client | None = None) -> None:
-        self.base_url = base_url
-        self.api_key_env = api_key_env
-        self._client = client
-
-    def _client_for(self, spec: ModelSpec) -> httpx.Client | ClientPool:
-        return self._client or shared_pool(spec.base_url or self.base_url or DEFAULT_BASE_URL)
+    default_base_url = DEFAULT_BASE_URL
+    default_api_key_env = DEFAULT_API_KEY_ENV
 
     def complete(self, *, spec: ModelSpec, prompt: str, request_id: str, attempt: int) -> Completion:
-        secret = api_key(env_var=spec.api_key_env or self.api_key_env or DEFAULT_API_KEY_ENV)
+        secret = self._secret(spec)
         body = {
             "model": spec.model,
             "max_tokens": spec.output_tokens[1],

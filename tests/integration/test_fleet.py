@@ -43,6 +43,12 @@ def _wait_until(predicate, *, timeout: float, interval: float = 0.2):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def _finished(db) -> int:
+    """Requests no longer queued, as the database has them."""
+    with db.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'queued'")).scalar()
+
+
 def test_a_thousand_requests_from_two_producers_end_terminal_and_cost_what_the_catalog_says(
     fleet_env, start_worker, db
 ):
@@ -394,11 +400,7 @@ def test_a_redis_restart_with_work_queued_and_running_loses_nothing(fleet_env, s
     with TarsClient(settings=make_settings(env)) as client:
         handles = client.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(80)])
 
-        def some_done():
-            with db.connect() as conn:
-                return conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'queued'")).scalar() >= 10
-
-        _wait_until(some_done, timeout=60)
+        _wait_until(lambda: _finished(db) >= 10, timeout=60)
         private_redis.restart()
         results = client.wait_many([h.id for h in handles], timeout=180)
     assert {r.status for r in results} == {"succeeded"}
@@ -418,15 +420,10 @@ def test_postgres_down_during_result_writes_holds_the_acks_until_the_rows_are_du
                      env={"TARS_DATABASE_URL": worker_db, "TARS_SIM_LATENCY": "uniform:200:400"})
         handles = client.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(60)])
 
-        def some_done():
-            with db.connect() as conn:
-                return conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'queued'")).scalar() >= 5
-
-        _wait_until(some_done, timeout=60)
+        _wait_until(lambda: _finished(db) >= 5, timeout=60)
         proxy.cut()
         time.sleep(3)  # the outage: workers finish calls they cannot record
-        with db.connect() as conn:
-            done_during = conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'queued'")).scalar()
+        done_during = _finished(db)
         held = redis.hlen("unacked")
         assert held > 0, "no message was held unacked while its rows could not be written"
         proxy.restore()

@@ -29,10 +29,6 @@ def breaker_key(namespace: str, provider: str, model: str) -> str:
     return f"{namespace}:breaker:{provider}:{model}"
 
 
-def cache_key(namespace: str, digest: str) -> str:
-    return f"{namespace}:cache:{digest}"
-
-
 def reconcile_lock_key(namespace: str) -> str:
     """Held by the one worker that looks for lost requests in a given interval."""
     return f"{namespace}:reconcile:lock"

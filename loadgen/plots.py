@@ -41,12 +41,7 @@ def plot_throughput(steps: Sequence[StepResult], path: Path) -> Path | None:
     ax.set_xlabel("concurrency (requests in flight)")
     ax.set_ylabel("throughput (completions/s, steady window)")
     ax.set_title("Throughput vs concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_latency(steps: Sequence[StepResult], path: Path) -> Path | None:
@@ -60,12 +55,7 @@ def plot_latency(steps: Sequence[StepResult], path: Path) -> Path | None:
     ax.set_xlabel("concurrency (requests in flight)")
     ax.set_ylabel("end-to-end latency (ms)")
     ax.set_title("Latency percentiles vs concurrency (HdrHistogram)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_memory(steps: Sequence[StepResult], path: Path) -> Path | None:
@@ -96,3 +86,13 @@ def write_plots(steps: Sequence[StepResult], out_dir: Path) -> dict[str, str]:
         if fn(steps, out_dir / name) is not None:
             made[name] = str(out_dir / name)
     return made
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Grid, legend, layout; write the PNG and free the figure."""
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

@@ -8,7 +8,6 @@ try TARS on a laptop; it is not a production topology (one process, no redeliver
 from __future__ import annotations
 
 import threading
-import time
 
 from celery.worker import WorkController
 from celery.worker import state as worker_state
@@ -73,7 +72,6 @@ class EmbeddedFleet:
 
         close_agent()
         self._thread = None
-        time.sleep(0)
 
     def __enter__(self) -> EmbeddedFleet:
         return self.start()

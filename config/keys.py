@@ -1,4 +1,4 @@
-"""Every queue name and Redis key TARS uses, in one place."""
+"""Every queue name, Redis key and priority mapping TARS uses, in one place."""
 
 from __future__ import annotations
 
@@ -6,9 +6,76 @@ TIERS: tuple[str, ...] = ("haiku", "sonnet", "opus")
 QUEUE_PREFIX = "tars."
 TASK_RUN_REQUEST = "tars.run_request"
 
+# --- priorities ------------------------------------------------------------------------------
+#
+# TARS priorities run 0 (lowest) .. 9 (highest, served first). Kombu's Redis transport keeps one
+# list per queue and priority *step* and serves the steps in the order of ``priority_steps``;
+# a message with no priority (any plain-Celery producer's default) lands in step 0, the bare
+# queue name. So step 0 must mean *normal*, not high: TARS 5 -> step 0, the higher priorities
+# take steps 1..4 (served before step 0) and the lower ones steps 5..9 (served after it).
+
+PRIORITY_MIN, PRIORITY_NORMAL, PRIORITY_MAX = 0, 5, 9
+#: kombu's default separator between a queue name and its priority step; TARS uses it too, so
+#: a plain-Celery producer with default transport options writes to the lists TARS workers read.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+_STEP_FOR_PRIORITY: dict[int, int] = {9: 1, 8: 2, 7: 3, 6: 4, 5: 0, 4: 5, 3: 6, 2: 7, 1: 8, 0: 9}
+_PRIORITY_FOR_STEP: dict[int, int] = {s: p for p, s in _STEP_FOR_PRIORITY.items()}
+#: The order in which workers poll a queue's steps: TARS priority 9 first, 0 last.
+PRIORITY_POLL_ORDER: tuple[int, ...] = tuple(_STEP_FOR_PRIORITY[p] for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1))
+
+
+def kombu_priority(priority: int) -> int:
+    """The kombu priority step a TARS priority is published with."""
+    return _STEP_FOR_PRIORITY[priority]
+
+
+def tars_priority(step: int | None) -> int:
+    """The TARS priority of a message published with kombu priority ``step`` (None: normal)."""
+    if step is None:
+        return PRIORITY_NORMAL
+    return _PRIORITY_FOR_STEP[min(max(int(step), 0), 9)]
+
+
+def priority_list(queue: str, priority: int) -> str:
+    """The Redis list holding ``queue``'s messages of a TARS priority."""
+    step = kombu_priority(priority)
+    return queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{step}"
+
 
 def queue_for_tier(tier: str) -> str:
     return f"{QUEUE_PREFIX}{tier}"
+
+
+# --- kombu's own keys (broker Redis; not namespaced, kombu's defaults) ------------------------
+
+#: delivery tag -> [message, exchange, routing key] of every message a worker holds unacked.
+UNACKED_KEY = "unacked"
+#: delivery tag -> when it was taken (kombu restores entries older than the visibility timeout).
+UNACKED_INDEX_KEY = "unacked_index"
+#: delivery tag -> lease owner of the worker process that holds it (TARS, next to kombu's two).
+UNACKED_OWNER_KEY = "unacked_owner"
+
+
+# --- TARS keys (``namespace`` prefixes them all) ----------------------------------------------
+
+
+def lease_key(namespace: str, owner: str) -> str:
+    """Present (with a TTL the owner keeps renewing) while a worker process is alive."""
+    return f"{namespace}:lease:{owner}"
+
+
+def lease_prefix(namespace: str) -> str:
+    return f"{namespace}:lease:"
+
+
+def lease_sweep_lock_key(namespace: str) -> str:
+    """Held by the one worker that restores dead workers' messages in a given interval."""
+    return f"{namespace}:lease-sweep:lock"
+
+
+def admission_key(namespace: str, tier: str) -> str:
+    """Sorted set of admission reservations (member: reservation id, score: expiry ms)."""
+    return f"{namespace}:admission:{tier}"
 
 
 def done_channel(namespace: str, producer_id: str) -> str:
@@ -19,6 +86,11 @@ def done_channel(namespace: str, producer_id: str) -> str:
 def deliveries_key(namespace: str, request_id: str) -> str:
     """Counter of redeliveries of one request (poison-message cap)."""
     return f"{namespace}:deliveries:{request_id}"
+
+
+def quarantine_key(namespace: str, request_id: str) -> str:
+    """Set while a suspect request runs alone in its process (see ``workers.quarantine``)."""
+    return f"{namespace}:quarantine:{request_id}"
 
 
 def ratelimit_key(namespace: str, provider: str, model: str) -> str:

@@ -10,33 +10,55 @@ model call that really happened is recorded as its own ``api_calls`` row.
   messages it has not started.
 * Redis ``visibility_timeout_s``: an unacked message returns to the queue after this long.
   It must exceed the longest task, or live tasks are run twice. No countdown/ETA is used.
-* Priorities: ten Redis lists per queue (``priority_steps`` 0..9, ``sep`` ':'); on Redis
-  a *lower* number is served first, so :func:`redis_priority` maps TARS priority 9 to 0.
+* Priorities: ten Redis lists per queue, one per kombu priority step, kombu's default
+  separator; workers poll the steps in :data:`config.keys.PRIORITY_POLL_ORDER` so that TARS
+  priority 9 is served first and a message with no priority at all runs at normal (5).
+* ``broker_transport``: on Redis, :class:`tars_tasks.broker.transport.Transport` (kombu's Redis
+  transport plus leases on unacked messages, see that module).
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from config.keys import TASK_RUN_REQUEST, queue_for_tier
+from config.keys import (
+    KOMBU_PRIORITY_SEP,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    PRIORITY_NORMAL,
+    PRIORITY_POLL_ORDER,
+    TASK_RUN_REQUEST,
+    kombu_priority,
+    queue_for_tier,
+)
 from config.settings import Settings, get_settings
 
 #: kombu's in-memory transport polls an empty queue every second by default; at concurrency 1
 #: that second was most of a request's life. Measured: baseline C=1 at 72% of Little's bound.
 EMBEDDED_POLLING_INTERVAL_S = 0.005
 
-#: TARS priorities: 0 (lowest) .. 9 (highest, served first).
-PRIORITY_MIN, PRIORITY_MAX = 0, 9
+__all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "celery_config", "make_app", "redis_priority"]
+
+#: The transport class workers and producers use on a Redis broker.
+REDIS_TRANSPORT = "tars_tasks.broker.transport:Transport"
 
 
 def redis_priority(priority: int) -> int:
-    """Celery/kombu on Redis serve priority 0 first; TARS serves 9 first."""
-    return PRIORITY_MAX - priority
+    """The kombu priority a TARS priority is published with (see :mod:`config.keys`)."""
+    return kombu_priority(priority)
 
 
-def celery_config(settings: Settings) -> dict:
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def celery_config(settings: Settings, *, producer: bool = False) -> dict:
+    """``producer``: a producer's app, whose every broker operation is bounded by
+    ``client_timeout_s`` (a hung Redis raises instead of blocking submit)."""
+    timeout_s = settings.client_timeout_s if producer else 30
     return {
         "broker_url": settings.broker_url,
+        **({"broker_transport": REDIS_TRANSPORT} if _is_redis(settings.broker_url) else {}),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -50,34 +72,36 @@ def celery_config(settings: Settings) -> dict:
         "task_create_missing_queues": True,
         "task_routes": {TASK_RUN_REQUEST: {"queue": queue_for_tier("haiku")}},
         "task_default_queue": queue_for_tier("haiku"),
-        "task_default_priority": redis_priority(5),
+        "task_default_priority": redis_priority(PRIORITY_NORMAL),
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": settings.task_events,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
-            "priority_steps": list(range(PRIORITY_MIN, PRIORITY_MAX + 1)),
-            "sep": ":",
+            "priority_steps": list(PRIORITY_POLL_ORDER),
+            "sep": KOMBU_PRIORITY_SEP,
             "queue_order_strategy": "priority",
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
-            "socket_timeout": 30,
-            "socket_connect_timeout": 5,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": min(timeout_s, 5),
+            "socket_keepalive": True,
             "health_check_interval": 25,
             "max_connections": 1000,
             **({"polling_interval": EMBEDDED_POLLING_INTERVAL_S} if settings.embedded else {}),
         },
         "broker_pool_limit": 100,
         "task_publish_retry": True,
-        "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+        "task_publish_retry_policy": {"max_retries": 1 if producer else 3, "interval_start": 0.1,
+                                      "interval_step": 0.5},
     }
 
 
-def make_app(settings: Settings | None = None) -> Celery:
+def make_app(settings: Settings | None = None, *, producer: bool = False) -> Celery:
     settings = settings or get_settings()
     celery = Celery("tars_tasks", include=["tars_tasks.tasks"])
-    celery.conf.update(celery_config(settings))
+    celery.conf.update(celery_config(settings, producer=producer))
     return celery
 
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import insert
 
+from config.keys import KOMBU_PRIORITY_SEP
 from tars_tasks.celery_app import redis_priority
 from tars_tasks.db.models import ApiCall, Request
 from tars_tasks.metrics import make_registry
@@ -81,12 +82,12 @@ def test_requests_cost_tokens_and_rate_limit_waits_are_the_sums_of_the_rows(sett
 
 
 def test_queue_depth_is_reported_per_tier_and_tars_priority(settings, redis):
-    # kombu's priority lists: TARS priority 9 is the bare queue, priority p is "queue:(9-p)"
+    # kombu's priority lists: TARS normal (5) is the bare queue, the others "queue<sep><step>"
     redis.rpush("tars.sonnet", b"m1", b"m2")
-    redis.rpush(f"tars.sonnet:{redis_priority(2)}", b"m3")
-    redis.rpush(f"tars.opus:{redis_priority(0)}", b"m4")
+    redis.rpush(f"tars.sonnet{KOMBU_PRIORITY_SEP}{redis_priority(2)}", b"m3")
+    redis.rpush(f"tars.opus{KOMBU_PRIORITY_SEP}{redis_priority(0)}", b"m4")
     depth = _samples(settings)["tars_queue_depth"]
-    assert depth[(("priority", "9"), ("tier", "sonnet"))] == 2
+    assert depth[(("priority", "5"), ("tier", "sonnet"))] == 2
     assert depth[(("priority", "2"), ("tier", "sonnet"))] == 1
     assert depth[(("priority", "0"), ("tier", "opus"))] == 1
     assert sum(depth.values()) == 4

@@ -3,7 +3,6 @@
 import pytest
 
 from config.catalog import load_catalog
-from tars_tasks.celery_app import redis_priority
 from tars_tasks.errors import InvalidRequest, TarsError
 from tars_tasks.routing import route
 from tars_tasks.schemas import parse_priority, validate_spec
@@ -51,11 +50,6 @@ def test_bad_input_raises_invalid_request_naming_the_field(fields, field, messag
 
 def test_priority_names_and_numbers():
     assert [parse_priority(p) for p in ("low", "normal", "HIGH", 0, 9, "7")] == [0, 5, 9, 0, 9, 7]
-
-
-def test_on_redis_the_highest_tars_priority_is_list_zero_which_kombu_serves_first():
-    assert redis_priority(9) == 0
-    assert redis_priority(0) == 9
 
 
 def test_a_non_mapping_request_is_refused():

@@ -1,0 +1,111 @@
+"""Leases: which live worker process holds which unacked message, and restoring the rest.
+
+A worker process takes a lease owner id at start (:func:`claim_owner`) and keeps the key
+:func:`config.keys.lease_key` alive with a TTL (``lease_ttl_s``), renewed every
+``lease_renew_interval_s`` (``workers.maintenance.LeaseKeeper``). Every message it takes is
+recorded under that owner next to kombu's ``unacked`` entry (:mod:`tars_tasks.broker.transport`).
+
+:func:`dead_tags` finds, in one server-side pass per chunk, the delivery tags whose owner's
+lease key is gone; :func:`restore_dead` puts those messages back on their queues (kombu's own
+``restore_by_tag``: one WATCH/MULTI transaction each, flagged ``redelivered``). A worker that is
+alive but cannot reach Redis for longer than its lease looks dead; the sweeper therefore waits a
+grace period after any Redis error of its own and while Redis itself has just restarted, so a
+short outage does not rerun live work.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+
+from config.keys import UNACKED_OWNER_KEY, lease_key, lease_prefix
+
+_owner: str | None = None
+_owner_pid: int | None = None
+_lock = threading.Lock()
+
+
+def claim_owner(*, node: str | None = None) -> str:
+    """Give this process a lease owner id (once per process; a forked child gets its own)."""
+    global _owner, _owner_pid
+    with _lock:
+        if _owner is None or _owner_pid != os.getpid():
+            base = node or socket.gethostname()
+            _owner = f"{base}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+            _owner_pid = os.getpid()
+        return _owner
+
+
+def current_owner() -> str | None:
+    """The lease owner of the worker this process belongs to, or None (producers, stock workers).
+    A prefork child keeps its parent's: the parent holds the messages, the child runs them."""
+    return _owner
+
+
+def release_owner() -> None:
+    global _owner, _owner_pid
+    with _lock:
+        _owner, _owner_pid = None, None
+
+
+#: KEYS[1] = the owner hash; ARGV: HSCAN cursor, chunk size, lease key prefix.
+#: Returns {next cursor, {dead tag, owner, dead tag, owner, ...}}.
+DEAD_TAGS_LUA = """
+local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local alive = {}
+local dead = {}
+local fields = res[2]
+for i = 1, #fields, 2 do
+  local owner = fields[i + 1]
+  local a = alive[owner]
+  if a == nil then
+    a = redis.call('EXISTS', ARGV[3] .. owner)
+    alive[owner] = a
+  end
+  if a == 0 then
+    dead[#dead + 1] = fields[i]
+    dead[#dead + 1] = owner
+  end
+end
+return {res[1], dead}
+"""
+
+
+def dead_tags(client, *, namespace: str, chunk: int = 500) -> dict[str, str]:
+    """Delivery tag -> owner, for every unacked message whose owner's lease has expired."""
+    script = client.register_script(DEAD_TAGS_LUA)
+    cursor: bytes | int = 0
+    out: dict[str, str] = {}
+    while True:
+        cursor, flat = script(keys=[UNACKED_OWNER_KEY], args=[cursor, chunk, lease_prefix(namespace)])
+        for i in range(0, len(flat), 2):
+            out[_s(flat[i])] = _s(flat[i + 1])
+        if int(cursor) == 0:
+            return out
+
+
+def restore_dead(channel, tags: list[str]) -> int:
+    """Put the messages of ``tags`` back on their queues; returns how many were restored."""
+    restored = 0
+    with channel.conn_or_acquire() as client:
+        for tag in tags:
+            held = client.hexists(channel.unacked_key, tag)
+            channel.qos.restore_by_tag(tag, client=client)
+            restored += int(bool(held))
+            client.hdel(UNACKED_OWNER_KEY, tag)  # an owner entry without a message: drop it too
+    return restored
+
+
+def live_owners(client, *, namespace: str) -> set[str]:
+    prefix = lease_prefix(namespace)
+    return {_s(k)[len(prefix):] for k in client.scan_iter(match=f"{prefix}*", count=500)}
+
+
+def lease_alive(client, *, namespace: str, owner: str) -> bool:
+    return bool(client.exists(lease_key(namespace, owner)))
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

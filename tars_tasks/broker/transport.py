@@ -1,0 +1,66 @@
+"""Kombu's Redis transport with two repairs, selected by ``broker_transport`` (see celery_app).
+
+1. **Priority without surprises.** A message published with no priority lands in kombu's step 0
+   (the bare queue list), which a stock worker polls *first*: a plain ``send_task`` ran as high
+   priority. This channel polls the steps in :data:`config.keys.PRIORITY_POLL_ORDER`, where step
+   0 is TARS's normal priority (see :mod:`config.keys`).
+2. **Leases on unacked messages.** With ``acks_late`` kombu keeps every message a worker holds in
+   the ``unacked`` hash and gives it back only after ``visibility_timeout`` (an hour by default),
+   so a SIGKILLed worker's requests waited an hour; a short timeout instead reruns live long
+   calls. Here every unacked entry also records the lease owner of the worker process that took
+   it, in the same pipeline (:data:`config.keys.UNACKED_OWNER_KEY`); the owner keeps a lease key
+   alive while it lives, and a live worker restores the messages of owners whose lease expired
+   (:mod:`tars_tasks.broker.leases`). Entries with no owner (a stock worker's) still fall back to
+   the visibility timeout.
+"""
+
+from __future__ import annotations
+
+from time import time
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+from config.keys import PRIORITY_POLL_ORDER, UNACKED_OWNER_KEY
+from tars_tasks.broker import leases
+
+
+class LeasedQoS(kombu_redis.QoS):
+    """Kombu's Redis ack emulation, plus the owner of each unacked message."""
+
+    def append(self, message, delivery_tag):
+        owner = leases.current_owner()
+        if owner is None:
+            return super().append(message, delivery_tag)
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                .hset(self.unacked_key, delivery_tag,
+                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
+                .hset(UNACKED_OWNER_KEY, delivery_tag, owner) \
+                .execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        with self.pipe_or_acquire(pipe) as pipe:
+            return pipe.zrem(self.unacked_index_key, delivery_tag) \
+                       .hdel(self.unacked_key, delivery_tag) \
+                       .hdel(UNACKED_OWNER_KEY, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = LeasedQoS
+    priority_steps = list(PRIORITY_POLL_ORDER)
+
+    def priority(self, n):
+        """The step of priority ``n``; kombu's version bisects, which needs sorted steps."""
+        steps = self.priority_steps
+        if n in steps:
+            return n
+        lower = [s for s in steps if s <= n]
+        return max(lower) if lower else min(steps)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

@@ -1,41 +1,76 @@
 """Group commit: many tasks' rows in one transaction; each task waits until its rows are durable.
 
-A task hands its rows to :meth:`GroupCommitWriter.finish` and blocks. One writer thread
-(a greenlet under gevent) takes everything queued, up to ``batch_max`` entries, waiting at
-most ``linger_ms`` for company, and commits it in one transaction: attempt rows are upserted
-by attempt id, request rows are finished only if not finished already (the first finish wins;
-a redelivered duplicate changes nothing). Then it wakes the waiting tasks — which return,
-so Celery acks their messages — and publishes completion notices.
+A task hands its rows to :meth:`GroupCommitWriter.record` (an attempt about to be made) or
+:meth:`GroupCommitWriter.finish` (its final rows) and blocks. One writer thread (a greenlet
+under gevent) takes everything queued, up to ``batch_max`` entries, waiting at most
+``linger_ms`` for company, and commits it in one transaction:
 
-If the database is down the writer retries the same batch with backoff, forever: the tasks
-stay blocked and unacked, so a worker killed meanwhile loses nothing (Redis redelivers).
+1. the batch's request rows are locked (``FOR UPDATE``, in id order), so two workers finishing
+   deliveries of the same request serialise instead of each summing without the other's calls;
+2. attempt rows are upserted by attempt id (a later version of an attempt wins);
+3. requests are finished only if not finished already (the first finish sets status and result;
+   a duplicate delivery changes neither);
+4. every touched request's attempts, tokens and cost are **recomputed from all its api_calls**,
+   so a request row's totals equal the sum of its attempts however many deliveries ran it.
+
+Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
+completion notices.
+
+Errors (see :mod:`tars_tasks.db.errors`):
+
+* transient (database down, connection lost, deadlock): the same batch is retried with bounded
+  backoff, indefinitely; the tasks stay blocked and unacked, so a worker killed meanwhile loses
+  nothing. :meth:`health` reports since when commits fail; past ``stall_unhealthy_s`` the
+  worker's healthcheck fails.
+* permanent (a row that can never be written): the batch is split in halves until the entry that
+  fails is alone; the rest commit. That entry's request is finished ``failed`` with reason
+  ``unwritable`` and the error (its result dropped); if even that cannot be written (e.g. the
+  request row does not exist), the entry is dead-lettered. One bad row never stops another.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
 
-from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, ApiCall, Request
+from tars_tasks.db.errors import describe, is_transient
+from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, ApiCall, DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.notify import Notice, Notifier
 
 log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S = 0.1
-RETRY_MAX_S = 5.0
+#: ``failure_reason`` of a request whose rows the database refused.
+REASON_UNWRITABLE = "unwritable"
 
 _api = ApiCall.__table__
 _req = Request.__table__
 _API_UPDATABLE = ("outcome", "http_status", "error", "input_tokens", "output_tokens", "cost_usd",
                   "latency_ms", "ratelimit_wait_ms", "finished_at")
+#: Text Postgres cannot store: NUL, and lone surrogates (not encodable as UTF-8).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+class UnwritableRow(Exception):
+    """The database refused an entry permanently; the entry was isolated (see module docstring)."""
+
+
+def storable(text: str | None) -> str | None:
+    """``text`` with the characters Postgres cannot store replaced by U+FFFD (for our own
+    diagnostic texts: errors, reasons — never for a model's answer, which is not rewritten)."""
+    if text is None:
+        return None
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 @dataclass(slots=True)
@@ -48,10 +83,7 @@ class _Entry:
 
 
 def _finish_stmt():
-    """Finish a request once: only a row still ``queued`` (or failed only for its enqueue) changes.
-    Totals come from api_calls, so the request's cost is what every attempt of every delivery cost."""
-    a = _api.c
-    calls = lambda col: select(col).where(a.request_id == _req.c.id).scalar_subquery()  # noqa: E731
+    """Finish a request once: only a row still ``queued`` (or failed only for its enqueue) changes."""
     return (
         update(_req)
         .where(
@@ -60,18 +92,34 @@ def _finish_stmt():
                 _req.c.status == STATUS_QUEUED,
                 # marked failed because its publish raised, yet it reached a worker: it was queued
                 and_(_req.c.status == STATUS_FAILED, _req.c.started_at.is_(None),
-                     _req.c.error.startswith(ENQUEUE_FAILED)),
+                     _req.c.failure_reason == ENQUEUE_FAILED),
             ),
         )
         .values(
             status=bindparam("b_status"),
             result=bindparam("b_result"),
             error=bindparam("b_error"),
+            failure_reason=bindparam("b_failure_reason"),
             tier_used=bindparam("b_tier_used"),
             model=bindparam("b_model"),
             worker=bindparam("b_worker"),
             started_at=bindparam("b_started_at"),
             finished_at=bindparam("b_finished_at"),
+        )
+    )
+
+
+def _totals_stmt():
+    """Set attempts, tokens and cost of the requests ``ids`` to the sums of their api_calls."""
+    a = _api.c
+
+    def calls(col):
+        return select(col).where(a.request_id == _req.c.id).scalar_subquery()
+
+    return (
+        update(_req)
+        .where(_req.c.id.in_(bindparam("ids", expanding=True)))
+        .values(
             attempts=calls(func.count(a.id)),
             input_tokens=calls(func.coalesce(func.sum(a.input_tokens), 0)),
             output_tokens=calls(func.coalesce(func.sum(a.output_tokens), 0)),
@@ -82,18 +130,27 @@ def _finish_stmt():
 
 class GroupCommitWriter:
     def __init__(
-        self, *, engine: Engine, notifier: Notifier | None, batch_max: int = 500, linger_ms: float = 2.0
+        self, *, engine: Engine, notifier: Notifier | None, batch_max: int = 500, linger_ms: float = 2.0,
+        retry_max_s: float = 5.0, stall_unhealthy_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.notifier = notifier
         self.batch_max = batch_max
         self.linger_s = linger_ms / 1000.0
+        self.retry_max_s = retry_max_s
+        self.stall_unhealthy_s = stall_unhealthy_s
         self._q: queue.Queue[_Entry | None] = queue.Queue()
         self._finish = _finish_stmt()
+        self._totals = _totals_stmt()
         self._thread = threading.Thread(target=self._run, name="tars-group-commit", daemon=True)
         self._closed = False
         self.batches = 0
         self.entries = 0
+        self.isolated = 0
+        #: time.time() since which commits keep failing (None while they succeed)
+        self.stalled_since: float | None = None
+        self.last_error: str | None = None
+        self.last_commit_at: float | None = None
         self._thread.start()
 
     # --- task side -----------------------------------------------------------------------------
@@ -103,6 +160,7 @@ class GroupCommitWriter:
 
         Waiting is what makes "every call a provider could bill has a row" true even when the
         worker is killed the instant the call goes out: the row is committed before the call.
+        Raises :class:`UnwritableRow` if the database refused the rows permanently.
         """
         entry = _Entry(api_rows=api_rows, done=threading.Event() if wait else None)
         self._q.put(entry)
@@ -113,7 +171,7 @@ class GroupCommitWriter:
         self, *, api_rows: list[dict[str, Any]], request: dict[str, Any], reply_to: str | None,
         timeout: float | None = None,
     ) -> None:
-        """Queue the final rows of a request and block until they are committed."""
+        """Queue the final rows of a request and block until they are committed (or isolated)."""
         entry = _Entry(api_rows=api_rows, finish=request, reply_to=reply_to, done=threading.Event())
         self._q.put(entry)
         self._wait(entry, timeout)
@@ -124,6 +182,14 @@ class GroupCommitWriter:
             raise TimeoutError("rows not durable in time")
         if entry.error is not None:
             raise entry.error
+
+    def health(self) -> dict[str, Any]:
+        """What the healthcheck, ``tars status`` and the metrics show of this writer."""
+        stalled_for = None if self.stalled_since is None else max(0.0, time.time() - self.stalled_since)
+        return {"healthy": stalled_for is None or stalled_for < self.stall_unhealthy_s,
+                "stalled_for_s": None if stalled_for is None else round(stalled_for, 1),
+                "pending": self._q.qsize(), "last_error": self.last_error, "isolated": self.isolated,
+                "batches": self.batches, "entries": self.entries, "last_commit_at": self.last_commit_at}
 
     def close(self, timeout: float = 30.0) -> None:
         if not self._closed:
@@ -160,20 +226,19 @@ class GroupCommitWriter:
         while True:
             batch, stop = self._take_batch()
             if batch:
-                self._commit_with_retry(batch)
+                try:
+                    self._write(batch)
+                except BaseException as exc:  # never leave a task blocked on a writer that died
+                    log.exception("group commit crashed; failing its %d waiting task(s)", len(batch))
+                    for e in batch:
+                        if e.done is not None and not e.done.is_set():
+                            e.error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+                            e.done.set()
             if stop:
                 return
 
-    def _commit_with_retry(self, batch: list[_Entry]) -> None:
-        delay = RETRY_INITIAL_S
-        while True:
-            try:
-                self._commit(batch)
-                break
-            except Exception as exc:
-                log.warning("group commit of %d entries failed (%s); retrying in %.1fs", len(batch), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+    def _write(self, batch: list[_Entry]) -> None:
+        self._commit_isolating(batch)
         self.batches += 1
         self.entries += len(batch)
         notices: dict[str, list[Notice]] = defaultdict(list)
@@ -185,6 +250,72 @@ class GroupCommitWriter:
         if notices and self.notifier is not None:
             self.notifier.publish(dict(notices))
 
+    def _commit_isolating(self, batch: list[_Entry]) -> None:
+        """Commit ``batch``; on a permanent error, split it until the bad entries stand alone."""
+        error = self._commit_retrying(batch)
+        if error is None:
+            return
+        if len(batch) > 1:
+            mid = len(batch) // 2
+            self._commit_isolating(batch[:mid])
+            self._commit_isolating(batch[mid:])
+            return
+        self._isolate(batch[0], error)
+
+    def _commit_retrying(self, batch: list[_Entry]) -> BaseException | None:
+        """Commit, retrying transient errors forever; return a permanent error instead of raising."""
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                self._commit(batch)
+            except Exception as exc:
+                if not is_transient(exc):
+                    return exc
+                self.last_error = describe(exc)
+                if self.stalled_since is None:
+                    self.stalled_since = time.time()
+                log.warning("group commit of %d entries failed (%s); retrying in %.1fs", len(batch),
+                            self.last_error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            self.stalled_since = None
+            self.last_commit_at = time.time()
+            return None
+
+    def _isolate(self, entry: _Entry, error: BaseException) -> None:
+        """One entry the database refuses: finish its request failed with the reason, or dead-letter it."""
+        self.isolated += 1
+        reason = describe(error)
+        request_id = (entry.finish or {}).get("b_id") or next((r.get("request_id") for r in entry.api_rows), None)
+        log.error("rows of request %s cannot be written (%s); isolating them", request_id, reason)
+        if entry.finish is not None:
+            failed = dict(entry.finish, b_status=STATUS_FAILED, b_result=None, b_failure_reason=REASON_UNWRITABLE,
+                          b_error=storable(f"{REASON_UNWRITABLE}: the database refused this request's rows: {reason}"))
+            rows = [dict(r, error=storable(r.get("error"))) for r in entry.api_rows]
+            salvage = _Entry(api_rows=rows, finish=failed, reply_to=entry.reply_to)
+            if self._commit_retrying([salvage]) is None:
+                entry.finish = failed
+                return
+            salvage.api_rows = []  # the attempt rows themselves are refused: keep the request's verdict
+            if self._commit_retrying([salvage]) is None:
+                entry.finish = failed
+                self._dead_letter(reason=REASON_UNWRITABLE, request_id=request_id,
+                                  detail=f"attempt rows refused: {reason}")
+                return
+        else:
+            entry.error = UnwritableRow(reason)
+        self._dead_letter(reason=REASON_UNWRITABLE, request_id=request_id, detail=reason)
+
+    def _dead_letter(self, *, reason: str, request_id: str | None, detail: str) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(DeadLetter.__table__.insert().values(
+                    reason=reason, detail=storable(f"request {request_id}: {detail}")[:10_000], queue=None,
+                    received_at=datetime.now(UTC)))
+        except Exception:
+            log.exception("could not record dead letter for request %s", request_id)
+
     def _commit(self, batch: list[_Entry]) -> None:
         api_rows: dict[str, dict[str, Any]] = {}
         finishes: list[dict[str, Any]] = []
@@ -193,7 +324,10 @@ class GroupCommitWriter:
                 api_rows[row["id"]] = row  # a later version of the same attempt wins
             if e.finish is not None:
                 finishes.append(e.finish)
+        ids = sorted({r["request_id"] for r in api_rows.values()} | {f["b_id"] for f in finishes})
         with self.engine.begin() as conn:
+            if ids:
+                conn.execute(select(_req.c.id).where(_req.c.id.in_(ids)).order_by(_req.c.id).with_for_update())
             if api_rows:
                 ins = insert_for(conn, _api)
                 stmt = ins.on_conflict_do_update(
@@ -202,3 +336,5 @@ class GroupCommitWriter:
                 conn.execute(stmt, list(api_rows.values()))
             if finishes:
                 conn.execute(self._finish, finishes)
+            if ids:
+                conn.execute(self._totals, {"ids": ids})

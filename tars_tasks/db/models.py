@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -32,9 +33,15 @@ STATUS_SUCCEEDED = "succeeded"
 STATUS_FAILED = "failed"
 #: api_calls.outcome of an attempt recorded before the call and not (yet) finished.
 OUTCOME_IN_FLIGHT = "in_flight"
+#: api_calls.outcome of an attempt whose worker died during the call: the provider may have
+#: served (and billed) it; the row keeps the input tokens and their cost known when it was sent.
+OUTCOME_UNKNOWN = "unknown"
+#: Attempts that are billed, outcome unknown (counted as such in status, metrics, reports).
+OUTCOMES_UNKNOWN = (OUTCOME_IN_FLIGHT, OUTCOME_UNKNOWN)
 OUTCOME_OK = "ok"
 TERMINAL_STATUSES = (STATUS_SUCCEEDED, STATUS_FAILED)
-#: Prefix of ``requests.error`` for a request whose publish failed (the producer was told).
+#: ``requests.failure_reason`` (and prefix of ``error``) of a request whose publish failed
+#: (the producer was told).
 ENQUEUE_FAILED = "enqueue failed"
 
 
@@ -69,6 +76,8 @@ class Request(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     role: Mapped[str] = mapped_column(String(50))
     tier_requested: Mapped[str] = mapped_column(String(20))
+    #: The tier whose queue the request was published to (admission may have degraded it).
+    tier_queued: Mapped[str | None] = mapped_column(String(20))
     tier_used: Mapped[str | None] = mapped_column(String(20))
     model: Mapped[str | None] = mapped_column(String(100))
     priority: Mapped[int] = mapped_column(Integer)
@@ -76,6 +85,9 @@ class Request(Base):
     status: Mapped[str] = mapped_column(String(20))
     result: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    #: Why a failed request failed, as a short code (``poison``, ``unwritable``, a provider
+    #: outcome, ...); ``error`` has the human-readable detail.
+    failure_reason: Mapped[str | None] = mapped_column(String(50))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -91,7 +103,11 @@ class ApiCall(Base):
     """One attempt at a model API call — what a provider would bill."""
 
     __tablename__ = "api_calls"
-    __table_args__ = (Index("ix_api_calls_request_id", "request_id"),)
+    __table_args__ = (
+        Index("ix_api_calls_request_id", "request_id"),
+        Index("ix_api_calls_in_flight_worker", "worker", postgresql_where=text("outcome = 'in_flight'"),
+              sqlite_where=text("outcome = 'in_flight'")),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(36), ForeignKey("requests.id", ondelete="CASCADE"))

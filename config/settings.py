@@ -32,8 +32,16 @@ class Settings(BaseSettings):
 
     # --- delivery (see docs/DELIVERY.md) -------------------------------------------------
     #: Seconds an unacked message may stay with a worker before Redis hands it to another.
-    #: Must exceed the longest task, retries included, or tasks run twice while alive.
+    #: Must exceed the longest task, retries included, or tasks run twice while alive. Only a
+    #: fallback: messages of a TARS worker are restored by lease (below) within seconds.
     visibility_timeout_s: float = 3600.0
+    #: A worker process's lease lives this long unless renewed; when it expires, a live worker
+    #: restores the messages the dead one held (docs/DELIVERY.md, "leases").
+    lease_ttl_s: float = Field(default=5.0, gt=0)
+    #: How often a worker renews its lease (well under ``lease_ttl_s``).
+    lease_renew_interval_s: float = Field(default=1.0, gt=0)
+    #: How often one worker of the fleet looks for messages held by dead workers.
+    lease_sweep_interval_s: float = Field(default=1.0, gt=0)
     #: How often surviving workers sweep for messages of dead workers.
     unacked_restore_interval_s: float = 10.0
     #: A request still ``queued`` after this long, with no attempt, in no queue and held by no
@@ -41,8 +49,9 @@ class Settings(BaseSettings):
     requeue_lost_after_s: float = Field(default=120.0, gt=0)
     #: How often one worker of the fleet looks for lost requests.
     reconcile_interval_s: float = Field(default=30.0, gt=0)
-    #: Deliveries of one request after which it is failed as poison instead of run again.
-    max_deliveries: int = Field(default=5, ge=1)
+    #: After ``max_deliveries - 1`` redeliveries a request runs alone in its worker process; if
+    #: the process dies even then, it is failed as poison (a crash's bystanders are not).
+    max_deliveries: int = Field(default=5, ge=2)
     #: 2, not 1: with the gevent pool Celery runs its "synloop", and when a worker holds as many
     #: messages as its concurrency kombu stops its BRPOP; the next one is fetched only when the
     #: loop wakes (up to 2 s later). A full gevent pool blocks the consumer in spawn() anyway, so
@@ -59,6 +68,17 @@ class Settings(BaseSettings):
     #: ... and a batch waits at most this long for company before it is committed.
     writer_linger_ms: float = Field(default=2.0, ge=0)
 
+    #: A group commit that keeps failing for this long (a database that cannot be written)
+    #: makes the worker unhealthy (`tars fleet healthcheck worker`, `tars status`, metrics).
+    writer_stall_unhealthy_s: float = Field(default=30.0, gt=0)
+    #: Longest pause between two attempts of a group commit that failed transiently.
+    writer_retry_max_s: float = Field(default=5.0, gt=0)
+
+    # --- producers ------------------------------------------------------------------------------
+    #: A producer's bound on each broker operation of a submit (connect, publish, admission):
+    #: past it, submit raises BrokerUnavailable instead of hanging.
+    client_timeout_s: float = Field(default=5.0, gt=0)
+
     # --- input limits -----------------------------------------------------------------------
     max_prompt_chars: int = Field(default=200_000, ge=1)
 
@@ -70,8 +90,12 @@ class Settings(BaseSettings):
     degrade_high_load_at: float = Field(default=0.60, gt=0, le=1)
     #: Load at which a tier is "critical": low-priority requests are refused as well.
     degrade_critical_at: float = Field(default=0.85, gt=0, le=1)
-    #: Queue depths are sampled at most this often per producer process.
+    #: Queue depths are sampled at most this often per producer process (for degradation; the
+    #: bound itself is checked atomically in Redis on every submit).
     admission_sample_interval_ms: float = Field(default=250.0, ge=0)
+    #: A producer's admission reservation expires after this long if it never publishes
+    #: (a producer that died between reserving and publishing does not hold room forever).
+    admission_reservation_ttl_s: float = Field(default=30.0, gt=0)
 
     # --- simulated provider overrides (benchmarks, tests) -----------------------------------
     #: "uniform:LOW_MS:HIGH_MS" or "fixed:MS"; replaces every tier's latency profile.
@@ -80,6 +104,9 @@ class Settings(BaseSettings):
     sim_seed: int | None = None
     #: Fault injection for tests: a prompt containing this text kills the worker mid-call.
     sim_crash_marker: str | None = None
+    #: Fault injection for tests: a prompt containing this text gets an answer with a NUL
+    #: character in it (which Postgres text columns refuse).
+    sim_unstorable_marker: str | None = None
 
     # --- model calls: providers, fleet rate limiter, circuit breaker, retries ---------------
     #: Replaces every tier's ``provider`` ("simulated", "anthropic", "openai").
@@ -122,6 +149,13 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.broker_url.startswith("memory://")
+
+    @property
+    def broker_redis_url(self) -> str | None:
+        """The broker's URL when the broker is Redis (queue depths and kombu's unacked live there)."""
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return None
 
     @property
     def shared_redis_url(self) -> str | None:

@@ -118,6 +118,13 @@ class ProviderNotConfigured(PermanentProviderError):
     outcome = "not_configured"
 
 
+class FleetStateUnavailable(TarsError):
+    """The fleet-state Redis (rate limiter, breaker) could not be reached within the retry budget;
+    no call was made."""
+
+    outcome = "fleet_state_unavailable"
+
+
 class CircuitOpen(TarsError):
     """The fleet-wide breaker for a model is open; the call was not made."""
 

@@ -1,11 +1,11 @@
-"""Publishing one request's task message: the only place that knows the message's shape."""
+"""Publishing one request's task message: the only place that knows how it goes on the wire."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from config.keys import TASK_RUN_REQUEST, queue_for_tier
-from tars_tasks.celery_app import redis_priority
+from config.keys import TASK_RUN_REQUEST, kombu_priority, queue_for_tier
+from tars_tasks.messages import RunRequestMessage
 
 
 def publish_request(
@@ -14,21 +14,26 @@ def publish_request(
     producer,
     request_id: str,
     tier: str,
-    role: str,
-    prompt: str,
     tenant: str,
     priority: int,
     reply_to: str | None,
 ) -> None:
-    """Send ``tars.run_request`` for a recorded request; the task id is the request id."""
+    """Send ``tars.run_request`` for a recorded request; the task id is the request id.
+
+    The message carries routing fields only (see :mod:`tars_tasks.messages`); the prompt stays
+    in Postgres. ``argsrepr``/``kwargsrepr`` are set so that events show the id, nothing more.
+    """
     queue = queue_for_tier(tier)
+    message = RunRequestMessage(request_id=request_id, tier=tier, tenant=tenant, priority=priority,
+                                reply_to=reply_to)
     celery_app.send_task(
         TASK_RUN_REQUEST,
-        kwargs={"request_id": request_id, "tier": tier, "role": role, "prompt": prompt, "tenant": tenant,
-                "priority": priority, "reply_to": reply_to},
+        kwargs=message.to_kwargs(),
         task_id=request_id,
         queue=queue,
         routing_key=queue,
-        priority=redis_priority(priority),
+        priority=kombu_priority(priority),
         producer=producer,
+        argsrepr="()",
+        kwargsrepr=f"{{'request_id': '{request_id}', 'tier': '{tier}'}}",
     )

@@ -6,6 +6,7 @@ import logging
 from datetime import UTC, datetime
 
 from celery import signals
+from celery.worker.control import inspect_command
 
 from config.keys import TASK_RUN_REQUEST
 from config.settings import get_settings
@@ -15,21 +16,37 @@ log = logging.getLogger(__name__)
 
 
 @app.task(name=TASK_RUN_REQUEST, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_request(self, *, request_id: str, tier: str, prompt: str, reply_to: str | None = None, **extra) -> str:
-    """Run one request on its tier's model. May run more than once; records once."""
-    from workers.agent import get_agent
+def run_request(self, *args, **kwargs) -> str:
+    """Run one request on its tier's model. May run more than once; records once.
 
-    info = self.request.delivery_info or {}
-    redelivered = bool(info.get("redelivered")) or bool((self.request.headers or {}).get("redelivered"))
-    return get_agent().run(
-        request_id=request_id,
-        tier=tier,
-        prompt=prompt,
-        reply_to=reply_to,
-        redelivered=redelivered,
-        worker=f"{self.request.hostname}",
-        **extra,
-    )
+    Takes keyword arguments only (see :mod:`tars_tasks.messages`); a message that cannot be run
+    is dead-lettered with the reason, not acked silently.
+    """
+    from tars_tasks.messages import MalformedMessage, decode
+    from workers.agent import DEAD_LETTERED, get_agent
+
+    req = self.request
+    info = req.delivery_info or {}
+    agent = get_agent()
+    try:
+        message = decode(args=args, kwargs=kwargs, task_id=req.id, delivery_priority=info.get("priority"))
+    except MalformedMessage as exc:
+        agent.dead_letter(reason="malformed_message", detail=f"task id {req.id}: {exc}",
+                          queue=info.get("routing_key"))
+        return DEAD_LETTERED
+    redelivered = bool(info.get("redelivered")) or bool((req.headers or {}).get("redelivered"))
+    return agent.handle(message=message, redelivered=redelivered, worker=f"{req.hostname}")
+
+
+@inspect_command(name="tars_health")
+def tars_health(state, **_kw) -> dict:
+    """This worker's own view of its health: the group-commit writer and its lease."""
+    from tars_tasks.broker import leases
+    from workers.agent import peek_agent
+
+    agent = peek_agent()
+    writer = agent.writer.health() if agent is not None else {"healthy": True, "idle": True}
+    return {"writer": writer, "lease_owner": leases.current_owner(), "healthy": bool(writer.get("healthy", True))}
 
 
 @signals.worker_process_init.connect
@@ -42,13 +59,26 @@ def _init_process(**_kw) -> None:
 _maintenance: list = []
 
 
+@signals.worker_init.connect
+def _take_lease(sender=None, **_kw) -> None:
+    """Before the consumer takes its first message: a lease, kept alive while this process lives."""
+    from workers.maintenance import LeaseKeeper
+
+    settings = get_settings()
+    if settings.broker_redis_url is None:
+        return
+    node = getattr(sender, "hostname", None)
+    _maintenance.append(LeaseKeeper(settings=settings, node=node).start())
+
+
 @signals.worker_ready.connect
 def _start_maintenance(sender=None, **_kw) -> None:
-    from workers.maintenance import LostRequestReconciler, UnackedRestorer
+    from workers.maintenance import LeaseSweeper, LostRequestReconciler, UnackedRestorer
 
     app_ = getattr(sender, "app", None) or app
     settings = get_settings()
     _maintenance.append(UnackedRestorer(celery_app=app_, interval_s=settings.unacked_restore_interval_s).start())
+    _maintenance.append(LeaseSweeper(celery_app=app_, settings=settings).start())
     _maintenance.append(LostRequestReconciler(celery_app=app_, settings=settings).start())
 
 
@@ -56,7 +86,7 @@ def _start_maintenance(sender=None, **_kw) -> None:
 def _flush_on_shutdown(**_kw) -> None:
     from workers.agent import close_agent
 
-    for job in _maintenance:
+    for job in reversed(_maintenance):
         job.stop()
     close_agent()
 

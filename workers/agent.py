@@ -1,12 +1,20 @@
-"""The sub-agent: what one task does with one request.
+"""The sub-agent: what one task does with one message.
 
-1. A redelivered message is checked first: poison cap (a request whose deliveries keep
-   killing workers is failed after ``max_deliveries``) and "already finished" (re-announce,
-   do nothing else).
-2. Model call with retries. Every attempt is written as an ``in_flight`` row *before* the
-   call, and completed after it, so an attempt whose worker died is still visible.
-3. The request's final rows go to the group-commit writer; the task returns (and Celery acks)
+1. Read the request row (batched, :mod:`workers.loader`). The message carries routing fields
+   only; the prompt is in the row. A plain-Celery message for a request with no row creates it,
+   validated exactly as ``submit`` validates; anything that cannot be run is dead-lettered with
+   the reason (never acked silently).
+2. A request already terminal is not called again, whatever the delivery (re-announce, done).
+3. A redelivered message counts towards the poison cap: a request redelivered often enough to be
+   suspect runs alone in its process; one that kills its worker even then is failed as poison
+   (:mod:`workers.quarantine`), so the bystanders of a crash are not.
+4. Model call with retries (:mod:`workers.caller`). Every attempt is written ``in_flight``
+   *before* the call, with its input tokens and their cost, and completed after it.
+5. The request's final rows go to the group-commit writer; the task returns (and Celery acks)
    only after they are durable.
+
+Nothing raised inside a delivery escapes as an acked-but-unrecorded message: an unexpected
+error finishes the request ``failed`` with reason ``internal_error`` (see :meth:`SubAgent.handle`).
 """
 
 from __future__ import annotations
@@ -15,30 +23,65 @@ import logging
 import os
 import socket
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+import redis
 
 from config.catalog import Catalog, ModelSpec, load_catalog
-from config.keys import deliveries_key
+from config.keys import deliveries_key, quarantine_key
 from config.settings import Settings, get_settings
+from tars_tasks.broker import leases
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import STATUS_FAILED, TERMINAL_STATUSES, Request
+from tars_tasks.db.models import STATUS_FAILED, STATUS_QUEUED, TERMINAL_STATUSES, DeadLetter, Request
+from tars_tasks.db.upsert import insert_for
+from tars_tasks.errors import InvalidRequest
+from tars_tasks.messages import MalformedMessage, RunRequestMessage
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
 from workers.caller import CallOutcome, ModelCaller
+from workers.loader import RequestLoader, RequestRow
 from workers.providers import Provider
-from workers.writer import GroupCommitWriter
+from workers.quarantine import CallGate
+from workers.writer import GroupCommitWriter, storable
 
 log = logging.getLogger(__name__)
 
 #: How long a poison counter outlives the last delivery.
 DELIVERY_COUNTER_TTL_S = 7 * 24 * 3600
+#: ``failure_reason`` values set here.
+REASON_POISON = "poison"
+REASON_INTERNAL = "internal_error"
+#: What :meth:`SubAgent.handle` returns for a message it dead-lettered.
+DEAD_LETTERED = "dead_lettered"
+#: Verdicts on a redelivered request (see :mod:`workers.quarantine`).
+SUSPICION_NONE, SUSPICION_SUSPECT, SUSPICION_POISON = "none", "suspect", "poison"
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The verdict on one request, as the writer's finishing UPDATE takes it."""
+
+    request_id: str
+    status: str
+    tier_used: str
+    model: str
+    worker: str
+    started_at: datetime
+    result: str | None = None
+    error: str | None = None
+    failure_reason: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"b_id": self.request_id, "b_status": self.status, "b_result": self.result,
+                "b_error": storable(self.error), "b_failure_reason": self.failure_reason,
+                "b_tier_used": self.tier_used, "b_model": self.model, "b_worker": self.worker,
+                "b_started_at": self.started_at, "b_finished_at": _now()}
 
 
 class SubAgent:
@@ -54,9 +97,14 @@ class SubAgent:
             notifier=self.notifier,
             batch_max=settings.writer_batch_max,
             linger_ms=settings.writer_linger_ms,
+            retry_max_s=settings.writer_retry_max_s,
+            stall_unhealthy_s=settings.writer_stall_unhealthy_s,
         )
+        self.loader = RequestLoader(engine=self.engine, batch_max=settings.writer_batch_max,
+                                    linger_ms=settings.writer_linger_ms, retry_max_s=settings.writer_retry_max_s)
         self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.gate = CallGate()
 
     # --- providers -----------------------------------------------------------------------------
 
@@ -65,80 +113,148 @@ class SubAgent:
 
     # --- the task ------------------------------------------------------------------------------
 
-    def run(
-        self,
-        *,
-        request_id: str,
-        tier: str,
-        prompt: str,
-        reply_to: str | None = None,
-        redelivered: bool = False,
-        worker: str | None = None,
-        **_ignored: Any,
-    ) -> str:
-        worker = worker or self.worker_name
+    def handle(self, *, message: RunRequestMessage, redelivered: bool = False, worker: str | None = None) -> str:
+        """Run one delivery to a terminal, durable verdict. Never raises for the request's sake."""
+        worker = leases.current_owner() or worker or self.worker_name
         started = _now()
-        if redelivered:
-            status = self._check_redelivery(request_id=request_id, tier=tier, reply_to=reply_to, worker=worker)
-            if status is not None:
-                return status
-        result = self.call_model(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
-        self.writer.finish(
-            api_rows=result.api_rows,
-            request=self._finish_row(request_id=request_id, status=result.status, result=result.text,
-                                     error=result.error, tier_used=result.tier_used, model=result.model,
-                                     worker=worker, started_at=started),
-            reply_to=reply_to,
-        )
+        try:
+            return self._run(message=message, redelivered=redelivered, worker=worker, started=started)
+        except MalformedMessage as exc:
+            self.dead_letter(reason="malformed_message", detail=f"request {message.request_id}: {exc}")
+            return DEAD_LETTERED
+        except Exception as exc:
+            log.exception("request %s: unexpected error; failing it", message.request_id)
+            tier = message.tier or "haiku"
+            self._finish(Finish(request_id=message.request_id, status=STATUS_FAILED, tier_used=tier,
+                                model=self.catalog.spec(tier).model, worker=worker, started_at=started,
+                                error=f"{REASON_INTERNAL}: {type(exc).__name__}: {exc}"[:2000],
+                                failure_reason=REASON_INTERNAL), api_rows=[], reply_to=message.reply_to)
+            return STATUS_FAILED
+
+    def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime) -> str:
+        row = self.loader.get(message.request_id)
+        if row is None:
+            row = self._adopt(message)
+            if row is None:
+                return DEAD_LETTERED
+        if row.status in TERMINAL_STATUSES:
+            log.info("request %s delivered again but already %s; not running it again", row.id, row.status)
+            if message.reply_to:
+                self.notifier.publish({message.reply_to: [(row.id, row.status)]})
+            return row.status
+        tier = message.tier or row.tier_requested
+        verdict = self._suspicion(row.id) if redelivered else SUSPICION_NONE
+        if verdict == SUSPICION_POISON:
+            error = (f"{REASON_POISON}: its worker process died while it ran alone, after "
+                     f"{self.settings.max_deliveries - 1} redeliveries (max_deliveries={self.settings.max_deliveries})")
+            self._finish(Finish(request_id=row.id, status=STATUS_FAILED, tier_used=tier,
+                                model=self.catalog.spec(tier).model, worker=worker, started_at=started,
+                                error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
+            return STATUS_FAILED
+        if verdict == SUSPICION_SUSPECT:
+            result = self._call_alone(request_id=row.id, tier=tier, prompt=row.prompt, worker=worker)
+        else:
+            with self.gate.shared():
+                result = self.call_model(request_id=row.id, tier=tier, prompt=row.prompt, worker=worker)
+        self._finish(Finish(request_id=row.id, status=result.status, tier_used=result.tier_used, model=result.model,
+                            worker=worker, started_at=started, result=result.text, error=result.error,
+                            failure_reason=result.failure_reason),
+                     api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
 
     def call_model(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
         """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
         return self.caller.call(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
 
-    @staticmethod
-    def _finish_row(*, request_id: str, status: str, result: str | None, error: str | None, tier_used: str,
-                    model: str, worker: str, started_at: datetime) -> dict[str, Any]:
-        """Bind parameters of the writer's finishing UPDATE (``workers.writer._finish_stmt``)."""
-        return {"b_id": request_id, "b_status": status, "b_result": result, "b_error": error,
-                "b_tier_used": tier_used, "b_model": model, "b_worker": worker,
-                "b_started_at": started_at, "b_finished_at": _now()}
+    def _finish(self, finish: Finish, *, api_rows: list[dict[str, Any]], reply_to: str | None) -> None:
+        self.writer.finish(api_rows=api_rows, request=finish.params(), reply_to=reply_to)
+
+    # --- messages from plain-Celery producers ---------------------------------------------------
+
+    def _adopt(self, message: RunRequestMessage) -> RequestRow | None:
+        """Record the request a plain-Celery message describes; None if it was dead-lettered."""
+        from tars_tasks.routing import route
+        from tars_tasks.schemas import validate_spec
+
+        if message.spec is None:
+            self.dead_letter(reason="unknown_request",
+                             detail=f"request {message.request_id} has no row and the message carries no "
+                                    "request fields (role, prompt, ...) to create it from")
+            return None
+        try:
+            spec = validate_spec(message.spec)
+            r = route(spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
+        except InvalidRequest as exc:
+            self.dead_letter(reason="invalid_request", detail=f"request {message.request_id}: {exc}")
+            return None
+        now = _now()
+        with self.engine.begin() as conn:
+            stmt = insert_for(conn, Request.__table__).values(
+                id=message.request_id, tenant=spec.tenant, idempotency_key=spec.idempotency_key, role=spec.role,
+                tier_requested=r.tier, tier_queued=r.tier, priority=spec.priority, prompt=spec.prompt,
+                status=STATUS_QUEUED, submitted_at=now, attempts=0, input_tokens=0, output_tokens=0, cost_usd=0,
+            ).on_conflict_do_nothing()
+            conn.execute(stmt)
+        row = self.loader.get(message.request_id)
+        if row is None:
+            self.dead_letter(reason="duplicate_idempotency_key",
+                             detail=f"request {message.request_id}: tenant {spec.tenant!r} already has a request "
+                                    f"with idempotency key {spec.idempotency_key!r}; not running it twice")
+        else:
+            log.info("request %s recorded from a plain-Celery message", row.id)
+        return row
+
+    def dead_letter(self, *, reason: str, detail: str, queue: str | None = None) -> None:
+        log.error("dead letter (%s): %s", reason, detail[:500])
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(DeadLetter.__table__.insert().values(
+                    reason=reason, detail=storable(detail)[:10_000], queue=queue, received_at=_now()))
+        except Exception:
+            log.exception("could not record dead letter (%s)", reason)
 
     # --- redelivery ----------------------------------------------------------------------------
 
-    def _check_redelivery(self, *, request_id: str, tier: str, reply_to: str | None, worker: str) -> str | None:
-        """Return a status if the redelivered request needs no model call, else None."""
-        with self.engine.connect() as conn:
-            status = conn.execute(
-                select(Request.__table__.c.status).where(Request.__table__.c.id == request_id)
-            ).scalar()
-        if status in TERMINAL_STATUSES:
-            log.info("request %s redelivered but already %s; not running it again", request_id, status)
-            if reply_to:
-                self.notifier.publish({reply_to: [(request_id, status)]})
-            return status
-        if self.redis is not None:
-            key = deliveries_key(self.settings.namespace, request_id)
+    def _suspicion(self, request_id: str) -> str:
+        """Count a redelivery and judge it (see :mod:`workers.quarantine`). Without Redis: none."""
+        if self.redis is None:
+            return SUSPICION_NONE
+        ns = self.settings.namespace
+        try:
             pipe = self.redis.pipeline()
-            pipe.incr(key)
-            pipe.expire(key, DELIVERY_COUNTER_TTL_S)
-            redeliveries = pipe.execute()[0]
-            if redeliveries + 1 > self.settings.max_deliveries:
-                log.error("request %s redelivered %d times; failing it as poison", request_id, redeliveries)
-                error = (f"poison: redelivered {redeliveries} times without finishing "
-                         f"(max_deliveries={self.settings.max_deliveries})")
-                self.writer.finish(
-                    api_rows=[],
-                    request=self._finish_row(request_id=request_id, status=STATUS_FAILED, result=None,
-                                             error=error, tier_used=tier, model=self.catalog.spec(tier).model,
-                                             worker=worker, started_at=_now()),
-                    reply_to=reply_to,
-                )
-                return STATUS_FAILED
-        return None
+            pipe.incr(deliveries_key(ns, request_id))
+            pipe.expire(deliveries_key(ns, request_id), DELIVERY_COUNTER_TTL_S)
+            pipe.exists(quarantine_key(ns, request_id))
+            redeliveries, _, crashed_alone = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("request %s: poison counter unavailable (%s); running it", request_id, exc)
+            return SUSPICION_NONE
+        if crashed_alone:
+            log.error("request %s killed its worker while running alone; failing it as poison", request_id)
+            return SUSPICION_POISON
+        if int(redeliveries) >= self.settings.max_deliveries - 1:
+            log.warning("request %s redelivered %d times; running it alone to see whether it kills its worker",
+                        request_id, redeliveries)
+            return SUSPICION_SUSPECT
+        return SUSPICION_NONE
+
+    def _call_alone(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
+        key = quarantine_key(self.settings.namespace, request_id)
+        with self.gate.alone():
+            try:
+                self.redis.set(key, worker, ex=DELIVERY_COUNTER_TTL_S)
+            except redis.RedisError as exc:
+                log.warning("request %s: quarantine mark not set (%s)", request_id, exc)
+            result = self.call_model(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
+            try:
+                self.redis.delete(key)
+            except redis.RedisError as exc:
+                log.warning("request %s: quarantine mark not removed (%s)", request_id, exc)
+        return result
 
     def close(self) -> None:
         self.writer.close()
+        self.loader.close()
 
 
 _agent: SubAgent | None = None
@@ -155,6 +271,13 @@ def get_agent() -> SubAgent:
             _agent = SubAgent(settings=settings, catalog=load_catalog(settings.catalog_path))
             _agent_pid = os.getpid()
         return _agent
+
+
+def peek_agent() -> SubAgent | None:
+    """This process's sub-agent if one was made (health reports must not build one)."""
+    if _agent is not None and _agent_pid == os.getpid():
+        return _agent
+    return None
 
 
 def close_agent() -> None:

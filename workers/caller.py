@@ -14,7 +14,15 @@ and fails the request at once; other permanent errors (400/403/404, context too 
 at once without touching the breaker.
 
 Delivery note: a request may be called more than once (redelivery); every attempt that was
-really made is its own row, so costs match what a provider would bill.
+really made is its own row, so costs match what a provider would bill. The row written before the
+call already carries the input tokens (estimated) and their cost at the catalog's price: if the
+worker dies mid-call, the attempt stays on the bill as "billed, outcome unknown", never $0.
+
+Fleet-state Redis failures (the limiter's or the breaker's Redis down or timing out): the limiter
+is retried with backoff inside the retry budget (no call is made without the fleet limit) and the
+request fails ``fleet_state_unavailable`` when the budget is spent; an unreadable breaker lets the
+call through (the provider's own errors still count once Redis is back). Either way the task ends
+with a terminal row, never an acked message with a ``queued`` row.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import redis
 from config.catalog import Catalog, LatencyProfile, ModelSpec
 from config.settings import Settings
 from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_OK, STATUS_FAILED, STATUS_SUCCEEDED
-from tars_tasks.errors import CircuitOpen, ProviderError, RateLimited
+from tars_tasks.errors import CircuitOpen, FleetStateUnavailable, ProviderError, RateLimited
 from workers.breaker import FleetBreaker, Permit, counts_as_failure, trips_at_once
 from workers.providers import Completion, Provider, get_provider
 from workers.providers.http import estimate_tokens
@@ -45,6 +53,9 @@ log = logging.getLogger(__name__)
 BREAKER_WAIT_STEP_MAX_S = 5.0
 #: Errors kept on a row are cut to this many characters.
 ERROR_MAX_CHARS = 2000
+#: First and longest pause between two tries of an unreachable fleet-state Redis.
+FLEET_STATE_RETRY_INITIAL_S = 0.1
+FLEET_STATE_RETRY_MAX_S = 2.0
 
 
 class RowSink(Protocol):
@@ -61,6 +72,8 @@ class CallOutcome:
     tier_used: str
     model: str
     api_rows: list[dict[str, Any]]
+    #: Short code of why it failed (None when it succeeded).
+    failure_reason: str | None = None
 
 
 def _now() -> datetime:
@@ -118,6 +131,7 @@ class ModelCaller:
                     "failure_rate": s.sim_failure_rate,
                     "seed": s.sim_seed,
                     "crash_marker": s.sim_crash_marker,
+                    "unstorable_marker": s.sim_unstorable_marker,
                 }
             else:
                 kwargs = {"base_url": eff.base_url, "api_key_env": eff.api_key_env}
@@ -148,22 +162,25 @@ class ModelCaller:
                     continue
                 wait_s = min(max(exc.retry_after_s or 0.0, 0.05), BREAKER_WAIT_STEP_MAX_S)
                 if time.monotonic() + wait_s >= deadline:
-                    return self._failed(rows=rows, spec=spec,
+                    return self._failed(rows=rows, spec=spec, reason=CircuitOpen.outcome,
                                         error=f"{CircuitOpen.outcome}: {exc}; tiers tried: {', '.join(tried)}; "
                                               f"retry budget {requested.retry_budget_s:g}s spent")
                 self._sleep(wait_s)
                 current, tried = tier, [tier]  # the requested tier may have recovered
                 continue
+            except FleetStateUnavailable as exc:
+                return self._failed(rows=rows, spec=spec, error=f"{exc.outcome}: {exc}", reason=exc.outcome)
             except ProviderError as exc:
                 tier_rows = sum(1 for r in rows if r["tier"] == spec.tier)
-                return self._failed(rows=rows, spec=spec,
+                return self._failed(rows=rows, spec=spec, reason=exc.outcome,
                                     error=f"{exc.outcome} after {tier_rows} attempt(s) on tier {spec.tier}: {exc}")
             return CallOutcome(status=STATUS_SUCCEEDED, text=completion.text, error=None, tier_used=spec.tier,
                                model=spec.model, api_rows=rows)
 
-    def _failed(self, *, rows: list[dict[str, Any]], spec: ModelSpec, error: str) -> CallOutcome:
+    def _failed(self, *, rows: list[dict[str, Any]], spec: ModelSpec, error: str,
+                reason: str = CircuitOpen.outcome) -> CallOutcome:
         return CallOutcome(status=STATUS_FAILED, text=None, error=error[:ERROR_MAX_CHARS], tier_used=spec.tier,
-                           model=spec.model, api_rows=rows)
+                           model=spec.model, api_rows=rows, failure_reason=reason)
 
     def _call_tier(self, *, spec: ModelSpec, prompt: str, request_id: str, worker: str,
                    rows: list[dict[str, Any]]) -> Completion:
@@ -177,15 +194,11 @@ class ModelCaller:
         for attempt in retrying:
             with attempt:
                 permit = self._allow(provider=provider.name, model=spec.model, probe_lease_s=spec.timeout_s + 5)
-                waited_s = 0.0
-                if self.limiter is not None:
-                    try:
-                        waited_s = self.limiter.acquire(provider=provider.name, model=spec.model, limits=limits,
-                                                        tokens=est_tokens, deadline_s=budget_deadline)
-                    except TimeoutError as exc:
-                        raise RateLimited(f"fleet rate limiter: {exc}") from None
+                waited_s = self._acquire(provider=provider.name, spec=spec, limits=limits, tokens=est_tokens,
+                                         deadline=budget_deadline)
                 row = self._attempt_row(request_id=request_id, attempt=len(rows) + 1, spec=spec,
-                                        provider=provider, worker=worker, waited_s=waited_s)
+                                        provider=provider, worker=worker, waited_s=waited_s,
+                                        input_tokens=estimate_tokens(prompt))
                 self.writer.record([dict(row)])
                 rows.append(row)
                 t0 = time.perf_counter()
@@ -195,6 +208,8 @@ class ModelCaller:
                 except ProviderError as exc:
                     row.update(outcome=exc.outcome, http_status=exc.status_code, error=str(exc)[:ERROR_MAX_CHARS],
                                latency_ms=(time.perf_counter() - t0) * 1000, finished_at=_now())
+                    if exc.status_code is not None:  # the provider answered with an error: nothing billed
+                        row.update(input_tokens=0, cost_usd=0)
                     self._tell_breaker(exc=exc, permit=permit, provider=provider.name, model=spec.model)
                     raise
                 row.update(
@@ -208,13 +223,46 @@ class ModelCaller:
                     finished_at=_now(),
                 )
                 if self.breaker is not None and permit.success_matters:
-                    self.breaker.record_success(provider=provider.name, model=spec.model)
+                    self._fleet_state_best_effort(self.breaker.record_success, provider=provider.name,
+                                                  model=spec.model)
                 if self.limiter is not None:
                     used = completion.input_tokens + completion.output_tokens
                     self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
                                                tokens=used - est_tokens, defer=True)
         assert completion is not None  # tenacity re-raises when it stops
         return completion
+
+    def _acquire(self, *, provider: str, spec: ModelSpec, limits: LimitSpec, tokens: int,
+                 deadline: float) -> float:
+        """Wait for fleet-wide capacity. An unreachable limiter Redis is retried with backoff until
+        ``deadline``; then :class:`FleetStateUnavailable` (the call is never made unlimited)."""
+        if self.limiter is None:
+            return 0.0
+        t0 = time.monotonic()
+        delay = FLEET_STATE_RETRY_INITIAL_S
+        while True:
+            try:
+                self.limiter.acquire(provider=provider, model=spec.model, limits=limits, tokens=tokens,
+                                     deadline_s=deadline)
+                return time.monotonic() - t0
+            except TimeoutError as exc:
+                raise RateLimited(f"fleet rate limiter: {exc}") from None
+            except redis.RedisError as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise FleetStateUnavailable(
+                        f"the fleet rate limiter's Redis was unreachable for {time.monotonic() - t0:.1f}s "
+                        f"(retry budget {spec.retry_budget_s:g}s): {exc}") from None
+                log.warning("fleet rate limiter unreachable (%s); retrying in %.1fs", exc, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, FLEET_STATE_RETRY_MAX_S)
+
+    @staticmethod
+    def _fleet_state_best_effort(fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except redis.RedisError as exc:
+            log.warning("fleet breaker unreachable (%s); carrying on without it", exc)
+            return None
 
     def _allow(self, *, provider: str, model: str, probe_lease_s: float) -> Permit:
         """The breaker's leave for one call. A breaker seen closed with no failures is trusted for
@@ -224,7 +272,11 @@ class ModelCaller:
         key = (provider, model)
         if self._closed_until.get(key, 0.0) > time.monotonic():
             return Permit(probe=False)
-        permit = self.breaker.allow(provider=provider, model=model, probe_lease_s=probe_lease_s)
+        try:
+            permit = self.breaker.allow(provider=provider, model=model, probe_lease_s=probe_lease_s)
+        except redis.RedisError as exc:
+            log.warning("fleet breaker unreachable (%s); letting the call through", exc)
+            return Permit(probe=False)
         if not permit.probe and permit.failures == 0 and self.settings.breaker_cache_s > 0:
             self._closed_until[key] = time.monotonic() + self.settings.breaker_cache_s
         return permit
@@ -233,19 +285,23 @@ class ModelCaller:
         if self.breaker is None:
             return
         self._closed_until.pop((provider, model), None)
+        record = self._fleet_state_best_effort
         if trips_at_once(exc):
             log.error("%s:%s answered 401; opening its breaker (no retries into a ban)", provider, model)
-            self.breaker.record_failure(provider=provider, model=model, reason=exc.outcome, trip=True)
+            record(self.breaker.record_failure, provider=provider, model=model, reason=exc.outcome, trip=True)
         elif counts_as_failure(exc):
-            if self.breaker.record_failure(provider=provider, model=model, reason=f"{exc.outcome}: {exc}"[:200]):
+            if record(self.breaker.record_failure, provider=provider, model=model,
+                      reason=f"{exc.outcome}: {exc}"[:200]):
                 log.warning("breaker for %s:%s is open after %s", provider, model, exc.outcome)
         elif permit.success_matters:
             # The model answered (429, 400, ...): it is up. A probe that got this far closes the breaker.
-            self.breaker.record_success(provider=provider, model=model)
+            record(self.breaker.record_success, provider=provider, model=model)
 
     @staticmethod
     def _attempt_row(*, request_id: str, attempt: int, spec: ModelSpec, provider: Provider, worker: str,
-                     waited_s: float) -> dict[str, Any]:
+                     waited_s: float, input_tokens: int) -> dict[str, Any]:
+        """The row committed before the call: what the provider will bill for the input if the
+        worker dies before the answer (output unknown, so not counted)."""
         return {
             "id": str(uuid.uuid4()),
             "request_id": request_id,
@@ -256,9 +312,9 @@ class ModelCaller:
             "outcome": OUTCOME_IN_FLIGHT,
             "http_status": None,
             "error": None,
-            "input_tokens": 0,
+            "input_tokens": input_tokens,
             "output_tokens": 0,
-            "cost_usd": 0,
+            "cost_usd": spec.cost_usd(input_tokens=input_tokens, output_tokens=0),
             "latency_ms": None,
             "ratelimit_wait_ms": round(waited_s * 1000, 3),
             "worker": worker,

@@ -42,12 +42,16 @@ class SimulatedProvider:
         failure_rate: float | None = None,
         seed: int | None = None,
         crash_marker: str | None = None,
+        unstorable_marker: str | None = None,
         sleep=time.sleep,
     ) -> None:
         self.latency_override = latency
         #: Fault injection: a prompt containing this text kills the worker process mid-call
         #: (``os._exit``), the way an out-of-memory kill or a segfault in a C library would.
         self.crash_marker = crash_marker
+        #: Fault injection: a prompt containing this text gets an answer Postgres cannot store
+        #: (a NUL character), the way a model's raw output sometimes is.
+        self.unstorable_marker = unstorable_marker
         self.failure_rate_override = failure_rate
         self.seed = seed
         self._sleep = sleep
@@ -71,4 +75,6 @@ class SimulatedProvider:
             raise TransientProviderError(f"simulated {spec.model} overloaded", status_code=529)
         out_tokens = rng.randint(*spec.output_tokens)
         text = (_FILLER * (out_tokens * 4 // len(_FILLER) + 1))[: out_tokens * 4]
+        if self.unstorable_marker and self.unstorable_marker in prompt:
+            text = "binary output: \x00\x01 " + text
         return Completion(text=text, input_tokens=estimate_tokens(prompt), output_tokens=estimate_tokens(text))

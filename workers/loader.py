@@ -1,0 +1,132 @@
+"""Group reads: many tasks' request rows in one ``SELECT ... WHERE id IN (...)``.
+
+Every delivery reads its request row first (the prompt is not in the message, and a request
+that is already terminal must not be called again). Hundreds of greenlets reading one row each
+would queue on the connection pool; here one reader thread takes every id asked for within
+``linger_ms`` (at most ``batch_max``) and answers them with one query.
+
+A read that fails transiently (database down, connection reset) is retried with bounded
+backoff while the task waits — its message stays unacked, so nothing is lost; a permanent
+error is raised to the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from tars_tasks.db.errors import is_transient
+from tars_tasks.db.models import Request
+
+log = logging.getLogger(__name__)
+
+_req = Request.__table__.c
+_COLUMNS = (_req.id, _req.status, _req.role, _req.tenant, _req.priority, _req.prompt, _req.tier_requested,
+            _req.started_at, _req.submitted_at)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    id: str
+    status: str
+    role: str
+    tenant: str
+    priority: int
+    prompt: str
+    tier_requested: str
+    started_at: datetime | None
+    submitted_at: datetime
+
+
+@dataclass(slots=True)
+class _Ask:
+    request_id: str
+    done: threading.Event
+    row: RequestRow | None = None
+    error: BaseException | None = None
+
+
+class RequestLoader:
+    def __init__(self, *, engine: Engine, batch_max: int = 500, linger_ms: float = 2.0,
+                 retry_max_s: float = 5.0) -> None:
+        self.engine = engine
+        self.batch_max = batch_max
+        self.linger_s = linger_ms / 1000
+        self.retry_max_s = retry_max_s
+        self._q: queue.Queue[_Ask | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="tars-row-loader", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def get(self, request_id: str) -> RequestRow | None:
+        """The request's row, or None if there is none. Blocks while the database is down."""
+        ask = _Ask(request_id=request_id, done=threading.Event())
+        self._q.put(ask)
+        ask.done.wait()
+        if ask.error is not None:
+            raise ask.error
+        return ask.row
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._q.put(None)
+            self._thread.join(10)
+
+    def _take(self) -> tuple[list[_Ask], bool]:
+        first = self._q.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.linger_s
+        while len(batch) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._take()
+            if batch:
+                self._answer(batch)
+            if stop:
+                return
+
+    def _answer(self, batch: list[_Ask]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                rows = self._read(sorted({a.request_id for a in batch}))
+                break
+            except Exception as exc:
+                if not is_transient(exc):
+                    for a in batch:
+                        a.error = exc
+                        a.done.set()
+                    return
+                log.warning("reading %d request row(s) failed (%s); retrying in %.1fs", len(batch), exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+        for a in batch:
+            a.row = rows.get(a.request_id)
+            a.done.set()
+
+    def _read(self, ids: list[str]) -> dict[str, RequestRow]:
+        out: dict[str, Any] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(*_COLUMNS).where(_req.id.in_(ids))):
+                out[row.id] = RequestRow(**row._asdict())
+        return out

@@ -85,7 +85,8 @@ def redis_depth_reader(settings: Settings) -> Callable[[], dict[str, int]]:
     from tars_tasks.status import queue_depths
 
     def read() -> dict[str, int]:
-        return {tier: sum(by_prio.values()) for tier, by_prio in queue_depths(settings).items()}
+        by_tier = queue_depths(settings, timeout_s=settings.client_timeout_s)
+        return {tier: sum(by_prio.values()) for tier, by_prio in by_tier.items()}
 
     return read
 
@@ -99,7 +100,7 @@ class Admission:
     @classmethod
     def for_settings(cls, *, settings: Settings, catalog: Catalog) -> Admission:
         gauge = None
-        if settings.shared_redis_url and settings.max_queue_depth > 0:
+        if settings.broker_redis_url and settings.max_queue_depth > 0:
             gauge = QueueDepthGauge(read_depths=redis_depth_reader(settings),
                                     interval_s=settings.admission_sample_interval_ms / 1000)
         return cls(settings=settings, catalog=catalog, gauge=gauge)

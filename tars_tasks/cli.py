@@ -199,6 +199,21 @@ def status(as_json: bool) -> None:
         for m, s in sorted(st.breakers.items()):
             bt.add_row(m, s)
         console.print(bt)
+    if st.worker_health:
+        wt = Table(title="Worker processes (live leases)")
+        wt.add_column("worker")
+        wt.add_column("results durable")
+        wt.add_column("waiting to commit", justify="right")
+        for owner, h in sorted(st.worker_health.items()):
+            w = h.get("writer") or {}
+            ok = ("yes" if w.get("healthy", True)
+                  else f"NO, failing for {w.get('stalled_for_s')}s: {w.get('last_error')}")
+            wt.add_row(owner, ok, str(w.get("pending", 0)))
+        console.print(wt)
+    unknown = st.billed_unknown or {}
+    if unknown.get("attempts"):
+        console.print(f"Attempts billed, outcome unknown: {unknown['attempts']} "
+                      f"(${unknown['cost_usd']:.6f} at the input price known when sent)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import redis
 from sqlalchemy import select
 
 from config.catalog import Catalog, load_catalog
@@ -25,7 +26,7 @@ from config.settings import Settings, get_settings
 from tars_tasks.coordinator import Coordinator, Submission
 from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import TERMINAL_STATUSES, Request
-from tars_tasks.errors import RequestNotFound, ResultTimeout
+from tars_tasks.errors import BrokerUnavailable, RequestNotFound, ResultTimeout
 from tars_tasks.notify import CompletionListener, LocalListener, RedisListener
 from tars_tasks.redis_client import get_redis
 from tars_tasks.schemas import RequestSpec
@@ -80,12 +81,11 @@ class TarsClient:
     """A producer. Thread-safe; create one per process and reuse it."""
 
     def __init__(self, *, settings: Settings | None = None, catalog: Catalog | None = None) -> None:
-        from tars_tasks.celery_app import app as default_app
         from tars_tasks.celery_app import make_app
 
         self.settings = settings or get_settings()
         self.catalog = catalog or load_catalog(self.settings.catalog_path)
-        self.celery_app = default_app if settings is None else make_app(self.settings)
+        self.celery_app = make_app(self.settings, producer=True)
         self.engine = get_engine(self.settings.database_url)
         self.coordinator = Coordinator(
             settings=self.settings, catalog=self.catalog, celery_app=self.celery_app, engine=self.engine
@@ -114,7 +114,10 @@ class TarsClient:
         self, requests: Iterable[RequestSpec | dict[str, Any]], *, run_id: str | None = None
     ) -> list[RequestHandle]:
         """Validate all, then record and queue all. One bad request rejects the whole call."""
-        listener = self.listener  # subscribe before anything can finish
+        try:
+            listener = self.listener  # subscribe before anything can finish
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"broker unavailable (completion channel): {exc}; nothing was recorded") from exc
         subs: list[Submission] = self.coordinator.submit_many(
             requests, run_id=run_id, reply_to=listener.channel
         )
@@ -129,7 +132,8 @@ class TarsClient:
             redis_url = self.settings.shared_redis_url
             if redis_url:
                 self._listener = RedisListener(
-                    self.producer_id, namespace=self.settings.namespace, redis_client=get_redis(redis_url)
+                    self.producer_id, namespace=self.settings.namespace,
+                    redis_client=get_redis(redis_url, timeout_s=self.settings.client_timeout_s),
                 )
             else:
                 self._listener = LocalListener(self.producer_id, namespace=self.settings.namespace)

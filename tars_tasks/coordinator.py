@@ -4,10 +4,15 @@ Order of operations for every request:
 1. validate and route — bad input raises :class:`InvalidRequest`, nothing is written;
    admission control may refuse (:class:`Overloaded`) or move the request to a cheaper
    tier under load (see :mod:`tars_tasks.admission`);
-2. record the request row (status ``queued``) in the database;
-3. publish it to its tier's queue with its priority.
-If publishing fails, the recorded rows are marked ``failed`` and :class:`BrokerUnavailable`
-is raised: a producer is never left believing a dropped request is queued.
+2. reserve room on the tier's queue, atomically in the broker's Redis, so that the bound
+   ``max_queue_depth`` holds fleet-wide however many producers submit
+   (:mod:`tars_tasks.broker.bound`; refused: :class:`Overloaded`, nothing written);
+3. record the request row (status ``queued``) in the database;
+4. publish it to its tier's queue with its priority, then release the reservation.
+If publishing fails, the recorded rows are marked ``failed`` (``failure_reason`` "enqueue
+failed") and :class:`BrokerUnavailable` is raised: a producer is never left believing a dropped
+request is queued. Any broker error before the rows are written — Redis down, or not answering
+within ``client_timeout_s`` — is :class:`BrokerUnavailable` too, with nothing written.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Celery
 from sqlalchemy import Engine, select, tuple_, update
 from sqlalchemy.exc import OperationalError
@@ -27,9 +33,10 @@ from config.catalog import Catalog
 from config.keys import queue_for_tier
 from config.settings import Settings
 from tars_tasks.admission import Admission
+from tars_tasks.broker.bound import AdmissionBound, Reservation
 from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, Request
 from tars_tasks.db.upsert import insert_for
-from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest
+from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded
 from tars_tasks.publish import publish_request
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import RequestSpec, validate_spec
@@ -58,12 +65,20 @@ class _Planned:
 
 class Coordinator:
     def __init__(self, *, settings: Settings, catalog: Catalog, celery_app: Celery, engine: Engine,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, bound: AdmissionBound | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.celery_app = celery_app
         self.engine = engine
         self.admission = admission or Admission.for_settings(settings=settings, catalog=catalog)
+        self.bound = bound
+        if bound is None and settings.broker_redis_url and settings.max_queue_depth > 0:
+            from tars_tasks.redis_client import get_redis
+
+            self.bound = AdmissionBound(
+                redis_client=get_redis(settings.broker_redis_url, timeout_s=settings.client_timeout_s),
+                namespace=settings.namespace, limit=settings.max_queue_depth,
+                ttl_s=settings.admission_reservation_ttl_s)
 
     def plan(self, requests: Iterable[RequestSpec | dict[str, Any]]) -> list[_Planned]:
         """Validate and route every request; raise on the first bad one, before any write."""
@@ -79,7 +94,10 @@ class Coordinator:
 
     def admit(self, planned: list[_Planned]) -> list[_Planned]:
         """Apply admission control and degradation; raise Overloaded before any write."""
-        decisions = self.admission.decide_many([(p.route.tier, p.spec.priority) for p in planned])
+        try:
+            decisions = self.admission.decide_many([(p.route.tier, p.spec.priority) for p in planned])
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"broker unavailable (reading queue depths): {exc}; nothing was recorded") from exc
         out = []
         for p, d in zip(planned, decisions, strict=True):
             if d.tier != p.route.tier:
@@ -100,8 +118,12 @@ class Coordinator:
         if not planned:
             return []
         planned = self.admit(planned)
-        created, existing = self._record(planned, run_id=run_id)
-        self._enqueue([p for p in planned if p.id in created], reply_to=reply_to)
+        reservations = self._reserve(planned)
+        try:
+            created, existing = self._record(planned, run_id=run_id)
+            self._enqueue([p for p in planned if p.id in created], reply_to=reply_to)
+        finally:
+            self._release(reservations)
         out = []
         for p in planned:
             if p.id in created:
@@ -112,6 +134,36 @@ class Coordinator:
         return out
 
     # --- steps -------------------------------------------------------------------------------
+
+    def _reserve(self, planned: Sequence[_Planned]) -> list[Reservation]:
+        """Room on every tier this call publishes to, or Overloaded / BrokerUnavailable (nothing kept)."""
+        if self.bound is None:
+            return []
+        per_tier: dict[str, int] = {}
+        for p in planned:
+            per_tier[p.route.tier] = per_tier.get(p.route.tier, 0) + 1
+        granted: list[Reservation] = []
+        try:
+            for tier, n in sorted(per_tier.items()):
+                reservation, depth = self.bound.reserve(tier=tier, n=n)
+                if reservation is None:
+                    self._release(granted)
+                    raise Overloaded(
+                        f"tier {tier!r} is full: {depth} queued or reserved fleet-wide, {n} more would pass "
+                        f"max_queue_depth={self.bound.limit}; retry later", retry_after_s=1.0)
+                granted.append(reservation)
+        except redis.RedisError as exc:
+            self._release(granted)
+            raise BrokerUnavailable(f"broker unavailable (admission): {exc}; nothing was recorded") from exc
+        return granted
+
+    def _release(self, reservations: list[Reservation]) -> None:
+        for r in reservations:
+            try:
+                self.bound.release(r)
+            except redis.RedisError as exc:  # it expires by itself; until then it only holds room
+                log.warning("admission reservation %s not released (%s); it expires in %.0fs", r.id, exc,
+                            self.settings.admission_reservation_ttl_s)
 
     def _record(
         self, planned: Sequence[_Planned], *, run_id: str | None
@@ -131,6 +183,7 @@ class Coordinator:
                     "idempotency_key": p.spec.idempotency_key,
                     "role": p.spec.role,
                     "tier_requested": p.requested_tier,
+                    "tier_queued": p.route.tier,
                     "priority": p.spec.priority,
                     "prompt": p.spec.prompt,
                     "status": STATUS_QUEUED,
@@ -172,8 +225,7 @@ class Coordinator:
             with self.celery_app.producer_or_acquire() as producer, producer.batch():
                 for p in planned:
                     publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
-                                    role=p.spec.role, prompt=p.spec.prompt, tenant=p.spec.tenant,
-                                    priority=p.spec.priority, reply_to=reply_to)
+                                    tenant=p.spec.tenant, priority=p.spec.priority, reply_to=reply_to)
         except Exception as exc:
             self._fail_unsent([p.id for p in planned], reason=f"{ENQUEUE_FAILED}: {exc}")
             raise BrokerUnavailable(
@@ -190,7 +242,8 @@ class Coordinator:
                 conn.execute(
                     update(Request.__table__)
                     .where(t.id.in_(ids), t.status == STATUS_QUEUED)
-                    .values(status=STATUS_FAILED, error=reason, finished_at=datetime.now(UTC))
+                    .values(status=STATUS_FAILED, error=reason[:2000], failure_reason=ENQUEUE_FAILED,
+                            finished_at=datetime.now(UTC))
                 )
         except Exception:
             log.exception("could not mark %d unqueued request(s) failed", len(ids))

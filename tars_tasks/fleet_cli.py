@@ -206,19 +206,26 @@ def worker_node_name(tier: str, *, hostname: str | None = None) -> str:
 @click.option("--node", default=None, help="Node name to ping (default: this host's worker of the tier).")
 @click.option("--timeout-s", type=float, default=5.0, show_default=True)
 def healthcheck_worker(tier: str, node: str | None, timeout_s: float) -> None:
-    """Ping this host's worker of a tier over the broker."""
+    """Ask this host's worker of a tier for its health over the broker: it must answer, and its
+    group-commit writer must not have been failing for longer than TARS_WRITER_STALL_UNHEALTHY_S."""
     from tars_tasks.celery_app import app
 
     node = node or worker_node_name(tier)
     try:
-        replies = app.control.ping(destination=[node], timeout=timeout_s) or []
+        replies = app.control.broadcast("tars_health", destination=[node], reply=True, timeout=timeout_s) or []
     except Exception as exc:
         click.echo(f"unhealthy: broker unreachable: {exc}", err=True)
         sys.exit(1)
-    if not any(node in r for r in replies):
-        click.echo(f"unhealthy: {node} did not answer a ping within {timeout_s}s", err=True)
+    answer = next((r[node] for r in replies if node in r), None)
+    if answer is None:
+        click.echo(f"unhealthy: {node} did not answer within {timeout_s}s", err=True)
         sys.exit(1)
-    click.echo(f"{node}: pong")
+    writer = answer.get("writer") or {}
+    if not answer.get("healthy", True):
+        click.echo(f"unhealthy: {node}: results not durable for {writer.get('stalled_for_s')}s "
+                   f"({writer.get('pending')} waiting): {writer.get('last_error')}", err=True)
+        sys.exit(1)
+    click.echo(f"{node}: healthy")
 
 
 @healthcheck.command("http")

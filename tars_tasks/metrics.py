@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from config.keys import TIERS
 from config.settings import Settings
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import ApiCall, Request
+from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,15 @@ class FleetCollector(Collector):
             tokens.add_metric([tier, "output"], float(v.get("output_tokens", 0)))
             wait.add_metric([tier], float(v.get("ratelimit_wait_ms", 0)) / 1000.0)
             waited.add_metric([tier], float(v.get("ratelimit_waited", 0)))
-        yield from (requests, api, cost, tokens, wait, waited)
+        unknown = GaugeMetricFamily(
+            "tars_api_calls_billed_unknown", "Attempts billed, outcome unknown (in flight, or their worker died "
+            "mid-call), and their dollars at the price known when they were sent.", labels=["tier", "measure"])
+        for tier in tiers:
+            n = sum(v["calls"] for (t, o), v in calls.items() if t == tier and o in OUTCOMES_UNKNOWN)
+            usd = sum(Decimal(v["cost_usd"]) for (t, o), v in calls.items() if t == tier and o in OUTCOMES_UNKNOWN)
+            unknown.add_metric([tier, "attempts"], n)
+            unknown.add_metric([tier, "cost_usd"], float(usd))
+        yield from (requests, api, cost, tokens, wait, waited, unknown)
 
     def _redis_metrics(self) -> Iterator[Metric]:
         from tars_tasks.status import queue_depths
@@ -164,6 +172,18 @@ class FleetCollector(Collector):
             for prio, n in sorted(by_prio.items()):
                 depth.add_metric([tier, str(prio)], n)
         yield depth
+        from tars_tasks.status import worker_health
+
+        healthy = GaugeMetricFamily("tars_worker_writer_healthy",
+                                    "1 if the worker process's group-commit writer is committing.", labels=["worker"])
+        stalled = GaugeMetricFamily("tars_worker_writer_stalled_seconds",
+                                    "Seconds the worker's commits have kept failing (0 while they succeed).",
+                                    labels=["worker"])
+        for owner, h in sorted(worker_health(self.settings).items()):
+            w = h.get("writer") or {}
+            healthy.add_metric([owner], 1.0 if w.get("healthy", True) else 0.0)
+            stalled.add_metric([owner], float(w.get("stalled_for_s") or 0.0))
+        yield from (healthy, stalled)
         views = breaker_views(self.settings)
         if views is None:
             return

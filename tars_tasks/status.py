@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import func, select
 
-from config.keys import TIERS, queue_for_tier
+from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, lease_prefix, priority_list, queue_for_tier
 from config.settings import Settings
-from tars_tasks.celery_app import PRIORITY_MAX, PRIORITY_MIN, redis_priority
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import Request
+from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
 from tars_tasks.redis_client import get_redis
-
-
-def _priority_list(queue: str, prio: int) -> str:
-    """The Redis list kombu uses for ``queue`` at a TARS priority (sep ':', steps 0..9)."""
-    rp = redis_priority(prio)
-    return queue if rp == 0 else f"{queue}:{rp}"
 
 
 @dataclass
@@ -29,21 +24,28 @@ class FleetStatus:
     #: status -> count
     requests: dict[str, int] = field(default_factory=dict)
     breakers: dict[str, str] = field(default_factory=dict)
+    #: lease owner -> what the worker process last reported (its writer's health among it)
+    worker_health: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: attempts billed, outcome unknown (their worker died mid-call, or still in flight)
+    billed_unknown: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"queue_depth": self.queue_depth, "workers": self.workers, "requests": self.requests,
-                "breakers": self.breakers}
+                "breakers": self.breakers, "worker_health": self.worker_health,
+                "billed_unknown": self.billed_unknown}
 
 
-def queue_depths(settings: Settings) -> dict[str, dict[int, int]]:
-    url = settings.shared_redis_url
+def queue_depths(settings: Settings, *, timeout_s: float | None = None) -> dict[str, dict[int, int]]:
+    """Messages waiting per tier and TARS priority, read from the *broker* (never the fleet-state
+    Redis, which may be another server: reading it there switched admission control off)."""
+    url = settings.broker_redis_url
     if not url:
         return {t: {} for t in TIERS}
-    r = get_redis(url)
+    r = get_redis(url, timeout_s=timeout_s)
     pipe = r.pipeline(transaction=False)
     keys = [(t, p) for t in TIERS for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1)]
     for t, p in keys:
-        pipe.llen(_priority_list(queue_for_tier(t), p))
+        pipe.llen(priority_list(queue_for_tier(t), p))
     out: dict[str, dict[int, int]] = {t: {} for t in TIERS}
     for (t, p), n in zip(keys, pipe.execute(), strict=True):
         out[t][p] = int(n)
@@ -81,10 +83,42 @@ def breaker_states(settings: Settings) -> dict[str, str]:
     return {f"{v.provider}:{v.model}": v.describe() for v in breaker.all_views()}
 
 
+def worker_health(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Lease owner -> the health each live worker process publishes with its lease."""
+    url = settings.broker_redis_url
+    if not url:
+        return {}
+    r = get_redis(url)
+    prefix = lease_prefix(settings.namespace)
+    keys = sorted(r.scan_iter(match=f"{prefix}*", count=500))
+    out: dict[str, dict[str, Any]] = {}
+    for key, raw in zip(keys, r.mget(keys) if keys else [], strict=True):
+        if raw is None:
+            continue
+        try:
+            out[key.decode()[len(prefix):]] = json.loads(raw)
+        except ValueError:
+            continue
+    return out
+
+
+def billed_unknown(settings: Settings) -> dict[str, Any]:
+    """Attempts whose outcome is unknown (in flight, or their worker died) and what they cost."""
+    a = ApiCall.__table__.c
+    with get_engine(settings.database_url).connect() as conn:
+        rows = conn.execute(select(a.outcome, func.count(), func.coalesce(func.sum(a.cost_usd), 0))
+                            .where(a.outcome.in_(OUTCOMES_UNKNOWN)).group_by(a.outcome)).all()
+    by = {o: (int(n), float(c)) for o, n, c in rows}
+    return {"attempts": sum(n for n, _ in by.values()), "cost_usd": round(sum(c for _, c in by.values()), 9),
+            "by_outcome": {o: n for o, (n, _) in by.items()}}
+
+
 def fleet_status(settings: Settings, celery_app) -> FleetStatus:
     return FleetStatus(
         queue_depth=queue_depths(settings),
         workers=workers_by_tier(celery_app) if settings.shared_redis_url else {},
         requests=requests_by_status(settings),
         breakers=breaker_states(settings),
+        worker_health=worker_health(settings),
+        billed_unknown=billed_unknown(settings),
     )

@@ -111,11 +111,11 @@ def start_worker(fleet_env, tmp_path) -> Iterator:
     started: list[WorkerProcess] = []
 
     def _start(*, tiers=("haiku", "sonnet", "opus"), concurrency: int = 100, env: dict | None = None,
-               pool: str = "gevent", wait: bool = True) -> WorkerProcess:
+               pool: str = "gevent", wait: bool = True, events: bool = False) -> WorkerProcess:
         name = f"w{len(started)}-{'+'.join(tiers)}@test"
         full_env = {**os.environ, **fleet_env, **(env or {})}
         argv = worker_argv(tiers=list(tiers), concurrency=concurrency, pool=pool, name=name,
-                           loglevel="INFO", events=False)
+                           loglevel="INFO", events=events)
         argv[0] = sys.executable
         log_path = tmp_path / f"worker-{len(started)}.log"
         with log_path.open("wb") as fh:

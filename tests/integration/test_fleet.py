@@ -151,15 +151,19 @@ def test_bad_input_is_refused_before_anything_is_recorded_or_queued(client, redi
     assert [k for k in redis.keys("tars.*")] == []
 
 
-def test_a_worker_killed_mid_call_loses_nothing_and_its_attempts_stay_visible(fleet_env, start_worker, client, db):
-    env = {"TARS_VISIBILITY_TIMEOUT_S": "4", "TARS_SIM_LATENCY": "uniform:1500:2500"}
+def test_a_worker_killed_mid_call_under_default_settings_loses_nothing_and_its_calls_stay_on_the_bill(
+    fleet_env, start_worker, client, db
+):
+    # The default visibility timeout (an hour): recovery must come from the lease, not from it.
+    env = {"TARS_VISIBILITY_TIMEOUT_S": "3600", "TARS_SIM_LATENCY": "uniform:1500:2500"}
     victim = start_worker(tiers=["haiku"], concurrency=20, env=env)
     handles = client.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(60)])
+    on_victim = {"w": f"{victim.name}:%"}
 
     def in_flight_on_victim():
         with db.connect() as conn:
             return conn.execute(text(
-                "SELECT count(*) FROM api_calls WHERE outcome = 'in_flight' AND worker = :w"), {"w": victim.name}
+                "SELECT count(*) FROM api_calls WHERE outcome = 'in_flight' AND worker LIKE :w"), on_victim
             ).scalar() >= 10
 
     _wait_until(in_flight_on_victim, timeout=30)
@@ -172,26 +176,32 @@ def test_a_worker_killed_mid_call_loses_nothing_and_its_attempts_stay_visible(fl
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 60
         killed = conn.execute(text(
-            "SELECT request_id FROM api_calls WHERE outcome = 'in_flight' AND worker = :w"), {"w": victim.name}
-        ).scalars().all()
+            "SELECT request_id, outcome, input_tokens, cost_usd FROM api_calls WHERE worker LIKE :w "
+            "AND outcome <> 'ok'"), on_victim).all()
         assert len(killed) >= 10
+        # billed, outcome unknown: marked so by the lease sweeper, with the input that was sent and its cost
+        assert {k.outcome for k in killed} == {"unknown"}
+        assert all(k.input_tokens > 0 and k.cost_usd > 0 for k in killed)
         # every killed attempt's request was finished by another worker, with a second attempt recorded
         rows = conn.execute(text(
-            "SELECT r.worker, r.attempts FROM requests r WHERE r.id = ANY(:ids)"), {"ids": list(killed)}).all()
-        assert all(w != victim.name and n >= 2 for w, n in rows)
+            "SELECT r.worker, r.attempts, r.cost_usd, (SELECT sum(cost_usd) FROM api_calls a WHERE a.request_id = r.id)"
+            " FROM requests r WHERE r.id = ANY(:ids)"), {"ids": [k.request_id for k in killed]}).all()
+        assert all(not w.startswith(victim.name) and n >= 2 and cost == billed for w, n, cost, billed in rows)
 
 
 def test_the_same_message_delivered_twice_gives_one_request_row_and_two_attempts(fleet_env, start_worker, db):
     from tars_tasks.celery_app import make_app
     from tars_tasks.client import TarsClient
+    from tars_tasks.publish import publish_request
 
     settings = make_settings(fleet_env)
     with TarsClient(settings=settings) as client:
         handle = client.submit(role="researcher", prompt="twice")
         # Publish the very same task message again, as a broker might after a lost ack.
         app = make_app(settings)
-        app.send_task("tars.run_request", task_id=handle.id, queue="tars.haiku",
-                      kwargs={"request_id": handle.id, "tier": "haiku", "prompt": "twice", "reply_to": None})
+        with app.producer_or_acquire() as producer:
+            publish_request(app, producer=producer, request_id=handle.id, tier="haiku", tenant="default",
+                            priority=5, reply_to=None)
         start_worker(tiers=["haiku"], concurrency=10)
         result = handle.wait(timeout=60)
         assert result.status == "succeeded"
@@ -206,16 +216,31 @@ def test_the_same_message_delivered_twice_gives_one_request_row_and_two_attempts
             assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 1
 
 
-def test_a_producer_whose_broker_is_down_gets_an_error_and_the_request_is_recorded_failed(fleet_env, db):
+def test_a_producer_whose_broker_is_down_gets_broker_unavailable_and_nothing_is_recorded(fleet_env, db):
     from tars_tasks.client import TarsClient
     from tars_tasks.errors import BrokerUnavailable
 
+    # default settings otherwise: the admission bound is the first thing that needs the broker
     settings = make_settings(fleet_env, broker_url="redis://127.0.0.1:1/0", redis_url=fleet_env["TARS_BROKER_URL"])
     with TarsClient(settings=settings) as client, pytest.raises(BrokerUnavailable):
         client.submit(role="researcher", prompt="nowhere to go")
     with db.connect() as conn:
-        rows = conn.execute(text("SELECT status, error FROM requests")).all()
-    assert len(rows) == 1 and rows[0].status == "failed" and "enqueue failed" in rows[0].error
+        assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 0
+
+
+def test_a_publish_that_fails_after_the_row_is_written_marks_the_request_failed(fleet_env, db):
+    from tars_tasks.client import TarsClient
+    from tars_tasks.errors import BrokerUnavailable
+
+    # no admission bound (max_queue_depth=0): the publish is the first broker operation
+    settings = make_settings(fleet_env, broker_url="redis://127.0.0.1:1/0", redis_url=fleet_env["TARS_BROKER_URL"],
+                             max_queue_depth=0)
+    with TarsClient(settings=settings) as client, pytest.raises(BrokerUnavailable):
+        client.submit(role="researcher", prompt="nowhere to go")
+    with db.connect() as conn:
+        rows = conn.execute(text("SELECT status, error, failure_reason FROM requests")).all()
+    assert len(rows) == 1 and rows[0].status == "failed" and rows[0].failure_reason == "enqueue failed"
+    assert "enqueue failed" in rows[0].error
 
 
 def test_the_embedded_default_runs_the_real_task_code_with_no_services(tmp_path):
@@ -272,8 +297,12 @@ def test_a_request_that_kills_its_worker_every_time_is_failed_after_max_deliveri
     assert result.status == "failed" and "poison" in result.error
     assert crashes == 3  # delivered 3 times (max_deliveries), then failed without a 4th model call
     with db.connect() as conn:
-        outcomes = conn.execute(text("SELECT outcome FROM api_calls WHERE request_id = :i"), {"i": poison.id}).scalars()
-        assert sorted(outcomes) == ["in_flight"] * 3
+        outcomes = conn.execute(text("SELECT outcome FROM api_calls WHERE request_id = :i"),
+                                {"i": poison.id}).scalars().all()
+        # each crashed call stays on the bill: in flight, or unknown once its worker's lease expired
+        assert len(outcomes) == 3 and set(outcomes) <= {"in_flight", "unknown"}
+        assert conn.execute(text("SELECT failure_reason FROM requests WHERE id = :i"),
+                            {"i": poison.id}).scalar() == "poison"
 
     healthy = client.submit(role="researcher", prompt="an ordinary request")
     assert healthy.wait(timeout=60).status == "succeeded"

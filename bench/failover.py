@@ -1,0 +1,132 @@
+"""Time to recovery after a hard kill, under default settings (issue #8: within 10 s).
+
+    .venv/bin/python bench/failover.py --kills 12
+
+Each round: a victim worker and a survivor worker (gevent, default visibility timeout of an
+hour, default lease settings), 40 requests of 1.0-2.0 s simulated model time; once at least 10
+calls are in flight on the victim it is SIGKILLed. For every request the victim was calling, the
+recovery time is from the kill to the start of its next attempt on another worker (from the
+``api_calls`` rows). A round's recovery time is its slowest request's. Prints p50 / p99 / max
+over rounds and over requests, and checks that no request ran twice to success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+DB_NAME = "tars_failover"
+
+
+def _fresh_db() -> str:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname=%s", (DB_NAME,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}"')
+        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    url = f"postgresql://postgres@127.0.0.1:5432/{DB_NAME}"
+    import migrations
+
+    migrations.upgrade(url)
+    return url
+
+
+def _pct(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: a value that occurred."""
+    import math
+
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=12)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--redis-db", type=int, default=10)
+    args = p.parse_args()
+    if args.kills < 1 or args.requests < 10:
+        p.error("--kills >= 1 and --requests >= 10")
+    for k in [k for k in os.environ if k.startswith("TARS_")]:
+        del os.environ[k]
+    from sqlalchemy import text
+
+    from tars_tasks.client import TarsClient
+    from tars_tasks.db.engine import get_engine
+    from tests.faults.harness import Fleet, wait_terminal, wait_until
+    from tests.helpers import make_settings
+
+    broker = f"redis://127.0.0.1:6379/{args.redis_db}"
+    r = redis.Redis.from_url(broker)
+    r.flushdb()
+    db_url = _fresh_db()
+    engine = get_engine(db_url)
+    env = {"TARS_BROKER_URL": broker, "TARS_DATABASE_URL": db_url, "TARS_NAMESPACE": f"fo{uuid.uuid4().hex[:6]}",
+           "TARS_SIM_LATENCY": "uniform:1000:2000", "TARS_SIM_FAILURE_RATE": "0", "TARS_TASK_EVENTS": "false"}
+    fleet = Fleet(env=env, log_dir=Path(tempfile.mkdtemp(prefix="tars-failover-")))
+    fleet.start_worker(concurrency=100)  # the survivor
+    per_round: list[float] = []
+    per_request: list[float] = []
+    twice = 0
+    try:
+        with TarsClient(settings=make_settings(env)) as client:
+            for k in range(args.kills):
+                victim = fleet.start_worker(concurrency=100)
+                handles = client.submit_many([{"role": "researcher", "prompt": f"round {k} request {i}"}
+                                              for i in range(args.requests)])
+                ids = [h.id for h in handles]
+                like = {"w": f"{victim.name}:%", "ids": ids}
+
+                def on_victim(like=like) -> int:
+                    with engine.connect() as conn:
+                        return conn.execute(text("SELECT count(*) FROM api_calls WHERE outcome='in_flight' "
+                                                 "AND worker LIKE :w AND request_id = ANY(:ids)"), like).scalar()
+
+                wait_until(lambda: on_victim() >= 10, timeout=60, what="10 calls in flight on the victim")
+                killed_at = datetime.now(UTC)
+                victim.kill(signal.SIGKILL)
+                victim.proc.wait(10)
+                if not wait_terminal(engine, ids, timeout=120):
+                    print(f"round {k}: requests still pending after 120 s", flush=True)
+                with engine.connect() as conn:
+                    rows = conn.execute(text("""
+                        SELECT a.request_id, min(b.started_at) FROM api_calls a JOIN api_calls b
+                          ON b.request_id = a.request_id AND b.worker NOT LIKE :w
+                        WHERE a.worker LIKE :w AND a.outcome IN ('in_flight', 'unknown') AND a.request_id = ANY(:ids)
+                        GROUP BY a.request_id"""), like).all()
+                    twice += conn.execute(text(
+                        "SELECT count(*) FROM (SELECT request_id FROM api_calls WHERE outcome='ok' AND "
+                        "request_id = ANY(:ids) GROUP BY 1 HAVING count(*) > 1) d"), like).scalar()
+                waits = [(started - killed_at).total_seconds() for _, started in rows]
+                per_request += waits
+                per_round.append(max(waits))
+                print(f"round {k}: {len(waits)} requests recovered, slowest after {max(waits):.1f} s", flush=True)
+                fleet.workers.remove(victim)
+    finally:
+        fleet.stop()
+        r.flushdb()
+    print(f"\nrecovery after a SIGKILL under default settings, {args.kills} kills, "
+          f"{len(per_request)} requests in flight on the victims:")
+    print(f"  per kill (slowest request): p50 {statistics.median(per_round):.1f} s, "
+          f"p99 {_pct(per_round, 99):.1f} s, max {max(per_round):.1f} s")
+    print(f"  per request:                p50 {statistics.median(per_request):.1f} s, "
+          f"p99 {_pct(per_request, 99):.1f} s, max {max(per_request):.1f} s")
+    print(f"  requests that ran twice to success: {twice}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

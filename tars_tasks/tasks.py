@@ -45,7 +45,7 @@ def tars_health(state, **_kw) -> dict:
     from workers.agent import peek_agent
 
     agent = peek_agent()
-    writer = agent.writer.health() if agent is not None else {"healthy": True, "idle": True}
+    writer = agent.health() if agent is not None else {"healthy": True, "idle": True}
     return {"writer": writer, "lease_owner": leases.current_owner(), "healthy": bool(writer.get("healthy", True))}
 
 

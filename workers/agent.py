@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -251,6 +252,18 @@ class SubAgent:
             except redis.RedisError as exc:
                 log.warning("request %s: quarantine mark not removed (%s)", request_id, exc)
         return result
+
+    def health(self) -> dict[str, Any]:
+        """The group-commit writer's health, with the row reader's folded in: a worker that cannot
+        read its requests' rows is as stuck as one that cannot write their results."""
+        h = self.writer.health()
+        if self.loader.stalled_since is not None:
+            stalled_for = max(0.0, time.time() - self.loader.stalled_since)
+            h["stalled_for_s"] = round(max(stalled_for, h.get("stalled_for_s") or 0.0), 1)
+            h["last_error"] = h.get("last_error") or self.loader.last_error
+            h["healthy"] = h["healthy"] and stalled_for < self.settings.writer_stall_unhealthy_s
+        h["pending"] = h.get("pending", 0) + self.loader.pending()
+        return h
 
     def close(self) -> None:
         self.writer.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from tars_tasks.db.errors import is_transient
+from tars_tasks.db.errors import describe, is_transient
 from tars_tasks.db.models import Request
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class RequestLoader:
         self.linger_s = linger_ms / 1000
         self.retry_max_s = retry_max_s
         self._q: queue.Queue[_Ask | None] = queue.Queue()
+        #: time.time() since which reads keep failing (None while they succeed)
+        self.stalled_since: float | None = None
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="tars-row-loader", daemon=True)
         self._closed = False
         self._thread.start()
@@ -73,6 +76,9 @@ class RequestLoader:
         if ask.error is not None:
             raise ask.error
         return ask.row
+
+    def pending(self) -> int:
+        return self._q.qsize()
 
     def close(self) -> None:
         if not self._closed:
@@ -110,6 +116,7 @@ class RequestLoader:
         while True:
             try:
                 rows = self._read(sorted({a.request_id for a in batch}))
+                self.stalled_since = None
                 break
             except Exception as exc:
                 if not is_transient(exc):
@@ -117,7 +124,11 @@ class RequestLoader:
                         a.error = exc
                         a.done.set()
                     return
-                log.warning("reading %d request row(s) failed (%s); retrying in %.1fs", len(batch), exc, delay)
+                self.last_error = describe(exc)
+                if self.stalled_since is None:
+                    self.stalled_since = time.time()
+                log.warning("reading %d request row(s) failed (%s); retrying in %.1fs", len(batch), self.last_error,
+                            delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
         for a in batch:

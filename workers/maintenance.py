@@ -104,7 +104,7 @@ class LeaseKeeper:
         from workers.agent import peek_agent
 
         agent = peek_agent()
-        writer = agent.writer.health() if agent is not None else None
+        writer = agent.health() if agent is not None else None
         return json.dumps({"owner": self.owner, "pid": os.getpid(), "at": time.time(), "writer": writer},
                           separators=(",", ":"), default=str)
 

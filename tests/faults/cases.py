@@ -381,8 +381,9 @@ def case_fleet_state_redis_down(ctx: CaseContext, n: int) -> Audit:
     state = PrivateRedis(appendonly=False).start()
     ctx.cleanups.append(state.close)
     fleet = ctx.fleet(TARS_REDIS_URL=state.url, TARS_SIM_LATENCY="uniform:200:600")
-    fleet.start_worker(concurrency=100)
-    fleet.start_worker(concurrency=100)
+    # few slots, so that calls keep starting (and meeting the limiter) all through the outage
+    fleet.start_worker(concurrency=20)
+    fleet.start_worker(concurrency=20)
     with fleet.client() as client:
         ids = _submit_all(client, specs(n, tag="statedown"))
         wait_until(lambda: _finished(ctx.engine, ids) >= n // 10, timeout=120, what="a tenth done")

@@ -46,6 +46,7 @@ from config.keys import (
     queue_for_tier,
     ratelimit_key,
     stage_count_key,
+    stage_parked_key,
     stage_prefix,
     stage_queue_key,
     stage_ring_key,
@@ -190,14 +191,23 @@ local function reserve(s, start, tokens)
   s.r = start + s.ri; s.t = start + tokens * s.ti; s.dirty = true
 end
 
+-- Tenants parked at their own limits rejoin their ring (at the tail) once their slot is in reach.
+for prio = 9, 0, -1 do
+  local pk = prefix .. ':parked:' .. prio
+  local due = redis.call('ZRANGEBYSCORE', pk, '-inf', now + horizon)
+  for _, tenant in ipairs(due) do
+    redis.call('ZREM', pk, tenant)
+    redis.call('RPUSH', prefix .. ':ring:' .. prio, tenant)
+  end
+end
+
 local moved, out = 0, {}
-local reason, wait, blocked_wait = nil, 0, -1
+local reason, wait = nil, 0
 local guard = 0
 for prio = 9, 0, -1 do
   if moved >= budget or reason then break end
   local ring = prefix .. ':ring:' .. prio
   local dkey = prefix .. ':deficit:' .. prio
-  local skipped = 0
   while moved < budget do
     guard = guard + 1
     if guard > 100000 then reason = 'batch'; break end
@@ -217,11 +227,10 @@ for prio = 9, 0, -1 do
       if c.lk then start = math.max(start, c.lk.r, c.lk.t) end
       if c.tk then start = math.max(start, c.tk.r, c.tk.t) end
       if start - now > horizon then
-        if blocked_wait < 0 or start - now < blocked_wait then blocked_wait = start - now end
-        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+        -- At its own limit: out of the ring until its slot is in reach; its turn is forfeited.
+        redis.call('LPOP', ring)
+        redis.call('ZADD', prefix .. ':parked:' .. prio, string.format('%d', math.ceil(start)), tenant)
         redis.call('HDEL', dkey, tenant)
-        skipped = skipped + 1
-        if skipped >= redis.call('LLEN', ring) then break end
       else
         local d = tonumber(redis.call('HGET', dkey, tenant) or '0')
         if d < 1 then d = d + c.w end
@@ -234,7 +243,7 @@ for prio = 9, 0, -1 do
           mr = start + m_req; mt = start + tokens * m_tok
           if c.lk then reserve(c.lk, start, tokens) end
           if c.tk then reserve(c.tk, start, tokens) end
-          d = d - 1; moved = moved + 1; skipped = 0
+          d = d - 1; moved = moved + 1
           local n = #out
           out[n + 1] = string.sub(head, s1 + 1, s2 - 1); out[n + 2] = tenant; out[n + 3] = prio
           out[n + 4] = tokens; out[n + 5] = string.format('%d', math.ceil(start - now))
@@ -268,8 +277,18 @@ else staged = tonumber(redis.call('GET', KEYS[3]) or '0') end
 if not reason then
   if moved >= budget then
     if budget < max_moves then reason = 'ready_cap' else reason = 'batch' end
-  elseif blocked_wait >= 0 then reason = 'tenant_limit'; wait = blocked_wait
-  else reason = 'empty' end
+  else
+    local soonest = -1
+    for prio = 9, 0, -1 do
+      local first = redis.call('ZRANGE', prefix .. ':parked:' .. prio, 0, 0, 'WITHSCORES')
+      if first[2] then
+        local at = tonumber(first[2])
+        if soonest < 0 or at < soonest then soonest = at end
+      end
+    end
+    if soonest >= 0 then reason = 'tenant_limit'; wait = math.max(soonest - now, 0)
+    else reason = 'empty' end
+  end
 end
 local reply = {moved, reason, string.format('%d', wait), staged, string.format('%d', now)}
 for i = 1, #out do reply[#reply + 1] = out[i] end
@@ -348,11 +367,12 @@ class Staging:
 
     def staged_by_priority(self, *, tier: str) -> dict[int, dict[str, int]]:
         """TARS priority -> tenant -> entries staged (for ``tars status`` and metrics)."""
-        rings = [stage_ring_key(self.namespace, tier, p) for p in PRIORITIES]
         pipe = self.redis.pipeline(transaction=False)
-        for ring in rings:
-            pipe.lrange(ring, 0, -1)
-        tenants = [[t.decode() for t in ts] for ts in pipe.execute()]
+        for p in PRIORITIES:
+            pipe.lrange(stage_ring_key(self.namespace, tier, p), 0, -1)
+            pipe.zrange(stage_parked_key(self.namespace, tier, p), 0, -1)
+        replies = pipe.execute()
+        tenants = [sorted({t.decode() for t in replies[2 * i] + replies[2 * i + 1]}) for i in range(len(PRIORITIES))]
         for p, ts in zip(PRIORITIES, tenants, strict=True):
             for t in ts:
                 pipe.llen(stage_queue_key(self.namespace, tier, p, t))

@@ -10,8 +10,9 @@ with TARS' kwargs). Cases:
 * **stage** — entries staged per second (``STAGE_BATCH_MAX`` per script call).
 * **move/B/T/P** — staged entries of T tenants over P priorities moved with ``max_moves`` = B
   and no binding limit: entries moved per second and Redis CPU µs per entry.
-* **idle-model-limit** — the model's next slot is beyond the horizon: what one tick costs a
-  worker whose dispatcher has nothing it may move (calls per second, Redis CPU µs per call).
+* **idle-nothing-staged** / **idle-model-limit** — nothing staged, or the model's next slot
+  beyond the horizon: what one tick costs a worker whose dispatcher has nothing it may move
+  (calls per second, Redis CPU µs per call).
 * **blocked-tenants/T** — T tenants all at their own limits and one free tenant: every step
   walks the blocked tenants of the ring once (the cost of a tenant at its limit).
 
@@ -118,10 +119,11 @@ def bench_move(srv: PrivateRedis, *, entries: int, tenants: int, priorities: int
             "redis_cpu_pct_of_a_core": round(100 * cpu / wall, 1)}
 
 
-def bench_idle(srv: PrivateRedis, *, seconds: float, body: str) -> dict:
+def bench_idle(srv: PrivateRedis, *, seconds: float, body: str, staged: bool) -> dict:
     r = srv.client
     r.flushdb()
-    _stage(r, entries=1000, tenants=10, priorities=3, body=body)
+    if staged:
+        _stage(r, entries=1000, tenants=10, priorities=3, body=body)
     d = Dispatcher(redis_client=r, namespace=NS, catalog=_catalog(1), limits=LimitWindow(60.0, 1.0))
     d.publish_tenant_config()
     d.dispatch(tier="haiku", max_moves=10)  # takes the one slot; the next is a minute away
@@ -129,11 +131,12 @@ def bench_idle(srv: PrivateRedis, *, seconds: float, body: str) -> dict:
     cpu0, t0 = srv.cpu_s(), time.perf_counter()
     while time.perf_counter() < t0 + seconds:
         res = d.dispatch(tier="haiku", max_moves=100, max_ready=1000)
-        assert not res.moved and res.reason == "model_limit"
+        assert not res.moved and res.reason == ("model_limit" if staged else "empty")
         calls += 1
     wall, cpu = time.perf_counter() - t0, srv.cpu_s() - cpu0
-    return {"case": "idle-model-limit", "calls": calls, "calls_per_s": round(calls / wall),
-            "client_round_trip_us": round(1e6 * wall / calls, 1), "redis_cpu_us_per_call": round(1e6 * cpu / calls, 1)}
+    return {"case": "idle-model-limit" if staged else "idle-nothing-staged", "calls": calls,
+            "calls_per_s": round(calls / wall), "client_round_trip_us": round(1e6 * wall / calls, 1),
+            "redis_cpu_us_per_call": round(1e6 * cpu / calls, 1)}
 
 
 def bench_blocked(srv: PrivateRedis, *, blocked: int, seconds: float, body: str) -> dict:
@@ -179,8 +182,9 @@ def main() -> None:
             results["cases"].append(bench_move(srv, entries=args.entries, tenants=tenants, priorities=prios,
                                                batch=batch, body=body, seconds=args.seconds))
             print(json.dumps(results["cases"][-1]), flush=True)
-        results["cases"].append(bench_idle(srv, seconds=min(args.seconds, 5.0), body=body))
-        print(json.dumps(results["cases"][-1]), flush=True)
+        for staged in (False, True):
+            results["cases"].append(bench_idle(srv, seconds=min(args.seconds, 5.0), body=body, staged=staged))
+            print(json.dumps(results["cases"][-1]), flush=True)
         for blocked in (10, 100, 1000):
             results["cases"].append(bench_blocked(srv, blocked=blocked, seconds=min(args.seconds, 10.0), body=body))
             print(json.dumps(results["cases"][-1]), flush=True)

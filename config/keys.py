@@ -40,8 +40,8 @@ def reconcile_lock_key(namespace: str) -> str:
 def stage_prefix(namespace: str, tier: str) -> str:
     """Prefix of one tier's staging keys. Under it, built by the Lua scripts:
     ``:q:{priority}:{tenant}`` (list of entries), ``:ring:{priority}`` (list of tenants with
-    work, the round-robin order), ``:parked:{priority}`` (sorted set of tenants with work that
-    are at their own limits, scored by the µs their next slot is due), ``:deficit:{priority}``
+    work, the round-robin order), ``:parked`` (sorted set of ``{priority}:{tenant}`` with work
+    whose tenant is at its own limit, scored by the µs its next slot is due), ``:deficit:{priority}``
     (hash tenant -> DRR deficit) and ``:count`` (entries staged in the tier)."""
     return f"{namespace}:stage:{tier}"
 
@@ -59,8 +59,8 @@ def stage_ring_key(namespace: str, tier: str, priority: int) -> str:
     return f"{stage_prefix(namespace, tier)}:ring:{priority}"
 
 
-def stage_parked_key(namespace: str, tier: str, priority: int) -> str:
-    return f"{stage_prefix(namespace, tier)}:parked:{priority}"
+def stage_parked_key(namespace: str, tier: str) -> str:
+    return f"{stage_prefix(namespace, tier)}:parked"
 
 
 def stage_deficit_key(namespace: str, tier: str, priority: int) -> str:

@@ -69,6 +69,8 @@ DEFAULT_HORIZON_S = 0.05
 DEFAULT_TICK_S = 0.02
 #: Most messages one dispatch call moves (one script run; keeps Redis responsive).
 DEFAULT_BATCH_MAX = 200
+#: A loop whose tiers are all at their models' limits sleeps until the next slot, but at most this.
+MODEL_LIMIT_SLEEP_MAX_S = 1.0
 #: How often a dispatcher loop re-writes the tenant configuration into Redis (it survives a
 #: Redis restart without persistence this way).
 TENANT_CONFIG_REFRESH_S = 30.0
@@ -140,6 +142,23 @@ local tlp = ARGV[17]
 local lists = {}
 for p = 0, 9 do lists[p] = ARGV[18 + p] end
 
+-- Fast paths, the common case of a worker's tick: nothing staged; the model at its limit.
+local staged0 = tonumber(redis.call('GET', KEYS[3]) or '0')
+if staged0 <= 0 then return {0, 'empty', '0', staged0, string.format('%d', now)} end
+local mv = redis.call('HMGET', KEYS[1], 'r', 't')
+local mr, mt = tonumber(mv[1] or '0'), tonumber(mv[2] or '0')
+local credit = tonumber(ARGV[9])
+local model_dirty = false
+if credit ~= 0 then mt = math.max(mt + credit * m_tok, now); model_dirty = true end
+local function save_model()
+  redis.call('HSET', KEYS[1], 'r', string.format('%d', math.ceil(mr)), 't', string.format('%d', math.ceil(mt)))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(mr, mt) - now) / 1000) + 60000)
+end
+if math.max(now, mr, mt) - now > horizon then
+  if model_dirty then save_model() end
+  return {0, 'model_limit', string.format('%d', math.max(now, mr, mt) - now), staged0, string.format('%d', now)}
+end
+
 local budget = max_moves
 if max_ready >= 0 then
   local seen, depth = {}, 0
@@ -150,14 +169,9 @@ if max_ready >= 0 then
   budget = math.min(budget, max_ready - depth)
 end
 if budget <= 0 then
-  return {0, 'ready_cap', '0', tonumber(redis.call('GET', KEYS[3]) or '0'), string.format('%d', now)}
+  if model_dirty then save_model() end
+  return {0, 'ready_cap', '0', staged0, string.format('%d', now)}
 end
-
-local mr = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
-local mt = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
-local credit = tonumber(ARGV[9])
-local model_dirty = false
-if credit ~= 0 then mt = math.max(mt + credit * m_tok, now); model_dirty = true end
 
 local states = {}
 local function state(key, rpm, tpm)
@@ -192,13 +206,11 @@ local function reserve(s, start, tokens)
 end
 
 -- Tenants parked at their own limits rejoin their ring (at the tail) once their slot is in reach.
-for prio = 9, 0, -1 do
-  local pk = prefix .. ':parked:' .. prio
-  local due = redis.call('ZRANGEBYSCORE', pk, '-inf', now + horizon)
-  for _, tenant in ipairs(due) do
-    redis.call('ZREM', pk, tenant)
-    redis.call('RPUSH', prefix .. ':ring:' .. prio, tenant)
-  end
+local parked = prefix .. ':parked'
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', now + horizon)) do
+  redis.call('ZREM', parked, member)
+  local sep = string.find(member, ':', 1, true)
+  redis.call('RPUSH', prefix .. ':ring:' .. string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
 end
 
 local moved, out = 0, {}
@@ -229,7 +241,7 @@ for prio = 9, 0, -1 do
       if start - now > horizon then
         -- At its own limit: out of the ring until its slot is in reach; its turn is forfeited.
         redis.call('LPOP', ring)
-        redis.call('ZADD', prefix .. ':parked:' .. prio, string.format('%d', math.ceil(start)), tenant)
+        redis.call('ZADD', parked, string.format('%d', math.ceil(start)), prio .. ':' .. tenant)
         redis.call('HDEL', dkey, tenant)
       else
         local d = tonumber(redis.call('HGET', dkey, tenant) or '0')
@@ -261,32 +273,21 @@ for prio = 9, 0, -1 do
   end
 end
 
-if moved > 0 or model_dirty then
-  redis.call('HSET', KEYS[1], 'r', string.format('%d', math.ceil(mr)), 't', string.format('%d', math.ceil(mt)))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(mr, mt) - now) / 1000) + 60000)
-end
+if moved > 0 or model_dirty then save_model() end
 for _, s in pairs(states) do
   if s.dirty then
     redis.call('HSET', s.key, 'r', string.format('%d', math.ceil(s.r)), 't', string.format('%d', math.ceil(s.t)))
     redis.call('PEXPIRE', s.key, math.ceil((math.max(s.r, s.t) - now) / 1000) + 60000)
   end
 end
-local staged
-if moved > 0 then staged = redis.call('DECRBY', KEYS[3], moved)
-else staged = tonumber(redis.call('GET', KEYS[3]) or '0') end
+local staged = staged0
+if moved > 0 then staged = redis.call('DECRBY', KEYS[3], moved) end
 if not reason then
   if moved >= budget then
     if budget < max_moves then reason = 'ready_cap' else reason = 'batch' end
   else
-    local soonest = -1
-    for prio = 9, 0, -1 do
-      local first = redis.call('ZRANGE', prefix .. ':parked:' .. prio, 0, 0, 'WITHSCORES')
-      if first[2] then
-        local at = tonumber(first[2])
-        if soonest < 0 or at < soonest then soonest = at end
-      end
-    end
-    if soonest >= 0 then reason = 'tenant_limit'; wait = math.max(soonest - now, 0)
+    local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
+    if first[2] then reason = 'tenant_limit'; wait = math.max(tonumber(first[2]) - now, 0)
     else reason = 'empty' end
   end
 end
@@ -370,9 +371,13 @@ class Staging:
         pipe = self.redis.pipeline(transaction=False)
         for p in PRIORITIES:
             pipe.lrange(stage_ring_key(self.namespace, tier, p), 0, -1)
-            pipe.zrange(stage_parked_key(self.namespace, tier, p), 0, -1)
-        replies = pipe.execute()
-        tenants = [sorted({t.decode() for t in replies[2 * i] + replies[2 * i + 1]}) for i in range(len(PRIORITIES))]
+        pipe.zrange(stage_parked_key(self.namespace, tier), 0, -1)
+        *rings, parked = pipe.execute()
+        by_prio = {p: {t.decode() for t in ring} for p, ring in zip(PRIORITIES, rings, strict=True)}
+        for member in parked:
+            p, _, t = member.decode().partition(":")
+            by_prio[int(p)].add(t)
+        tenants = [sorted(by_prio[p]) for p in PRIORITIES]
         for p, ts in zip(PRIORITIES, tenants, strict=True):
             for t in ts:
                 pipe.llen(stage_queue_key(self.namespace, tier, p, t))
@@ -549,20 +554,26 @@ class DispatchLoop:
         if now - self._config_written >= TENANT_CONFIG_REFRESH_S:
             self.dispatcher.publish_tenant_config()
             self._config_written = now
-        sleep_s = self.tick_s
+        sleeps = []
         for tier in self.tiers:
             free = self.free_slots()
             if free <= 0:
+                sleeps.append(self.tick_s)  # a finishing task wakes the loop sooner
                 continue
             result = self.dispatcher.dispatch(tier=tier, max_moves=min(free, self.batch_max), max_ready=free)
             if self.on_result is not None:
                 self.on_result(tier, result)
+            until_slot = max(result.wait_s - self.dispatcher.horizon_s, 0.001)
             if result.reason == "batch":
-                sleep_s = 0.0
-            elif result.reason in ("model_limit", "tenant_limit"):
-                # Come back when the next slot is within the horizon (or at the next tick if sooner).
-                sleep_s = min(sleep_s, max(result.wait_s - self.dispatcher.horizon_s, 0.001))
-        return sleep_s
+                sleeps.append(0.0)
+            elif result.reason == "model_limit":
+                # Nothing of this tier can move before the model's next slot, whatever is staged meanwhile.
+                sleeps.append(min(until_slot, MODEL_LIMIT_SLEEP_MAX_S))
+            elif result.reason == "tenant_limit":
+                sleeps.append(min(self.tick_s, until_slot))  # another tenant's new work may come sooner
+            else:
+                sleeps.append(self.tick_s)
+        return min(sleeps, default=self.tick_s)
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -77,9 +77,10 @@ def _still_staged(redis, ns: str, tenants) -> list[str]:
 
 def _assert_rings_consistent(redis, ns: str, tenants) -> None:
     """Every tenant with staged work is in its priority's ring or parked set exactly once, and no other."""
+    parked = [x.decode().split(":", 1) for x in redis.zrange(stage_parked_key(ns, TIER), 0, -1)]
     for p in PRIORITIES:
         ring = Counter(x.decode() for x in redis.lrange(stage_ring_key(ns, TIER, p), 0, -1))
-        ring.update(x.decode() for x in redis.zrange(stage_parked_key(ns, TIER, p), 0, -1))
+        ring.update(t for q, t in parked if int(q) == p)
         with_work = {t for t in tenants if redis.llen(stage_queue_key(ns, TIER, p, t))}
         assert set(ring) == with_work and all(n == 1 for n in ring.values()), (p, ring, with_work)
 

@@ -424,8 +424,8 @@ def test_a_tenant_at_its_limit_is_parked_until_its_slot_and_then_rejoins_the_rou
     staging.stage(_msgs("capped", 3) + _msgs("free", 100))
     first = d.dispatch(tier="haiku", max_moves=4, now_us=T0_US)
     assert [r.tenant for r in first.moved] == ["capped", "free", "free", "free"]
-    parked = redis.zrange(stage_parked_key(NS, "haiku", 5), 0, -1, withscores=True)
-    assert parked == [(b"capped", float(T0_US + S_US))]  # out of the round until its next slot
+    parked = redis.zrange(stage_parked_key(NS, "haiku"), 0, -1, withscores=True)
+    assert parked == [(b"5:capped", float(T0_US + S_US))]  # out of the round until its next slot
     assert redis.lrange(stage_ring_key(NS, "haiku", 5), 0, -1) == [b"free"]
     assert staging.staged_by_priority(tier="haiku") == {5: {"capped": 2, "free": 97}}
     later = d.dispatch(tier="haiku", max_moves=4, now_us=T0_US + S_US - 10_000)  # its slot is in the horizon

@@ -221,8 +221,10 @@ for prio = 9, 0, -1 do
   local ring = prefix .. ':ring:' .. prio
   local dkey = prefix .. ':deficit:' .. prio
   while moved < budget do
+    -- Bound one script's run (parking many tenants at once, tiny weights): stop as if the batch
+    -- were done, so the caller steps again at once and Redis serves other clients meanwhile.
     guard = guard + 1
-    if guard > 100000 then reason = 'batch'; break end
+    if guard > 256 + 4 * budget then reason = 'batch'; break end
     local tenant = redis.call('LINDEX', ring, 0)
     if not tenant then break end
     local q = prefix .. ':q:' .. prio .. ':' .. tenant

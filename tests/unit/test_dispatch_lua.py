@@ -431,3 +431,17 @@ def test_a_tenant_at_its_limit_is_parked_until_its_slot_and_then_rejoins_the_rou
     later = d.dispatch(tier="haiku", max_moves=4, now_us=T0_US + S_US - 10_000)  # its slot is in the horizon
     assert [r.tenant for r in later.moved] == ["free", "capped", "free", "free"]  # back, at the tail
     assert [r.id for r in later.moved if r.tenant == "capped"] == ["capped-5-1"]
+
+
+def test_one_step_does_bounded_work_even_when_a_thousand_tenants_hit_their_limits_at_once(redis):
+    tenants = TenantConfig(defaults=TenantSpec(rpm=1), tenants={"free": TenantSpec()})
+    staging, d = _setup(redis, tenants=tenants, rpm=10**8)
+    staging.stage([m for i in range(1000) for m in _msgs(f"t{i}", 2)] + _msgs("free", 500))
+    assert len(d.dispatch(tier="haiku", max_moves=1001, now_us=T0_US).moved) == 1001  # each takes its one slot
+    steps = []
+    while sum(len(s.moved) for s in steps) < 100:
+        steps.append(d.dispatch(tier="haiku", max_moves=10, now_us=T0_US + 1000))
+        assert len(steps) < 50
+    assert all(r.tenant == "free" for s in steps for r in s.moved)
+    assert steps[0].reason == "batch" and len(steps[0].moved) < 10  # stopped early: parking is spread out
+    assert all(len(s.moved) == 10 for s in steps[6:])  # then the parked tenants cost nothing

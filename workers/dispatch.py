@@ -129,6 +129,8 @@ return redis.call('INCRBY', KEYS[1], n)
 #: tenant, priority, tokens, slot µs from now}. reason: 'empty' | 'batch' | 'ready_cap' | 'model_limit' |
 #: 'tenant_limit' (wait = until the model's / the earliest blocked tenant's next slot).
 DISPATCH_LUA = """
+-- Times are whole µs on Redis' clock (~1.7e15: a double's step there is 0.25 µs, so fractions
+-- would be lost). Every cost is rounded up to whole µs before it is added: never early.
 local now
 if ARGV[3] ~= '' then now = tonumber(ARGV[3]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
@@ -149,7 +151,7 @@ local mv = redis.call('HMGET', KEYS[1], 'r', 't')
 local mr, mt = tonumber(mv[1] or '0'), tonumber(mv[2] or '0')
 local credit = tonumber(ARGV[9])
 local model_dirty = false
-if credit ~= 0 then mt = math.max(mt + credit * m_tok, now); model_dirty = true end
+if credit ~= 0 then mt = math.max(mt + math.ceil(credit * m_tok), now); model_dirty = true end
 local function save_model()
   redis.call('HSET', KEYS[1], 'r', string.format('%d', math.ceil(mr)), 't', string.format('%d', math.ceil(mt)))
   redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(mr, mt) - now) / 1000) + 60000)
@@ -202,12 +204,13 @@ local function cfg(tenant)
   return c
 end
 local function reserve(s, start, tokens)
-  s.r = start + s.ri; s.t = start + tokens * s.ti; s.dirty = true
+  s.r = start + math.ceil(s.ri); s.t = start + math.ceil(tokens * s.ti); s.dirty = true
 end
 
--- Tenants parked at their own limits rejoin their ring (at the tail) once their slot is in reach.
+-- Tenants parked at their own limits rejoin their ring (at the tail) once their own next slot is
+-- no later than the model's next slot.
 local parked = prefix .. ':parked'
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', now + horizon)) do
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', math.max(now, mr, mt))) do
   redis.call('ZREM', parked, member)
   local sep = string.find(member, ':', 1, true)
   redis.call('RPUSH', prefix .. ':ring:' .. string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
@@ -238,12 +241,15 @@ for prio = 9, 0, -1 do
       local start = math.max(now, mr, mt)
       if start - now > horizon then reason = 'model_limit'; wait = start - now; break end
       local c = cfg(tenant)
-      if c.lk then start = math.max(start, c.lk.r, c.lk.t) end
-      if c.tk then start = math.max(start, c.tk.r, c.tk.t) end
-      if start - now > horizon then
-        -- At its own limit: out of the ring until its slot is in reach; its turn is forfeited.
+      local own = 0
+      if c.lk then own = math.max(own, c.lk.r, c.lk.t) end
+      if c.tk then own = math.max(own, c.tk.r, c.tk.t) end
+      if own > start then
+        -- The tenant's own next slot comes after the model's: the model's slot goes to someone
+        -- else (taking it later would leave a hole in the model's schedule). The tenant leaves
+        -- the ring until its slot; its turn is forfeited; its entries stay staged in order.
         redis.call('LPOP', ring)
-        redis.call('ZADD', parked, string.format('%d', math.ceil(start)), prio .. ':' .. tenant)
+        redis.call('ZADD', parked, string.format('%d', math.ceil(own)), prio .. ':' .. tenant)
         redis.call('HDEL', dkey, tenant)
       else
         local d = tonumber(redis.call('HGET', dkey, tenant) or '0')
@@ -254,7 +260,7 @@ for prio = 9, 0, -1 do
         else
           redis.call('LPOP', q)
           redis.call('LPUSH', lists[prio], string.sub(head, s2 + 1))
-          mr = start + m_req; mt = start + tokens * m_tok
+          mr = start + math.ceil(m_req); mt = start + math.ceil(tokens * m_tok)
           if c.lk then reserve(c.lk, start, tokens) end
           if c.tk then reserve(c.tk, start, tokens) end
           d = d - 1; moved = moved + 1
@@ -516,7 +522,8 @@ class DispatchLoop:
     """A worker's dispatcher: one thread (a greenlet under gevent) stepping every tier it consumes.
 
     ``free_slots()`` answers how many more messages the worker could start now (its free
-    slots); it is the cap on the ready depth of the tier's Celery lists and on one step's moves.
+    slots); it caps one step's moves (shared by the tiers, in the order given) and the ready
+    depth of each tier's Celery lists.
     ``wake()`` (e.g. when a task finishes) makes the loop step at once instead of at its next tick.
     The loop never raises: a Redis error is logged and retried after a tick, like kombu's own
     reconnects.
@@ -557,12 +564,13 @@ class DispatchLoop:
             self.dispatcher.publish_tenant_config()
             self._config_written = now
         sleeps = []
+        free = self.free_slots()  # shared by the tiers of this worker: what one tier got, the next cannot
         for tier in self.tiers:
-            free = self.free_slots()
             if free <= 0:
                 sleeps.append(self.tick_s)  # a finishing task wakes the loop sooner
                 continue
             result = self.dispatcher.dispatch(tier=tier, max_moves=min(free, self.batch_max), max_ready=free)
+            free -= len(result.moved)
             if self.on_result is not None:
                 self.on_result(tier, result)
             until_slot = max(result.wait_s - self.dispatcher.horizon_s, 0.001)

@@ -55,6 +55,17 @@ def test_the_loop_sleeps_as_long_as_the_step_says_nothing_can_move(reason, wait_
     assert loop.step() == pytest.approx(sleep_s)
 
 
+def test_the_tiers_of_one_worker_share_its_free_slots_within_a_step():
+    from workers.dispatch import Reservation
+
+    moved = [Reservation(id=str(i), tenant="a", priority=5, tokens=1, slot_us=0, slot_in_s=0) for i in range(30)]
+    d = FakeDispatcher({"haiku": DispatchResult(moved=moved, reason="batch", wait_s=0, staged=0),
+                        "sonnet": _r("empty")})
+    loop = DispatchLoop(dispatcher=d, tiers=["haiku", "sonnet"], free_slots=lambda: 50)
+    loop.step()
+    assert [(c["tier"], c["max_moves"], c["max_ready"]) for c in d.calls] == [("haiku", 50, 50), ("sonnet", 20, 20)]
+
+
 def test_the_soonest_tier_decides_and_every_tier_is_stepped():
     d = FakeDispatcher({"haiku": _r("model_limit", 0.5), "sonnet": _r("batch")})
     loop = DispatchLoop(dispatcher=d, tiers=["haiku", "sonnet"], free_slots=lambda: 5)

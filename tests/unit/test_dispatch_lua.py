@@ -428,9 +428,13 @@ def test_a_tenant_at_its_limit_is_parked_until_its_slot_and_then_rejoins_the_rou
     assert parked == [(b"5:capped", float(T0_US + S_US))]  # out of the round until its next slot
     assert redis.lrange(stage_ring_key(NS, "haiku", 5), 0, -1) == [b"free"]
     assert staging.staged_by_priority(tier="haiku") == {5: {"capped": 2, "free": 97}}
-    later = d.dispatch(tier="haiku", max_moves=4, now_us=T0_US + S_US - 10_000)  # its slot is in the horizon
-    assert [r.tenant for r in later.moved] == ["free", "capped", "free", "free"]  # back, at the tail
+    early = d.dispatch(tier="haiku", max_moves=4, now_us=T0_US + S_US - 10_000)
+    assert {r.tenant for r in early.moved} == {"free"}  # its slot is not before the model's next one
+    later = d.dispatch(tier="haiku", max_moves=4, now_us=T0_US + S_US)
+    assert [r.tenant for r in later.moved] == ["free", "capped", "free"]  # back, at the tail
     assert [r.id for r in later.moved if r.tenant == "capped"] == ["capped-5-1"]
+    slots = [r.slot_us - T0_US for r in early.moved + later.moved]
+    assert slots == [990_000, 1_000_000, 1_010_000, 1_020_000, 1_030_000, 1_040_000, 1_050_000]  # no hole
 
 
 def test_one_step_does_bounded_work_even_when_a_thousand_tenants_hit_their_limits_at_once(redis):
@@ -445,3 +449,24 @@ def test_one_step_does_bounded_work_even_when_a_thousand_tenants_hit_their_limit
     assert all(r.tenant == "free" for s in steps for r in s.moved)
     assert steps[0].reason == "batch" and len(steps[0].moved) < 10  # stopped early: parking is spread out
     assert all(len(s.moved) == 10 for s in steps[6:])  # then the parked tenants cost nothing
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(capped_rpm=st.integers(1, 40), tier_rpm=st.integers(1, 40), model_rpm=st.integers(45, 400),
+       step_ms=st.integers(1, 30), moves=st.integers(1, 10))
+def test_no_limit_is_ever_exceeded_in_any_window_for_any_limits_and_ticks(redis, capped_rpm, tier_rpm, model_rpm,
+                                                                          step_ms, moves):
+    redis.flushdb()
+    tenants = TenantConfig(tenants={"capped": TenantSpec(rpm=capped_rpm, tiers={"haiku": TenantLimits(rpm=tier_rpm)})})
+    staging, d = _setup(redis, rpm=model_rpm, tenants=tenants, window_s=1.0)
+    staging.stage(_msgs("capped", 300) + _msgs("free", 2000))
+    moved = _run(d, from_s=0, to_s=3, step_s=step_ms / 1000, max_moves=moves)
+    capped = [t for t, r in moved if r.tenant == "capped"]
+    assert _max_in_window(capped, 1.0) <= min(capped_rpm, tier_rpm)
+    assert _max_in_window([t for t, _ in moved], 1.0) <= model_rpm
+    # the free tenant kept flowing: it got all the capacity the capped one could not use (the
+    # capacity: the model's limit, or what `moves` per tick can carry, whichever is less)
+    free = len(moved) - len(capped)
+    capacity_per_s = min(model_rpm, moves * 1000 / step_ms)
+    expected = 3 * (capacity_per_s - min(capped_rpm, tier_rpm))
+    assert free >= expected - model_rpm * (step_ms / 1000 + 0.05) * 3 - 3 * moves - 2, (free, expected)

@@ -471,8 +471,9 @@ class Dispatcher:
         """One atomic step: move up to ``max_moves`` staged messages of ``tier`` into its Celery
         lists (at most until they hold ``max_ready`` ready messages; ``None`` = no cap), reserving
         each one's first call. ``now_us`` replaces Redis' clock (tests only)."""
-        if max_moves <= 0:
-            return DispatchResult(moved=[], reason="batch", wait_s=0.0, staged=-1)
+        if max_moves <= 0:  # nothing asked for: as if the ready lists were full
+            staged = int(self.redis_client.get(stage_count_key(self.namespace, tier)) or 0)
+            return DispatchResult(moved=[], reason="ready_cap", wait_s=0.0, staged=staged)
         spec = self.catalog.spec(tier)
         window_us = self.limits.window_s * _US_PER_S
         req_us = window_us / (spec.rpm * self.limits.utilisation)

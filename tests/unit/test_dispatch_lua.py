@@ -470,3 +470,10 @@ def test_no_limit_is_ever_exceeded_in_any_window_for_any_limits_and_ticks(redis,
     capacity_per_s = min(model_rpm, moves * 1000 / step_ms)
     expected = 3 * (capacity_per_s - min(capped_rpm, tier_rpm))
     assert free >= expected - model_rpm * (step_ms / 1000 + 0.05) * 3 - 3 * moves - 2, (free, expected)
+
+
+def test_asking_for_no_moves_moves_nothing_and_says_the_ready_lists_are_full(redis):
+    staging, d = _setup(redis)
+    staging.stage(_msgs("a", 2))
+    res = d.dispatch(tier="haiku", max_moves=0, now_us=T0_US)
+    assert res.moved == [] and res.reason == "ready_cap" and res.staged == 2

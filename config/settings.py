@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     namespace: str = "tars"
     #: Path of a TOML model catalog replacing the packaged one.
     catalog_path: Path | None = None
+    #: Path of a TOML file of tenants' weights and limits (config/tenants.py); none = weight 1, no limits.
+    tenants_path: Path | None = None
 
     # --- delivery (see docs/DELIVERY.md) -------------------------------------------------
     #: Seconds an unacked message may stay with a worker before Redis hands it to another.

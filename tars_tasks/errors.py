@@ -140,3 +140,8 @@ class CircuitOpen(TarsError):
 
 class LoadgenError(TarsError):
     """A load run could not be set up or carried out (bad scenario, fleet did not start)."""
+
+
+class StagingError(TarsError):
+    """A message could not be prepared for dispatch staging (e.g. the broker is not kombu's Redis
+    transport, so there is no Redis list message to stage). See ``workers/dispatch.py``."""

@@ -1,0 +1,598 @@
+"""Dispatch: where requests wait when a rate limit binds, so that priority and fairness apply.
+
+Repairs the priority inversion of issue 9: a worker slot that takes a message and then waits in
+the limiter holds the slot, and the waits end in greenlet order, not priority order. Here a
+request waits in **staging** (Redis lists in front of the Celery queues) and is moved into its
+Celery queue list only when the fleet-wide limits will let its call go out within
+``horizon_s`` (about one dispatcher tick). The full design: ``docs/DISPATCH.md``.
+
+Two Lua scripts, each one atomic step:
+
+* ``stage`` (producer side, :meth:`Staging.stage`): appends entries to the list of their
+  (tier, TARS priority, tenant), keeps the round-robin ring of tenants with work at each
+  priority, and the tier's staged count.
+* ``dispatch`` (worker side, :meth:`Dispatcher.dispatch`): moves up to ``max_moves`` entries
+  into the Celery queue lists, in strict priority order (9 first), weighted deficit round robin
+  across the tenants at one priority, reserving for every moved message the model's fleet-wide
+  RPM + TPM (the same GCRA hash as :class:`workers.ratelimit.FleetRateLimiter`, so worker-side
+  acquires and dispatch share one limit) and the tenant's own RPM/TPM and per-(tenant, tier)
+  limits. A tenant at its limit is skipped (its entries stay staged, in order, and take none of
+  the model's capacity); the model at its limit stops the step. ``max_ready`` caps the Celery
+  lists' ready depth (about the caller's free slots), so an unconstrained flood waits in staging
+  too, not in the FIFO Celery list.
+
+A moved message has its **first attempt's** capacity reserved: the worker must not acquire the
+limiter again for that attempt. Retries, fallbacks, redeliveries and messages that never went
+through staging use ``FleetRateLimiter.acquire`` as before.
+
+Delivery: staging is part of the broker's state. An entry is either staged or in a Celery list,
+never both and never neither (one script moves it); a dispatcher killed at any point loses
+nothing, because Redis runs a script to completion or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from config.catalog import Catalog, ModelSpec
+from config.keys import (
+    TIERS,
+    queue_for_tier,
+    ratelimit_key,
+    stage_count_key,
+    stage_parked_key,
+    stage_prefix,
+    stage_queue_key,
+    stage_ring_key,
+    tenant_config_key,
+    tenant_limit_prefix,
+)
+from config.tenants import TenantConfig
+from tars_tasks.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+_US_PER_S = 1_000_000
+PRIORITIES: tuple[int, ...] = tuple(range(10))  # TARS priorities, 9 served first
+
+#: Entries a single stage call sends in one script (larger batches are split).
+STAGE_BATCH_MAX = 500
+#: A dispatcher moves a message only if its reserved slot is due within this horizon.
+DEFAULT_HORIZON_S = 0.05
+#: A dispatcher loop ticks at least this often when it has nothing better to wait for.
+DEFAULT_TICK_S = 0.02
+#: Most messages one dispatch call moves (one script run; keeps Redis responsive).
+DEFAULT_BATCH_MAX = 200
+#: A loop whose tiers are all at their models' limits sleeps until the next slot, but at most this.
+MODEL_LIMIT_SLEEP_MAX_S = 1.0
+#: How often a dispatcher loop re-writes the tenant configuration into Redis (it survives a
+#: Redis restart without persistence this way).
+TENANT_CONFIG_REFRESH_S = 30.0
+
+
+def celery_list(queue: str, priority: int) -> str:
+    """The Redis list kombu's transport uses for ``queue`` at a TARS ``priority``.
+
+    The one place dispatch knows this mapping. Today's (``tars_tasks.celery_app.redis_priority``,
+    ``sep`` ':', steps 0..9): TARS 9 -> the bare queue name, TARS p -> ``f"{queue}:{9 - p}"``.
+    """
+    if priority not in PRIORITIES:
+        raise InvalidRequest(f"priority {priority!r} is out of range 0..9", field="priority")
+    from tars_tasks.celery_app import redis_priority
+
+    rp = redis_priority(priority)
+    return queue if rp == 0 else f"{queue}:{rp}"
+
+
+def estimated_tokens(*, spec: ModelSpec, prompt: str) -> int:
+    """Tokens a first attempt reserves: the caller's own estimate (prompt + the most output)."""
+    from workers.providers.http import estimate_tokens
+
+    return estimate_tokens(prompt) + spec.output_tokens[1]
+
+
+# --- the scripts ---------------------------------------------------------------------------------
+
+#: KEYS[1] = the tier's staged count. ARGV[1] = the tier's staging prefix, then 5 per entry:
+#: TARS priority, tenant, estimated tokens, id, message. Entries are appended (FIFO per list);
+#: a tenant joins the tail of its priority's ring when its list was empty.
+#: Returns the tier's staged count after the call.
+STAGE_LUA = """
+local prefix = ARGV[1]
+local n = 0
+for i = 2, #ARGV, 5 do
+  local prio, tenant = ARGV[i], ARGV[i + 1]
+  local entry = ARGV[i + 2] .. '|' .. ARGV[i + 3] .. '|' .. ARGV[i + 4]
+  if redis.call('RPUSH', prefix .. ':q:' .. prio .. ':' .. tenant, entry) == 1 then
+    redis.call('RPUSH', prefix .. ':ring:' .. prio, tenant)
+  end
+  n = n + 1
+end
+return redis.call('INCRBY', KEYS[1], n)
+"""
+
+#: KEYS[1] = the model's limiter hash (workers/ratelimit.py), KEYS[2] = the tenant config hash,
+#: KEYS[3] = the tier's staged count.
+#: ARGV: 1 staging prefix, 2 tier, 3 now µs ('' = Redis TIME), 4 max moves, 5 max ready depth
+#: (-1 = no cap), 6 horizon µs, 7 model µs per request, 8 model µs per token, 9 model token
+#: correction applied first (deferred FleetRateLimiter.adjust_tokens), 10 limit window µs,
+#: 11 utilisation, 12 default weight, 13 default tenant rpm, 14 default tenant tpm, 15 default
+#: tenant-tier rpm, 16 default tenant-tier tpm (0 = none), 17 tenant limit key prefix,
+#: 18..27 the Celery list of TARS priority 0..9.
+#: Returns {moved, reason, wait µs, staged left, the script's now µs, then per moved entry: id,
+#: tenant, priority, tokens, slot µs from now}. reason: 'empty' | 'batch' | 'ready_cap' | 'model_limit' |
+#: 'tenant_limit' (wait = until the model's / the earliest blocked tenant's next slot).
+DISPATCH_LUA = """
+-- Times are whole µs on Redis' clock (~1.7e15: a double's step there is 0.25 µs, so fractions
+-- would be lost). Every cost is rounded up to whole µs before it is added: never early.
+local now
+if ARGV[3] ~= '' then now = tonumber(ARGV[3]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
+local prefix, tier = ARGV[1], ARGV[2]
+local max_moves, max_ready, horizon = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local m_req, m_tok = tonumber(ARGV[7]), tonumber(ARGV[8])
+local window, util = tonumber(ARGV[10]), tonumber(ARGV[11])
+local dflt = {w = tonumber(ARGV[12]), rpm = tonumber(ARGV[13]), tpm = tonumber(ARGV[14]),
+              trpm = tonumber(ARGV[15]), ttpm = tonumber(ARGV[16])}
+local tlp = ARGV[17]
+local lists = {}
+for p = 0, 9 do lists[p] = ARGV[18 + p] end
+
+-- Fast paths, the common case of a worker's tick: nothing staged; the model at its limit.
+local staged0 = tonumber(redis.call('GET', KEYS[3]) or '0')
+if staged0 <= 0 then return {0, 'empty', '0', staged0, string.format('%d', now)} end
+local mv = redis.call('HMGET', KEYS[1], 'r', 't')
+local mr, mt = tonumber(mv[1] or '0'), tonumber(mv[2] or '0')
+local credit = tonumber(ARGV[9])
+local model_dirty = false
+if credit ~= 0 then mt = math.max(mt + math.ceil(credit * m_tok), now); model_dirty = true end
+local function save_model()
+  redis.call('HSET', KEYS[1], 'r', string.format('%d', math.ceil(mr)), 't', string.format('%d', math.ceil(mt)))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(mr, mt) - now) / 1000) + 60000)
+end
+if math.max(now, mr, mt) - now > horizon then
+  if model_dirty then save_model() end
+  return {0, 'model_limit', string.format('%d', math.max(now, mr, mt) - now), staged0, string.format('%d', now)}
+end
+
+local budget = max_moves
+if max_ready >= 0 then
+  local seen, depth = {}, 0
+  for p = 0, 9 do
+    local l = lists[p]
+    if not seen[l] then seen[l] = true; depth = depth + redis.call('LLEN', l) end
+  end
+  budget = math.min(budget, max_ready - depth)
+end
+if budget <= 0 then
+  if model_dirty then save_model() end
+  return {0, 'ready_cap', '0', staged0, string.format('%d', now)}
+end
+
+local states = {}
+local function state(key, rpm, tpm)
+  local s = states[key]
+  if s then return s end
+  local v = redis.call('HMGET', key, 'r', 't')
+  s = {key = key, r = tonumber(v[1] or '0'), t = tonumber(v[2] or '0'),
+       ri = (rpm > 0) and window / (rpm * util) or 0, ti = (tpm > 0) and window / (tpm * util) or 0,
+       dirty = false}
+  states[key] = s
+  return s
+end
+local cfgs = {}
+local function cfg(tenant)
+  local c = cfgs[tenant]
+  if c then return c end
+  local v = redis.call('HMGET', KEYS[2], 'w:' .. tenant, 'rpm:' .. tenant, 'tpm:' .. tenant,
+                       'rpm:' .. tenant .. ':' .. tier, 'tpm:' .. tenant .. ':' .. tier)
+  if v[1] then
+    c = {w = tonumber(v[1]), rpm = tonumber(v[2] or '0'), tpm = tonumber(v[3] or '0'),
+         trpm = tonumber(v[4] or '0'), ttpm = tonumber(v[5] or '0')}
+  else
+    c = {w = dflt.w, rpm = dflt.rpm, tpm = dflt.tpm, trpm = dflt.trpm, ttpm = dflt.ttpm}
+  end
+  if c.rpm > 0 or c.tpm > 0 then c.lk = state(tlp .. tenant, c.rpm, c.tpm) end
+  if c.trpm > 0 or c.ttpm > 0 then c.tk = state(tlp .. tenant .. ':' .. tier, c.trpm, c.ttpm) end
+  cfgs[tenant] = c
+  return c
+end
+local function reserve(s, start, tokens)
+  s.r = start + math.ceil(s.ri); s.t = start + math.ceil(tokens * s.ti); s.dirty = true
+end
+
+-- Tenants parked at their own limits rejoin their ring (at the tail) once their own next slot is
+-- no later than the model's next slot.
+local parked = prefix .. ':parked'
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', math.max(now, mr, mt))) do
+  redis.call('ZREM', parked, member)
+  local sep = string.find(member, ':', 1, true)
+  redis.call('RPUSH', prefix .. ':ring:' .. string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
+end
+
+local moved, out = 0, {}
+local reason, wait = nil, 0
+local guard = 0
+for prio = 9, 0, -1 do
+  if moved >= budget or reason then break end
+  local ring = prefix .. ':ring:' .. prio
+  local dkey = prefix .. ':deficit:' .. prio
+  while moved < budget do
+    -- Bound one script's run (parking many tenants at once, tiny weights): stop as if the batch
+    -- were done, so the caller steps again at once and Redis serves other clients meanwhile.
+    guard = guard + 1
+    if guard > 256 + 4 * budget then reason = 'batch'; break end
+    local tenant = redis.call('LINDEX', ring, 0)
+    if not tenant then break end
+    local q = prefix .. ':q:' .. prio .. ':' .. tenant
+    local head = redis.call('LINDEX', q, 0)
+    if not head then
+      redis.call('LPOP', ring); redis.call('HDEL', dkey, tenant)
+    else
+      local s1 = string.find(head, '|', 1, true)
+      local s2 = string.find(head, '|', s1 + 1, true)
+      local tokens = tonumber(string.sub(head, 1, s1 - 1))
+      local start = math.max(now, mr, mt)
+      if start - now > horizon then reason = 'model_limit'; wait = start - now; break end
+      local c = cfg(tenant)
+      local own = 0
+      if c.lk then own = math.max(own, c.lk.r, c.lk.t) end
+      if c.tk then own = math.max(own, c.tk.r, c.tk.t) end
+      if own > start then
+        -- The tenant's own next slot comes after the model's: the model's slot goes to someone
+        -- else (taking it later would leave a hole in the model's schedule). The tenant leaves
+        -- the ring until its slot; its turn is forfeited; its entries stay staged in order.
+        redis.call('LPOP', ring)
+        redis.call('ZADD', parked, string.format('%d', math.ceil(own)), prio .. ':' .. tenant)
+        redis.call('HDEL', dkey, tenant)
+      else
+        local d = tonumber(redis.call('HGET', dkey, tenant) or '0')
+        if d < 1 then d = d + c.w end
+        if d < 1 then
+          redis.call('HSET', dkey, tenant, tostring(d))
+          redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+        else
+          redis.call('LPOP', q)
+          redis.call('LPUSH', lists[prio], string.sub(head, s2 + 1))
+          mr = start + math.ceil(m_req); mt = start + math.ceil(tokens * m_tok)
+          if c.lk then reserve(c.lk, start, tokens) end
+          if c.tk then reserve(c.tk, start, tokens) end
+          d = d - 1; moved = moved + 1
+          local n = #out
+          out[n + 1] = string.sub(head, s1 + 1, s2 - 1); out[n + 2] = tenant; out[n + 3] = prio
+          out[n + 4] = tokens; out[n + 5] = string.format('%d', math.ceil(start - now))
+          if redis.call('LLEN', q) == 0 then
+            redis.call('LPOP', ring); redis.call('HDEL', dkey, tenant)
+          elseif d < 1 then
+            redis.call('HSET', dkey, tenant, tostring(d))
+            redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+          else
+            redis.call('HSET', dkey, tenant, tostring(d))
+          end
+        end
+      end
+    end
+  end
+end
+
+if moved > 0 or model_dirty then save_model() end
+for _, s in pairs(states) do
+  if s.dirty then
+    redis.call('HSET', s.key, 'r', string.format('%d', math.ceil(s.r)), 't', string.format('%d', math.ceil(s.t)))
+    redis.call('PEXPIRE', s.key, math.ceil((math.max(s.r, s.t) - now) / 1000) + 60000)
+  end
+end
+local staged = staged0
+if moved > 0 then staged = redis.call('DECRBY', KEYS[3], moved) end
+if not reason then
+  if moved >= budget then
+    if budget < max_moves then reason = 'ready_cap' else reason = 'batch' end
+  else
+    local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
+    if first[2] then reason = 'tenant_limit'; wait = math.max(tonumber(first[2]) - now, 0)
+    else reason = 'empty' end
+  end
+end
+local reply = {moved, reason, string.format('%d', wait), staged, string.format('%d', now)}
+for i = 1, #out do reply[#reply + 1] = out[i] end
+return reply
+"""
+
+
+# --- producer side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StagedMessage:
+    """One ready-to-run Celery message waiting for dispatch.
+
+    ``body`` is the exact string kombu's Redis transport would LPUSH into the Celery queue list
+    (opaque here); ``id`` names the entry in dispatch results (the request/task id);
+    ``tokens`` is the first attempt's estimate (:func:`estimated_tokens`).
+    """
+
+    id: str
+    tier: str
+    priority: int
+    tenant: str
+    tokens: int
+    body: str
+
+    def check(self) -> None:
+        if self.tier not in TIERS:
+            raise InvalidRequest(f"unknown tier {self.tier!r}", field="tier")
+        if self.priority not in PRIORITIES:
+            raise InvalidRequest(f"priority {self.priority!r} is out of range 0..9", field="priority")
+        if not self.tenant or any(not (c.isalnum() or c in "._-") for c in self.tenant):
+            raise InvalidRequest(f"tenant {self.tenant!r}: letters, digits, '.', '_', '-' only", field="tenant")
+        if "|" in self.id or not self.id:
+            raise InvalidRequest(f"entry id {self.id!r} must be non-empty and contain no '|'", field="id")
+        if not isinstance(self.tokens, int) or self.tokens < 0:
+            raise InvalidRequest(f"tokens {self.tokens!r} must be a non-negative integer", field="tokens")
+
+
+class Staging:
+    """The producer's side: put ready messages in staging (instead of LPUSHing them to Celery)."""
+
+    def __init__(self, *, redis_client: redis.Redis, namespace: str) -> None:
+        self.redis = redis_client
+        self.namespace = namespace
+        self._script = redis_client.register_script(STAGE_LUA)
+
+    def stage(self, messages: Iterable[StagedMessage], *, pipeline: redis.client.Pipeline | None = None) -> None:
+        """Append ``messages`` to staging, atomically per tier and per ``STAGE_BATCH_MAX`` entries.
+
+        Validates every entry first (one bad entry stages nothing). With ``pipeline`` the script
+        calls are queued on it (the caller executes it, e.g. with its other writes); otherwise
+        they run at once, in one pipeline. Raises redis errors as they are: the caller decides
+        what a failed staging means for its requests (today: "enqueue failed").
+        """
+        by_tier: dict[str, list[StagedMessage]] = {}
+        for m in messages:
+            m.check()
+            by_tier.setdefault(m.tier, []).append(m)
+        if not by_tier:
+            return
+        pipe = pipeline if pipeline is not None else self.redis.pipeline(transaction=False)
+        for tier, entries in by_tier.items():
+            prefix = stage_prefix(self.namespace, tier)
+            for i in range(0, len(entries), STAGE_BATCH_MAX):
+                args: list[str | int] = [prefix]
+                for m in entries[i : i + STAGE_BATCH_MAX]:
+                    args += [m.priority, m.tenant, m.tokens, m.id, m.body]
+                self._script(keys=[stage_count_key(self.namespace, tier)], args=args, client=pipe)
+        if pipeline is None:
+            pipe.execute()
+
+    def staged_count(self, *, tier: str) -> int:
+        """Entries staged in ``tier`` (all priorities, all tenants): the fleet-wide admission bound's input."""
+        return int(self.redis.get(stage_count_key(self.namespace, tier)) or 0)
+
+    def staged_by_priority(self, *, tier: str) -> dict[int, dict[str, int]]:
+        """TARS priority -> tenant -> entries staged (for ``tars status`` and metrics)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for p in PRIORITIES:
+            pipe.lrange(stage_ring_key(self.namespace, tier, p), 0, -1)
+        pipe.zrange(stage_parked_key(self.namespace, tier), 0, -1)
+        *rings, parked = pipe.execute()
+        by_prio = {p: {t.decode() for t in ring} for p, ring in zip(PRIORITIES, rings, strict=True)}
+        for member in parked:
+            p, _, t = member.decode().partition(":")
+            by_prio[int(p)].add(t)
+        tenants = [sorted(by_prio[p]) for p in PRIORITIES]
+        for p, ts in zip(PRIORITIES, tenants, strict=True):
+            for t in ts:
+                pipe.llen(stage_queue_key(self.namespace, tier, p, t))
+        lens = iter(pipe.execute())
+        return {p: {t: int(next(lens)) for t in ts} for p, ts in zip(PRIORITIES, tenants, strict=True) if ts}
+
+
+# --- worker side ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one moved message had reserved: its first attempt's slot and tokens."""
+
+    id: str
+    tenant: str
+    priority: int
+    tokens: int
+    #: The reserved slot on Redis' clock (µs since the epoch), and seconds from the step to it (0 .. horizon).
+    slot_us: int
+    slot_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    moved: list[Reservation]
+    #: Why the step stopped: "empty" (nothing movable staged), "batch" (``max_moves`` reached),
+    #: "ready_cap" (the Celery lists hold ``max_ready``), "model_limit" (the model's next slot is
+    #: beyond the horizon), "tenant_limit" (what is left belongs to tenants at their limits).
+    reason: str
+    #: model_limit / tenant_limit: seconds until the next slot of the model / the soonest tenant.
+    wait_s: float
+    #: Entries still staged in the tier after the step.
+    staged: int
+    #: The step's clock (Redis TIME, µs since the epoch).
+    at_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitWindow:
+    """The limiter's window and utilisation (``TARS_RATELIMIT_WINDOW_S`` / ``_UTILISATION``)."""
+
+    window_s: float = 60.0
+    utilisation: float = 1.0
+
+
+@dataclass
+class Dispatcher:
+    """The worker's side: move staged messages of a tier into its Celery queue lists.
+
+    ``catalog`` must be the *effective* catalog (provider overrides applied, as
+    ``ModelCaller.catalog``), so the model's limiter key is the one the worker's calls use.
+    """
+
+    redis_client: redis.Redis
+    namespace: str
+    catalog: Catalog
+    tenants: TenantConfig = field(default_factory=TenantConfig)
+    limits: LimitWindow = field(default_factory=LimitWindow)
+    horizon_s: float = DEFAULT_HORIZON_S
+    #: The worker's limiter, if any: its deferred token corrections for the model ride along.
+    limiter: object | None = None
+
+    def __post_init__(self) -> None:
+        self._script = self.redis_client.register_script(DISPATCH_LUA)
+
+    def model_key(self, tier: str) -> str:
+        spec = self.catalog.spec(tier)
+        return ratelimit_key(self.namespace, spec.provider, spec.model)
+
+    def publish_tenant_config(self) -> None:
+        """Write the tenant configuration into Redis (replacing what was there), atomically."""
+        key = tenant_config_key(self.namespace)
+        fields = self.tenants.redis_fields()
+        pipe = self.redis_client.pipeline(transaction=True)
+        pipe.delete(key)
+        if fields:
+            pipe.hset(key, mapping=fields)
+        pipe.execute()
+
+    def dispatch(self, *, tier: str, max_moves: int, max_ready: int | None = None,
+                 now_us: int | None = None) -> DispatchResult:
+        """One atomic step: move up to ``max_moves`` staged messages of ``tier`` into its Celery
+        lists (at most until they hold ``max_ready`` ready messages; ``None`` = no cap), reserving
+        each one's first call. ``now_us`` replaces Redis' clock (tests only)."""
+        if max_moves <= 0:  # nothing asked for: as if the ready lists were full
+            staged = int(self.redis_client.get(stage_count_key(self.namespace, tier)) or 0)
+            return DispatchResult(moved=[], reason="ready_cap", wait_s=0.0, staged=staged)
+        spec = self.catalog.spec(tier)
+        window_us = self.limits.window_s * _US_PER_S
+        req_us = window_us / (spec.rpm * self.limits.utilisation)
+        tok_us = window_us / (spec.tpm * self.limits.utilisation)
+        d = self.tenants.defaults
+        dtier = d.tiers.get(tier)
+        key = self.model_key(tier)
+        credit = self._take_credit(key)
+        queue = queue_for_tier(tier)
+        args: list[str | int] = [
+            stage_prefix(self.namespace, tier), tier, "" if now_us is None else str(now_us), max_moves,
+            -1 if max_ready is None else max(0, max_ready), repr(self.horizon_s * _US_PER_S), repr(req_us),
+            repr(tok_us), credit, repr(window_us), repr(self.limits.utilisation), repr(float(d.weight)), d.rpm,
+            d.tpm, dtier.rpm if dtier else 0, dtier.tpm if dtier else 0, tenant_limit_prefix(self.namespace),
+            *(celery_list(queue, p) for p in PRIORITIES),
+        ]
+        try:
+            reply = self._script(keys=[key, tenant_config_key(self.namespace),
+                                       stage_count_key(self.namespace, tier)], args=args)
+        except BaseException:
+            self._give_back_credit(key, credit)
+            raise
+        n, reason, wait_us, staged, at_us = (int(reply[0]), _s(reply[1]), int(reply[2]), int(reply[3]),
+                                             int(reply[4]))
+        rest = reply[5:]
+        moved = [Reservation(id=_s(rest[i]), tenant=_s(rest[i + 1]), priority=int(rest[i + 2]),
+                             tokens=int(rest[i + 3]), slot_us=at_us + int(rest[i + 4]),
+                             slot_in_s=int(rest[i + 4]) / _US_PER_S)
+                 for i in range(0, 5 * n, 5)]
+        return DispatchResult(moved=moved, reason=reason, wait_s=wait_us / _US_PER_S, staged=staged, at_us=at_us)
+
+    def _take_credit(self, key: str) -> int:
+        pending = getattr(self.limiter, "_pending_tokens", None)
+        return int(pending.pop(key, 0)) if pending is not None else 0
+
+    def _give_back_credit(self, key: str, credit: int) -> None:
+        pending = getattr(self.limiter, "_pending_tokens", None)
+        if credit and pending is not None:
+            pending[key] = pending.get(key, 0) + credit
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class DispatchLoop:
+    """A worker's dispatcher: one thread (a greenlet under gevent) stepping every tier it consumes.
+
+    ``free_slots()`` answers how many more messages the worker could start now (its free
+    slots); it caps one step's moves (shared by the tiers, in the order given) and the ready
+    depth of each tier's Celery lists.
+    ``wake()`` (e.g. when a task finishes) makes the loop step at once instead of at its next tick.
+    The loop never raises: a Redis error is logged and retried after a tick, like kombu's own
+    reconnects.
+    """
+
+    def __init__(self, *, dispatcher: Dispatcher, tiers: Sequence[str], free_slots: Callable[[], int],
+                 tick_s: float = DEFAULT_TICK_S, batch_max: int = DEFAULT_BATCH_MAX,
+                 on_result: Callable[[str, DispatchResult], None] | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.tiers = list(tiers)
+        self.free_slots = free_slots
+        self.tick_s = tick_s
+        self.batch_max = batch_max
+        self.on_result = on_result
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._config_written = 0.0
+
+    def start(self) -> DispatchLoop:
+        self._thread = threading.Thread(target=self.run, name="tars-dispatch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def step(self) -> float:
+        """Step every tier once; return how long to sleep before the next step."""
+        now = time.monotonic()
+        if now - self._config_written >= TENANT_CONFIG_REFRESH_S:
+            self.dispatcher.publish_tenant_config()
+            self._config_written = now
+        sleeps = []
+        free = self.free_slots()  # shared by the tiers of this worker: what one tier got, the next cannot
+        for tier in self.tiers:
+            if free <= 0:
+                sleeps.append(self.tick_s)  # a finishing task wakes the loop sooner
+                continue
+            result = self.dispatcher.dispatch(tier=tier, max_moves=min(free, self.batch_max), max_ready=free)
+            free -= len(result.moved)
+            if self.on_result is not None:
+                self.on_result(tier, result)
+            until_slot = max(result.wait_s - self.dispatcher.horizon_s, 0.001)
+            if result.reason == "batch":
+                sleeps.append(0.0)
+            elif result.reason == "model_limit":
+                # Nothing of this tier can move before the model's next slot, whatever is staged meanwhile.
+                sleeps.append(min(until_slot, MODEL_LIMIT_SLEEP_MAX_S))
+            elif result.reason == "tenant_limit":
+                sleeps.append(min(self.tick_s, until_slot))  # another tenant's new work may come sooner
+            else:
+                sleeps.append(self.tick_s)
+        return min(sleeps, default=self.tick_s)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sleep_s = self.step()
+            except Exception:
+                log.exception("dispatch step failed; retrying in %.2fs", self.tick_s)
+                sleep_s = self.tick_s
+            if sleep_s > 0:
+                self._wake.wait(sleep_s)
+                self._wake.clear()

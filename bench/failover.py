@@ -3,8 +3,9 @@
     .venv/bin/python bench/failover.py --kills 12
 
 Each round: a victim worker and a survivor worker (gevent, default visibility timeout of an
-hour, default lease settings), 40 requests of 1.0-2.0 s simulated model time; once at least 10
-calls are in flight on the victim it is SIGKILLed. For every request the victim was calling, the
+hour, default lease settings), 250 requests of 1.0-2.0 s simulated model time (more than the
+survivor's 100 slots, so the victim gets work too); once at least 10 calls are in flight on the
+victim it is SIGKILLed. For every request the victim was calling, the
 recovery time is from the kill to the start of its next attempt on another worker (from the
 ``api_calls`` rows). A round's recovery time is its slowest request's. Prints p50 / p99 / max
 over rounds and over requests, and checks that no request ran twice to success.
@@ -55,7 +56,7 @@ def _pct(values: list[float], q: float) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=12)
-    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--requests", type=int, default=250)
     p.add_argument("--redis-db", type=int, default=10)
     args = p.parse_args()
     if args.kills < 1 or args.requests < 10:

@@ -79,15 +79,13 @@ TENANT_CONFIG_REFRESH_S = 30.0
 def celery_list(queue: str, priority: int) -> str:
     """The Redis list kombu's transport uses for ``queue`` at a TARS ``priority``.
 
-    The one place dispatch knows this mapping. Today's (``tars_tasks.celery_app.redis_priority``,
-    ``sep`` ':', steps 0..9): TARS 9 -> the bare queue name, TARS p -> ``f"{queue}:{9 - p}"``.
+    The mapping lives in :func:`config.keys.priority_list` (TARS 5 is the bare queue name).
     """
     if priority not in PRIORITIES:
         raise InvalidRequest(f"priority {priority!r} is out of range 0..9", field="priority")
-    from tars_tasks.celery_app import redis_priority
+    from config.keys import priority_list
 
-    rp = redis_priority(priority)
-    return queue if rp == 0 else f"{queue}:{rp}"
+    return priority_list(queue, priority)
 
 
 def estimated_tokens(*, spec: ModelSpec, prompt: str) -> int:

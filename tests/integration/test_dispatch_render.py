@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 def _publish(app, producer, *, request_id: str, priority: int, tenant: str = "acme", prompt: str = "hello") -> None:
     from tars_tasks.publish import publish_request
 
-    publish_request(app, producer=producer, request_id=request_id, tier="haiku", role="researcher", prompt=prompt,
-                    tenant=tenant, priority=priority, reply_to=None)
+    publish_request(app, producer=producer, request_id=request_id, tier="haiku", tenant=tenant, priority=priority,
+                    reply_to=None)
 
 
 @pytest.mark.parametrize("events", [False, True])

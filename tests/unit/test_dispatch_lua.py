@@ -100,8 +100,8 @@ def test_the_celery_list_of_a_priority_is_the_one_kombu_publishes_to():
             from tars_tasks.celery_app import redis_priority
 
             assert celery_list("tars.haiku", p) == channel._q_for_pri("tars.haiku", redis_priority(p))
-    assert celery_list("tars.haiku", 9) == "tars.haiku"
-    assert celery_list("tars.haiku", 0) == "tars.haiku:9"
+    assert celery_list("tars.haiku", 5) == "tars.haiku"
+    assert celery_list("tars.haiku", 0) == "tars.haiku\x06\x169"
 
 
 def test_bad_entries_are_refused_and_nothing_of_the_call_is_staged(redis):
@@ -142,7 +142,7 @@ def test_a_moved_message_is_the_staged_body_in_its_prioritys_celery_list_and_its
     res = d.dispatch(tier="haiku", max_moves=10, now_us=T0_US)
     assert [(r.id, r.tenant, r.priority, r.tokens, r.slot_us) for r in res.moved] == [("r1", "acme", 2, 77, T0_US)]
     assert res.at_us == T0_US and res.staged == 0 and res.reason == "empty"
-    assert redis.lrange("tars.haiku:7", 0, -1) == [b'{"x": 1}']
+    assert redis.lrange(celery_list("tars.haiku", 2), 0, -1) == [b'{"x": 1}']
     # staging leaves no keys behind but the count
     assert {k.decode() for k in redis.keys(f"{stage_prefix(NS, 'haiku')}*")} == {f"{stage_prefix(NS, 'haiku')}:count"}
 
@@ -199,14 +199,14 @@ def test_a_deferred_token_correction_of_the_workers_limiter_rides_along(redis):
 def test_the_ready_depth_cap_counts_every_priority_list_of_the_tier(redis):
     staging, d = _setup(redis)
     redis.lpush("tars.haiku", "already-1")
-    redis.lpush("tars.haiku:2", "already-2", "already-3")
+    redis.lpush(celery_list("tars.haiku", 7), "already-2", "already-3")
     redis.lpush("tars.sonnet", "other-tier")  # not this tier's
     staging.stage(_msgs("a", 20))
     res = d.dispatch(tier="haiku", max_moves=50, max_ready=8, now_us=T0_US)
     assert len(res.moved) == 5 and res.reason == "ready_cap"
     again = d.dispatch(tier="haiku", max_moves=50, max_ready=8, now_us=T0_US + S_US)
     assert again.moved == [] and again.reason == "ready_cap" and again.staged == 15
-    redis.delete("tars.haiku:2")
+    redis.delete(celery_list("tars.haiku", 7))
     assert len(d.dispatch(tier="haiku", max_moves=50, max_ready=8, now_us=T0_US + 2 * S_US).moved) == 2
     assert len(d.dispatch(tier="haiku", max_moves=3, max_ready=None, now_us=T0_US + 3 * S_US).moved) == 3
 

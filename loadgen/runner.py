@@ -145,6 +145,26 @@ class Runner:
         self._fleet_key: tuple[Any, ...] | None = None
         self._index = 0
         self.engine = get_engine(settings.database_url)
+        if self.mode != "embedded":
+            self.preflight()
+
+    def preflight(self) -> None:
+        """Before anything starts: the broker answers and the database has this code's schema
+        (otherwise workers would wait for Redis forever, and a run would fail at its first row)."""
+        from tars_tasks.embedded import ensure_schema
+
+        url = self.settings.broker_url
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            import redis
+
+            client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+            try:
+                client.ping()
+            except redis.RedisError as exc:
+                raise LoadgenError(f"broker {url.split('@')[-1]} unavailable: {exc}") from None
+            finally:
+                client.close()
+        ensure_schema(self.settings)
 
     # --- fleet ---------------------------------------------------------------------------------
 

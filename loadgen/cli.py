@@ -133,6 +133,8 @@ def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, 
             console.print(f"plot:   {p}")
     steps = all_steps(session)
     if conditions:
+        for note in thresholds.unchecked(conditions, [(s.label, s.aggregates) for s in steps]):
+            console.print(f"[yellow]fail-if:[/yellow] {note}")
         bad = thresholds.violations(conditions, [(s.label, s.aggregates) for s in steps])
         if bad:
             for b in bad:

@@ -80,3 +80,13 @@ def violations(conditions: list[Condition], runs: list[tuple[str, dict[str, Any]
             if hit:
                 out.append(f"{label}: {c.text} (measured {v:.4g})")
     return out
+
+
+def unchecked(conditions: list[Condition], runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Conditions that could not be checked on a run (a percentile withheld for too few samples)."""
+    out = []
+    for label, agg in runs:
+        for c in conditions:
+            if METRICS[c.metric][1](agg) is None:
+                out.append(f"{label}: {c.text} not checked ({c.metric} not measured in this run)")
+    return out

@@ -3,7 +3,9 @@
 Plots a person reads correctly: every y axis starts at zero, concurrency ticks are whole
 numbers, each series has its own marker and line style (p95 is not hidden under p99), the
 warm-up is shaded, memory is in MiB, and the memory plot says whose memory it shows.
-The ``*_figure`` functions return the figure (tests inspect it); :func:`write_plots` saves them.
+The throughput plot shows each level's binding ceiling (the others are in the report's
+tables; drawn together they would squash the achieved curve). The ``*_figure`` functions
+return the figure (tests inspect it); :func:`write_plots` saves them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ LATENCY_PNG = "latency_vs_concurrency.png"
 MEMORY_PNG = "memory_over_time.png"
 #: (marker, line style) per series, so overlapping lines stay distinguishable.
 STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-.")]
-CEILING_STYLE = {"concurrency": ("s", "--"), "rate limits": ("^", ":"), "worker slots": ("D", "-.")}
 
 
 def closed_loop_points(steps: Sequence[StepResult]) -> list[tuple[int, StepResult]]:
@@ -56,17 +57,14 @@ def throughput_figure(steps: Sequence[StepResult]) -> Figure | None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     ax.plot(xs, [s.aggregates["throughput"]["completions_per_s"] for _, s in pts], marker="o", linestyle="-",
             label="achieved (steady-window population)")
-    for name, (marker, style) in CEILING_STYLE.items():
-        vals = []
-        for c, s in pts:
-            it = next((i for i in (s.aggregates.get("ceilings") or {}).get("items", []) if i["name"] == name), None)
-            if it and it.get("per_s"):
-                vals.append((c, it["per_s"]))
-        if vals:
-            ax.plot([c for c, _ in vals], [v for _, v in vals], marker=marker, linestyle=style, alpha=0.7,
-                    label=f"ceiling: {name}")
+    bind = [(c, s.aggregates["ceilings"]["binding_per_s"], s.aggregates["ceilings"]["binding"]) for c, s in pts
+            if (s.aggregates.get("ceilings") or {}).get("binding_per_s")]
+    if bind:
+        names = ", ".join(dict.fromkeys(b for _, _, b in bind))
+        ax.plot([c for c, _, _ in bind], [v for _, v, _ in bind], marker="s", linestyle="--", alpha=0.8,
+                label=f"binding ceiling ({names})")
     ax.set_ylabel("throughput (completions/s)")
-    ax.set_title("Throughput vs concurrency (ceilings dashed)")
+    ax.set_title("Throughput vs concurrency, and the ceiling that bound each level", fontsize=10)
     _concurrency_axes(ax, xs)
     fig.tight_layout()
     return fig
@@ -83,7 +81,8 @@ def latency_figure(steps: Sequence[StepResult]) -> Figure | None:
         if xy:
             ax.plot([c for c, _ in xy], [v for _, v in xy], marker=marker, linestyle=style, label=key)
     ax.set_ylabel("response time (ms)")
-    ax.set_title("Response-time percentiles vs concurrency (levels with too few samples left out)")
+    ax.set_title("Response-time percentiles vs concurrency\n(a percentile is left out at levels with too few "
+                 "samples for it)", fontsize=10)
     _concurrency_axes(ax, [c for c, _ in pts])
     fig.tight_layout()
     return fig
@@ -99,29 +98,29 @@ def _whose_memory(steps: Sequence[StepResult]) -> str:
 
 
 def memory_figure(steps: Sequence[StepResult]) -> Figure | None:
+    """RSS over the session's timeline (runs one after another), each run's warm-up shaded."""
     series = [s for s in steps if (s.aggregates.get("resources") or {}).get("sampled")
               and s.aggregates["resources"]["series"]]
     if not series:
         return None
+    t0 = min(s.drive["started_at"] for s in series)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    shaded = False
     for i, s in enumerate(series):
         pts = s.aggregates["resources"]["series"]
-        t0 = s.drive["started_at"]
         marker, style = STYLES[i % len(STYLES)]
-        line, = ax.plot([p[0] - t0 for p in pts], [p[1] for p in pts], label=s.label, linewidth=1, linestyle=style,
-                        marker=marker, markevery=max(1, len(pts) // 12), markersize=4)
-        warm = s.drive["window"][0] - t0
-        if warm > 0:
-            ax.axvspan(0, warm, color=line.get_color(), alpha=0.08, label=None if shaded else "warm-up (shaded)")
-            shaded = True
-    ax.set_xlabel("seconds since the run's start")
+        ax.plot([p[0] - t0 for p in pts], [p[1] for p in pts], label=s.label, linewidth=1, linestyle=style,
+                marker=marker, markevery=max(1, len(pts) // 12), markersize=4)
+        start, warm = s.drive["started_at"] - t0, s.drive["window"][0] - t0
+        if warm > start:
+            ax.axvspan(start, warm, color="0.5", alpha=0.15, label="warm-up" if i == 0 else None)
+    ax.set_xlabel("seconds since the first run's start")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_ylim(bottom=0)
+    top = max(p[1] for s in series for p in s.aggregates["resources"]["series"])
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
     ax.set_title(f"Memory over time — {_whose_memory(series)}", fontsize=10)
     ax.grid(True, alpha=0.3)
     if len(series) <= 12:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -49,6 +49,7 @@ class EmbeddedFleet:
         import migrations
         from tars_tasks.celery_app import app
 
+        prepare_sqlite_directory(self.settings.database_url)
         migrations.upgrade(self.settings.database_url)
         app.finalize()
         app.set_current()
@@ -95,6 +96,15 @@ class EmbeddedFleet:
 NO_BROKER = ("the embedded default has no broker (TARS_BROKER_URL is unset), so no separate worker can ever see "
              "its queue: `tars submit` and `tars loadgen` run requests in-process there; for a real fleet set "
              "TARS_BROKER_URL and TARS_DATABASE_URL")
+
+
+def prepare_sqlite_directory(database_url: str) -> None:
+    """Create the directory of a SQLite file (the user's data directory on first use)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def database_path(settings: Settings) -> str:

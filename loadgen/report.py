@@ -353,8 +353,11 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
     thr = a["throughput"]["completions_per_s"]
     c = a.get("ceilings") or {}
     if c.get("binding"):
+        ties = [CEILING_TEXT[it["name"]] for it in c["items"] if it["name"] != c["binding"] and it.get("per_s")
+                and math.isclose(it["per_s"], c["binding_per_s"], rel_tol=1e-9)]
         line = (f"Throughput {rate(thr)} is {pct(c['efficiency'])} of the binding ceiling, "
-                f"{CEILING_TEXT[c['binding']]} ({rate(c['binding_per_s'])}).")
+                f"{CEILING_TEXT[c['binding']]} ({rate(c['binding_per_s'])}"
+                + (f"; {' and '.join(ties)} the same" if ties else "") + ").")
         if c["efficiency"] is not None and c["efficiency"] < 0.8:
             line += (" No named ceiling explains the gap: the fleet's own work around the model calls (queueing, "
                      "delivery, commits, notices) or the machine held it back.")

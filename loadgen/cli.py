@@ -91,6 +91,7 @@ def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, 
     INVALID (no request completed, steady window too short, generator fell behind, or the
     mechanism the scenario exists for did not act) unless --allow-invalid.
     """
+    import signal
     from dataclasses import replace
 
     from config.settings import get_settings
@@ -100,6 +101,8 @@ def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, 
     from loadgen.runner import Runner, new_session_id
     from loadgen.scenarios import SEED_SCENARIOS, get_scenario
 
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the workers of a local fleet are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     conditions = thresholds.parse(fail_if) if fail_if else []
     names = list(scenarios) or ["baseline"]
     if names == ["all"]:

@@ -7,6 +7,7 @@ Set ``TARS_BROKER_URL`` and ``TARS_DATABASE_URL`` to run a real fleet.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,14 +16,26 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER_URL = "memory://"
-EMBEDDED_DATABASE_URL = "sqlite:///tars-embedded.db"
+
+
+def user_data_dir() -> Path:
+    """Where TARS keeps a user's data (the embedded database): ``$XDG_DATA_HOME/tars``,
+    by default ``~/.local/share/tars`` (the XDG base-directory convention)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tars"
+
+
+def embedded_database_url() -> str:
+    """The embedded default's SQLite file, in the user's data directory (not the current one)."""
+    return f"sqlite:///{user_data_dir() / 'embedded.db'}"
+
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TARS_", env_file=".env", extra="ignore")
 
     broker_url: str = EMBEDDED_BROKER_URL
-    database_url: str = EMBEDDED_DATABASE_URL
+    database_url: str = Field(default_factory=embedded_database_url)
     #: Redis used for fleet-shared state (notifications, limiter, breaker). Defaults to the broker.
     redis_url: str | None = None
     #: Prefix of every Redis key and pub/sub channel TARS owns (not Celery's queues).

@@ -14,16 +14,17 @@ from tars_tasks.errors import LoadgenError
 ROWS: list[tuple[str, str, Any]] = [
     ("requests", "n", lambda a: a["requests"]["run"]["total"]),
     ("throughput", "req/s", lambda a: a["throughput"]["completions_per_s"]),
-    ("little ratio", "", lambda a: (a.get("little") or {}).get("ratio")),
+    ("efficiency", "", lambda a: (a.get("ceilings") or {}).get("efficiency")),
     ("avg", "ms", lambda a: a["latency_ms"]["e2e"]["avg"]),
     ("p50", "ms", lambda a: a["latency_ms"]["e2e"]["p50"]),
     ("p95", "ms", lambda a: a["latency_ms"]["e2e"]["p95"]),
     ("p99", "ms", lambda a: a["latency_ms"]["e2e"]["p99"]),
     ("queue wait avg", "ms", lambda a: a["latency_ms"]["queue_wait"]["avg"]),
+    ("rate-limit wait avg", "ms", lambda a: a["latency_ms"]["ratelimit_wait"]["avg"]),
     ("service avg", "ms", lambda a: a["latency_ms"]["service"]["avg"]),
     ("error rate", "", lambda a: a["requests"]["window"]["error_rate"]),
     ("cost/request", "usd", lambda a: a["cost"]["per_request_usd"]),
-    ("peak RSS", "MB", lambda a: (a.get("resources") or {}).get("rss_peak_mb")),
+    ("peak RSS", "MiB", lambda a: (a.get("resources") or {}).get("rss_peak_mib")),
 ]
 
 

@@ -88,16 +88,18 @@ class ClientSample:
     #: why the generator itself counts it failed: ``rejected:overloaded``, ``submit_error:...``.
     client_error: str | None = None
     done_via: str | None = None
+    #: closed loop: the client (0..C-1) that sent it; a client's requests never overlap.
+    slot: int | None = None
 
     COLUMNS = ("request_id", "intended_at", "send_start", "sent_at", "done_at", "status", "client_error",
-               "done_via")
+               "done_via", "slot")
 
     def as_row(self) -> list[Any]:
         return [getattr(self, c) for c in self.COLUMNS]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> ClientSample:
-        return cls(**dict(zip(cls.COLUMNS, row, strict=True)))
+        return cls(**dict(zip(cls.COLUMNS[: len(row)], row, strict=True)))
 
 
 @dataclass(slots=True)
@@ -124,6 +126,8 @@ class DriveResult:
     arrival: str | None = None
     #: set when the driver stopped issuing before its bound (backlog cap reached).
     stopped_early: str | None = None
+    #: bounded by a request count (a burst), not a duration: the whole run is the population.
+    count_bounded: bool = False
     unfinished: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,12 +174,16 @@ class _Base:
         self._client_n = 0
         self._last_progress = 0.0
         self._last_poll = time.monotonic()
+        #: (slot, monotonic time) of requests whose notice arrived before their submit returned
+        self._early_freed: list[tuple[int | None, float]] = []
         self.tracker = _Tracker(producer)
 
     # --- submission ------------------------------------------------------------------------------
 
-    def _submit(self, intended: Sequence[float]) -> tuple[int, float | None]:
-        """Submit one request per intended time (monotonic). Returns (refused, retry_after_s)."""
+    def _submit(self, intended: Sequence[float], slots: Sequence[int | None] | None = None) -> tuple[int, float | None]:
+        """Submit one request per intended time (monotonic), sent by ``slots`` (closed loop).
+        Returns (refused, retry_after_s)."""
+        slots = list(slots) if slots is not None else [None] * len(intended)
         specs = [self.factory(self._n + i) for i in range(len(intended))]
         self._n += len(intended)
         t_start = time.monotonic()
@@ -184,24 +192,25 @@ class _Base:
         except TarsError as exc:
             t_end = time.monotonic()
             kind = "rejected:overloaded" if isinstance(exc, Overloaded) else f"submit_error:{type(exc).__name__}"
-            for t in intended:
+            for t, slot in zip(intended, slots, strict=True):
                 self._client_n += 1
                 s = ClientSample(request_id=f"client-{self._client_n}", intended_at=self.clock.epoch(t),
                                  send_start=self.clock.epoch(t_start), sent_at=self.clock.epoch(t_end),
                                  done_at=self.clock.epoch(t_end), status="failed", client_error=kind,
-                                 done_via="client")
+                                 done_via="client", slot=slot)
                 self.order.append(s)
             self.failed += len(intended)
             return len(intended), getattr(exc, "retry_after_s", None)
         t_end = time.monotonic()
-        for h, t in zip(handles, intended, strict=True):
+        for h, t, slot in zip(handles, intended, slots, strict=True):
             s = ClientSample(request_id=h.id, intended_at=self.clock.epoch(t),
-                             send_start=self.clock.epoch(t_start), sent_at=self.clock.epoch(t_end))
+                             send_start=self.clock.epoch(t_start), sent_at=self.clock.epoch(t_end), slot=slot)
             self.samples[h.id] = s
             self.order.append(s)
             early = self.unmatched.pop(h.id, None)
-            if early is not None:
+            if early is not None:  # finished before submit_many returned: its slot is free already
                 self._mark_done(s, early[0], early[1], via="notice")
+                self._early_freed.append((slot, early[1]))
             else:
                 self.in_flight[h.id] = s
         return 0, None
@@ -215,9 +224,10 @@ class _Base:
 
     # --- completions -----------------------------------------------------------------------------
 
-    def _take_notices(self, timeout: float | None) -> list[float]:
-        """Drain waiting notices (block up to ``timeout`` for the first). Returns freed times."""
-        freed: list[float] = []
+    def _take_notices(self, timeout: float | None) -> list[tuple[int | None, float]]:
+        """Drain waiting notices (block up to ``timeout`` for the first). Returns freed (slot, time)."""
+        freed: list[tuple[int | None, float]] = self._early_freed
+        self._early_freed = []
         try:
             item = self.tracker.notices.get(timeout=timeout) if timeout else self.tracker.notices.get_nowait()
         except queue.Empty:
@@ -227,7 +237,7 @@ class _Base:
             s = self.in_flight.pop(rid, None)
             if s is not None:
                 self._mark_done(s, status, t, via="notice")
-                freed.append(t)
+                freed.append((s.slot, t))
             elif rid not in self.samples:
                 self.unmatched[rid] = (status, t)
             try:
@@ -235,7 +245,7 @@ class _Base:
             except queue.Empty:
                 return freed
 
-    def _poll(self, *, force: bool = False) -> list[float]:
+    def _poll(self, *, force: bool = False) -> list[tuple[int | None, float]]:
         """Find requests finished without a notice reaching us (the row is the truth)."""
         now = time.monotonic()
         if not force and now - self._last_poll < POLL_INTERVAL_S:
@@ -243,7 +253,7 @@ class _Base:
         self._last_poll = now
         cutoff = self.clock.epoch(now - POLL_AFTER_S)
         stale = [rid for rid, s in self.in_flight.items() if force or s.sent_at < cutoff]
-        freed: list[float] = []
+        freed: list[tuple[int | None, float]] = []
         for i in range(0, len(stale), 1000):
             try:
                 results = self.producer.get_many(stale[i : i + 1000])
@@ -252,8 +262,9 @@ class _Base:
             t = time.monotonic()
             for r in results:
                 if r.done and r.id in self.in_flight:
-                    self._mark_done(self.in_flight.pop(r.id), r.status, t, via="poll")
-                    freed.append(t)
+                    s = self.in_flight.pop(r.id)
+                    self._mark_done(s, r.status, t, via="poll")
+                    freed.append((s.slot, t))
         return freed
 
     def _progress(self, phase: str, start: float, *, force: bool = False) -> None:
@@ -310,15 +321,16 @@ class ClosedLoop(_Base):
         start = time.monotonic()
         stop_at = start + self.duration_s if self.duration_s is not None else None
         budget = self.count if self.count is not None else None
-        deferred: list[tuple[float, float]] = []  # (monotonic time a slot returns, intended)
-        free: list[float] = [start] * self.concurrency
+        deferred: list[tuple[float, int]] = []  # (monotonic time a refused slot may send again, slot)
+        free: list[tuple[int, float]] = [(i, start) for i in range(self.concurrency)]  # (slot, intended)
         load_end: float | None = None
         warm_until: float | None = None
         completed = 0
         while True:
             now = time.monotonic()
             while deferred and deferred[0][0] <= now:
-                free.append(heapq.heappop(deferred)[1])
+                back, slot = heapq.heappop(deferred)
+                free.append((slot, back))
             if load_end is None and ((stop_at is not None and now >= stop_at) or budget == 0):
                 load_end = now
             if load_end is not None:
@@ -328,11 +340,11 @@ class ClosedLoop(_Base):
                 batch, free = free[:n], free[n:]
                 if budget is not None:
                     budget -= n
-                refused, retry_after = self._submit(batch)
+                refused, retry_after = self._submit([t for _, t in batch], [slot for slot, _ in batch])
                 if refused:
                     back = time.monotonic() + (retry_after or REJECT_BACKOFF_S)
-                    for _ in range(refused):
-                        heapq.heappush(deferred, (back, back))
+                    for slot, _ in batch:
+                        heapq.heappush(deferred, (back, slot))
             wait = 0.05
             if deferred:
                 wait = max(0.0, min(wait, deferred[0][0] - time.monotonic()))
@@ -340,7 +352,7 @@ class ClosedLoop(_Base):
                 wait = max(0.0, min(wait, stop_at - time.monotonic()))
             freed = self._take_notices(wait or None) if not free else self._take_notices(None)
             freed += self._poll()
-            free.extend(freed)
+            free.extend((slot, t) for slot, t in freed if slot is not None)
             completed += len(freed)
             if warm_until is None and completed >= self.concurrency:
                 warm_until = time.monotonic()
@@ -348,7 +360,8 @@ class ClosedLoop(_Base):
         end = self._drain(start)
         self._progress("done", start, force=True)
         return self._result("closed", start, load_end, end, warm_until=warm_until if warm_until is not None else end,
-                            concurrency=self.concurrency)
+                            concurrency=self.concurrency, count_bounded=self.count is not None and
+                            self.duration_s is None)
 
 
 class OpenLoop(_Base):
@@ -358,7 +371,7 @@ class OpenLoop(_Base):
                  rate_per_s: float, arrival: str, warmup_s: float = 0.0, run_id: str | None = None,
                  drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  on_progress: Callable[[Progress], None] | None = None, clock: RunClock | None = None,
-                 lead_s: float = 0.05) -> None:
+                 lead_s: float = 0.05, count_bounded: bool = False) -> None:
         super().__init__(producer=producer, factory=factory, run_id=run_id, warmup_s=warmup_s,
                          duration_s=None, count=len(schedule), drain_timeout_s=drain_timeout_s,
                          on_progress=on_progress, clock=clock)
@@ -367,6 +380,7 @@ class OpenLoop(_Base):
         self.arrival = arrival
         self.max_in_flight = max_in_flight
         self.lead_s = lead_s
+        self.count_bounded = count_bounded
 
     def run(self) -> DriveResult:
         start = time.monotonic() + self.lead_s
@@ -397,4 +411,4 @@ class OpenLoop(_Base):
         scheduled_end = start + (float(self.schedule[-1]) if n else 0.0)
         return self._result("open", start, max(load_end, scheduled_end) if stopped is None else load_end, end,
                             rate_per_s=self.rate_per_s, arrival=self.arrival, stopped_early=stopped,
-                            extra={"scheduled": n, "sent": i})
+                            count_bounded=self.count_bounded, extra={"scheduled": n, "sent": i})

@@ -90,6 +90,11 @@ class LocalFleet:
     def slots(self) -> int:
         return self.count * self.concurrency
 
+    @property
+    def catalog_file(self) -> Path | None:
+        """The catalog the workers run with when loadgen wrote one (scenario overrides)."""
+        return self._catalog_file
+
     def start(self) -> LocalFleet:
         from workers.start import worker_argv
 

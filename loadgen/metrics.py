@@ -1,166 +1,335 @@
 """Aggregates of one run, computed only from its :class:`~loadgen.records.RequestRecord` list.
 
-Definitions (the report repeats them):
+Definitions (the report's Method repeats them; ``tests/loadgen/test_recompute.py`` checks every
+printed figure against its own reading of them, sharing no code with this module):
 
-* **steady window** ``[start + warm-up, end of issuing)``; requests are *in* it when their
-  latency origin (intended or send time) falls inside. Warm-up and drain are outside.
-* **throughput** = completions per second in the window, each request counted by the share of
-  its lifetime (origin → completion) that lies in the window, so a window edge never adds or
-  drops a whole request. ``completed_in_window`` is the plain count of completions.
-* **Little's bound** (closed loop) = C / mean service time, service = the row's
-  ``finished_at - started_at`` (what a worker spent on it, retries included), the mean taken
-  over the requests the throughput counts, with the same window shares as weights. Throughput can
-  reach it only if nothing else — queueing, broker, commit, notice, generator refill — takes
-  time; ``ratio`` = throughput / bound is the honest efficiency figure.
-* **latency** (HdrHistogram, µs resolution, 3 significant digits; percentile p is the value of
-  rank round(p/100 · n) in sorted order): end-to-end = completion -
-  origin, for every request in the window, failed and unfinished ones included (unfinished
-  ones at the time the drain gave up); queue wait = ``started_at - submitted_at``; service as
-  above; model call = the request's ``api_calls.latency_ms`` summed over its attempts (the
-  provider calls alone — service minus rate-limit waits, backoff and the worker's own work).
+* **Population.** Every figure of a run's tables is over one set of requests, named in the
+  report: a duration-bounded run's *steady-window population* — the requests whose latency
+  origin (send time in a closed loop, intended send time in an open loop) falls in
+  ``[start + warm-up, end of issuing)``; a count-bounded run (a burst) has no steady state, and
+  its population is every request it sent. A run whose steady window is shorter than
+  :data:`MIN_STEADY_WINDOW_S` (or than its mean response time) is invalid; its figures then
+  cover every request, and the report says so. Rows the generator has no sample of (their
+  submit call failed after recording; the generator counted the refusal already) are in no
+  population, only in the bill.
+* **Latency** (ms): response time = completion - origin, failed requests included, unfinished
+  ones censored when the drain gave up; queue wait = ``started_at - submitted_at``; rate-limit
+  wait = the request's ``api_calls.ratelimit_wait_ms`` summed; service = ``finished_at -
+  started_at`` **minus** the rate-limit waits (a wait is never service); model call = the
+  request's ``api_calls.latency_ms`` summed (0 for a request that made no call).
+* **Percentiles** are nearest-rank over the raw values: the p-th is the value of rank
+  ``ceil(p·n/100)`` in sorted order — a value that occurred, so p50 ≤ p95 ≤ p99 ≤ max. A
+  percentile needs ``n ≥ 100 / (100 - p)`` samples (p50: 2, p95: 20, p99: 100) to differ from the
+  maximum; with fewer it is withheld (``None``) and the reason kept.
+* **Throughput.** Closed loop: completions ÷ D, where D is the mean, over the clients that sent
+  any of the population (all C of them in a steady window), of the span from the client's first
+  request of the population being sent to its last one completing. A client's requests never
+  overlap, so the population's latencies add up to at most C·D, hence *throughput ≤ C ÷ mean
+  response time, exactly*; the gap is the clients' idle time — the generator refilling a slot
+  (refill) and backoff after a refusal. Open loop:
+  completions ÷ the window's length.
+* **Ceilings** (req/s, from the run's inputs and the population): *concurrency* C ÷ mean model
+  time (closed) or the *offered* rate (open); the fleet-wide *rate limits* of the tiers the
+  population's calls used, at its calls and tokens per request; *worker slots* S ÷ mean model
+  time. The lowest **binds**; efficiency = throughput ÷ the binding ceiling.
+* **Validity**: see :func:`validity`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+from loadgen.records import UNFINISHED, RequestRecord, unknown_outcome
 
-from loadgen.records import UNFINISHED, RequestRecord
-
-HDR_LOWEST_US = 1
-HDR_HIGHEST_US = 24 * 3600 * 1_000_000
-HDR_DIGITS = 3
-PERCENTILES = (50.0, 95.0, 99.0)
+PERCENTILES = (50, 95, 99)
+#: A percentile p needs at least this many samples (100 / (100 - p)) to be anything but the max.
+MIN_SAMPLES = {p: math.ceil(100 / (100 - p)) for p in PERCENTILES}
 DEFAULT_MAX_SEND_LAG_P99_MS = 10.0
-#: A steady window shorter than this (a burst of ``count`` requests sent at once) is replaced
-#: by the whole run.
-MIN_WINDOW_S = 0.5
+#: A duration-bounded run needs a steady window at least this long (and at least its mean
+#: response time) to be valid.
+MIN_STEADY_WINDOW_S = 1.0
+#: A closed loop whose clients waited more than this share of their time for the generator to
+#: send their next request measured the generator, not the fleet.
+MAX_REFILL_SHARE = 0.05
 
 
-def latency_summary(values_s: Iterable[float]) -> dict[str, float | int | None]:
-    """count, avg, min, p50, p95, p99, max in milliseconds (HdrHistogram percentiles)."""
-    h = HdrHistogram(HDR_LOWEST_US, HDR_HIGHEST_US, HDR_DIGITS)
-    n, total = 0, 0.0
-    lo, hi = math.inf, -math.inf
-    for v in values_s:
-        us = max(HDR_LOWEST_US, min(HDR_HIGHEST_US, round(v * 1e6)))
-        h.record_value(us)
-        n += 1
-        total += v
-        lo, hi = min(lo, v), max(hi, v)
-    if n == 0:
-        return {"count": 0, "avg": None, "min": None, "p50": None, "p95": None, "p99": None, "max": None}
-    out: dict[str, float | int | None] = {"count": n, "avg": total / n * 1000, "min": lo * 1000}
+# --- latency summaries -------------------------------------------------------------------------
+
+
+def nearest_rank(sorted_values: Sequence[float], p: int) -> float:
+    """The value of rank ceil(p·n/100) (at least 1) of ``sorted_values`` (integer arithmetic)."""
+    n = len(sorted_values)
+    return sorted_values[max(1, (p * n + 99) // 100) - 1]
+
+
+def latency_summary(values_ms: Iterable[float]) -> dict[str, Any]:
+    """count, avg, min, p50, p95, p99, max (ms); a percentile with too few samples is None,
+    and ``withheld`` says why."""
+    vals = sorted(values_ms)
+    n = len(vals)
+    out: dict[str, Any] = {"count": n, "avg": None, "min": None, "max": None, "withheld": {}}
     for p in PERCENTILES:
-        out[f"p{p:g}"] = h.get_value_at_percentile(p) / 1000
-    out["max"] = hi * 1000
+        out[f"p{p}"] = None
+    if n == 0:
+        return out
+    out.update(avg=math.fsum(vals) / n, min=vals[0], max=vals[-1])
+    for p in PERCENTILES:
+        if n >= MIN_SAMPLES[p]:
+            out[f"p{p}"] = nearest_rank(vals, p)
+        else:
+            out["withheld"][f"p{p}"] = f"{n} sample{'s' if n != 1 else ''}; p{p} needs ≥ {MIN_SAMPLES[p]}"
     return out
 
 
-def _overlap_share(a: float, b: float, w0: float, w1: float) -> float:
-    if b <= a:
-        return 1.0 if w0 <= b < w1 else 0.0
-    return max(0.0, min(b, w1) - max(a, w0)) / (b - a)
+# --- the population ------------------------------------------------------------------------------
 
 
-def in_window(records: Sequence[RequestRecord], window: tuple[float, float]) -> list[RequestRecord]:
+def _end(r: RequestRecord, ended_at: float) -> float:
+    """When a request stopped counting: its completion, or the drain's end if it never finished."""
+    return r.done_at if r.done_at is not None else ended_at
+
+
+def response_ms(r: RequestRecord, ended_at: float) -> float:
+    return (_end(r, ended_at) - r.origin) * 1000
+
+
+def service_ms(r: RequestRecord) -> float | None:
+    """The worker's time with the request, rate-limit waits taken out (None if it never ran)."""
+    if r.started_at is None or r.finished_at is None or r.status == UNFINISHED:
+        return None
+    return (r.finished_at - r.started_at) * 1000 - r.ratelimit_wait_ms
+
+
+def model_ms(r: RequestRecord) -> float:
+    return r.model_ms or 0.0
+
+
+def population(records: Sequence[RequestRecord], *, window: tuple[float, float], count_bounded: bool,
+               started_at: float, load_end: float) -> tuple[list[RequestRecord], dict[str, Any]]:
+    """The requests every figure of the run's tables is computed over, and its description."""
+    sampled = [r for r in records if r.sampled]
     w0, w1 = window
-    return [r for r in records if w0 <= r.origin < w1]
+    if count_bounded:
+        return sampled, {"name": "whole run", "start": started_at, "end": load_end,
+                         "description": "every request of the run (a count-bounded burst has no steady state)"}
+    if w1 - w0 < MIN_STEADY_WINDOW_S:
+        return sampled, {"name": "whole run", "start": started_at, "end": load_end,
+                         "description": f"every request of the run: the steady window was only {w1 - w0:.2f} s"}
+    pop = [r for r in sampled if w0 <= r.origin < w1]
+    return pop, {"name": "steady window", "start": w0, "end": w1,
+                 "description": "the requests sent in the steady window"}
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+
+def client_spans(pop: Sequence[RequestRecord], *, ended_at: float) -> dict[Any, list[RequestRecord]]:
+    """The population's requests per client, in the order they were sent."""
+    by: dict[Any, list[RequestRecord]] = defaultdict(list)
+    for i, r in enumerate(pop):
+        by[r.slot if r.slot is not None else ("unslotted", i)].append(r)
+    for rs in by.values():
+        rs.sort(key=lambda r: r.origin)
+    return by
+
+
+def closed_loop_clients(pop: Sequence[RequestRecord], *, concurrency: int, ended_at: float) -> dict[str, Any]:
+    """D (the clients' mean span) and how the clients spent it: in requests, refill, backoff."""
+    by = client_spans(pop, ended_at=ended_at)
+    span = busy = refill = 0.0
+    for rs in by.values():
+        span += _end(rs[-1], ended_at) - rs[0].origin
+        busy += sum(_end(r, ended_at) - r.origin for r in rs)
+        for prev, r in itertools.pairwise(rs):
+            gap = r.origin - _end(prev, ended_at)
+            lag = r.origin - r.intended_at if r.intended_at is not None else gap
+            refill += min(max(lag, 0.0), max(gap, 0.0))
+    # the mean over the clients that sent any of the population (all C in a steady window; a
+    # burst smaller than C leaves some idle): with k <= C of them, throughput <= k / mean <= C / mean
+    d = span / len(by) if by else 0.0
+    idle = max(span - busy, 0.0)
+    return {"concurrency": concurrency, "clients_seen": len(by), "span_s": d,
+            "busy_share": busy / span if span > 0 else None,
+            "refill_share": refill / span if span > 0 else None,
+            "backoff_share": max(idle - refill, 0.0) / span if span > 0 else None}
+
+
+# --- ceilings ------------------------------------------------------------------------------------
+
+
+def ceilings(pop: Sequence[RequestRecord], *, kind: str, throughput: float, concurrency: int | None,
+             rate_per_s: float | None, slots: int | None, limits: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What could have bound the run, per :mod:`loadgen.metrics`' definitions, and which one did."""
+    n = len(pop)
+    mean_model = math.fsum(model_ms(r) for r in pop) / n if n else 0.0
+    items: list[dict[str, Any]] = []
+    if kind == "closed" and concurrency:
+        items.append({"name": "concurrency", "per_s": concurrency / (mean_model / 1000) if mean_model > 0 else None,
+                      "concurrency": concurrency, "mean_model_ms": mean_model})
+    if kind == "open" and rate_per_s:
+        items.append({"name": "offered", "per_s": rate_per_s})
+    rl = rate_limit_ceiling(pop, limits=limits)
+    if rl is not None:
+        items.append(rl)
+    if slots:
+        items.append({"name": "worker slots", "slots": slots, "mean_model_ms": mean_model,
+                      "per_s": slots / (mean_model / 1000) if mean_model > 0 else None})
+    for it in items:
+        it["ratio"] = throughput / it["per_s"] if it.get("per_s") else None
+    known = [it for it in items if it.get("per_s")]
+    binding = min(known, key=lambda it: it["per_s"]) if known else None
+    return {"items": items, "binding": binding["name"] if binding else None,
+            "binding_per_s": binding["per_s"] if binding else None,
+            "efficiency": throughput / binding["per_s"] if binding else None,
+            "rate_limits": _limits_state(limits)}
+
+
+def _limits_state(limits: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not limits:
+        return {"enforced": False, "why": "unknown: no catalog known for this fleet"}
+    return {"enforced": bool(limits.get("enforced")), "why": limits.get("why"), "source": limits.get("source")}
+
+
+def rate_limit_ceiling(pop: Sequence[RequestRecord], *, limits: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Fleet-wide RPM/TPM of each tier the population's calls used, turned into requests/s."""
+    if not limits or not limits.get("enforced") or not pop:
+        return None
+    per_s = limits["utilisation"] / limits["window_s"]
+    n = len(pop)
+    calls: Counter[str] = Counter()
+    tokens: Counter[str] = Counter()
+    for r in pop:
+        for c in r.calls:
+            calls[c.tier] += 1
+            tokens[c.tier] += c.input_tokens + c.output_tokens
+    tiers = []
+    for tier in sorted(calls):
+        lim = limits["tiers"].get(tier)
+        if lim is None:
+            continue
+        by_rpm = lim["rpm"] * per_s * n / calls[tier]
+        by_tpm = lim["tpm"] * per_s * n / tokens[tier] if tokens[tier] else None
+        tiers.append({"tier": tier, "rpm": lim["rpm"], "tpm": lim["tpm"], "calls_per_request": calls[tier] / n,
+                      "tokens_per_request": tokens[tier] / n, "by_rpm_per_s": by_rpm, "by_tpm_per_s": by_tpm,
+                      "per_s": min(x for x in (by_rpm, by_tpm) if x is not None)})
+    if not tiers:
+        return None
+    low = min(tiers, key=lambda t: t["per_s"])
+    return {"name": "rate limits", "per_s": low["per_s"], "tier": low["tier"], "tiers": tiers,
+            "utilisation": limits["utilisation"], "window_s": limits["window_s"]}
+
+
+# --- validity ------------------------------------------------------------------------------------
+
+
+def validity(*, kind: str, count_bounded: bool, window_s: float, pop: Sequence[RequestRecord], e2e: Mapping[str, Any],
+             send_lag: Mapping[str, Any], clients: Mapping[str, Any] | None,
+             max_send_lag_p99_ms: float) -> list[str]:
+    """Why the run does not count (empty: it is valid). A run earns "valid" when it completed at
+    least one request, had a steady window of at least MIN_STEADY_WINDOW_S and its mean
+    response time (duration-bounded runs), and its generator kept up: an open loop's p99 send
+    lag within ``max_send_lag_p99_ms``; a closed loop's clients waiting for the generator at most
+    MAX_REFILL_SHARE of their time. The runner adds: stopped early; a mechanism the scenario
+    exists for did not act."""
+    out = []
+    if not any(r.status == "succeeded" for r in pop):
+        out.append("no request completed successfully" if pop else "no request was sent")
+    if not count_bounded:
+        if window_s < MIN_STEADY_WINDOW_S:
+            out.append(f"steady window {window_s:.2f} s is shorter than the {MIN_STEADY_WINDOW_S:g} s minimum")
+        elif e2e.get("avg") is not None and window_s * 1000 < e2e["avg"]:
+            out.append(f"steady window {window_s:.2f} s is shorter than the mean response time "
+                       f"{e2e['avg'] / 1000:.2f} s")
+    if kind == "open":
+        p99 = send_lag.get("p99") if send_lag.get("p99") is not None else send_lag.get("max")
+        if send_lag.get("count") and p99 is not None and p99 > max_send_lag_p99_ms:
+            out.append(f"generator fell behind: p99 send lag {p99:.1f} ms > {max_send_lag_p99_ms:g} ms")
+    if kind == "closed" and clients and (clients.get("refill_share") or 0) > MAX_REFILL_SHARE:
+        out.append(f"generator fell behind: clients waited {clients['refill_share']:.1%} of their time for it to send "
+                   f"their next request (> {MAX_REFILL_SHARE:.0%})")
+    return out
+
+
+# --- everything ----------------------------------------------------------------------------------
 
 
 def compute(
     records: Sequence[RequestRecord], *, kind: str, window: tuple[float, float], started_at: float,
     load_end: float, ended_at: float, concurrency: int | None = None, rate_per_s: float | None = None,
-    max_send_lag_p99_ms: float = DEFAULT_MAX_SEND_LAG_P99_MS,
+    max_send_lag_p99_ms: float = DEFAULT_MAX_SEND_LAG_P99_MS, count_bounded: bool = False,
+    slots: int | None = None, limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     w0, w1 = window
-    notes: list[str] = []
-    if w1 - w0 < MIN_WINDOW_S and records:
-        last = max((r.done_at for r in records if r.done_at is not None), default=ended_at)
-        notes.append(f"the steady window was only {w1 - w0:.2f} s (a burst, or a warm-up that outlasted the load "
-                     f"phase): throughput and latency cover the whole run, from the first request to the last "
-                     f"completion ({last - started_at:.2f} s)")
-        w0, w1 = started_at, max(last, started_at + 1e-6) + 1e-9
-        window = (w0, w1)
-    steady = in_window(records, window)
-    if not steady and records:
-        notes.append("the steady window holds no request (run shorter than its warm-up); all requests used")
-        steady = list(records)
-        w0, w1 = started_at, load_end
-    dur = max(w1 - w0, 1e-9)
-    done = [r for r in records if r.done_at is not None]
-    completions = sum(_overlap_share(r.origin, r.done_at, w0, w1) for r in done)  # type: ignore[arg-type]
-    successes = sum(_overlap_share(r.origin, r.done_at, w0, w1) for r in done  # type: ignore[arg-type]
-                    if r.status == "succeeded")
-    completed_in_window = sum(1 for r in done if w0 <= r.done_at < w1)  # type: ignore[operator]
-
-    def e2e(r: RequestRecord) -> float:
-        return (r.done_at if r.done_at is not None else ended_at) - r.origin
-
-    services = [r.finished_at - r.started_at for r in steady
-                if r.started_at is not None and r.finished_at is not None and r.status != UNFINISHED]
-    waits = [r.started_at - r.submitted_at for r in steady if r.started_at is not None and r.submitted_at is not None]
+    pop, pop_info = population(records, window=window, count_bounded=count_bounded, started_at=started_at,
+                               load_end=load_end)
+    n = len(pop)
+    done = [r for r in pop if r.done_at is not None]
+    clients = None
+    if kind == "closed" and concurrency:
+        clients = closed_loop_clients(pop, concurrency=concurrency, ended_at=ended_at)
+        span = clients["span_s"]
+    else:
+        span = pop_info["end"] - pop_info["start"]
+    thr = len(done) / span if span > 0 else 0.0
+    ok_thr = sum(1 for r in done if r.status == "succeeded") / span if span > 0 else 0.0
+    e2e = latency_summary(response_ms(r, ended_at) for r in pop)
+    services = [s for s in (service_ms(r) for r in pop) if s is not None]
     lat = {
-        "e2e": latency_summary(e2e(r) for r in steady),
-        "e2e_succeeded": latency_summary(e2e(r) for r in steady if r.status == "succeeded"),
-        "queue_wait": latency_summary(waits),
+        "e2e": e2e,
+        "e2e_succeeded": latency_summary(response_ms(r, ended_at) for r in pop if r.status == "succeeded"),
+        "queue_wait": latency_summary((r.started_at - r.submitted_at) * 1000 for r in pop
+                                      if r.started_at is not None and r.submitted_at is not None),
+        "ratelimit_wait": latency_summary(r.ratelimit_wait_ms for r in pop if r.api_calls),
         "service": latency_summary(services),
-        "ratelimit_wait": latency_summary(r.ratelimit_wait_ms / 1000 for r in steady if r.api_calls),
-        "model_call": latency_summary(r.model_ms / 1000 for r in steady if r.model_ms is not None),
+        "model_call": latency_summary(model_ms(r) for r in pop),
     }
-    throughput = completions / dur
-    little = None
-    # Little's bound uses the mean service time of the very requests the throughput counts,
-    # weighted by the same window shares; since no request's service exceeds its lifetime,
-    # the ratio cannot exceed 1 (short runs of few, unequal requests would otherwise scatter it).
-    weighted = [(_overlap_share(r.origin, r.done_at, w0, w1), r.finished_at - r.started_at) for r in done  # type: ignore[arg-type]
-                if r.started_at is not None and r.finished_at is not None]
-    share_sum = sum(w for w, _ in weighted)
-    if kind == "closed" and concurrency and share_sum > 0:
-        mean_service = sum(w * s for w, s in weighted) / share_sum
-        bound = concurrency / mean_service
-        little = {"concurrency": concurrency, "mean_service_ms": mean_service * 1000, "bound_per_s": bound,
-                  "ratio": throughput / bound}
-    lags = [r.sent_at - r.intended_at for r in records if r.sent_at is not None and r.intended_at is not None]
-    send_lag = latency_summary(max(0.0, v) for v in lags)
-    invalid: list[str] = []
-    if kind == "open" and send_lag["count"] and (send_lag["p99"] or 0) > max_send_lag_p99_ms:
-        invalid.append(f"generator fell behind: p99 send lag {send_lag['p99']:.1f} ms > {max_send_lag_p99_ms:g} ms")
+    if clients is not None:
+        clients["ceiling_per_s"] = concurrency / (e2e["avg"] / 1000) if e2e["avg"] else None
+        clients["ratio"] = thr / clients["ceiling_per_s"] if clients["ceiling_per_s"] else None
+    send_lag = latency_summary(max(0.0, r.sent_at - r.intended_at) * 1000 for r in pop
+                               if r.sent_at is not None and r.intended_at is not None)
+    window_s = w1 - w0
+    invalid = validity(kind=kind, count_bounded=count_bounded, window_s=window_s, pop=pop, e2e=e2e,
+                       send_lag=send_lag, clients=clients, max_send_lag_p99_ms=max_send_lag_p99_ms)
     return {
         "kind": kind,
-        "window": {"start": w0, "end": w1, "duration_s": dur, "warmup_s": w0 - started_at,
-                   "drain_s": ended_at - load_end, "completed_in_window": completed_in_window},
-        "requests": _counts(records, steady),
-        "throughput": {"completions_per_s": throughput, "successes_per_s": successes / dur,
-                       "offered_per_s": rate_per_s},
-        "little": little,
+        "count_bounded": count_bounded,
+        "population": {**pop_info, "requests": n, "span_s": span},
+        "window": {"start": w0, "end": w1, "duration_s": window_s, "warmup_s": w0 - started_at,
+                   "drain_s": ended_at - load_end},
+        "requests": {"run": _counts([r for r in records if r.sampled]), "window": _counts(pop)},
+        "throughput": {"completions_per_s": thr, "successes_per_s": ok_thr, "completions": len(done),
+                       "span_s": span, "offered_per_s": rate_per_s},
+        "clients": clients,
+        "ceilings": ceilings(pop, kind=kind, throughput=thr, concurrency=concurrency, rate_per_s=rate_per_s,
+                             slots=slots, limits=limits),
         "latency_ms": lat,
         "send_lag_ms": send_lag,
         "valid": not invalid,
         "invalid_reasons": invalid,
-        "retries": _retries(records),
-        "rate_limit": _rate_limit(records),
-        "fallbacks": _fallbacks(records),
-        "cost": _cost(records),
-        "workers": _workers(records),
-        "notes": notes,
+        "retries": _retries(pop),
+        "rate_limit": _rate_limit(pop),
+        "fallbacks": _fallbacks(pop),
+        "cost": _cost(pop),
+        "cost_run": _cost(records),
+        "workers": _workers(pop),
+        "notes": [],
     }
 
 
-def _counts(records: Sequence[RequestRecord], steady: Sequence[RequestRecord]) -> dict[str, Any]:
-    def split(rs: Sequence[RequestRecord]) -> dict[str, Any]:
-        ok = sum(1 for r in rs if r.status == "succeeded")
-        failed = [r for r in rs if r.status != "succeeded"]
-        return {"total": len(rs), "succeeded": ok, "failed": len(failed),
-                "unfinished": sum(1 for r in rs if r.status == UNFINISHED),
-                "error_rate": len(failed) / len(rs) if rs else 0.0,
-                "failures_by_reason": dict(Counter(r.reason or "unknown" for r in failed).most_common())}
-    return {"run": split(records), "window": split(steady)}
+def _counts(rs: Sequence[RequestRecord]) -> dict[str, Any]:
+    ok = sum(1 for r in rs if r.status == "succeeded")
+    failed = [r for r in rs if r.status == "failed"]
+    unfinished = sum(1 for r in rs if r.status == UNFINISHED)
+    bad = [r for r in rs if r.status != "succeeded"]
+    return {"total": len(rs), "succeeded": ok, "failed": len(failed), "unfinished": unfinished,
+            "error_rate": len(bad) / len(rs) if rs else 0.0,
+            "failures_by_reason": dict(Counter(r.reason or "unknown" for r in bad).most_common())}
 
 
 def _retries(records: Sequence[RequestRecord]) -> dict[str, Any]:
@@ -172,10 +341,9 @@ def _retries(records: Sequence[RequestRecord]) -> dict[str, Any]:
 
 def _rate_limit(records: Sequence[RequestRecord]) -> dict[str, Any]:
     waited = [r for r in records if r.calls_waited > 0]
-    waits_s = [r.ratelimit_wait_ms / 1000 for r in waited]
     return {"requests_waited": len(waited), "calls_waited": sum(r.calls_waited for r in waited),
-            "total_wait_ms": sum(r.ratelimit_wait_ms for r in records),
-            "per_waiting_request_ms": latency_summary(waits_s)}
+            "total_wait_ms": math.fsum(r.ratelimit_wait_ms for r in records),
+            "per_waiting_request_ms": latency_summary(r.ratelimit_wait_ms for r in waited)}
 
 
 def _fallbacks(records: Sequence[RequestRecord]) -> dict[str, Any]:
@@ -187,27 +355,36 @@ def _fallbacks(records: Sequence[RequestRecord]) -> dict[str, Any]:
 
 
 def _cost(records: Sequence[RequestRecord]) -> dict[str, Any]:
-    by: dict[str, dict[str, Any]] = defaultdict(lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0,
-                                                         "cost_usd": Decimal(0)})
+    """The bill, from the api_calls (one row per attempt): per tier called, with the attempts
+    of unknown outcome on terminal requests (see :data:`loadgen.records.UNKNOWN_OUTCOMES`) apart."""
+    by: dict[str, dict[str, Any]] = defaultdict(lambda: {"calls": 0, "input_tokens": 0, "output_tokens": 0,
+                                                         "cost_usd": Decimal(0), "unknown_calls": 0,
+                                                         "unknown_cost_usd": Decimal(0)})
+    rows_total = Decimal(0)
     for r in records:
-        tier = r.tier_used or r.tier_requested
-        if tier is None:
-            continue
-        b = by[tier]
-        b["requests"] += 1
-        b["input_tokens"] += r.input_tokens
-        b["output_tokens"] += r.output_tokens
-        b["cost_usd"] += r.cost_usd
+        rows_total += r.cost_usd
+        unknown = {id(c) for c in unknown_outcome(r.calls, status=r.status)}
+        for c in r.calls:
+            b = by[c.tier]
+            b["calls"] += 1
+            b["input_tokens"] += c.input_tokens
+            b["output_tokens"] += c.output_tokens
+            b["cost_usd"] += c.cost_usd
+            if id(c) in unknown:
+                b["unknown_calls"] += 1
+                b["unknown_cost_usd"] += c.cost_usd
     total = sum((b["cost_usd"] for b in by.values()), Decimal(0))
-    n = sum(b["requests"] for b in by.values())
+    n = len(records)
     tin = sum(b["input_tokens"] for b in by.values())
     tout = sum(b["output_tokens"] for b in by.values())
-    tiers = {t: {**b, "cost_usd": str(b["cost_usd"]),
-                 "cost_per_request_usd": float(b["cost_usd"] / b["requests"]) if b["requests"] else 0.0}
+    unknown_calls = sum(b["unknown_calls"] for b in by.values())
+    unknown_cost = sum((b["unknown_cost_usd"] for b in by.values()), Decimal(0))
+    tiers = {t: {**b, "cost_usd": str(b["cost_usd"]), "unknown_cost_usd": str(b["unknown_cost_usd"])}
              for t, b in sorted(by.items())}
-    return {"total_usd": str(total), "requests": n, "per_request_usd": float(total / n) if n else 0.0,
-            "input_tokens": tin, "output_tokens": tout, "tokens_per_request": (tin + tout) / n if n else 0.0,
-            "usd_per_mtok": float(total / (tin + tout) * 1_000_000) if tin + tout else 0.0, "by_tier": tiers}
+    return {"total_usd": str(total), "requests": n, "per_request_usd": float(total / n) if n else None,
+            "input_tokens": tin, "output_tokens": tout, "tokens_per_request": (tin + tout) / n if n else None,
+            "unknown_outcome_calls": unknown_calls, "unknown_outcome_usd": str(unknown_cost),
+            "request_rows_usd": str(rows_total), "by_tier": tiers}
 
 
 def _workers(records: Sequence[RequestRecord]) -> dict[str, Any]:

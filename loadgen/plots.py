@@ -1,4 +1,12 @@
-"""PNG plots (matplotlib, Agg backend): throughput and p50/p95/p99 against concurrency, memory over time."""
+"""PNG plots (matplotlib, Agg backend): throughput and p50/p95/p99 against concurrency, memory over time.
+
+Plots a person reads correctly: every y axis starts at zero, concurrency ticks are whole
+numbers, each series has its own marker and line style (p95 is not hidden under p99), the
+warm-up is shaded, memory is in MiB, and the memory plot says whose memory it shows.
+The throughput plot shows each level's binding ceiling (the others are in the report's
+tables; drawn together they would squash the achieved curve). The ``*_figure`` functions
+return the figure (tests inspect it); :func:`write_plots` saves them.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +17,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from loadgen.runner import StepResult
 
 THROUGHPUT_PNG = "throughput_vs_concurrency.png"
 LATENCY_PNG = "latency_vs_concurrency.png"
 MEMORY_PNG = "memory_over_time.png"
+#: (marker, line style) per series, so overlapping lines stay distinguishable.
+STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-.")]
 
 
 def closed_loop_points(steps: Sequence[StepResult]) -> list[tuple[int, StepResult]]:
@@ -27,72 +39,100 @@ def closed_loop_points(steps: Sequence[StepResult]) -> list[tuple[int, StepResul
     return sorted(by_c.items())
 
 
-def plot_throughput(steps: Sequence[StepResult], path: Path) -> Path | None:
+def _concurrency_axes(ax, xs: list[int]) -> None:
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(xs) <= 8:
+        ax.set_xticks(xs)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def throughput_figure(steps: Sequence[StepResult]) -> Figure | None:
     pts = closed_loop_points(steps)
-    if not pts:
+    if len(pts) < 2:  # one level is a number in the table, not a curve
         return None
     xs = [c for c, _ in pts]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    ax.plot(xs, [s.aggregates["throughput"]["completions_per_s"] for _, s in pts], "o-", label="achieved")
-    bounds = [(c, s.aggregates["little"]["bound_per_s"]) for c, s in pts if s.aggregates.get("little")]
-    if bounds:
-        ax.plot([c for c, _ in bounds], [b for _, b in bounds], "s--", alpha=0.7,
-                label="Little's bound C / mean service")
-    ax.set_xlabel("concurrency (requests in flight)")
-    ax.set_ylabel("throughput (completions/s, steady window)")
-    ax.set_title("Throughput vs concurrency")
-    return _save(fig, ax, path)
+    ax.plot(xs, [s.aggregates["throughput"]["completions_per_s"] for _, s in pts], marker="o", linestyle="-",
+            label="achieved (steady-window population)")
+    bind = [(c, s.aggregates["ceilings"]["binding_per_s"], s.aggregates["ceilings"]["binding"]) for c, s in pts
+            if (s.aggregates.get("ceilings") or {}).get("binding_per_s")]
+    if bind:
+        names = ", ".join(dict.fromkeys(b for _, _, b in bind))
+        ax.plot([c for c, _, _ in bind], [v for _, v, _ in bind], marker="s", linestyle="--", alpha=0.8,
+                label=f"binding ceiling ({names})")
+    ax.set_ylabel("throughput (completions/s)")
+    ax.set_title("Throughput vs concurrency, and the ceiling that bound each level", fontsize=10)
+    _concurrency_axes(ax, xs)
+    fig.tight_layout()
+    return fig
 
 
-def plot_latency(steps: Sequence[StepResult], path: Path) -> Path | None:
+def latency_figure(steps: Sequence[StepResult]) -> Figure | None:
     pts = closed_loop_points(steps)
-    if not pts:
+    if len(pts) < 2:
         return None
-    xs = [c for c, _ in pts]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for key in ("p50", "p95", "p99"):
-        ax.plot(xs, [s.aggregates["latency_ms"]["e2e"][key] or 0 for _, s in pts], "o-", label=key)
-    ax.set_xlabel("concurrency (requests in flight)")
-    ax.set_ylabel("end-to-end latency (ms)")
-    ax.set_title("Latency percentiles vs concurrency (HdrHistogram)")
-    return _save(fig, ax, path)
+    for (marker, style), key in zip(STYLES, ("p50", "p95", "p99", "max"), strict=False):
+        xy = [(c, s.aggregates["latency_ms"]["e2e"][key]) for c, s in pts
+              if s.aggregates["latency_ms"]["e2e"][key] is not None]
+        if xy:
+            ax.plot([c for c, _ in xy], [v for _, v in xy], marker=marker, linestyle=style, label=key)
+    ax.set_ylabel("response time (ms)")
+    ax.set_title("Response-time percentiles vs concurrency\n(a percentile is left out at levels with too few "
+                 "samples for it)", fontsize=10)
+    _concurrency_axes(ax, [c for c, _ in pts])
+    fig.tight_layout()
+    return fig
 
 
-def plot_memory(steps: Sequence[StepResult], path: Path) -> Path | None:
-    series = [(s.label, s.aggregates["resources"]["series"]) for s in steps
-              if s.aggregates.get("resources", {}).get("sampled") and s.aggregates["resources"]["series"]]
+def _whose_memory(steps: Sequence[StepResult]) -> str:
+    kinds = {s.config.get("fleet_kind") for s in steps}
+    if kinds == {"embedded"}:
+        return "this process (embedded fleet: workers and generator)"
+    if kinds <= {"local", "external"}:
+        return "the fleet's worker processes (not the generator)"
+    return "sampled processes (see each run's Resources)"
+
+
+def memory_figure(steps: Sequence[StepResult]) -> Figure | None:
+    """RSS over the session's timeline (runs one after another), each run's warm-up shaded."""
+    series = [s for s in steps if (s.aggregates.get("resources") or {}).get("sampled")
+              and s.aggregates["resources"]["series"]]
     if not series:
         return None
+    t0 = min(s.drive["started_at"] for s in series)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    for label, pts in series:
-        t0 = pts[0][0]
-        ax.plot([p[0] - t0 for p in pts], [p[1] for p in pts], label=label, linewidth=1)
-    ax.set_xlabel("seconds since the run's start")
-    ax.set_ylabel("RSS of the worker processes (MB)")
-    ax.set_title("Memory over time")
+    for i, s in enumerate(series):
+        pts = s.aggregates["resources"]["series"]
+        marker, style = STYLES[i % len(STYLES)]
+        ax.plot([p[0] - t0 for p in pts], [p[1] for p in pts], label=s.label, linewidth=1, linestyle=style,
+                marker=marker, markevery=max(1, len(pts) // 12), markersize=4)
+        start, warm = s.drive["started_at"] - t0, s.drive["window"][0] - t0
+        if warm > start:
+            ax.axvspan(start, warm, color="0.5", alpha=0.15, label="warm-up" if i == 0 else None)
+    ax.set_xlabel("seconds since the first run's start")
+    ax.set_ylabel("RSS (MiB)")
+    top = max(p[1] for s in series for p in s.aggregates["resources"]["series"])
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.set_title(f"Memory over time — {_whose_memory(series)}", fontsize=10)
     ax.grid(True, alpha=0.3)
     if len(series) <= 12:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_plots(steps: Sequence[StepResult], out_dir: Path) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {}
-    for name, fn in ((THROUGHPUT_PNG, plot_throughput), (LATENCY_PNG, plot_latency), (MEMORY_PNG, plot_memory)):
-        if fn(steps, out_dir / name) is not None:
+    for name, build in ((THROUGHPUT_PNG, throughput_figure), (LATENCY_PNG, latency_figure),
+                        (MEMORY_PNG, memory_figure)):
+        fig = build(steps)
+        if fig is not None:
+            fig.savefig(out_dir / name, format="png")
+            plt.close(fig)
             made[name] = str(out_dir / name)
     return made
-
-
-def _save(fig, ax, path: Path) -> Path:
-    """Grid, legend, layout; write the PNG and free the figure."""
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path

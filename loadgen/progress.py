@@ -10,6 +10,18 @@ from rich.text import Text
 
 from loadgen.drivers import Progress
 
+#: Width of output that goes to a pipe or file: wide enough that no table splits a figure.
+PIPE_WIDTH = 200
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that never wraps a line in the middle of a figure: text lines are not wrapped
+    (``soft_wrap``), and off a terminal tables get :data:`PIPE_WIDTH` columns, not rich's 80."""
+    console = Console(soft_wrap=True, stderr=stderr)
+    if not console.is_terminal:
+        console = Console(soft_wrap=True, stderr=stderr, width=PIPE_WIDTH)
+    return console
+
 
 class LiveProgress:
     """A one-line live display per run, and a result line when it ends."""
@@ -43,11 +55,13 @@ class LiveProgress:
             self._live = None
         a = aggregates
         e = a["latency_ms"]["e2e"]
-        li = a.get("little")
+        c = a.get("ceilings") or {}
         fmt = lambda v: "—" if v is None else f"{v:,.0f} ms"  # noqa: E731
+        mark = "[green]✓[/green]" if a["valid"] else "[red]✗[/red]"
+        bound = (f" (bound by {c['binding']}: {c['efficiency']:.1%} of {c['binding_per_s']:,.2f} req/s)"
+                 if c.get("binding") else "")
         self.console.print(
-            f"[green]✓[/green] {label}: {a['requests']['run']['total']} requests, "
-            f"{a['throughput']['completions_per_s']:.2f} req/s"
-            + (f" ({li['ratio']:.1%} of Little's bound)" if li else "")
-            + f", p50 {fmt(e['p50'])}, p99 {fmt(e['p99'])}, errors {a['requests']['window']['error_rate']:.2%}"
-            + ("" if a["valid"] else " [red]INVALID[/red]"))
+            f"{mark} {label}: {a['requests']['window']['total']} requests in the {a['population']['name']}, "
+            f"{a['throughput']['completions_per_s']:.2f} req/s{bound}, p50 {fmt(e['p50'])}, p99 {fmt(e['p99'])}, "
+            f"errors {a['requests']['window']['error_rate']:.2%}"
+            + ("" if a["valid"] else " [red]INVALID[/red]: " + "; ".join(a["invalid_reasons"])))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -16,7 +16,42 @@ from typing import Any
 from loadgen.drivers import ClientSample
 
 UNFINISHED = "unfinished"
+TERMINAL = ("succeeded", "failed")
+#: ``api_calls.outcome`` of an attempt nobody knows the result of: ``in_flight`` (still running,
+#: or its worker died) and ``unknown`` (its worker is known dead). On a *terminal* request such
+#: an attempt is "billed, outcome unknown": the provider may well have served it, and its row
+#: keeps the estimated input tokens and their cost. The one definition loadgen counts by; the
+#: report shows these attempts and their dollars on a line of their own, never as $0.
+UNKNOWN_OUTCOMES: frozenset[str] = frozenset({"in_flight", "unknown"})
 _REASON_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_ -]*?)(?: after \d+ attempt|:|$)")
+
+
+@dataclass(slots=True)
+class CallRow:
+    """One ``api_calls`` row (one attempt), as far as the report needs it."""
+
+    tier: str
+    outcome: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    #: None while in flight, and for an attempt whose worker died mid-call
+    latency_ms: float | None
+    ratelimit_wait_ms: float
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cost_usd"] = str(self.cost_usd)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CallRow:
+        return cls(**{**d, "cost_usd": Decimal(str(d["cost_usd"]))})
+
+
+def unknown_outcome(calls: Iterable[CallRow], *, status: str) -> list[CallRow]:
+    """The attempts of a request with status ``status`` that count as "billed, outcome unknown"."""
+    return [c for c in calls if c.outcome in UNKNOWN_OUTCOMES] if status in TERMINAL else []
 
 
 @dataclass(slots=True)
@@ -41,6 +76,16 @@ class DbRow:
     calls_waited: int = 0
     #: sum of ``api_calls.latency_ms`` (the provider calls themselves, every attempt)
     model_ms: float | None = None
+    calls: list[CallRow] = field(default_factory=list)
+
+    def set_calls(self, calls: list[CallRow]) -> None:
+        """The request's attempts, and the per-request sums over them."""
+        self.calls = calls
+        self.api_calls = len(calls)
+        self.ratelimit_wait_ms = sum(c.ratelimit_wait_ms for c in calls)
+        self.calls_waited = sum(1 for c in calls if c.ratelimit_wait_ms > 0)
+        timed = [c.latency_ms for c in calls if c.latency_ms is not None]
+        self.model_ms = sum(timed) if timed else None
 
 
 @dataclass(slots=True)
@@ -67,11 +112,24 @@ class RequestRecord:
     calls_waited: int
     done_via: str | None
     model_ms: float | None = None
+    #: closed loop: the client that sent it (None: open loop, or a row the generator has no sample of)
+    slot: int | None = None
+    #: False for a row of the run the generator has no sample of (its submit call failed after the
+    #: row was recorded, so the generator counted it as a refusal already): kept for the bill,
+    #: left out of every population so no request is counted twice.
+    sampled: bool = True
+    calls: list[CallRow] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["cost_usd"] = str(self.cost_usd)
+        d["calls"] = [c.as_json() for c in self.calls]
         return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RequestRecord:
+        return cls(**{**d, "cost_usd": Decimal(str(d["cost_usd"])),
+                      "calls": [CallRow.from_json(c) for c in d.get("calls", [])]})
 
 
 def epoch(ts: datetime | None) -> float | None:
@@ -113,19 +171,21 @@ def join(
                 id=s.request_id, status="failed", reason=s.client_error or "no_row", origin=t0, done_at=s.done_at,
                 intended_at=s.intended_at, sent_at=s.sent_at, submitted_at=None, started_at=None, finished_at=None,
                 tier_requested=None, tier_used=None, worker=None, attempts=0, api_calls=0, input_tokens=0,
-                output_tokens=0, cost_usd=Decimal(0), ratelimit_wait_ms=0.0, calls_waited=0, done_via=s.done_via))
+                output_tokens=0, cost_usd=Decimal(0), ratelimit_wait_ms=0.0, calls_waited=0, done_via=s.done_via,
+                slot=getattr(s, "slot", None)))
             continue
         out.append(_record(row, origin_t=t0, done_at=s.done_at, intended_at=s.intended_at, sent_at=s.sent_at,
-                           done_via=s.done_via, ended_at=ended_at))
-    for rid, row in rows.items():  # rows the generator has no sample of (e.g. publish failed)
+                           done_via=s.done_via, ended_at=ended_at, slot=getattr(s, "slot", None)))
+    for rid, row in rows.items():  # rows the generator has no sample of (its submit call failed)
         if rid not in seen:
             out.append(_record(row, origin_t=row.submitted_at, done_at=row.finished_at, intended_at=None,
-                               sent_at=None, done_via="row", ended_at=ended_at))
+                               sent_at=None, done_via="row", ended_at=ended_at, sampled=False))
     return out
 
 
 def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: float | None,
-            sent_at: float | None, done_via: str | None, ended_at: float) -> RequestRecord:
+            sent_at: float | None, done_via: str | None, ended_at: float, slot: int | None = None,
+            sampled: bool = True) -> RequestRecord:
     terminal = row.status in ("succeeded", "failed")
     if terminal and done_at is None:  # finished, but after the drain stopped listening
         done_at = row.finished_at
@@ -143,4 +203,4 @@ def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: 
         tier_requested=row.tier_requested, tier_used=row.tier_used, worker=row.worker, attempts=row.attempts,
         api_calls=row.api_calls, input_tokens=row.input_tokens, output_tokens=row.output_tokens,
         cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
-        done_via=done_via, model_ms=row.model_ms)
+        done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls))

@@ -1,22 +1,28 @@
 """The Markdown report (the seed's layout, every number measured) and the JSON of every aggregate.
 
-Analysis bullets are computed from the aggregates: each one states a measured relation
-(a ratio, a share, a slope and its interval) and only the sentences the data support appear.
+Every table says which requests it covers (its *population*), and every figure in it is
+computed over those requests only (see :mod:`loadgen.metrics`). Analysis bullets restate or
+combine table figures; each one states a measured relation and only the sentences the data
+support appear.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from loadgen.fmt import DASH, mb, ms, num, pct, rate, usd
+from loadgen.fmt import DASH, mib, ms, num, pct, percentile, rate, usd
 from loadgen.runner import ScenarioResult, Session, StepResult
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
+
+CEILING_TEXT = {"concurrency": "concurrency", "offered": "offered rate", "rate limits": "rate limits",
+                "worker slots": "worker slots"}
 
 
 # --- JSON ------------------------------------------------------------------------------------------
@@ -30,7 +36,8 @@ def session_json(session: Session) -> dict[str, Any]:
             "name": r.scenario.name, "title": r.scenario.title, "config": r.scenario.config(), "sweep": r.sweep,
             "not_exercised": r.not_exercised,
             "runs": [{"run_id": s.run_id, "label": s.label, "level": s.level, "config": s.config, "drive": s.drive,
-                      "aggregates": s.aggregates, "records_file": f"requests-{s.run_id}.jsonl"} for s in r.steps],
+                      "aggregates": s.aggregates, "records_file": f"requests-{s.run_id}.jsonl",
+                      "samples_file": f"samples-{s.run_id}.jsonl"} for s in r.steps],
         } for r in session.scenarios],
     }
 
@@ -39,119 +46,42 @@ def all_steps(session: Session) -> list[StepResult]:
     return [s for r in session.scenarios for s in r.steps]
 
 
-# --- analysis --------------------------------------------------------------------------------------
+# --- shared phrases --------------------------------------------------------------------------------
 
 
-def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> list[str]:
+def population_caption(step: StepResult) -> str:
     a = step.aggregates
-    lat = a["latency_ms"]
-    e2e, wait, svc = lat["e2e"], lat["queue_wait"], lat["service"]
-    win = a["requests"]["window"]
-    out: list[str] = []
-    thr = a["throughput"]["completions_per_s"]
-    little = a.get("little")
-    if little:
-        line = (f"Throughput {thr:.2f} req/s is {little['ratio']:.1%} of Little's bound {little['bound_per_s']:.2f} "
-                f"req/s ({little['concurrency']} in flight ÷ {little['mean_service_ms']:,.0f} ms mean service time "
-                f"of the requests completing in the window).")
-        if e2e["avg"] is not None and svc["avg"] is not None:
-            other = e2e["avg"] - svc["avg"] - (wait["avg"] or 0)
-            line += (f" Per request, {wait['avg'] or 0:,.1f} ms went to queue wait and {other:,.1f} ms to broker, "
-                     f"commit, notice and generator overhead on top of the service time.")
-        out.append(line)
-    if a["kind"] == "open":
-        offered = a["throughput"]["offered_per_s"]
-        out.append(f"Offered {offered:.2f} req/s on a schedule fixed in advance; {thr:.2f} req/s completed in the "
-                   f"steady window ({thr / offered:.1%} of offered)." if offered else f"{thr:.2f} req/s completed.")
-        lag = a["send_lag_ms"]
-        if lag["count"]:
-            out.append(f"Send lag (intended → published): p50 {ms(lag['p50'], digits=2)}, "
-                       f"p99 {ms(lag['p99'], digits=2)}, max {ms(lag['max'], digits=1)}; latency is measured from the "
-                       "intended time, so any lag is inside the latency figures too.")
-    if e2e["avg"] and wait["avg"] is not None and wait["avg"] > 0.2 * e2e["avg"]:
-        slots = step.config.get("fleet_slots")
-        c = step.drive.get("concurrency")
-        line = f"Queue wait averaged {wait['avg']:,.0f} ms — {wait['avg'] / e2e['avg']:.0%} of end-to-end latency"
-        if slots and c:
-            line += f": {c} in flight against {slots} worker slots"
-            if c < slots:
-                line += (", so requests were not waiting for a free slot but for the broker to hand the message to "
-                         "a worker (delivery or polling delay)")
-        out.append(line + ".")
-    mc = lat.get("model_call") or {}
-    if mc.get("avg") is not None and svc["avg"]:
-        rw = (lat.get("ratelimit_wait") or {}).get("avg") or 0.0
-        out.append(f"Of the {svc['avg']:,.0f} ms mean service time of the requests sent in the window, "
-                   f"{mc['avg']:,.0f} ms were provider calls, "
-                   f"{rw:,.1f} ms rate-limit waits and {svc['avg'] - mc['avg'] - rw:,.1f} ms the worker's own work "
-                   "(breaker, limiter, attempt rows, backoff between retries).")
-    if e2e["p99"] is not None and svc["p99"] is not None:
-        out.append(f"p99 end-to-end {ms(e2e['p99'])} vs p99 service {ms(svc['p99'])}: the fleet added "
-                   f"{e2e['p99'] - svc['p99']:,.0f} ms at the tail; p99/p50 = {e2e['p99'] / e2e['p50']:.2f}.")
-    if win["failed"]:
-        reasons = ", ".join(f"{k} {v}" for k, v in win["failures_by_reason"].items())
-        out.append(f"{win['failed']} of {win['total']} requests in the window failed ({win['error_rate']:.2%}): "
-                   f"{reasons}. Their latencies are included in the figures above.")
-    elif win["total"]:
-        out.append(f"No failure among the {win['total']} requests of the steady window.")
-    rt = a["retries"]
-    if rt["retries"]:
-        out.append(f"{rt['retries']} retries over {rt['api_calls']} API calls; {rt['requests_recovered']} of "
-                   f"{rt['requests_retried']} retried requests then succeeded.")
-    rl = a["rate_limit"]
-    if rl["requests_waited"]:
-        w = rl["per_waiting_request_ms"]
-        line = (f"{rl['requests_waited']} requests waited for rate-limit capacity (avg {ms(w['avg'])}, "
-                f"p99 {ms(w['p99'])}, total {rl['total_wait_ms'] / 1000:,.1f} s)")
-        rw = lat.get("ratelimit_wait") or {}
-        if rw.get("avg") is not None and svc["avg"]:
-            line += f"; that is {rw['avg'] / svc['avg']:.1%} of the mean service time, which includes it"
-        out.append(line + ".")
-    fb = a["fallbacks"]
-    if fb["count"]:
-        pairs = ", ".join(f"{k} {v}" for k, v in fb["pairs"].items())
-        out.append(f"{fb['count']} requests ({fb['rate']:.1%}) ran on a fallback tier: {pairs}.")
-    w = a["workers"]
-    if w["count"] > 1:
-        out.append(f"{w['count']} workers served requests; shares {w['min_share']:.1%}-{w['max_share']:.1%} against "
-                   f"an even {1 / w['count']:.1%}, Jain fairness index {w['jain_index']:.3f}.")
-    res = a.get("resources") or {}
-    if res.get("sampled"):
-        line = f"RSS of {res['processes']}: peak {mb(res['rss_peak_mb'])}, average {mb(res['rss_avg_mb'])}"
-        if res["growth_mb_per_min"] is not None:
-            lo, hi = res["growth_ci95_mb_per_min"]
-            verdict = {"growing": ("growth above the threshold throughout the window — a leak, an unbounded buffer, "
-                                   "or warm-up allocation that a longer run (memory-5m) would tell apart"
-                                   if res["steady_span_s"] < 120 else
-                                   "growth above the threshold throughout the window — a leak or an unbounded buffer"),
-                       "flat": "no growth above the threshold",
-                       "inconclusive": (f"sampled for less than {res.get('leak_min_span_s', 0):g} s after warm-up, "
-                                        "too short to tell" if res["steady_span_s"] < res.get("leak_min_span_s", 0)
-                                        else "the interval includes the threshold; a longer run is needed to tell"),
-                       }[res["leak"]]
-            line += (f"; after warm-up it changed by {res['growth_mb_per_min']:+.2f} MB/min (95% CI {lo:+.2f} to "
-                     f"{hi:+.2f}) over {res['steady_span_s']:.0f} s — leak indicator **{res['leak']}** "
-                     f"(threshold {res['leak_threshold_mb_per_min']:g} MB/min): {verdict}")
-        out.append(line + ".")
-        done = a["requests"]["run"]["total"]
-        if done and res.get("cpu_avg_percent") is not None:
-            out.append(f"CPU of the same processes: {res['cpu_avg_percent']:.0f}% average, "
-                       f"{res['cpu_peak_percent']:.0f}% peak (100% = one core).")
-    c = a["cost"]
-    if c["requests"]:
-        out.append(f"{usd(c['total_usd'])} for {c['requests']} requests: {usd(c['per_request_usd'], digits=5)} and "
-                   f"{c['tokens_per_request']:,.0f} tokens per request (from the request rows, not estimated).")
-    if previous is not None and previous.drive.get("concurrency") and step.drive.get("concurrency"):
-        p_thr = previous.aggregates["throughput"]["completions_per_s"]
-        if p_thr > 0:
-            cr = step.drive["concurrency"] / previous.drive["concurrency"]
-            tr = thr / p_thr
-            out.append(f"Against {previous.label}: {cr:.1f}x the concurrency gave {tr:.2f}x the throughput "
-                       f"(scaling efficiency {tr / cr:.0%}).")
-    if not a["valid"]:
-        out.append("**Run invalid:** " + "; ".join(a["invalid_reasons"]) + ".")
-    out.extend(n[:1].upper() + n[1:] + ("" if n.endswith(".") else ".") for n in a.get("notes", []))
-    return out
+    p, run = a["population"], a["requests"]["run"]
+    t0 = step.drive["started_at"]
+    where = (f"sent in the steady window, {p['start'] - t0:.1f}-{p['end'] - t0:.1f} s after the start "
+             f"({p['end'] - p['start']:.1f} s)" if p["name"] == "steady window" else p["description"])
+    n = p["requests"]
+    out = f"*Population: the {n} request{'s' if n != 1 else ''} {where}"
+    if p["name"] == "steady window":
+        out += (f"; the run sent {run['total']}, and the {run['total'] - n} outside the window (warm-up, drain) "
+                "are in no figure of this table")
+    return out + ".*"
+
+
+def bound_phrase(a: dict[str, Any]) -> str:
+    c = a.get("ceilings") or {}
+    if not c.get("binding"):
+        return DASH
+    return f"{CEILING_TEXT[c['binding']]} — {rate(c['binding_per_s'])}, achieved {pct(c['efficiency'])}"
+
+
+def _ceiling_how(it: dict[str, Any]) -> str:
+    if it["name"] == "concurrency":
+        return f"C ÷ mean model time = {it['concurrency']} ÷ {ms(it['mean_model_ms'])}"
+    if it["name"] == "offered":
+        return "the schedule's arrival rate"
+    if it["name"] == "worker slots":
+        return f"slots ÷ mean model time = {it['slots']:,} ÷ {ms(it['mean_model_ms'])}"
+    parts = []
+    for t in it["tiers"]:
+        parts.append(f"{t['tier']}: {t['rpm']:,} rpm, {t['tpm']:,} tpm at {t['calls_per_request']:.2f} calls and "
+                     f"{t['tokens_per_request']:,.0f} tokens per request")
+    return "; ".join(parts) + f" (x {it['utilisation']:g} utilisation, per {it['window_s']:g} s)"
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -159,57 +89,107 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
 
 def results_table(step: StepResult) -> list[str]:
     a = step.aggregates
-    run, win = a["requests"]["run"], a["requests"]["window"]
-    e2e, wait, svc = a["latency_ms"]["e2e"], a["latency_ms"]["queue_wait"], a["latency_ms"]["service"]
-    res = a.get("resources") or {}
+    win = a["requests"]["window"]
+    lat = a["latency_ms"]
+    e2e, wait, rlw, svc, mc = lat["e2e"], lat["queue_wait"], lat["ratelimit_wait"], lat["service"], lat["model_call"]
+    n = win["total"]
     c = a["cost"]
+    thr = a["throughput"]
+
+    def share(k: int) -> str:
+        return pct(k / n if n else None)
+
     rows = [
-        ("Total Requests", f"{run['total']} ({win['total']} in the steady window)"),
-        ("Successful", f"{win['succeeded']} ({pct(win['succeeded'] / win['total'] if win['total'] else None)})"),
-        ("Failed", f"{win['failed']} ({pct(win['error_rate'])})"
-         + (f" — {', '.join(f'{k}: {v}' for k, v in win['failures_by_reason'].items())}" if win["failed"] else "")),
+        ("Requests", f"{n}"),
+        ("Successful", f"{win['succeeded']} ({share(win['succeeded'])})"),
+        ("Failed", f"{win['failed']} ({share(win['failed'])})"
+         + (f" — {', '.join(f'{k}: {v}' for k, v in win['failures_by_reason'].items() if k != 'unfinished')}"
+            if win["failed"] else "")),
+        ("Unfinished", f"{win['unfinished']} ({share(win['unfinished'])})"),
         ("Avg Response Time", ms(e2e["avg"])),
-        ("p50 Response Time", ms(e2e["p50"])),
-        ("p95 Response Time", ms(e2e["p95"])),
-        ("p99 Response Time", ms(e2e["p99"])),
+        ("p50 Response Time", percentile(e2e, "p50")),
+        ("p95 Response Time", percentile(e2e, "p95")),
+        ("p99 Response Time", percentile(e2e, "p99")),
         ("Max Response Time", ms(e2e["max"])),
-        ("Queue Wait (avg / p99)", f"{ms(wait['avg'])} / {ms(wait['p99'])}"),
-        ("Service Time (avg / p99)", f"{ms(svc['avg'])} / {ms(svc['p99'])}"),
-        ("Model Call Time (avg / p99)", f"{ms(a['latency_ms']['model_call']['avg'])} / "
-                                        f"{ms(a['latency_ms']['model_call']['p99'])}"),
-        ("Throughput", rate(a["throughput"]["completions_per_s"])),
+        ("Queue Wait (avg / p99)", f"{ms(wait['avg'])} / {percentile(wait, 'p99', reason=False)}"),
+        ("Rate-Limit Wait (avg / p99)", f"{ms(rlw['avg'])} / {percentile(rlw, 'p99', reason=False)}"),
+        ("Service Time excl. Rate-Limit Waits (avg / p99)",
+         f"{ms(svc['avg'])} / {percentile(svc, 'p99', reason=False)}"),
+        ("Model Call Time (avg / p99)", f"{ms(mc['avg'])} / {percentile(mc, 'p99', reason=False)}"),
     ]
-    if a.get("little"):
-        li = a["little"]
-        rows.append(("Little's Bound (C / mean service)", f"{rate(li['bound_per_s'])} — achieved {pct(li['ratio'])}"))
+    if a["kind"] == "closed" and a.get("clients"):
+        cl = a["clients"]
+        rows.append(("Throughput", f"{rate(thr['completions_per_s'])} ({thr['completions']} completions ÷ "
+                                   f"{thr['span_s']:.2f} s, the clients' mean span)"))
+        idle = 1 - cl["busy_share"] if cl["busy_share"] is not None else None
+        rows.append(("C ÷ Avg Response Time", f"{rate(cl['ceiling_per_s'])} — throughput is {pct(cl['ratio'])} of it; "
+                                              f"clients idle {pct(idle)} (refill {pct(cl['refill_share'])}, "
+                                              f"backoff {pct(cl['backoff_share'])})"))
+    else:
+        rows.append(("Throughput", f"{rate(thr['completions_per_s'])} ({thr['completions']} completions ÷ "
+                                   f"{thr['span_s']:.2f} s)"))
     if a["kind"] == "open":
-        rows.append(("Offered Rate", rate(a["throughput"]["offered_per_s"])))
-        rows.append(("Send Lag (p50 / p99 / max)", " / ".join(ms(a["send_lag_ms"][k], digits=2)
-                                                              for k in ("p50", "p99", "max"))))
+        sl = a["send_lag_ms"]
+        rows.append(("Offered Rate", rate(thr["offered_per_s"])))
+        rows.append(("Send Lag (p50 / p99 / max)",
+                     f"{percentile(sl, 'p50', reason=False)} / {percentile(sl, 'p99', reason=False)} / "
+                     f"{ms(sl['max'], digits=1)}"))
+    rl = a["rate_limit"]
     rows += [
+        ("Bound by", bound_phrase(a)),
         ("Error Rate", pct(win["error_rate"], digits=2)),
         ("Retries", f"{a['retries']['retries']} over {a['retries']['api_calls']} API calls"),
-        ("Rate-Limit Waits", f"{a['rate_limit']['requests_waited']} requests, "
-                             f"{a['rate_limit']['total_wait_ms'] / 1000:,.1f} s in total"),
+        ("Rate-Limited Requests",
+         f"{rl['requests_waited']} of {n} waited, {rl['total_wait_ms'] / 1000:,.1f} s in total"),
+        ("Attempts with Unknown Outcome", f"{c['unknown_outcome_calls']} ({usd(c['unknown_outcome_usd'])}, billed, "
+                                          "outcome unknown)"),
         ("Fallbacks", f"{a['fallbacks']['count']} ({pct(a['fallbacks']['rate'])})"),
         ("Tokens per Request", num(c["tokens_per_request"])),
         ("Cost", f"{usd(c['total_usd'])} total, {usd(c['per_request_usd'], digits=5)} per request"),
+        ("Cost by Tier", ", ".join(f"{t} {usd(b['cost_usd'])} ({b['calls']} calls)" for t, b in c["by_tier"].items())
+         or DASH),
     ]
-    if res.get("sampled"):
-        rows += [
-            ("Peak Memory (RSS)", mb(res["rss_peak_mb"])),
-            ("Average Memory (RSS)", mb(res["rss_avg_mb"])),
-            ("Memory Growth after Warm-up", DASH if res["growth_mb_per_min"] is None else
-             f"{res['growth_mb_per_min']:+.2f} MB/min"),
-            ("Leak Indicator", res["leak"]),
-            ("CPU (avg / peak)", f"{res['cpu_avg_percent']:.0f}% / {res['cpu_peak_percent']:.0f}%"),
-        ]
-    else:
-        rows.append(("Memory", "not sampled (no worker process reachable from this host)"))
     w = a["workers"]
     if w["count"]:
         rows.append(("Workers Used", f"{w['count']} (Jain index {w['jain_index']:.3f})"))
     return ["| Metric | Value |", "|--------|-------|"] + [f"| **{k}** | {v} |" for k, v in rows]
+
+
+def ceilings_table(step: StepResult) -> list[str]:
+    a = step.aggregates
+    c = a.get("ceilings") or {}
+    out = ["| Ceiling | How | Value | Throughput ÷ Ceiling |", "|---|---|---|---|"]
+    names = {it["name"] for it in c.get("items", [])}
+    for it in c.get("items", []):
+        out.append(f"| {CEILING_TEXT[it['name']]} | {_ceiling_how(it)} | {rate(it.get('per_s'))} | "
+                   f"{pct(it.get('ratio'))} |")
+    if "rate limits" not in names:
+        state = c.get("rate_limits") or {}
+        why = state.get("why") or "no call was made"
+        out.append(f"| rate limits | not a ceiling here: {why} | {DASH} | {DASH} |")
+    if "worker slots" not in names:
+        out.append(f"| worker slots | unknown for this fleet | {DASH} | {DASH} |")
+    out.append(f"| **binding** | **{CEILING_TEXT.get(c.get('binding'), DASH)}** | **{rate(c.get('binding_per_s'))}** | "
+               f"**{pct(c.get('efficiency'))}** |")
+    return out
+
+
+def resources_table(step: StepResult) -> list[str]:
+    res = step.aggregates.get("resources") or {}
+    if not res.get("sampled"):
+        return ["*Resources: not sampled (no worker process reachable from this host).*"]
+    growth = DASH if res["growth_mib_per_min"] is None else f"{res['growth_mib_per_min']:+.2f} MiB/min"
+    if res.get("growth_ci95_mib_per_min"):
+        lo, hi = res["growth_ci95_mib_per_min"]
+        growth += f" (95% CI {lo:+.2f} to {hi:+.2f}, over {res['steady_span_s']:.0f} s)"
+    return [f"*Resources of {res['processes']}: {res['samples']} samples over the whole run.*", "",
+            "| Metric | Value |", "|--------|-------|",
+            f"| **Peak Memory (RSS)** | {mib(res['rss_peak_mib'])} |",
+            f"| **Average Memory (RSS)** | {mib(res['rss_avg_mib'])} |",
+            f"| **Memory Growth after Warm-up** | {growth} |",
+            f"| **Leak Indicator** | {res['leak']} (threshold {res['leak_threshold_mib_per_min']:g} MiB/min) |",
+            f"| **CPU (avg / peak)** | {res['cpu_avg_percent']:.0f}% / {res['cpu_peak_percent']:.0f}% "
+            "(100% = one core) |"]
 
 
 def configuration(step: StepResult, *, sweep: bool = False) -> list[str]:
@@ -231,22 +211,31 @@ def configuration(step: StepResult, *, sweep: bool = False) -> list[str]:
     roles = ", ".join(f"{r} {w:.0%}" for r, w in cfg["roles"].items())
     out.append(f"- Request mix: {roles}")
     out.append(f"- Fleet: {cfg['fleet']}")
+    rl = cfg.get("rate_limits") or {}
+    if rl.get("enforced"):
+        out.append("- Rate limits: " + ", ".join(f"{t} {v['rpm']:,} rpm / {v['tpm']:,} tpm" for t, v in
+                                                  rl["tiers"].items()) + f" ({rl['source']})")
+    elif rl:
+        out.append(f"- Rate limits: not enforced — {rl.get('why')}")
     out.append(f"- Run id: `{step.run_id}`")
     return out
 
 
 def sweep_table(result: ScenarioResult) -> list[str]:
     axis = result.sweep["axis"] if result.sweep else "level"
-    head = f"| {axis.capitalize()} | Throughput | Avg Response | p50 | p95 | p99 | Success Rate | Little Ratio |"
-    out = [head, "|" + "---|" * 8]
+    head = (f"| {axis.capitalize()} | Requests | Throughput | Avg Response | p50 | p95 | p99 | Success Rate | "
+            "Bound by | Efficiency | Valid |")
+    out = [head, "|" + "---|" * 11]
     for s in result.steps:
         a = s.aggregates
         e = a["latency_ms"]["e2e"]
         w = a["requests"]["window"]
-        li = a.get("little") or {}
-        out.append(f"| {s.level:g} | {rate(a['throughput']['completions_per_s'])} | {ms(e['avg'])} | {ms(e['p50'])} | "
-                   f"{ms(e['p95'])} | {ms(e['p99'])} | {pct(1 - w['error_rate'] if w['total'] else None)} | "
-                   f"{pct(li.get('ratio'))} |")
+        c = a.get("ceilings") or {}
+        out.append(f"| {s.level:g} | {w['total']} | {rate(a['throughput']['completions_per_s'])} | {ms(e['avg'])} | "
+                   f"{percentile(e, 'p50', reason=False)} | {percentile(e, 'p95', reason=False)} | "
+                   f"{percentile(e, 'p99', reason=False)} | {pct(1 - w['error_rate'] if w['total'] else None)} | "
+                   f"{CEILING_TEXT.get(c.get('binding'), DASH)} | {pct(c.get('efficiency'))} | "
+                   f"{'yes' if a['valid'] else 'NO'} |")
     return out
 
 
@@ -270,43 +259,174 @@ def sweep_findings(result: ScenarioResult) -> list[str]:
         for s in steps[1:]:
             t = s.aggregates["throughput"]["completions_per_s"]
             f = s.level / steps[0].level
-            out.append(f"{s.level:g} worker processes: {t / base:.2f}x the throughput of {steps[0].level:g} "
-                       f"({t / base / f:.0%} scaling efficiency).")
+            if base > 0:
+                out.append(f"{s.level:g} worker processes: {t / base:.2f}x the throughput of {steps[0].level:g} "
+                           f"({t / base / f:.0%} scaling efficiency).")
     if len(steps) > 1 and sw.get("axis") == "concurrency":
         best = max(steps, key=lambda s: s.aggregates["throughput"]["completions_per_s"])
         out.append(f"Highest throughput {rate(best.aggregates['throughput']['completions_per_s'])} at "
                    f"concurrency {best.level:g}.")
+    withheld = sorted({k for s in steps for k in s.aggregates["latency_ms"]["e2e"]["withheld"]})
+    if withheld:
+        out.append("A — in the table: fewer samples than the percentile needs (p50: 2, p95: 20, p99: 100); "
+                   f"withheld at some level: {', '.join(withheld)}.")
     return out
 
 
 def scaling_table(result: ScenarioResult) -> list[str]:
-    out = ["| Worker Processes | Concurrency | Throughput | Efficiency | p99 | Cost/Request |", "|" + "---|" * 6]
+    out = ["| Worker Processes | Concurrency | Requests | Throughput | Efficiency | p99 | Cost/Request | Bound by | "
+           "Valid |", "|" + "---|" * 9]
     base = result.steps[0].aggregates["throughput"]["completions_per_s"] if result.steps else 0
     n0 = result.steps[0].level or 1 if result.steps else 1
     for s in result.steps:
         a = s.aggregates
         t = a["throughput"]["completions_per_s"]
         eff = t / (base * (s.level or 1) / n0) if base else None
-        out.append(f"| {s.level:g} | {s.drive['concurrency']} | {rate(t)} | {pct(eff, digits=0)} | "
-                   f"{ms(a['latency_ms']['e2e']['p99'])} | {usd(a['cost']['per_request_usd'], digits=5)} |")
+        c = a.get("ceilings") or {}
+        out.append(f"| {s.level:g} | {s.drive['concurrency']} | {a['requests']['window']['total']} | {rate(t)} | "
+                   f"{pct(eff, digits=0)} | {percentile(a['latency_ms']['e2e'], 'p99', reason=False)} | "
+                   f"{usd(a['cost']['per_request_usd'], digits=5)} | {CEILING_TEXT.get(c.get('binding'), DASH)} | "
+                   f"{'yes' if a['valid'] else 'NO'} |")
     return out
 
 
 def cost_by_tier(steps: Sequence[StepResult]) -> list[str]:
+    """Every API call of every request of every run (warm-up and drain included: a provider bills them)."""
     tiers: dict[str, dict[str, Any]] = {}
     for s in steps:
-        for t, b in s.aggregates["cost"]["by_tier"].items():
-            acc = tiers.setdefault(t, {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost": Decimal(0)})
-            acc["requests"] += b["requests"]
+        for t, b in s.aggregates["cost_run"]["by_tier"].items():
+            acc = tiers.setdefault(t, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost": Decimal(0),
+                                       "unknown_calls": 0, "unknown_cost": Decimal(0)})
+            acc["calls"] += b["calls"]
             acc["input_tokens"] += b["input_tokens"]
             acc["output_tokens"] += b["output_tokens"]
             acc["cost"] += Decimal(b["cost_usd"])
-    out = ["| Tier | Requests | Input Tokens | Output Tokens | Cost | Cost/Request | $/M tokens |", "|" + "---|" * 7]
+            acc["unknown_calls"] += b["unknown_calls"]
+            acc["unknown_cost"] += Decimal(b["unknown_cost_usd"])
+    out = ["| Tier | API Calls | Input Tokens | Output Tokens | Cost | Cost/Call | $/M tokens | "
+           "Unknown-Outcome Attempts |", "|" + "---|" * 8]
+    total = {"calls": 0, "cost": Decimal(0), "unknown_calls": 0, "unknown_cost": Decimal(0)}
     for t, b in sorted(tiers.items()):
         tok = b["input_tokens"] + b["output_tokens"]
-        out.append(f"| {t} | {b['requests']:,} | {b['input_tokens']:,} | {b['output_tokens']:,} | {usd(b['cost'])} | "
-                   f"{usd(b['cost'] / b['requests'] if b['requests'] else None, digits=5)} | "
-                   f"{usd(b['cost'] / tok * 1_000_000 if tok else None, digits=2)} |")
+        out.append(f"| {t} | {b['calls']:,} | {b['input_tokens']:,} | {b['output_tokens']:,} | {usd(b['cost'])} | "
+                   f"{usd(b['cost'] / b['calls'] if b['calls'] else None, digits=5)} | "
+                   f"{usd(b['cost'] / tok * 1_000_000 if tok else None, digits=2)} | "
+                   f"{b['unknown_calls']} ({usd(b['unknown_cost'])}) |")
+        for k in total:
+            total[k] += b[k]
+    out.append(f"| **all** | **{total['calls']:,}** | | | **{usd(total['cost'])}** | | | "
+               f"**{total['unknown_calls']} ({usd(total['unknown_cost'])})** |")
+    return out
+
+
+# --- analysis --------------------------------------------------------------------------------------
+
+
+def decomposition(step: StepResult) -> dict[str, Any] | None:
+    """Mean response time of the population's requests that ran, split into where it went."""
+    ran = [r for r in step.records if r.started_at is not None and r.finished_at is not None and r.done_at is not None
+           and r.submitted_at is not None and r.status != "unfinished"]
+    pop = step.aggregates["population"]
+    if pop["name"] == "steady window":
+        ran = [r for r in ran if pop["start"] <= r.origin < pop["end"] and r.sampled]
+    else:
+        ran = [r for r in ran if r.sampled]
+    if not ran:
+        return None
+    n = len(ran)
+    e2e = math.fsum((r.done_at - r.origin) * 1000 for r in ran) / n
+    queue = math.fsum((r.started_at - r.submitted_at) * 1000 for r in ran) / n
+    rlw = math.fsum(r.ratelimit_wait_ms for r in ran) / n
+    model = math.fsum(r.model_ms or 0.0 for r in ran) / n
+    worker = math.fsum((r.finished_at - r.started_at) * 1000 - r.ratelimit_wait_ms - (r.model_ms or 0.0)
+                       for r in ran) / n
+    return {"n": n, "e2e": e2e, "queue": queue, "ratelimit": rlw, "model": model, "worker": worker,
+            "delivery": e2e - queue - rlw - model - worker}
+
+
+def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> list[str]:
+    a = step.aggregates
+    lat = a["latency_ms"]
+    e2e = lat["e2e"]
+    win = a["requests"]["window"]
+    out: list[str] = []
+    thr = a["throughput"]["completions_per_s"]
+    c = a.get("ceilings") or {}
+    if c.get("binding"):
+        ties = [CEILING_TEXT[it["name"]] for it in c["items"] if it["name"] != c["binding"] and it.get("per_s")
+                and math.isclose(it["per_s"], c["binding_per_s"], rel_tol=1e-9)]
+        line = (f"Throughput {rate(thr)} is {pct(c['efficiency'])} of the binding ceiling, "
+                f"{CEILING_TEXT[c['binding']]} ({rate(c['binding_per_s'])}"
+                + (f"; {' and '.join(ties)} the same" if ties else "") + ").")
+        if c["efficiency"] is not None and c["efficiency"] < 0.8:
+            line += (" No named ceiling explains the gap: the fleet's own work around the model calls (queueing, "
+                     "delivery, commits, notices) or the machine held it back.")
+        out.append(line)
+    d = decomposition(step)
+    if d:
+        out.append(f"Where the {ms(d['e2e'])} average response time of the {d['n']} requests that ran went: "
+                   f"{ms(d['queue'], digits=1)} queue wait, {ms(d['ratelimit'], digits=1)} rate-limit wait, "
+                   f"{ms(d['model'], digits=1)} model calls, {ms(d['worker'], digits=1)} the worker's own work "
+                   f"(breaker, limiter, attempt rows, backoff between retries) and {ms(d['delivery'], digits=1)} "
+                   "delivery (submit, broker, commit, notice).")
+    if a["kind"] == "open":
+        offered = a["throughput"]["offered_per_s"]
+        if offered:
+            out.append(f"Offered {rate(offered)} on a schedule fixed in advance; {rate(thr)} completed "
+                       f"({pct(thr / offered)} of offered). Latency is measured from the intended send time, so any "
+                       "send lag is inside the latency figures too.")
+    withheld = e2e.get("withheld") or {}
+    if withheld:
+        out.append("Withheld percentiles (shown as —): " + "; ".join(f"{k}: {v}" for k, v in withheld.items())
+                   + ". A longer run (--duration) gives tail figures.")
+    if win["failed"] or win["unfinished"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in win["failures_by_reason"].items())
+        out.append(f"{win['failed'] + win['unfinished']} of {win['total']} requests did not succeed "
+                   f"({pct(win['error_rate'], digits=2)}): {reasons}. Their latencies are in the figures above.")
+    elif win["total"]:
+        out.append(f"No failure among the {win['total']} requests of the population.")
+    rl = a["rate_limit"]
+    if rl["requests_waited"]:
+        rw = lat["ratelimit_wait"]
+        line = (f"{rl['requests_waited']} of {win['total']} requests waited for fleet-wide rate-limit capacity, "
+                f"{ms(rw['avg'])} per request on average")
+        if e2e["avg"]:
+            line += f" ({pct(rw['avg'] / e2e['avg'])} of the average response time)"
+        out.append(line + "; the waits are shown on their own and are not in the service time.")
+    cost = a["cost"]
+    if cost["unknown_outcome_calls"]:
+        out.append(f"{cost['unknown_outcome_calls']} attempts ended with their outcome unknown (the worker died or "
+                   f"never reported): {usd(cost['unknown_outcome_usd'])} of the cost is theirs — billed, outcome "
+                   "unknown.")
+    fb = a["fallbacks"]
+    if fb["count"]:
+        pairs = ", ".join(f"{k} {v}" for k, v in fb["pairs"].items())
+        out.append(f"{fb['count']} requests ({pct(fb['rate'])}) ran on a fallback tier: {pairs}.")
+    w = a["workers"]
+    if w["count"] > 1:
+        out.append(f"{w['count']} workers served requests; shares {pct(w['min_share'])}-{pct(w['max_share'])} against "
+                   f"an even {pct(1 / w['count'])}, Jain fairness index {w['jain_index']:.3f}.")
+    res = a.get("resources") or {}
+    if res.get("sampled") and res.get("growth_mib_per_min") is not None:
+        verdict = {"growing": "growth above the threshold throughout the window — a leak, an unbounded buffer, or "
+                              "warm-up allocation that a longer run (memory-5m) would tell apart",
+                   "flat": "no growth above the threshold",
+                   "inconclusive": "too short, or too noisy, to tell"}[res["leak"]]
+        out.append(f"Memory: leak indicator **{res['leak']}** — {verdict}.")
+    if cost["requests"] and cost["per_request_usd"] is not None:
+        out.append(f"{usd(cost['total_usd'])} for the {cost['requests']} requests of the population: "
+                   f"{usd(cost['per_request_usd'], digits=5)} and {num(cost['tokens_per_request'])} tokens per request "
+                   "(from their api_calls rows, every attempt).")
+    if previous is not None and previous.drive.get("concurrency") and step.drive.get("concurrency"):
+        p_thr = previous.aggregates["throughput"]["completions_per_s"]
+        if p_thr > 0:
+            cr = step.drive["concurrency"] / previous.drive["concurrency"]
+            tr = thr / p_thr
+            out.append(f"Against {previous.label}: {cr:.1f}x the concurrency gave {tr:.2f}x the throughput "
+                       f"(scaling efficiency {tr / cr:.0%}).")
+    if not a["valid"]:
+        out.append("**Run INVALID:** " + "; ".join(a["invalid_reasons"]) + ".")
+    out.extend(n[:1].upper() + n[1:] + ("" if n.endswith(".") else ".") for n in a.get("notes", []))
     return out
 
 
@@ -314,14 +434,18 @@ def cost_by_tier(steps: Sequence[StepResult]) -> list[str]:
 
 
 def summary_table(session: Session) -> list[str]:
-    out = ["| Run | Load | Requests | Throughput | p50 | p99 | Error Rate | Valid |", "|" + "---|" * 8]
+    out = ["| Run | Load | Population | Requests | Throughput | p50 | p99 | Error Rate | Bound by | Efficiency | "
+           "Valid |", "|" + "---|" * 11]
     for s in all_steps(session):
         a = s.aggregates
         load = f"C={s.drive['concurrency']}" if s.drive["kind"] == "closed" else f"{s.drive['rate_per_s']:g}/s"
         e = a["latency_ms"]["e2e"]
-        out.append(f"| {s.label} | {load} | {a['requests']['run']['total']} | "
-                   f"{rate(a['throughput']['completions_per_s'])} | {ms(e['p50'])} | {ms(e['p99'])} | "
-                   f"{pct(a['requests']['window']['error_rate'], digits=2)} | {'yes' if a['valid'] else 'NO'} |")
+        c = a.get("ceilings") or {}
+        out.append(f"| {s.label} | {load} | {a['population']['name']} | {a['requests']['window']['total']} | "
+                   f"{rate(a['throughput']['completions_per_s'])} | {percentile(e, 'p50', reason=False)} | "
+                   f"{percentile(e, 'p99', reason=False)} | {pct(a['requests']['window']['error_rate'], digits=2)} | "
+                   f"{CEILING_TEXT.get(c.get('binding'), DASH)} | {pct(c.get('efficiency'))} | "
+                   f"{'yes' if a['valid'] else 'NO'} |")
     return out
 
 
@@ -331,35 +455,36 @@ def executive_summary(session: Session) -> list[str]:
         return ["- No run."]
     out = []
     best = max(steps, key=lambda s: s.aggregates["throughput"]["completions_per_s"])
-    out.append(f"- **Peak throughput:** {rate(best.aggregates['throughput']['completions_per_s'])} ({best.label})")
+    out.append(f"- **Peak throughput:** {rate(best.aggregates['throughput']['completions_per_s'])} ({best.label}, "
+               f"bound by {CEILING_TEXT.get((best.aggregates.get('ceilings') or {}).get('binding'), DASH)})")
     heavy = max(steps, key=lambda s: s.drive.get("concurrency") or 0)
     he = heavy.aggregates["latency_ms"]["e2e"]
-    out.append(f"- **Response time at the highest concurrency run ({heavy.label}):** p50 {ms(he['p50'])}, "
-               f"p99 {ms(he['p99'])}")
+    out.append(f"- **Response time at the highest concurrency run ({heavy.label}):** p50 "
+               f"{percentile(he, 'p50', reason=False)}, p99 {percentile(he, 'p99', reason=False)}, max {ms(he['max'])}")
     rates = [1 - s.aggregates["requests"]["window"]["error_rate"] for s in steps
              if s.aggregates["requests"]["window"]["total"]]
     if rates:
         out.append(f"- **Success rate:** {pct(min(rates), digits=2)} to {pct(max(rates), digits=2)} across runs")
-    ratios = [(s.label, s.aggregates["little"]["ratio"]) for s in steps if s.aggregates.get("little")]
-    if ratios:
-        lo = min(ratios, key=lambda x: x[1])
-        out.append(f"- **Achieved / Little's bound:** {pct(lo[1])} at worst ({lo[0]}), "
-                   f"{pct(max(r for _, r in ratios))} at best")
+    bound = {}
+    for s in steps:
+        b = (s.aggregates.get("ceilings") or {}).get("binding")
+        if b:
+            bound.setdefault(CEILING_TEXT[b], []).append(s.label)
+    if bound:
+        out.append("- **What bound the runs:** " + "; ".join(f"{k} ({len(v)} run{'s' if len(v) > 1 else ''})"
+                                                            for k, v in bound.items()))
     mem = [s for s in steps if (s.aggregates.get("resources") or {}).get("sampled")]
     if mem:
-        peak = max(mem, key=lambda s: s.aggregates["resources"]["rss_peak_mb"])
-        verdicts: dict[str, int] = {}
-        for s in mem:
-            verdicts[s.aggregates["resources"]["leak"]] = verdicts.get(s.aggregates["resources"]["leak"], 0) + 1
-        out.append(f"- **Memory:** peak {mb(peak.aggregates['resources']['rss_peak_mb'])} ({peak.label}); leak "
-                   "indicator " + ", ".join(f"{k} in {v} run(s)" for k, v in sorted(verdicts.items())))
+        peak = max(mem, key=lambda s: s.aggregates["resources"]["rss_peak_mib"])
+        out.append(f"- **Memory:** peak {mib(peak.aggregates['resources']['rss_peak_mib'])} ({peak.label}; "
+                   f"{peak.aggregates['resources']['processes']})")
     for r in session.scenarios:
         if r.sweep and r.sweep.get("knee") is not None:
             out.append(f"- **Knee ({r.scenario.name}):** {r.sweep['axis']} = {r.sweep['knee']:g}"
                        + (f", breaking at {r.sweep['broke_at']:g}" if r.sweep.get("broke_at") is not None else ""))
     invalid = [s for s in steps if not s.aggregates["valid"]]
     if invalid:
-        out.append("- **Invalid runs:** " + "; ".join(f"{s.label}: {', '.join(s.aggregates['invalid_reasons'])}"
+        out.append("- **INVALID runs:** " + "; ".join(f"{s.label}: {', '.join(s.aggregates['invalid_reasons'])}"
                                                    for s in invalid))
     missing = [n for r in session.scenarios for n in r.not_exercised]
     if missing:
@@ -367,19 +492,53 @@ def executive_summary(session: Session) -> list[str]:
     return out
 
 
+METHOD = [
+    "- **One population per table.** A run's Results, ceilings and summary-table row are computed over the same "
+    "requests, named above each table: a duration-bounded run's *steady-window population* — the requests sent "
+    "(closed loop) or scheduled (open loop) between the end of the warm-up and the moment the generator stopped "
+    "issuing, followed to their completion — or, for a count-bounded burst, every request of the run. Warm-up and "
+    "drain requests are in no figure of those tables (they are in the cost analysis, which covers every call).",
+    "- **Latency**: response time = completion - send time (closed loop) or - intended send time (open loop, no "
+    "coordinated omission); failed requests included, unfinished ones counted until the drain gave up. Queue wait = "
+    "started - submitted; rate-limit wait = the request's `api_calls.ratelimit_wait_ms`; service = finished - "
+    "started - rate-limit wait (a wait is never service); model call = its `api_calls.latency_ms`, every attempt.",
+    "- **Percentiles** are nearest-rank over the raw values (the p-th is the value of rank ⌈p·n/100⌉): values that "
+    "occurred, so p50 ≤ p95 ≤ p99 ≤ max. One needs n ≥ 100/(100-p) samples (p50: 2, p95: 20, p99: 100), else it "
+    "is shown as — with the reason.",
+    "- **Throughput** (closed loop) = completions ÷ D, D = the clients' mean span from their first request of the "
+    "population to its last completion. A client's requests never overlap, so **throughput ≤ C ÷ average response "
+    "time holds exactly**; the gap is the clients' idle time (the generator refilling, backoff after a refusal), "
+    "and a run whose clients waited more than 5% of their time for the generator is invalid. Open loop: "
+    "completions ÷ the steady window.",
+    "- **Ceilings** (what could bind, from the same population): concurrency = C ÷ mean model time (closed loop) "
+    "or the offered rate (open loop); the fleet-wide rate limits (RPM and TPM x utilisation) of the tiers the calls "
+    "used, at the population's calls and tokens per request; worker slots ÷ mean model time. The lowest binds, and "
+    "efficiency = throughput ÷ the binding ceiling.",
+    "- **Valid** means: at least one request succeeded; a steady window of at least 1 s and at least the average "
+    "response time (duration-bounded runs); the generator on schedule (open loop: p99 send lag within the limit); "
+    "not stopped early; and the mechanism the scenario exists for acted (e.g. the rate limiter made requests wait, "
+    "with the scenario's limits applied). The CLI exits 3 when a run is invalid, unless `--allow-invalid`.",
+    "- **Cost**: from the `api_calls` rows — one per attempt, what a provider bills. Attempts of a finished request "
+    "whose outcome is unknown (`in_flight` or `unknown`: the worker died) keep their estimated tokens and cost and "
+    "are counted on their own line, never as $0.",
+]
+
+
 def render_markdown(session: Session, *, plots: dict[str, str] | None = None, command: str | None = None) -> str:
     env = session.environment
     steps = all_steps(session)
     invalid = sum(1 for s in steps if not s.aggregates["valid"])
-    status = "✅ every run valid" if not invalid else f"⚠️ {invalid} of {len(steps)} run(s) invalid"
+    status = "✅ every run valid" if not invalid else f"⚠️ INVALID: {invalid} of {len(steps)} run(s)"
     L = [
         "# TARS Load Testing & Scaling Results", "",
         f"**Generated:** {session.finished_at}  ",
         f"**Session:** `{session.id}` ({len(steps)} run(s), {env.get('wall_time_s', DASH)} s wall time)  ",
         f"**System:** TARS fleet — {env['fleet_mode']} fleet on {env['host']} ({env['cpus']} CPUs, "
-        f"{env['memory_gb']} GB)  ",
+        f"{env['memory_gb']} GiB)  ",
         f"**Status:** {status}", "", "---", "", "## Executive Summary", "",
-        *executive_summary(session), "", *summary_table(session), "", "---", "", "## Test Environment", "",
+        *executive_summary(session), "",
+        "*Each row: that run's population (see the Method) — the steady window's requests, or the whole run's.*", "",
+        *summary_table(session), "", "---", "", "## Test Environment", "",
         "### System Configuration", "",
         f"- Fleet mode: {env['fleet_mode']}",
         f"- Broker: `{env['broker']}`; database: `{env['database']}`",
@@ -388,17 +547,7 @@ def render_markdown(session: Session, *, plots: dict[str, str] | None = None, co
         f"failure rate: {env.get('sim_failure_rate') if env.get('sim_failure_rate') is not None else 'per tier'}",
         "- Capabilities present in the code base: " + ", ".join(
             f"{k} {'yes' if v else 'no'}" for k, v in env["capabilities_present"].items()),
-        "", "### Method", "",
-        "- Steady window: from the end of the warm-up to the moment the generator stopped issuing; requests "
-        "count in it by their latency origin. The drain (waiting for the last requests) is outside.",
-        "- Throughput: completions per second in the steady window, each request weighted by the share of its "
-        "lifetime inside the window.",
-        "- Latency: HdrHistogram (3 significant digits) of completion - origin, origin = send time (closed loop) "
-        "or intended send time (open loop, no coordinated omission); failed and unfinished requests included. "
-        "Queue wait = started - submitted and service = finished - started, from the request rows.",
-        "- Little's bound (closed loop): C / mean service time; the ratio achieved / bound is the efficiency.",
-        "- Tokens and cost: summed from the request rows (which sum their api_calls), every request of the run.",
-        "", "---", "", "## Test Results", "",
+        "", "### Method", "", *METHOD, "", "---", "", "## Test Results", "",
     ]
     n = 0
     previous_closed: StepResult | None = None
@@ -412,16 +561,20 @@ def render_markdown(session: Session, *, plots: dict[str, str] | None = None, co
             L += ["**Configuration:**", ""]
             L += [f"- Levels ({r.sweep['axis']}): " + ", ".join(f"{x:g}" for x in r.scenario.levels)]
             L += [line for line in configuration(first, sweep=True)[1:] if not line.startswith("- Run id")]
-            L += ["- Run ids: " + ", ".join(f"`{s.run_id}`" for s in r.steps), "", "**Results:**", ""]
+            L += ["- Run ids: " + ", ".join(f"`{s.run_id}`" for s in r.steps), "", "**Results:**", "",
+                  "*Each row: that level's population (the requests sent in its steady window).*", ""]
             L += scaling_table(r) if r.sweep["axis"] == "workers" else sweep_table(r)
             L += ["", "**Analysis:**", ""]
             L += [f"- {x}" for x in sweep_findings(r)]
             for s in r.steps:
-                L += [f"- *{s.label}:* " + " ".join(analyse_step(s)[:3])]
+                L += [f"- *{s.label}:* " + " ".join(analyse_step(s)[:2])]
+                if not s.aggregates["valid"]:
+                    L += [f"  **INVALID:** {'; '.join(s.aggregates['invalid_reasons'])}."]
         else:
             s = r.steps[0]
-            L += ["**Configuration:**", "", *configuration(s), "", "**Results:**", "", *results_table(s), "",
-                  "**Analysis:**", ""]
+            L += ["**Configuration:**", "", *configuration(s), "", "**Results:**", "", population_caption(s), "",
+                  *results_table(s), "", "**What bound the run** (ceilings over the same population):", "",
+                  *ceilings_table(s), "", *resources_table(s), "", "**Analysis:**", ""]
             prev = previous_closed if s.drive["kind"] == "closed" and previous_closed is not None and (
                 previous_closed.drive["concurrency"] < s.drive["concurrency"]) else None
             L += [f"- {x}" for x in analyse_step(s, previous=prev)]
@@ -430,15 +583,17 @@ def render_markdown(session: Session, *, plots: dict[str, str] | None = None, co
         if r.not_exercised:
             L += ["", "**Not exercised:**", ""] + [f"- {x}" for x in r.not_exercised]
         L += ["", "---", ""]
-    L += ["## Cost Analysis", "", "Per tier over every run of this session (tier actually used):", "",
-          *cost_by_tier(steps), ""]
+    L += ["## Cost Analysis", "",
+          "*Population: every API call of every request of every run in this session, warm-up and drain included "
+          "(a provider bills them all), by the tier that was called.*", "", *cost_by_tier(steps), ""]
     if plots:
         L += ["## Plots", ""]
         for name in plots:
             L += [f"![{name.removesuffix('.png').replace('_', ' ')}]({name})", ""]
     L += ["## Reproduce", "", f"- Command: `{command}`" if command else "- Command: (API call)",
-          "- Every figure above is recomputed from `requests-<run-id>.jsonl` in this directory, or from the "
-          "`requests` rows (`run_id`) and the `runs` row's stored generator timings in the database.", ""]
+          "- Every figure above is recomputed from `requests-<run-id>.jsonl` (one line per request, with its "
+          "api_calls) and `samples-<run-id>.jsonl` (memory/CPU samples) in this directory, or from the `requests` "
+          "and `api_calls` rows (`run_id`) and the `runs` row's stored generator timings in the database.", ""]
     return "\n".join(L)
 
 

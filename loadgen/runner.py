@@ -81,20 +81,38 @@ def drive_info(d: DriveResult) -> dict[str, Any]:
     return {"kind": d.kind, "started_at": d.started_at, "window": list(d.window), "load_end": d.load_end,
             "ended_at": d.ended_at, "concurrency": d.concurrency, "rate_per_s": d.rate_per_s, "arrival": d.arrival,
             "stopped_early": d.stopped_early, "unfinished": d.unfinished, "latency_origin": d.latency_origin,
-            **d.extra}
+            "count_bounded": d.count_bounded, **d.extra}
 
 
 def aggregate(records: Sequence[RequestRecord], drive: Mapping[str, Any], *,
-              max_send_lag_p99_ms: float = metrics.DEFAULT_MAX_SEND_LAG_P99_MS) -> dict[str, Any]:
+              max_send_lag_p99_ms: float = metrics.DEFAULT_MAX_SEND_LAG_P99_MS, slots: int | None = None,
+              limits: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Aggregates from records and the stored drive info — used for a run and for re-checking one."""
     agg = metrics.compute(records, kind=drive["kind"], window=(drive["window"][0], drive["window"][1]),
                           started_at=drive["started_at"], load_end=drive["load_end"], ended_at=drive["ended_at"],
                           concurrency=drive.get("concurrency"), rate_per_s=drive.get("rate_per_s"),
-                          max_send_lag_p99_ms=max_send_lag_p99_ms)
+                          max_send_lag_p99_ms=max_send_lag_p99_ms, count_bounded=bool(drive.get("count_bounded")),
+                          slots=slots, limits=limits)
     if drive.get("stopped_early"):
         agg["valid"] = False
         agg["invalid_reasons"].append(f"stopped early: {drive['stopped_early']}")
     return agg
+
+
+def rate_limits_in_force(*, settings: Settings, fleet_kind: str, catalog_path: Path | None) -> dict[str, Any]:
+    """The fleet-wide RPM/TPM limits the fleet under test enforced (or why there were none)."""
+    if fleet_kind == "embedded":
+        return {"enforced": False, "why": "the embedded fleet has no Redis, so no fleet-wide rate limiter"}
+    if not settings.ratelimit_enabled:
+        return {"enforced": False, "why": "TARS_RATELIMIT_ENABLED is off"}
+    from config.catalog import load_catalog
+
+    catalog = load_catalog(catalog_path or settings.catalog_path)
+    source = ("the catalog of the local fleet loadgen started" if fleet_kind == "local" else
+              "this process's catalog, assumed to be the external fleet's")
+    return {"enforced": True, "source": source, "window_s": settings.ratelimit_window_s,
+            "utilisation": settings.ratelimit_utilisation,
+            "tiers": {t: {"rpm": spec.rpm, "tpm": spec.tpm} for t, spec in catalog.tiers.items()}}
 
 
 class Runner:
@@ -112,6 +130,8 @@ class Runner:
             raise LoadgenError("--fleet embedded needs the memory:// broker: unset TARS_BROKER_URL")
         if mode in ("local", "external") and settings.embedded:
             raise LoadgenError(f"--fleet {mode} needs a real broker: set TARS_BROKER_URL and TARS_DATABASE_URL")
+        if not time_scale > 0:
+            raise LoadgenError(f"time scale must be > 0, got {time_scale:g}")
         self.mode = mode
         self.worker_env = dict(worker_env) if worker_env is not None else {
             k: v for k, v in os.environ.items() if k.startswith("TARS_")}
@@ -125,6 +145,26 @@ class Runner:
         self._fleet_key: tuple[Any, ...] | None = None
         self._index = 0
         self.engine = get_engine(settings.database_url)
+        if self.mode != "embedded":
+            self.preflight()
+
+    def preflight(self) -> None:
+        """Before anything starts: the broker answers and the database has this code's schema
+        (otherwise workers would wait for Redis forever, and a run would fail at its first row)."""
+        from tars_tasks.embedded import ensure_schema
+
+        url = self.settings.broker_url
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            import redis
+
+            client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+            try:
+                client.ping()
+            except redis.RedisError as exc:
+                raise LoadgenError(f"broker {url.split('@')[-1]} unavailable: {exc}") from None
+            finally:
+                client.close()
+        ensure_schema(self.settings)
 
     # --- fleet ---------------------------------------------------------------------------------
 
@@ -180,7 +220,9 @@ class Runner:
         self._index += 1
         config = {**sc.config(), "label": label, "level": level, "session": self.session_id,
                   "fleet": fleet.describe(), "fleet_kind": fleet.kind, "fleet_processes": fleet.processes,
-                  "fleet_slots": fleet.slots}
+                  "fleet_slots": fleet.slots,
+                  "rate_limits": rate_limits_in_force(settings=self.settings, fleet_kind=fleet.kind,
+                                                      catalog_path=getattr(fleet, "catalog_file", None))}
         store.create_run(self.engine, run_id=run_id, name=label, scenario=sc.name, config=config)
         client = self._client()
         sampler = samplers.ResourceSampler(pids=fleet.pids, interval_s=sc.sample_interval_s).start()
@@ -195,19 +237,27 @@ class Runner:
         info = drive_info(drive)
         rows = store.fetch_rows(self.engine, run_id=run_id)
         records = join(samples=drive.samples, rows=rows, origin=drive.latency_origin, ended_at=drive.ended_at)
-        agg = aggregate(records, info, max_send_lag_p99_ms=self.max_send_lag_p99_ms)
+        agg = aggregate(records, info, max_send_lag_p99_ms=self.max_send_lag_p99_ms, slots=fleet.slots,
+                        limits=config["rate_limits"])
         agg["retries"]["outcomes"] = store.call_outcomes(self.engine, run_id=run_id)
-        what = "this process (embedded fleet; includes the generator)" if fleet.kind == "embedded" else (
-            f"{len(fleet.pids())} worker process(es)" if fleet.pids() else "none reachable from this host")
+        what = ("this process: the embedded fleet's workers are threads of the generator's process, so this "
+                "includes the generator" if fleet.kind == "embedded" else
+                f"the {len(fleet.pids())} worker process(es) of the fleet (and their children), not the generator"
+                if fleet.pids() else "none reachable from this host")
         agg["resources"] = samplers.summarise(samples, after=drive.window[0], processes=what)
-        agg["not_exercised"] = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes,
-                                                          present=self.present)
+        missing = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes, present=self.present)
+        agg["not_exercised"] = list(missing)
+        agg["invalid_reasons"].extend(f"the mechanism under test did not act — {m}" for m in missing)
         if sc.catalog_overrides and fleet.kind != "local":
             agg["not_exercised"].append(
                 f"catalog overrides {dict(sc.catalog_overrides)} not applied: loadgen sets them only on a local fleet "
                 f"it starts; this {fleet.kind} fleet ran with its own catalog")
+            if sc.overrides_required:
+                agg["invalid_reasons"].append(f"the scenario exists to run with {dict(sc.catalog_overrides)}, which "
+                                              f"this {fleet.kind} fleet did not apply")
+        agg["valid"] = not agg["invalid_reasons"]
         store.finish_run(self.engine, run_id=run_id, aggregates=agg, samples=drive.samples, drive=info)
-        self._write_records(run_id, records)
+        self._write_records(run_id, records, samples)
         if self.progress is not None:
             self.progress.end(label=label, aggregates=agg)
         return StepResult(run_id=run_id, scenario=sc.name, label=label, level=level, config=config, drive=info,
@@ -224,19 +274,26 @@ class Runner:
             schedule = make_schedule(rate_per_s=sc.rate_per_s, arrival=sc.arrival, duration_s=sc.duration_s,  # type: ignore[arg-type]
                                      count=sc.count if sc.duration_s is None else None, seed=sc.seed)
             return OpenLoop(schedule=schedule, rate_per_s=sc.rate_per_s, arrival=sc.arrival,
-                            max_in_flight=sc.max_in_flight, **common).run()
+                            max_in_flight=sc.max_in_flight, count_bounded=sc.duration_s is None, **common).run()
         return ClosedLoop(concurrency=sc.concurrency, duration_s=sc.duration_s, count=sc.count, **common).run()
 
-    def _write_records(self, run_id: str, records: Sequence[RequestRecord]) -> None:
+    def _write_records(self, run_id: str, records: Sequence[RequestRecord],
+                       samples: Sequence[samplers.Sample] = ()) -> None:
+        """The raw rows every figure is recomputed from: one line per request (with its
+        api_calls), one line per memory/CPU sample."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with (self.out_dir / f"requests-{run_id}.jsonl").open("w") as fh:
             for r in records:
                 fh.write(json.dumps(r.as_json(), separators=(",", ":")) + "\n")
+        with (self.out_dir / f"samples-{run_id}.jsonl").open("w") as fh:
+            for sm in samples:
+                fh.write(json.dumps({"t": sm.t, "pid": sm.pid, "rss": sm.rss, "cpu_percent": sm.cpu_percent},
+                                    separators=(",", ":")) + "\n")
 
     # --- scenarios -----------------------------------------------------------------------------
 
     def run_scenario(self, sc: Scenario) -> ScenarioResult:
-        sc = sc.scaled(self.time_scale)
+        sc = sc.scaled(self.time_scale).check()
         if sc.kind != "sweep":
             step = self.run_step(sc, label=sc.name)
             return ScenarioResult(scenario=sc, steps=[step], not_exercised=list(step.aggregates["not_exercised"]))
@@ -276,6 +333,8 @@ class Runner:
                                          f: getattr(self.knee_policy, f) for f in self.knee_policy.__slots__}})
 
     def run(self, scenarios: Sequence[Scenario]) -> Session:
+        for sc in scenarios:  # every parameter checked before any fleet starts
+            sc.scaled(self.time_scale).check()
         started = datetime.now(UTC).isoformat(timespec="seconds")
         results = []
         t0 = time.monotonic()

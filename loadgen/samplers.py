@@ -24,11 +24,11 @@ from typing import Any
 import psutil
 
 DEFAULT_INTERVAL_S = 0.5
-LEAK_THRESHOLD_MB_PER_MIN = 1.0
+LEAK_THRESHOLD_MIB_PER_MIN = 1.0
 #: Below this much steady sampling the leak indicator stays "inconclusive" whatever the slope:
 #: start-up allocation dominates short runs.
 LEAK_MIN_SPAN_S = 20.0
-_MB = 1024 * 1024
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +106,11 @@ def this_process() -> list[int]:
 
 
 def totals(samples: Sequence[Sample]) -> list[tuple[float, float, float]]:
-    """(t, total RSS MB, total CPU %) per sampling instant, summed over processes."""
+    """(t, total RSS MiB, total CPU %) per sampling instant, summed over processes."""
     by_t: dict[float, list[Sample]] = defaultdict(list)
     for s in samples:
         by_t[s.t].append(s)
-    return [(t, sum(s.rss for s in ss) / _MB, sum(s.cpu_percent for s in ss)) for t, ss in sorted(by_t.items())]
+    return [(t, sum(s.rss for s in ss) / _MIB, sum(s.cpu_percent for s in ss)) for t, ss in sorted(by_t.items())]
 
 
 def slope_per_min(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
@@ -130,7 +130,7 @@ def slope_per_min(points: Sequence[tuple[float, float]]) -> tuple[float, float] 
 
 
 def summarise(samples: Sequence[Sample], *, after: float, processes: str,
-              threshold_mb_per_min: float = LEAK_THRESHOLD_MB_PER_MIN) -> dict[str, Any]:
+              threshold_mib_per_min: float = LEAK_THRESHOLD_MIB_PER_MIN) -> dict[str, Any]:
     """Memory and CPU figures; growth and leak use only samples taken at or after ``after``."""
     tot = totals(samples)
     if not tot:
@@ -139,7 +139,7 @@ def summarise(samples: Sequence[Sample], *, after: float, processes: str,
     cpu = [c for _, _, c in tot]
     per_pid: dict[int, float] = defaultdict(float)
     for s in samples:
-        per_pid[s.pid] = max(per_pid[s.pid], s.rss / _MB)
+        per_pid[s.pid] = max(per_pid[s.pid], s.rss / _MIB)
     steady = [(t, m) for t, m, _ in tot if t >= after]
     fit = slope_per_min(steady)
     leak = "inconclusive"
@@ -150,17 +150,17 @@ def summarise(samples: Sequence[Sample], *, after: float, processes: str,
         ci = (growth - 1.96 * se, growth + 1.96 * se)
         if span < LEAK_MIN_SPAN_S:
             pass
-        elif ci[0] > threshold_mb_per_min:
+        elif ci[0] > threshold_mib_per_min:
             leak = "growing"
-        elif ci[1] < threshold_mb_per_min:
+        elif ci[1] < threshold_mib_per_min:
             leak = "flat"
     return {
         "sampled": True, "processes": processes, "samples": len(tot), "pids": len(per_pid),
         "interval_s": (tot[-1][0] - tot[0][0]) / (len(tot) - 1) if len(tot) > 1 else None,
-        "rss_peak_mb": max(rss), "rss_avg_mb": sum(rss) / len(rss), "rss_first_mb": rss[0], "rss_last_mb": rss[-1],
-        "rss_peak_per_process_mb": max(per_pid.values()),
+        "rss_peak_mib": max(rss), "rss_avg_mib": sum(rss) / len(rss), "rss_first_mib": rss[0], "rss_last_mib": rss[-1],
+        "rss_peak_per_process_mib": max(per_pid.values()),
         "cpu_avg_percent": sum(cpu) / len(cpu), "cpu_peak_percent": max(cpu),
-        "growth_mb_per_min": growth, "growth_ci95_mb_per_min": ci, "steady_span_s": span,
-        "leak": leak, "leak_threshold_mb_per_min": threshold_mb_per_min, "leak_min_span_s": LEAK_MIN_SPAN_S,
+        "growth_mib_per_min": growth, "growth_ci95_mib_per_min": ci, "steady_span_s": span,
+        "leak": leak, "leak_threshold_mib_per_min": threshold_mib_per_min, "leak_min_span_s": LEAK_MIN_SPAN_S,
         "series": [[round(t, 3), round(m, 3), round(c, 1)] for t, m, c in tot],
     }

@@ -48,6 +48,9 @@ class Scenario:
     max_in_flight: int = 20_000
     #: Per-tier catalog overrides for a local fleet, e.g. {"rpm": 600}.
     catalog_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: The scenario means nothing without its overrides (a run on a fleet that did not apply
+    #: them is invalid); otherwise not applying them is only stated.
+    overrides_required: bool = False
     requires: tuple[str, ...] = ()
     description: str = ""
 
@@ -65,6 +68,48 @@ class Scenario:
             return self
         return replace(self, duration_s=None if self.duration_s is None else self.duration_s * factor,
                        warmup_s=self.warmup_s * factor)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the scenario's parameters (empty: it can run)."""
+        out = []
+        if self.kind not in ("closed", "open", "sweep"):
+            out.append(f"kind must be closed, open or sweep, not {self.kind!r}")
+        if self.duration_s is None and self.count is None:
+            out.append("needs a bound: a duration or a count")
+        if self.duration_s is not None and not self.duration_s > 0:
+            out.append(f"duration must be > 0 s, got {self.duration_s:g}")
+        if self.count is not None and self.count < 1:
+            out.append(f"count must be >= 1, got {self.count}")
+        if not self.warmup_s >= 0:
+            out.append(f"warm-up must be >= 0 s, got {self.warmup_s:g}")
+        if self.kind in ("closed", "sweep") and self.concurrency < 1:
+            out.append(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.kind == "open" and not (self.rate_per_s or 0) > 0:
+            out.append(f"an open loop needs a rate > 0 per second, got {self.rate_per_s}")
+        if self.arrival not in ("constant", "poisson"):
+            out.append(f"arrival must be constant or poisson, not {self.arrival!r}")
+        if self.kind == "sweep":
+            if not self.levels:
+                out.append("a sweep needs levels")
+            for lv in self.levels:
+                if not lv > 0 or (self.axis != "rate" and lv != int(lv)):
+                    out.append(f"sweep level {lv:g} must be {'> 0' if self.axis == 'rate' else 'a whole number >= 1'}")
+        if self.workers < 1 or self.worker_concurrency < 1:
+            out.append(f"workers and worker concurrency must be >= 1, got {self.workers} x {self.worker_concurrency}")
+        if not self.sample_interval_s > 0:
+            out.append(f"sample interval must be > 0 s, got {self.sample_interval_s:g}")
+        if not self.drain_timeout_s >= 0 or self.max_in_flight < 1:
+            out.append("drain timeout must be >= 0 s and max in flight >= 1")
+        if not self.roles or any(not w >= 0 for w in self.roles.values()) or sum(self.roles.values()) <= 0:
+            out.append(f"bad role mix {dict(self.roles)!r}")
+        return out
+
+    def check(self) -> Scenario:
+        """The scenario itself, or :class:`LoadgenError` naming every bad parameter."""
+        bad = self.problems()
+        if bad:
+            raise LoadgenError(f"scenario {self.name}: " + "; ".join(bad))
+        return self
 
     def config(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
@@ -90,6 +135,10 @@ class RequestMix:
         return {"role": role, "prompt": f"[{i}] {self._body}", "tenant": self.tenant}
 
 
+#: Rate limits far above any load this machine can offer: the c1000/c2000 presets measure the
+#: fleet, not the default catalog's limits (which would bind at ~90 req/s for the default mix).
+UNLIMITED: dict[str, Any] = {"rpm": 10_000_000, "tpm": 10_000_000_000}
+
 _P = Scenario
 PRESETS: dict[str, Scenario] = {s.name: s for s in [
     _P("baseline", "Baseline — single request at a time", concurrency=1, duration_s=10, warmup_s=2,
@@ -110,7 +159,7 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        levels=(1, 5, 10, 25, 50, 75, 100), duration_s=10, warmup_s=2,
        description="Closed loop stepped through concurrency levels; stops at over-saturation."),
     _P("rate-limit", "API rate limiting", concurrency=50, duration_s=30, warmup_s=3,
-       catalog_overrides={"rpm": 600}, requires=("fleet_rate_limiter",),
+       catalog_overrides={"rpm": 600}, overrides_required=True, requires=("fleet_rate_limiter",),
        description="Offered load above a lowered fleet-wide limit (600 requests/min per model)."),
     _P("overload-150", "Overload at 150 concurrent", concurrency=150, duration_s=30, warmup_s=3,
        requires=("degradation_modes", "admission_control"),
@@ -120,9 +169,13 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        requires=("worker_processes",),
        description="Same offered load (C=100) on 1, 5 and 10 worker processes of 50 slots each."),
     _P("c1000", "Closed loop — 1000 in flight", concurrency=1000, duration_s=20, warmup_s=5, workers=2,
-       worker_concurrency=500),
-    _P("c2000", "Closed loop — 2000 in flight", concurrency=2000, duration_s=20, warmup_s=5, workers=4,
-       worker_concurrency=500),
+       worker_concurrency=500, catalog_overrides=UNLIMITED,
+       description="1000 requests in flight on a local fleet whose rate limits are lifted (rpm/tpm far above the "
+                   "load), so the fleet, not the catalog's limits, is what is measured."),
+    _P("c2000", "Closed loop — 2000 in flight", concurrency=2000, duration_s=30, warmup_s=8, workers=4,
+       worker_concurrency=500, catalog_overrides=UNLIMITED,
+       description="2000 requests in flight on a local fleet whose rate limits are lifted (rpm/tpm far above the "
+                   "load), so the fleet, not the catalog's limits, is what is measured."),
     _P("open", "Open loop — constant arrivals", kind="open", rate_per_s=20, duration_s=15, warmup_s=3,
        description="Arrivals on a fixed schedule; latency from the intended send time."),
     _P("open-sweep", "Open loop — Poisson arrivals stepped up to saturation", kind="sweep", axis="rate",

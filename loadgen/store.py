@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, func, inspect, or_, select, update
 
 from loadgen.drivers import ClientSample
-from loadgen.records import DbRow, epoch
+from loadgen.records import CallRow, DbRow, epoch
 from tars_tasks.db.models import ApiCall, Request, Run
 from tars_tasks.errors import LoadgenError
 
@@ -52,7 +52,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     cols = [t.id, t.status, t.error, t.tier_requested, t.tier_used, t.worker, t.attempts, t.input_tokens,
             t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at]
     rows: dict[str, DbRow] = {}
-    calls: dict[str, list[tuple[str, float, float | None]]] = defaultdict(list)
+    calls: dict[str, list[CallRow]] = defaultdict(list)
     with engine.connect() as conn:
         for r in conn.execute(select(*cols).where(t.run_id == run_id)):
             rows[r.id] = DbRow(id=r.id, status=r.status, error=r.error, tier_requested=r.tier_requested,
@@ -61,18 +61,20 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
                                started_at=epoch(r.started_at), finished_at=epoch(r.finished_at))
         a = _api.c
-        q = (select(a.request_id, a.outcome, a.ratelimit_wait_ms, a.latency_ms)
-             .select_from(_api.join(_req, _req.c.id == a.request_id)).where(t.run_id == run_id))
-        for rid, outcome, wait, latency in conn.execute(q):
-            calls[rid].append((outcome, float(wait or 0), None if latency is None else float(latency)))
+        q = (select(a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
+                    a.ratelimit_wait_ms, a.attempt)
+             .select_from(_api.join(_req, _req.c.id == a.request_id)).where(t.run_id == run_id)
+             .order_by(a.request_id, a.attempt, a.started_at))
+        for c in conn.execute(q):
+            calls[c.request_id].append(CallRow(
+                tier=c.tier, outcome=c.outcome, input_tokens=c.input_tokens or 0, output_tokens=c.output_tokens or 0,
+                cost_usd=Decimal(str(c.cost_usd or 0)),
+                latency_ms=None if c.latency_ms is None else float(c.latency_ms),
+                ratelimit_wait_ms=float(c.ratelimit_wait_ms or 0)))
     for rid, cs in calls.items():
         row = rows.get(rid)
         if row is not None:
-            row.api_calls = len(cs)
-            row.ratelimit_wait_ms = sum(w for _, w, _ in cs)
-            row.calls_waited = sum(1 for _, w, _ in cs if w > 0)
-            timed = [lat for _, _, lat in cs if lat is not None]
-            row.model_ms = sum(timed) if timed else None
+            row.set_calls(cs)
     return rows
 
 

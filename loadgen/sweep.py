@@ -1,14 +1,14 @@
 """Sweep analysis: where the fleet's knee is and when to stop adding load.
 
-Per level we know throughput, p99, error rate and (closed loop) the Little's-law ratio.
+Per level we know throughput, p99, error rate and the efficiency against its binding ceiling.
 
 * A level is **healthy** when its error rate is at most ``max_error_rate``, its p99 at most
-  ``p99_factor`` x the lightest level's p99 and (closed loop) its Little ratio at least
-  ``min_little_ratio`` (open loop: it completes at least ``1 - drop_tolerance`` of the offered
+  ``p99_factor`` x the lightest level's p99 and its efficiency (throughput ÷ the binding ceiling) at
+  least ``min_efficiency`` (open loop: it completes at least ``1 - drop_tolerance`` of the offered
   rate). The **knee** is the last healthy level before the first unhealthy one.
 * The sweep **stops** (over-saturation) after a level whose throughput fell more than
   ``drop_tolerance`` below the best level so far, whose error rate exceeds twice the limit,
-  whose Little ratio is under half the minimum, or (open loop) which completed under half the
+  whose efficiency is under half the minimum, or (open loop) which completed under half the
   offered rate — more load there only builds a backlog.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 class KneePolicy:
     max_error_rate: float = 0.05
     p99_factor: float = 2.0
-    min_little_ratio: float = 0.8
+    min_efficiency: float = 0.8
     drop_tolerance: float = 0.10
 
 
@@ -33,17 +33,20 @@ class Level:
     throughput: float
     p99_ms: float | None
     error_rate: float
-    little_ratio: float | None
+    #: throughput ÷ the binding ceiling (see loadgen.metrics)
+    efficiency: float | None
+    binding: str | None = None
     #: open loop: the offered arrival rate
     offered: float | None = None
 
 
 def level_of(level: float, aggregates: dict[str, Any]) -> Level:
-    little = aggregates.get("little") or {}
+    c = aggregates.get("ceilings") or {}
+    e2e = aggregates["latency_ms"]["e2e"]
     return Level(level=level, throughput=aggregates["throughput"]["completions_per_s"],
-                 p99_ms=aggregates["latency_ms"]["e2e"]["p99"],
-                 error_rate=aggregates["requests"]["window"]["error_rate"], little_ratio=little.get("ratio"),
-                 offered=aggregates["throughput"].get("offered_per_s"))
+                 p99_ms=e2e["p99"] if e2e["p99"] is not None else e2e["max"],
+                 error_rate=aggregates["requests"]["window"]["error_rate"], efficiency=c.get("efficiency"),
+                 binding=c.get("binding"), offered=aggregates["throughput"].get("offered_per_s"))
 
 
 def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
@@ -52,8 +55,8 @@ def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
         why.append(f"error rate {lv.error_rate:.1%} > {policy.max_error_rate:.0%}")
     if lv.p99_ms is not None and first.p99_ms and lv.p99_ms > policy.p99_factor * first.p99_ms:
         why.append(f"p99 {lv.p99_ms:,.0f} ms > {policy.p99_factor:g}x the lightest level's {first.p99_ms:,.0f} ms")
-    if lv.little_ratio is not None and lv.little_ratio < policy.min_little_ratio:
-        why.append(f"throughput only {lv.little_ratio:.0%} of its Little's bound")
+    if lv.efficiency is not None and lv.efficiency < policy.min_efficiency:
+        why.append(f"throughput only {lv.efficiency:.0%} of its binding ceiling ({lv.binding})")
     if lv.offered and lv.throughput < (1 - policy.drop_tolerance) * lv.offered:
         why.append(f"completed {lv.throughput:.2f} of {lv.offered:.2f} req/s offered")
     return why
@@ -70,8 +73,8 @@ def oversaturated_because(levels: Sequence[Level], policy: KneePolicy) -> str | 
         return f"error rate {last.error_rate:.1%} at {last.level:g}"
     if last.offered and last.throughput < 0.5 * last.offered:
         return f"only {last.throughput:.2f} of {last.offered:.2f} req/s offered completed at {last.level:g}"
-    if last.little_ratio is not None and last.little_ratio < policy.min_little_ratio / 2:
-        return f"throughput only {last.little_ratio:.0%} of its Little's bound at {last.level:g}"
+    if last.efficiency is not None and last.efficiency < policy.min_efficiency / 2:
+        return f"throughput only {last.efficiency:.0%} of its binding ceiling ({last.binding}) at {last.level:g}"
     return None
 
 

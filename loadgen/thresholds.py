@@ -2,8 +2,9 @@
 
 A condition is ``METRIC OP VALUE[UNIT]`` with OP one of ``> >= < <=`` and units ``ms s %``
 (latencies are compared in ms, rates as fractions). Metrics: avg p50 p95 p99 max (end-to-end
-latency), queue_p99, service_p99, send_lag_p99, error_rate, throughput, little_ratio,
-cost_per_request, invalid (1 if the run is invalid).
+latency), queue_p99, service_p99, ratelimit_wait_p99, send_lag_p99, error_rate, throughput,
+efficiency (throughput ÷ the binding ceiling), cost_per_request, invalid (1 if the run is
+invalid). A percentile withheld for too few samples matches no condition.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ METRICS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
     "service_p99": ("ms", _lat("p99", "service")), "send_lag_p99": ("ms", lambda a: a["send_lag_ms"]["p99"]),
     "error_rate": ("fraction", lambda a: a["requests"]["window"]["error_rate"]),
     "throughput": ("rate", lambda a: a["throughput"]["completions_per_s"]),
-    "little_ratio": ("fraction", lambda a: (a.get("little") or {}).get("ratio")),
+    "efficiency": ("fraction", lambda a: (a.get("ceilings") or {}).get("efficiency")),
+    "ratelimit_wait_p99": ("ms", _lat("p99", "ratelimit_wait")),
     "cost_per_request": ("usd", lambda a: a["cost"]["per_request_usd"]),
     "invalid": ("flag", lambda a: 0.0 if a["valid"] else 1.0),
 }
@@ -77,4 +79,14 @@ def violations(conditions: list[Condition], runs: list[tuple[str, dict[str, Any]
             hit, v = c.check(agg)
             if hit:
                 out.append(f"{label}: {c.text} (measured {v:.4g})")
+    return out
+
+
+def unchecked(conditions: list[Condition], runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Conditions that could not be checked on a run (a percentile withheld for too few samples)."""
+    out = []
+    for label, agg in runs:
+        for c in conditions:
+            if METRICS[c.metric][1](agg) is None:
+                out.append(f"{label}: {c.text} not checked ({c.metric} not measured in this run)")
     return out

@@ -31,6 +31,13 @@ def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
+def head() -> str | None:
+    """The revision this code base's schema is at."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
 def current(database_url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

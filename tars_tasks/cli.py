@@ -1,4 +1,6 @@
-"""The ``tars`` command line. User mistakes print one clear line and exit 2, never a traceback."""
+"""The ``tars`` command line. A user's or the environment's mistake (bad input, Redis or Postgres
+down, no schema, text that is not UTF-8) prints one clear line and exits 2, never a traceback
+(see :mod:`tars_tasks.cli_errors`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from importlib import import_module
 import click
 
 from config.keys import TIERS
-from tars_tasks.errors import TarsError
+from tars_tasks.cli_errors import EXIT_USAGE, check_argv, message_for, read_stdin_text
+from tars_tasks.errors import ConfigurationError, TarsError
 
 #: Sub-command groups that live with their domain: "name": "module:attribute".
 PLUGIN_COMMANDS = {
@@ -43,12 +46,38 @@ class TarsGroup(click.Group):
                 return None
         return cmd
 
+    def main(self, args=None, *a, **kw):
+        try:
+            check_argv(list(args) if args is not None else sys.argv[1:])
+        except TarsError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        return super().main(args, *a, **kw)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except TarsError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+        except Exception as exc:
+            msg = message_for(exc)
+            if msg is None:
+                raise
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(EXIT_USAGE)
+
+
+def _settings():
+    from config.settings import get_settings
+
+    return get_settings()
+
+
+def _ready(settings=None):
+    """Settings, with a database the command can use (see :func:`tars_tasks.embedded.ensure_schema`)."""
+    from tars_tasks.embedded import ensure_schema
+
+    settings = settings or _settings()
+    ensure_schema(settings)
+    return settings
 
 
 @click.group(cls=TarsGroup)
@@ -70,10 +99,12 @@ def db_upgrade(revision: str) -> None:
     """Create or migrate the schema."""
     import migrations
     from config.settings import get_settings
+    from tars_tasks.embedded import database_path
 
-    url = get_settings().database_url
+    settings = get_settings()
+    url = settings.database_url
     migrations.upgrade(url, revision)
-    click.echo(f"database at revision {migrations.current(url)}")
+    click.echo(f"database {database_path(settings)} at revision {migrations.current(url)}")
 
 
 @db.command("current")
@@ -106,7 +137,11 @@ def db_downgrade(revision: str) -> None:
 def worker(tiers: tuple[str, ...], concurrency: int | None, pool: str | None, name: str | None,
            loglevel: str) -> None:
     """Start a sub-agent pool: a Celery worker on the tier's queue."""
+    from tars_tasks.embedded import NO_BROKER
     from workers.start import exec_worker
+
+    if _settings().embedded:
+        raise ConfigurationError(f"tars worker refused: {NO_BROKER}")
 
     exec_worker(tiers=list(tiers), concurrency=concurrency, pool=pool, name=name, loglevel=loglevel)
 
@@ -134,14 +169,31 @@ def _result_dict(r) -> dict:
 @click.option("--wait/--no-wait", default=False, help="Wait for the result.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 def submit(role, prompt, priority, tenant, idempotency_key, tier, wait, timeout) -> None:
-    """Submit one request; prints its id (and with --wait, its result as JSON)."""
+    """Submit one request; prints its id (and with --wait, its result as JSON).
+
+    On the embedded default (no TARS_BROKER_URL) nothing else could ever run the request, so it
+    runs here, in-process, and the command returns when it has finished."""
     from tars_tasks.client import TarsClient
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin_text(what="--prompt")
+    settings = _ready()
+    spec = {"role": role, "prompt": prompt, "priority": priority, "tenant": tenant,
+            "idempotency_key": idempotency_key, "tier": tier}
+    if settings.embedded:
+        from tars_tasks.embedded import database_path, run_in_process
+
+        (handle,), (res,) = run_in_process([spec], timeout_s=timeout, settings=settings)
+        click.echo(f"embedded default: ran in this process (no broker); stored in {database_path(settings)}",
+                   err=True)
+        if not wait:
+            click.echo(json.dumps({"id": handle.id, "tier": handle.tier, "created": handle.created,
+                                   "status": res.status}))
+            return
+        click.echo(json.dumps(_result_dict(res), indent=2))
+        return
     with TarsClient() as client:
-        handle = client.submit(role=role, prompt=prompt, priority=priority, tenant=tenant,
-                               idempotency_key=idempotency_key, tier=tier)
+        handle = client.submit(**spec)
         if not wait:
             click.echo(json.dumps({"id": handle.id, "tier": handle.tier, "created": handle.created}))
             return
@@ -154,6 +206,7 @@ def result(request_id: str) -> None:
     """Print a request's current state as JSON."""
     from tars_tasks.client import TarsClient
 
+    _ready()
     with TarsClient() as client:
         click.echo(json.dumps(_result_dict(client.get(request_id)), indent=2))
 
@@ -162,30 +215,36 @@ def result(request_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(as_json: bool) -> None:
     """Queue depth per tier and priority, workers per tier, requests by status."""
-    from config.settings import get_settings
     from tars_tasks.celery_app import app
+    from tars_tasks.embedded import NO_BROKER, database_path
     from tars_tasks.status import fleet_status
 
-    st = fleet_status(get_settings(), app)
+    settings = _ready()
+    st = fleet_status(settings, app)
     if as_json:
-        click.echo(json.dumps(st.as_dict(), indent=2))
+        click.echo(json.dumps({**st.as_dict(), "embedded": settings.embedded,
+                               "database": database_path(settings)}, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    qt = Table(title="Queue depth (priority 9 is served first)")
-    qt.add_column("tier")
-    prios = sorted({p for d in st.queue_depth.values() for p in d}, reverse=True)
-    for p in prios:
-        qt.add_column(f"p{p}", justify="right")
-    qt.add_column("total", justify="right")
-    qt.add_column("workers")
-    for tier in TIERS:
-        depth = st.queue_depth.get(tier, {})
-        qt.add_row(tier, *[str(depth.get(p, 0)) for p in prios], str(sum(depth.values())),
-                   ", ".join(st.workers.get(tier, [])) or "-")
-    console.print(qt)
+    from loadgen.progress import make_console
+
+    console = make_console()
+    if settings.embedded:
+        console.print(f"embedded default, database {database_path(settings)}: {NO_BROKER}")
+    else:
+        qt = Table(title="Queue depth (priority 9 is served first)")
+        qt.add_column("tier")
+        prios = sorted({p for d in st.queue_depth.values() for p in d}, reverse=True)
+        for p in prios:
+            qt.add_column(f"p{p}", justify="right")
+        qt.add_column("total", justify="right")
+        qt.add_column("workers")
+        for tier in TIERS:
+            depth = st.queue_depth.get(tier, {})
+            qt.add_row(tier, *[str(depth.get(p, 0)) for p in prios], str(sum(depth.values())),
+                       ", ".join(st.workers.get(tier, [])) or "-")
+        console.print(qt)
     rt = Table(title="Requests")
     rt.add_column("status")
     rt.add_column("count", justify="right")

@@ -19,6 +19,8 @@ from sqlalchemy import select
 from config.keys import TIERS
 from tars_tasks.db.models import STATUS_FAILED, Request
 
+#: On the embedded default, how long a re-submission waits for its requests to run in-process.
+RESUBMIT_TIMEOUT_S = 600.0
 _REL_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -76,8 +78,11 @@ def list_cmd(tier: str | None, since: str | None, reason: str | None, limit: int
     """List failed requests with their reasons, newest first."""
     from config.settings import get_settings
     from tars_tasks.db.engine import get_engine
+    from tars_tasks.embedded import ensure_schema
 
-    rows = failed_requests(engine=get_engine(get_settings().database_url), tier=tier, since=parse_since(since),
+    settings = get_settings()
+    ensure_schema(settings)
+    rows = failed_requests(engine=get_engine(settings.database_url), tier=tier, since=parse_since(since),
                            reason=reason, limit=limit)
     if as_json:
         for r in rows:
@@ -101,24 +106,35 @@ def list_cmd(tier: str | None, since: str | None, reason: str | None, limit: int
 @click.option("--all-matching", is_flag=True, help="Re-submit every failed request the filters match.")
 def resubmit_cmd(request_ids: tuple[str, ...], tier: str | None, since: str | None, reason: str | None, limit: int,
                  all_matching: bool) -> None:
-    """Re-submit failed requests as new requests; prints OLD_ID -> NEW_ID for each."""
+    """Re-submit failed requests as new requests; prints OLD_ID -> NEW_ID for each.
+
+    On the embedded default (no broker) the new requests run in this process, and the command
+    returns when they have finished (OLD_ID -> NEW_ID STATUS)."""
+    from config.settings import get_settings
     from tars_tasks.client import TarsClient
+    from tars_tasks.db.engine import get_engine
+    from tars_tasks.embedded import ensure_schema, run_in_process
 
     if not request_ids and not all_matching:
         raise click.UsageError("name request ids, or use --all-matching with filters")
+    settings = get_settings()
+    ensure_schema(settings)
+    rows = failed_requests(engine=get_engine(settings.database_url), tier=tier, since=parse_since(since),
+                           reason=reason, ids=request_ids, limit=limit)
+    missing = set(request_ids) - {r["id"] for r in rows}
+    for rid in sorted(missing):
+        click.echo(f"{rid}: not a failed request; skipped", err=True)
+    if not rows:
+        click.echo("nothing to re-submit")
+        return
+    specs = [{"role": r["role"], "prompt": r["prompt"], "priority": r["priority"], "tenant": r["tenant"],
+              "tier": r["tier_requested"]} for r in rows]
+    if settings.embedded:
+        handles, results = run_in_process(specs, timeout_s=RESUBMIT_TIMEOUT_S, settings=settings)
+        for r, h, res in zip(rows, handles, results, strict=True):
+            click.echo(f"{r['id']} -> {h.id} {res.status}")
+        return
     with TarsClient() as client:
-        rows = failed_requests(engine=client.engine, tier=tier, since=parse_since(since), reason=reason,
-                               ids=request_ids, limit=limit)
-        missing = set(request_ids) - {r["id"] for r in rows}
-        for rid in sorted(missing):
-            click.echo(f"{rid}: not a failed request; skipped", err=True)
-        if not rows:
-            click.echo("nothing to re-submit")
-            return
-        handles = client.submit_many([
-            {"role": r["role"], "prompt": r["prompt"], "priority": r["priority"], "tenant": r["tenant"],
-             "tier": r["tier_requested"]}
-            for r in rows
-        ])
+        handles = client.submit_many(specs)
         for r, h in zip(rows, handles, strict=True):
             click.echo(f"{r['id']} -> {h.id}")

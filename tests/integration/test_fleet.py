@@ -269,6 +269,7 @@ print(json.dumps({"status": [r.status for r in rs], "worker": [r.worker if hasat
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
     env["PYTHONPATH"] = str(ROOT)
     env["TARS_SIM_LATENCY"] = "fixed:10"
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -278,7 +279,7 @@ print(json.dumps({"status": [r.status for r in rs], "worker": [r.worker if hasat
     assert data["calls"] == 2
     assert data["task"] == "tars.run_request"
     assert data["broker"].startswith("memory://") and data["db"].startswith("sqlite")
-    assert (tmp_path / "tars-embedded.db").exists()
+    assert (tmp_path / "data" / "tars" / "embedded.db").exists()  # the user's data directory, not the cwd
 
 
 def test_a_request_that_kills_its_worker_every_time_is_failed_after_max_deliveries(fleet_env, start_worker, client, db):

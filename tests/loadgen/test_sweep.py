@@ -2,14 +2,14 @@ from loadgen.sweep import KneePolicy, Level, find_knee, oversaturated_because
 
 
 def _lv(c, thr, p99, err=0.0, ratio=1.0):
-    return Level(level=c, throughput=thr, p99_ms=p99, error_rate=err, little_ratio=ratio)
+    return Level(level=c, throughput=thr, p99_ms=p99, error_rate=err, efficiency=ratio)
 
 
 def test_the_knee_is_the_last_level_before_p99_or_errors_or_efficiency_break():
     levels = [_lv(1, 1, 1000), _lv(10, 10, 1100), _lv(50, 45, 1500, ratio=0.9), _lv(100, 50, 2600, ratio=0.5)]
     knee = find_knee(levels, KneePolicy())
     assert knee["knee"] == 50 and knee["broke_at"] == 100
-    assert any("p99" in w for w in knee["why"]) and any("Little" in w for w in knee["why"])
+    assert any("p99" in w for w in knee["why"]) and any("binding ceiling" in w for w in knee["why"])
 
 
 def test_a_sweep_stops_when_throughput_falls_below_the_best_level():
@@ -25,7 +25,7 @@ def test_a_sweep_without_a_break_reports_its_last_level_as_healthy():
 
 
 def test_an_open_loop_sweep_breaks_where_completions_fall_behind_the_offered_rate():
-    levels = [Level(level=r, throughput=t, p99_ms=100, error_rate=0, little_ratio=None, offered=r)
+    levels = [Level(level=r, throughput=t, p99_ms=100, error_rate=0, efficiency=None, offered=r)
               for r, t in ((10, 10), (20, 19.8), (40, 30), (80, 31))]
     knee = find_knee(levels, KneePolicy())
     assert knee["knee"] == 20 and knee["broke_at"] == 40

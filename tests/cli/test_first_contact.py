@@ -1,0 +1,185 @@
+"""The CLI as a new user meets it: a fresh directory, no TARS_ settings, no services — and then
+the environment going wrong (Redis down, Postgres down, a database without the schema, input
+that is not text). Every such case is one clear line on stderr and a non-zero exit, never a
+traceback; nothing claims to have queued work that nothing will run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import free_port
+
+TARS = str(Path(sys.executable).with_name("tars"))
+PORTS = {"low": 21000, "high": 21999}
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    env.update({"XDG_DATA_HOME": str(tmp / "data"), "TARS_SIM_LATENCY": "fixed:10", **extra})
+    return env
+
+
+def tars(args: list[str], *, cwd: Path, env: dict[str, str], stdin: bytes | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([TARS, *args], cwd=cwd, env=env, input=stdin, capture_output=True, timeout=timeout)
+
+
+def one_line_error(res: subprocess.CompletedProcess) -> str:
+    """The single error line of a refused command (asserting there is exactly that)."""
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert "Traceback" not in out + err, out + err
+    assert res.returncode != 0, out + err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return cwd, _env(tmp_path)
+
+
+# --- first contact on the embedded default ------------------------------------------------------
+
+
+def test_status_result_and_dead_letter_list_work_in_a_fresh_directory(fresh, tmp_path):
+    cwd, env = fresh
+    st_ = tars(["status"], cwd=cwd, env=env)
+    assert st_.returncode == 0 and b"Traceback" not in st_.stdout + st_.stderr, st_.stderr
+    assert b"embedded default" in st_.stdout and str(tmp_path / "data" / "tars" / "embedded.db").encode() in st_.stdout
+    assert "no such table" not in one_line_error(tars(["result", "no-such-id"], cwd=cwd, env=env))
+    dl = tars(["dead-letter", "list"], cwd=cwd, env=env)
+    assert dl.returncode == 0 and dl.stdout.strip() == b"no failed requests match", dl.stderr
+    assert (tmp_path / "data" / "tars" / "embedded.db").exists()
+    assert list(cwd.iterdir()) == []  # nothing written into the user's current directory
+
+
+def test_submit_on_the_embedded_default_runs_the_request_in_process_and_wait_returns_its_result(fresh):
+    cwd, env = fresh
+    res = tars(["submit", "--role", "researcher", "--prompt", "Summarise RFC 9110", "--wait"], cwd=cwd, env=env)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["status"] == "succeeded" and result["result"] and result["tier_used"] == "haiku"
+    assert b"ran in this process" in res.stderr
+    again = json.loads(tars(["result", result["id"]], cwd=cwd, env=env).stdout)
+    assert again["status"] == "succeeded"  # stored where `tars result` finds it
+
+
+def test_submit_without_wait_on_the_embedded_default_never_reports_work_that_nothing_will_run(fresh):
+    cwd, env = fresh
+    res = tars(["submit", "--role", "engineer", "--prompt", "hello"], cwd=cwd, env=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["created"] is True and out["status"] == "succeeded"  # created, and it did run
+    rows = json.loads(tars(["status", "--json"], cwd=cwd, env=env).stdout)["requests"]
+    assert rows == {"succeeded": 1}  # no queued row left behind
+
+
+def test_worker_refuses_without_a_real_broker(fresh):
+    cwd, env = fresh
+    line = one_line_error(tars(["worker", "--tier", "haiku"], cwd=cwd, env=env, timeout=30))
+    assert "TARS_BROKER_URL" in line and "in-process" in line
+
+
+# --- a real fleet's database without the schema ------------------------------------------------------
+
+
+@pytest.fixture
+def empty_pg(pg_url) -> str:
+    name = f"{pg_url.rsplit('/', 1)[1]}_empty"
+    admin = pg_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return pg_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.mark.parametrize("args", [["status"], ["result", "abc"], ["dead-letter", "list"],
+                                  ["submit", "--role", "engineer", "--prompt", "x"]])
+def test_a_database_without_the_schema_says_run_tars_db_upgrade(args, empty_pg, redis_url, tmp_path):
+    env = _env(tmp_path, TARS_BROKER_URL=redis_url, TARS_DATABASE_URL=empty_pg)
+    line = one_line_error(tars(args, cwd=tmp_path, env=env, timeout=60))
+    assert "run `tars db upgrade`" in line, line
+
+
+# --- services down --------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    return free_port(**PORTS)
+
+
+REDIS_COMMANDS = [["status"], ["submit", "--role", "engineer", "--prompt", "x"],
+                  ["loadgen", "run", "baseline", "--count", "1", "--fleet", "local"],
+                  ["loadgen", "run", "baseline", "--count", "1", "--fleet", "external"]]
+POSTGRES_COMMANDS = [["db", "upgrade"], ["db", "current"], ["status"], ["result", "abc"],
+                     ["submit", "--role", "engineer", "--prompt", "x"], ["dead-letter", "list"],
+                     ["dead-letter", "resubmit", "--all-matching"],
+                     ["loadgen", "run", "baseline", "--count", "1", "--fleet", "local"]]
+
+
+@pytest.mark.parametrize("args", REDIS_COMMANDS, ids=" ".join)
+def test_redis_down_is_one_line_and_a_non_zero_exit(args, pg_url, tmp_path):
+    env = _env(tmp_path, TARS_BROKER_URL=f"redis://127.0.0.1:{_closed_port()}/0", TARS_DATABASE_URL=pg_url)
+    line = one_line_error(tars(args, cwd=tmp_path, env=env, timeout=60))
+    assert "unavailable" in line and "Connection refused" in line, line
+
+
+@pytest.mark.parametrize("args", POSTGRES_COMMANDS, ids=" ".join)
+def test_postgres_down_is_one_line_and_a_non_zero_exit(args, redis_url, tmp_path):
+    env = _env(tmp_path, TARS_BROKER_URL=redis_url,
+               TARS_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{_closed_port()}/tars")
+    line = one_line_error(tars(args, cwd=tmp_path, env=env, timeout=60))
+    assert "database unavailable" in line, line
+
+
+# --- input that is not text -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stdin,what", [(b"before\x00after", "NUL"), (b"caf\xe9 au lait", "UTF-8"),
+                                        (b"\xff\xfe\x00", "UTF-8")])
+def test_a_prompt_from_stdin_that_is_not_text_is_refused_in_one_line(stdin, what, fresh):
+    cwd, env = fresh
+    line = one_line_error(tars(["submit", "--role", "engineer", "--prompt", "-"], cwd=cwd, env=env, stdin=stdin))
+    assert what in line and "standard input" in line, line
+
+
+@pytest.mark.parametrize("args", [["submit", "--role", b"\xff".decode("utf-8", "surrogateescape"), "--prompt", "x"],
+                                  ["submit", "--role", "engineer", "--prompt", b"ok \xc3".decode("utf-8",
+                                                                                                 "surrogateescape")],
+                                  ["result", b"\xfe\xff".decode("utf-8", "surrogateescape")],
+                                  ["dead-letter", "list", "--reason", b"\x80".decode("utf-8", "surrogateescape")],
+                                  ["loadgen", "run", b"base\xffline".decode("utf-8", "surrogateescape")]])
+def test_an_argument_that_is_not_valid_utf8_is_refused_in_one_line(args, fresh):
+    cwd, env = fresh
+    argv = [os.fsencode(a) for a in args]  # the raw bytes, as a shell would pass them
+    res = subprocess.run([TARS.encode(), *argv], cwd=cwd, env=env, capture_output=True, timeout=60)
+    assert "not valid UTF-8" in one_line_error(res)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=64).filter(lambda b: b"\x00" in b or not _is_utf8(b)))
+def test_any_non_text_bytes_on_stdin_are_one_line_and_exit_2(data, tmp_path):
+    env = _env(tmp_path)
+    res = tars(["submit", "--role", "engineer", "--prompt", "-"], cwd=tmp_path, env=env, stdin=data, timeout=60)
+    one_line_error(res)
+    assert res.returncode == 2
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,237 @@
+"""An independent reading of a loadgen report directory: every figure recomputed from the raw
+rows (``requests-<run>.jsonl``, ``samples-<run>.jsonl``) and the run's *inputs* in
+``report.json`` (its window, concurrency, slots and rate limits — never its aggregates), from
+the definitions in the report's Method. It imports nothing from ``loadgen``: the point is a
+second implementation that would disagree if ``loadgen/metrics.py`` were wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MIB = 1024 * 1024
+UNKNOWN = {"in_flight", "unknown"}
+MIN_N = {50: 2, 95: 20, 99: 100}
+
+
+def nearest_rank(values: list[float], p: int) -> float | None:
+    if len(values) < MIN_N[p]:
+        return None
+    s = np.sort(np.asarray(values, dtype=float))
+    rank = -(-p * len(s) // 100)  # ceil(p * n / 100), in integers
+    return float(s[max(rank, 1) - 1])
+
+
+def stats(values: list[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {"n": len(values), "avg": float(np.mean(values)) if values else None,
+                                    "max": float(np.max(values)) if values else None}
+    for p in (50, 95, 99):
+        out[f"p{p}"] = nearest_rank(values, p) if values else None
+    return out
+
+
+class Run:
+    """One run of a report, recomputed."""
+
+    def __init__(self, doc: dict[str, Any], directory: Path) -> None:
+        self.id, self.label, self.level = doc["run_id"], doc["label"], doc["level"]
+        self.drive, self.config = doc["drive"], doc["config"]
+        lines = (directory / doc["records_file"]).read_text().splitlines()
+        self.all = [json.loads(x) for x in lines if x.strip()]
+        samples_file = directory / doc.get("samples_file", f"samples-{self.id}.jsonl")
+        self.samples = [json.loads(x) for x in samples_file.read_text().splitlines() if x.strip()] \
+            if samples_file.exists() else []
+        self.ended = self.drive["ended_at"]
+        self._population()
+        self._figures()
+
+    # --- the population -----------------------------------------------------------------------------
+
+    def _population(self) -> None:
+        d = self.drive
+        sampled = [r for r in self.all if r.get("sampled", True)]
+        w0, w1 = d["window"]
+        if d.get("count_bounded") or w1 - w0 < 1.0:
+            self.pop, self.pop_name, self.start, self.end = sampled, "whole run", d["started_at"], d["load_end"]
+        else:
+            self.pop = [r for r in sampled if w0 <= r["origin"] < w1]
+            self.pop_name, self.start, self.end = "steady window", w0, w1
+
+    def end_of(self, r: dict[str, Any]) -> float:
+        return r["done_at"] if r["done_at"] is not None else self.ended
+
+    # --- every figure -------------------------------------------------------------------------------
+
+    def _figures(self) -> None:
+        pop, n = self.pop, len(self.pop)
+        f: dict[str, Any] = {"n": n, "run_total": len([r for r in self.all if r.get("sampled", True)])}
+        status = Counter(r["status"] for r in pop)
+        f["succeeded"], f["failed"], f["unfinished"] = status["succeeded"], status["failed"], status["unfinished"]
+        f["error_rate"] = (n - status["succeeded"]) / n if n else 0.0
+        f["e2e"] = stats([(self.end_of(r) - r["origin"]) * 1000 for r in pop])
+        f["queue"] = stats([(r["started_at"] - r["submitted_at"]) * 1000 for r in pop
+                            if r["started_at"] is not None and r["submitted_at"] is not None])
+        waits = {id(r): sum(c["ratelimit_wait_ms"] for c in r["calls"]) for r in pop}
+        f["rlwait"] = stats([waits[id(r)] for r in pop if r["calls"]])
+        f["service"] = stats([(r["finished_at"] - r["started_at"]) * 1000 - waits[id(r)] for r in pop
+                              if r["started_at"] is not None and r["finished_at"] is not None
+                              and r["status"] != "unfinished"])
+        model = [sum(c["latency_ms"] for c in r["calls"] if c["latency_ms"] is not None) for r in pop]
+        f["model"] = stats(model)
+        done = [r for r in pop if r["done_at"] is not None]
+        f["completions"] = len(done)
+        if self.drive["kind"] == "closed":
+            by: dict[Any, list[dict]] = defaultdict(list)
+            for i, r in enumerate(pop):
+                by[r["slot"] if r["slot"] is not None else ("x", i)].append(r)
+            spans = busy = refill = 0.0
+            for rs in by.values():
+                rs.sort(key=lambda r: r["origin"])
+                spans += self.end_of(rs[-1]) - rs[0]["origin"]
+                busy += sum(self.end_of(r) - r["origin"] for r in rs)
+                for a, b in itertools.pairwise(rs):
+                    gap = b["origin"] - self.end_of(a)
+                    lag = b["origin"] - b["intended_at"] if b["intended_at"] is not None else gap
+                    refill += min(max(lag, 0.0), max(gap, 0.0))
+            f["span"] = spans / len(by) if by else 0.0
+            f["idle"], f["refill"] = 1 - busy / spans, refill / spans
+            f["backoff"] = max(spans - busy - refill, 0.0) / spans
+        else:
+            f["span"] = self.end - self.start
+        f["throughput"] = len(done) / f["span"] if f["span"] > 0 else 0.0
+        c = self.drive.get("concurrency")
+        if self.drive["kind"] == "closed":
+            f["clients_ceiling"] = c / (f["e2e"]["avg"] / 1000)
+        mean_model = float(np.mean(model)) if model else 0.0
+        ceilings: dict[str, float] = {}
+        if self.drive["kind"] == "closed" and mean_model > 0:
+            ceilings["concurrency"] = c / (mean_model / 1000)
+        if self.drive["kind"] == "open":
+            ceilings["offered rate"] = self.drive["rate_per_s"]
+        lim = self.config.get("rate_limits") or {}
+        if lim.get("enforced") and n:
+            calls, tokens = Counter(), Counter()
+            for r in pop:
+                for cl in r["calls"]:
+                    calls[cl["tier"]] += 1
+                    tokens[cl["tier"]] += cl["input_tokens"] + cl["output_tokens"]
+            per_s = lim["utilisation"] / lim["window_s"]
+            tiers = [min(lim["tiers"][t]["rpm"] * per_s * n / calls[t],
+                         lim["tiers"][t]["tpm"] * per_s * n / tokens[t] if tokens[t] else math.inf)
+                     for t in calls if t in lim["tiers"]]
+            if tiers:
+                ceilings["rate limits"] = min(tiers)
+        if self.config.get("fleet_slots") and mean_model > 0:
+            ceilings["worker slots"] = self.config["fleet_slots"] / (mean_model / 1000)
+        f["mean_model"] = mean_model
+        f["ceilings"] = ceilings
+        f["binding"] = min(ceilings, key=ceilings.get) if ceilings else None
+        f["efficiency"] = f["throughput"] / ceilings[f["binding"]] if ceilings else None
+        calls = [cl for r in pop for cl in r["calls"]]
+        f["api_calls"] = len(calls)
+        f["retries"] = sum(max(0, len(r["calls"]) - 1) for r in pop)
+        f["rl_requests"] = sum(1 for r in pop if any(cl["ratelimit_wait_ms"] > 0 for cl in r["calls"]))
+        f["rl_total_s"] = sum(waits.values()) / 1000
+        unk = [cl for r in pop if r["status"] in ("succeeded", "failed") for cl in r["calls"]
+               if cl["outcome"] in UNKNOWN]
+        f["unknown_calls"], f["unknown_usd"] = len(unk), sum((Decimal(cl["cost_usd"]) for cl in unk), Decimal(0))
+        used = [r for r in pop if r["tier_used"]]
+        f["fallbacks"] = sum(1 for r in used if r["tier_requested"] and r["tier_used"] != r["tier_requested"])
+        f["fallback_rate"] = f["fallbacks"] / len(used) if used else 0.0
+        f["cost"] = sum((Decimal(cl["cost_usd"]) for cl in calls), Decimal(0))
+        f["cost_per_request"] = float(f["cost"] / n) if n else None
+        f["tokens_per_request"] = sum(cl["input_tokens"] + cl["output_tokens"] for cl in calls) / n if n else None
+        by_tier: dict[str, list] = defaultdict(lambda: [Decimal(0), 0])
+        for cl in calls:
+            by_tier[cl["tier"]][0] += Decimal(cl["cost_usd"])
+            by_tier[cl["tier"]][1] += 1
+        f["cost_by_tier"] = dict(by_tier)
+        workers = Counter(r["worker"] for r in pop if r["worker"])
+        xs = list(workers.values())
+        f["workers"] = len(workers)
+        f["jain"] = sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else None
+        ran = [r for r in pop if None not in (r["started_at"], r["finished_at"], r["done_at"], r["submitted_at"])
+               and r["status"] != "unfinished"]
+        if ran:
+            m = len(ran)
+            e = sum((r["done_at"] - r["origin"]) * 1000 for r in ran) / m
+            q = sum((r["started_at"] - r["submitted_at"]) * 1000 for r in ran) / m
+            w = sum(waits[id(r)] for r in ran) / m
+            mo = sum(sum(cl["latency_ms"] or 0 for cl in r["calls"]) for r in ran) / m
+            wk = sum((r["finished_at"] - r["started_at"]) * 1000 - waits[id(r)]
+                     - sum(cl["latency_ms"] or 0 for cl in r["calls"]) for r in ran) / m
+            f["decomposition"] = [m, e, q, w, mo, wk, e - q - w - mo - wk]
+        if self.samples:
+            by_t: dict[float, list] = defaultdict(lambda: [0, 0.0])
+            for s in self.samples:
+                by_t[s["t"]][0] += s["rss"]
+                by_t[s["t"]][1] += s["cpu_percent"]
+            rss = [v[0] / MIB for _, v in sorted(by_t.items())]
+            cpu = [v[1] for _, v in sorted(by_t.items())]
+            f["rss_peak"], f["rss_avg"] = max(rss), sum(rss) / len(rss)
+            f["cpu_avg"], f["cpu_peak"] = sum(cpu) / len(cpu), max(cpu)
+        self.f = f
+
+    def calls_all(self) -> list[dict[str, Any]]:
+        """Every API call of the run (warm-up, drain and rows without a sample included)."""
+        return [dict(cl, _status=r["status"]) for r in self.all for cl in r["calls"]]
+
+
+def load(directory: Path) -> tuple[dict[str, Any], list[Run]]:
+    doc = json.loads((directory / "report.json").read_text())
+    return doc, [Run(run, directory) for sc in doc["scenarios"] for run in sc["runs"]]
+
+
+# --- reading the Markdown ----------------------------------------------------------------------------
+
+
+def table_rows(md: str, run_id: str) -> dict[str, str]:
+    section = md.split(f"Run id: `{run_id}`", 1)[1].split("**Analysis:**", 1)[0]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| \*\*(.+?)\*\* \| (.+?) \|$", section, re.M)}
+
+
+def ceiling_rows(md: str, run_id: str) -> dict[str, list[str]]:
+    section = md.split(f"Run id: `{run_id}`", 1)[1].split("**What bound the run**", 1)[1].split("*Resources", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| Ceiling", "|---")):
+            cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def markdown_table(md: str, header_start: str) -> list[list[str]]:
+    """Rows of the table whose header line starts with ``header_start`` (cells stripped of **)."""
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*").strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+NUM = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def numbers(text: str) -> list[str]:
+    return NUM.findall(text.replace("$", ""))
+
+
+def close(printed: str, value: float | Decimal | None, *, scale: float = 1.0) -> bool:
+    """``printed`` (a number as the report prints it) is ``value`` up to the printed rounding."""
+    if value is None:
+        return printed.strip().startswith("—")
+    digits = printed.split(".")[1] if "." in printed else ""
+    half = 0.5 * 10 ** -len(digits)
+    return abs(float(printed.replace(",", "")) - float(value) * scale) <= half + 1e-9 * abs(float(value) * scale)

@@ -220,16 +220,17 @@ def case_poison(ctx: CaseContext, n: int) -> Audit:
 
         def supervise() -> None:  # a supervisor restarting crashed workers, as compose would
             live = fleet.start_worker(concurrency=50)
-            while not stop.is_set():
+            while not stop.wait(0.2):
                 if live.proc.poll() is not None:
                     live = fleet.start_worker(concurrency=50)
-                time.sleep(0.2)
 
         t = threading.Thread(target=supervise, daemon=True)
         t.start()
-        wait_terminal(ctx.engine, ids, timeout=SETTLE_TIMEOUT_S)
-        stop.set()
-        t.join(30)
+        try:
+            wait_terminal(ctx.engine, ids, timeout=SETTLE_TIMEOUT_S)
+        finally:  # never leave a supervisor restarting workers after the case
+            stop.set()
+            t.join(30)
     a = audit(ctx.engine, case="poison: crashes its worker every time", ids=ids)
     with ctx.engine.connect() as conn:
         a.notes["failed_as_poison"] = conn.execute(

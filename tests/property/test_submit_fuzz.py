@@ -180,7 +180,7 @@ def request_mapping(draw, *, clean: bool, str_keys_only: bool = False) -> dict[A
         v = draw(field_value(name, clean=clean))
         if v is not _ABSENT and (name in ("role", "prompt") or draw(st.integers(0, 3)) > 0):
             out[name] = v
-    if not clean and draw(st.integers(0, 5)) == 0:
+    if not clean and draw(st.integers(0, 5)) == 5:
         out[draw(unknown_str_key if str_keys_only else unknown_key)] = draw(st.one_of(nasty_text, junk))
     return out
 
@@ -235,8 +235,10 @@ def requests_arg(draw, *, clean: bool) -> RequestsArg:
 # --- the harness: call, then check the outcome against the model and the services ---------------
 
 QUEUE_KEYS = [queue_for_tier(t) + (f":{p}" if p else "") for t in TIERS for p in range(10)]
-_run_id_values = st.one_of(st.none(), st.none(), st.none(), st.sampled_from(["RUN"]), st.uuids().map(str),
-                           nasty_text, huge_text, junk, st.just("RUN\n"), st.just(" RUN"))
+_bad_run_ids = st.one_of(st.uuids().map(str), st.sampled_from(["RUN\n", " RUN", "RUNx"]), nasty_text, huge_text, junk)
+#: Mostly no run (so that the requests' own faults are what is refused), else the real one or a bad one.
+_run_id_values = st.integers(0, 9).flatmap(
+    lambda k: st.none() if k < 6 else st.just("RUN") if k < 8 else _bad_run_ids)
 
 
 @dataclass
@@ -250,8 +252,9 @@ class Harness:
 
     def draw_run_id(self, data: st.DataObject, *, clean: bool) -> Any:
         v = data.draw(st.sampled_from([None, "RUN"]) if clean else _run_id_values, label="run_id")
-        return self.run_id if v == "RUN" else self.run_id + "\n" if v == "RUN\n" else " " + self.run_id \
-            if v == " RUN" else v
+        if isinstance(v, str) and v.strip("\n x") == "RUN":
+            return v.replace("RUN", self.run_id)
+        return v
 
     def run_id_errors(self, run_id: Any) -> set[str]:
         return set() if run_id is None or (type(run_id) is str and run_id == self.run_id) else {"run_id"}

@@ -124,7 +124,8 @@ junk = st.one_of(
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.tuples(st.text(max_size=3)),
     st.builds(object), st.just(uuid.uuid4()), st.just(5.0),
 )
-prompt_chars = st.one_of(st.characters(exclude_characters="\x00"), st.sampled_from("\n\t\r\x0c\x1b\x7f\x85 é😀"))
+prompt_chars = st.one_of(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+                         st.sampled_from("\n\t\r\x0c\x1b\x7f\x85 é😀"))
 VALID_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "role": st.sampled_from(sorted(ROLES)),
     "prompt": st.one_of(
@@ -139,13 +140,14 @@ VALID_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "tier": st.one_of(st.none(), st.sampled_from(TIER_NAMES)),
 }
 STRING_MUTATIONS: list[Callable[[str], str]] = [
-    lambda s: s + "\n", lambda s: "\n" + s, lambda s: s + "\r\n", lambda s: s + "\x00", lambda s: "\x00" + s,
+    lambda s: s + "\n", lambda s: "\n" + s, lambda s: s + "\udfff", lambda s: "\udc80" + s, lambda s: s + "\r\n",
+    lambda s: s + "\x00", lambda s: "\x00" + s,
     lambda s: s[:1] + "\ud800" + s[1:], lambda s: s + " ", lambda s: " " + s, lambda s: s + "\t", lambda s: s.upper(),
     lambda s: s + "é", lambda s: s + "\x1b", lambda s: s + "\x7f", lambda s: (s * 300)[:201] + "\n", lambda s: "",
     lambda s: s * 60,
 ]
-INT_NEAR_MISSES = [-1, 10, 10**20, -(10**20), True, False, 5.0, float("nan"), "10", "-1", "²", "٣", "5 ", " high",
-                   "urgent", b"5", None]
+INT_NEAR_MISSES = [-1, 10, 10**20, -(10**20), True, False, True, False, 5.0, float("nan"), "10", "-1", "²", "٣",
+                   "5 ", " high", "urgent", b"5", None]
 
 
 def near_miss(name: str) -> st.SearchStrategy[Any]:
@@ -157,43 +159,60 @@ def near_miss(name: str) -> st.SearchStrategy[Any]:
     return st.tuples(base, st.sampled_from(STRING_MUTATIONS)).map(lambda t: t[1](t[0]))
 
 
-@st.composite
-def field_value(draw, name: str, *, clean: bool) -> Any:
-    """A value for one field: valid if ``clean``, else mostly valid, or a near miss, nasty text, a huge
-    string, junk or nothing at all."""
-    kind = draw(st.integers(0, 19))
-    if clean or kind < 14:
-        return draw(VALID_VALUES[name])
-    return draw([near_miss(name), nasty_text, huge_text, junk, near_miss(name), st.just(_ABSENT)][kind - 14])
-
-
 _ABSENT = object()
+
+
+@st.composite
+def bad_value(draw, name: str) -> Any:
+    """A value that is probably wrong for the field: a near miss, nasty text, a huge string, junk or
+    nothing at all (the model decides; junk such as ``None`` for ``tier`` may still be valid)."""
+    kind = draw(st.integers(0, 6))
+    return draw([near_miss(name), near_miss(name), near_miss(name), nasty_text, huge_text, junk,
+                 st.just(_ABSENT)][kind])
+
+
+@st.composite
+def mixed_value(draw, name: str) -> Any:
+    """Mostly valid, sometimes :func:`bad_value` (for calls with faults anywhere)."""
+    return draw(VALID_VALUES[name]) if draw(st.integers(0, 3)) < 3 else draw(bad_value(name))
+
+
 unknown_str_key = st.one_of(st.sampled_from(["colour", "run_id", "Role", "prompt ", "requests", "tiers"]),
                             nasty_text, huge_text).filter(lambda k: k not in FIELDS and k != "self")
 unknown_key = st.one_of(unknown_str_key, st.integers(), st.none(), st.just(b"role"), st.tuples(st.integers()))
 
+#: What a call gets wrong: nothing (None), exactly one thing, or anything anywhere ("chaos"). Each
+#: test runs once per fault: one fault at a time keeps every check visible (with several, the
+#: first one found hides the rest), and a fixed share per fault keeps rare ones from going unseen.
+FIELD_FAULTS = [*FIELDS, "unknown_key", "run_id"]
+SUBMIT_FAULTS = [None, *FIELD_FAULTS, "chaos"]
+SUBMIT_MANY_FAULTS = [None, *FIELD_FAULTS, "item", "container", "chaos"]
+
 
 @st.composite
-def request_mapping(draw, *, clean: bool, str_keys_only: bool = False) -> dict[Any, Any]:
+def request_mapping(draw, *, fault: str | None, str_keys_only: bool = False) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for name in FIELDS:
-        v = draw(field_value(name, clean=clean))
-        if v is not _ABSENT and (name in ("role", "prompt") or draw(st.integers(0, 3)) > 0):
+        if fault == "chaos":
+            v = draw(mixed_value(name))
+        elif fault == name:
+            v = draw(bad_value(name))
+        else:
+            v = draw(VALID_VALUES[name])
+        if v is not _ABSENT and (name in ("role", "prompt") or fault == name or draw(st.integers(0, 3)) > 0):
             out[name] = v
-    if not clean and draw(st.integers(0, 5)) == 5:
+    if fault == "unknown_key" or (fault == "chaos" and draw(st.integers(0, 5)) == 5):
         out[draw(unknown_str_key if str_keys_only else unknown_key)] = draw(st.one_of(nasty_text, junk))
     return out
 
 
 @st.composite
-def request_item(draw, *, clean: bool) -> Any:
-    kind = draw(st.integers(0, 19))
-    if kind < 16:
-        return draw(request_mapping(clean=clean))
-    if clean or kind < 18:
-        return types.MappingProxyType(draw(request_mapping(clean=clean)))  # any Mapping is a request
-    return draw(st.one_of(junk, nasty_text, st.lists(st.tuples(st.sampled_from(FIELDS), st.text(max_size=3)),
-                                                     max_size=2)))
+def request_item(draw, *, fault: str | None) -> Any:
+    if fault == "item":
+        return draw(st.one_of(junk, nasty_text, st.lists(st.tuples(st.sampled_from(FIELDS), st.text(max_size=3)),
+                                                         max_size=2)))
+    fields = draw(request_mapping(fault=fault))
+    return types.MappingProxyType(fields) if draw(st.integers(0, 9)) == 9 else fields  # any Mapping is a request
 
 
 @dataclass(frozen=True)
@@ -219,24 +238,27 @@ class RequestsArg:
 
 
 @st.composite
-def requests_arg(draw, *, clean: bool) -> RequestsArg:
-    good_kinds = ["list"] * 4 + ["tuple", "generator", "iterator"]
-    bad_kinds = ["generator", "empty", "too_many", "none", "str", "bytes", "int", "mapping", "set"]
-    kind = draw(st.sampled_from(good_kinds if clean else [*good_kinds, *bad_kinds]))
-    if kind in ("list", "tuple", "generator", "iterator"):
-        return RequestsArg(kind, draw(st.lists(request_item(clean=clean), min_size=1, max_size=4)))
-    if kind == "too_many":
-        return RequestsArg(kind, [{"role": "researcher", "prompt": f"n{i}"} for i in range(CAP + 1)])
-    if kind == "mapping":
-        return RequestsArg(kind, [draw(request_mapping(clean=False))])
-    return RequestsArg(kind, [])
+def requests_arg(draw, *, fault: str | None) -> RequestsArg:
+    if fault == "container":
+        kind = draw(st.sampled_from(["empty", "too_many", "none", "str", "bytes", "int", "mapping", "set",
+                                     "empty", "too_many"]))
+        if kind == "too_many":
+            return RequestsArg(kind, [{"role": "researcher", "prompt": f"n{i}"} for i in range(CAP + 1)])
+        if kind == "mapping":
+            return RequestsArg(kind, [draw(request_mapping(fault=None))])
+        return RequestsArg(kind, [])
+    kind = draw(st.sampled_from(["list", "list", "list", "tuple", "generator", "iterator"]))
+    n = draw(st.integers(1, 4))
+    bad = draw(st.integers(0, n - 1))  # the one request that carries the fault
+    per_item = [fault if fault == "chaos" or i == bad else None for i in range(n)]
+    return RequestsArg(kind, [draw(request_item(fault=f)) for f in per_item])
 
 
 # --- the harness: call, then check the outcome against the model and the services ---------------
 
 QUEUE_KEYS = [queue_for_tier(t) + (f":{p}" if p else "") for t in TIERS for p in range(10)]
 _bad_run_ids = st.one_of(st.uuids().map(str), st.sampled_from(["RUN\n", " RUN", "RUNx"]), nasty_text, huge_text, junk)
-#: Mostly no run (so that the requests' own faults are what is refused), else the real one or a bad one.
+#: For "chaos" calls: mostly no run, else the real one or a bad one.
 _run_id_values = st.integers(0, 9).flatmap(
     lambda k: st.none() if k < 6 else st.just("RUN") if k < 8 else _bad_run_ids)
 
@@ -250,8 +272,9 @@ class Harness:
     calls: int = 0
     outcomes: dict[str, int] = field(default_factory=lambda: {"recorded": 0, "refused": 0})
 
-    def draw_run_id(self, data: st.DataObject, *, clean: bool) -> Any:
-        v = data.draw(st.sampled_from([None, "RUN"]) if clean else _run_id_values, label="run_id")
+    def draw_run_id(self, data: st.DataObject, *, fault: str | None) -> Any:
+        strategy = {"run_id": _bad_run_ids, "chaos": _run_id_values}.get(fault, st.sampled_from([None, "RUN"]))
+        v = data.draw(strategy, label="run_id")
         if isinstance(v, str) and v.strip("\n x") == "RUN":
             return v.replace("RUN", self.run_id)
         return v
@@ -348,70 +371,83 @@ def _fuzz(max_examples: int):
                     suppress_health_check=list(HealthCheck), print_blob=False)
 
 
-SUBMIT_EXAMPLES, SUBMIT_MANY_EXAMPLES, MODULE_EXAMPLES, COORDINATOR_EXAMPLES = 500, 700, 400, 400
+#: Examples (= calls) per fault: 10*60 + 12*70 + 22*20 + 12*40 = 2,360 calls in all.
+PER_FAULT = {"client.submit": 60, "client.submit_many": 70, "module": 20, "coordinator": 40}
+_ids = {"ids": lambda f: f or "valid"}
 
 
-def _submit_call(h: Harness, fn: Callable[..., Any], data: st.DataObject) -> None:
-    clean = data.draw(st.booleans(), label="clean")
-    kwargs = data.draw(request_mapping(clean=clean, str_keys_only=True), label="kwargs")
+def _submit_call(h: Harness, fn: Callable[..., Any], data: st.DataObject, fault: str | None) -> None:
+    kwargs = data.draw(request_mapping(fault=fault, str_keys_only=True), label="kwargs")
     kwargs.pop("run_id", None)
-    run_id = h.draw_run_id(data, clean=clean)
+    run_id = h.draw_run_id(data, fault=fault)
     if run_id is not None or data.draw(st.booleans(), label="pass run_id=None"):
         kwargs["run_id"] = run_id
     item = {k: v for k, v in kwargs.items() if k != "run_id"}
     h.check(lambda: fn(**kwargs), items=[item], errors=item_errors(item) | h.run_id_errors(run_id), run_id=run_id)
 
 
-def _submit_many_call(h: Harness, fn: Callable[..., Any], data: st.DataObject, **extra: Any) -> None:
-    clean = data.draw(st.booleans(), label="clean")
-    arg = data.draw(requests_arg(clean=clean), label="requests")
-    run_id = h.draw_run_id(data, clean=clean)
+def _submit_many_call(h: Harness, fn: Callable[..., Any], data: st.DataObject, fault: str | None,
+                      **extra: Any) -> None:
+    arg = data.draw(requests_arg(fault=fault), label="requests")
+    run_id = h.draw_run_id(data, fault=fault)
     h.check(lambda: fn(arg.build(), run_id=run_id, **extra), items=arg.items,
             errors=arg.errors() | h.run_id_errors(run_id), run_id=run_id)
 
 
-def test_client_submit_records_exactly_what_was_submitted_or_raises_invalid_request(harness):
-    @_fuzz(SUBMIT_EXAMPLES)
+def _exercised(h: Harness, fault: str | None, examples: int) -> None:
+    """Every example made its call, and the fault (if any) was refused at least once."""
+    assert h.calls >= examples
+    if fault is None:
+        assert h.outcomes["recorded"] == h.calls
+    elif fault != "chaos":
+        assert h.outcomes["refused"] > 0
+
+
+@pytest.mark.parametrize("fault", SUBMIT_FAULTS, **_ids)
+def test_client_submit_records_exactly_what_was_submitted_or_raises_invalid_request(harness, fault):
+    @_fuzz(PER_FAULT["client.submit"])
     @given(st.data())
     def one_call(data):
-        _submit_call(harness, harness.client.submit, data)
+        _submit_call(harness, harness.client.submit, data, fault)
 
     one_call()
-    assert harness.calls >= SUBMIT_EXAMPLES and harness.outcomes["recorded"] > SUBMIT_EXAMPLES // 5
+    _exercised(harness, fault, PER_FAULT["client.submit"])
 
 
-def test_client_submit_many_records_exactly_what_was_submitted_or_raises_invalid_request(harness):
-    @_fuzz(SUBMIT_MANY_EXAMPLES)
+@pytest.mark.parametrize("fault", SUBMIT_MANY_FAULTS, **_ids)
+def test_client_submit_many_records_exactly_what_was_submitted_or_raises_invalid_request(harness, fault):
+    @_fuzz(PER_FAULT["client.submit_many"])
     @given(st.data())
     def one_call(data):
-        _submit_many_call(harness, harness.client.submit_many, data)
+        _submit_many_call(harness, harness.client.submit_many, data, fault)
 
     one_call()
-    assert harness.calls >= SUBMIT_MANY_EXAMPLES and harness.outcomes["recorded"] > SUBMIT_MANY_EXAMPLES // 5
+    _exercised(harness, fault, PER_FAULT["client.submit_many"])
 
 
-def test_module_level_submit_and_submit_many_record_or_raise_invalid_request(harness, monkeypatch):
+@pytest.mark.parametrize(("function", "fault"), [("submit", f) for f in SUBMIT_FAULTS]
+                         + [("submit_many", f) for f in SUBMIT_MANY_FAULTS])
+def test_module_level_submit_and_submit_many_record_or_raise_invalid_request(harness, monkeypatch, function, fault):
     import tars_tasks
 
     monkeypatch.setattr(tars_tasks, "_default_client", harness.client)
+    call = _submit_many_call if function == "submit_many" else _submit_call
 
-    @_fuzz(MODULE_EXAMPLES)
+    @_fuzz(PER_FAULT["module"])
     @given(st.data())
     def one_call(data):
-        if data.draw(st.booleans(), label="submit_many"):
-            _submit_many_call(harness, tars_tasks.submit_many, data)
-        else:
-            _submit_call(harness, tars_tasks.submit, data)
+        call(harness, getattr(tars_tasks, function), data, fault)
 
     one_call()
-    assert harness.calls >= MODULE_EXAMPLES and harness.outcomes["recorded"] > MODULE_EXAMPLES // 5
+    _exercised(harness, fault, PER_FAULT["module"])
 
 
-def test_coordinator_submit_many_records_or_raises_invalid_request(harness):
-    @_fuzz(COORDINATOR_EXAMPLES)
+@pytest.mark.parametrize("fault", SUBMIT_MANY_FAULTS, **_ids)
+def test_coordinator_submit_many_records_or_raises_invalid_request(harness, fault):
+    @_fuzz(PER_FAULT["coordinator"])
     @given(st.data())
     def one_call(data):
-        _submit_many_call(harness, harness.client.coordinator.submit_many, data, reply_to=None)
+        _submit_many_call(harness, harness.client.coordinator.submit_many, data, fault, reply_to=None)
 
     one_call()
-    assert harness.calls >= COORDINATOR_EXAMPLES and harness.outcomes["recorded"] > COORDINATOR_EXAMPLES // 5
+    _exercised(harness, fault, PER_FAULT["coordinator"])

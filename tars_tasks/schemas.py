@@ -101,7 +101,7 @@ class RequestSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _check(cls, data: Any) -> dict[str, Any]:
-        return check_fields(data)
+        return _check_fields(data)
 
 
 # --- the checks -------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def _field_name(key: Any) -> str:
     return excerpt(key, limit=40)
 
 
-def check_fields(data: Any) -> dict[str, Any]:
+def _check_fields(data: Any) -> dict[str, Any]:
     """The catalog-free checks of one request's fields; returns them typed, defaults filled in."""
     if not isinstance(data, Mapping):
         raise _invalid("requests", f"expected a mapping of request fields, got {type_name(data)} {excerpt(data)}")
@@ -229,7 +229,7 @@ def validate_spec(
     try:
         if isinstance(data, RequestSpec):
             data = {f: getattr(data, f) for f in FIELDS}
-        fields = check_fields(data)
+        fields = _check_fields(data)
         if fields["role"] not in catalog.roles:
             raise _invalid("role", f"unknown role {excerpt(fields['role'])}: known roles are "
                                    + ", ".join(sorted(catalog.roles)))

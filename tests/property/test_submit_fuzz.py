@@ -16,7 +16,10 @@ from the implementation) says which fields of a call are invalid. For every call
   printable, UTF-8-encodable message; no row was written and no message queued;
 * any other exception escaping is a failure.
 
-Deterministic (``derandomize=True``, no example database); 2,000 calls in total.
+Each test runs once per kind of fault (none, one field, an unknown field, the run id, a
+non-mapping request, the container, or faults anywhere), so that every check is exercised and
+one fault does not hide another. Deterministic (``derandomize=True``, no example database);
+2,360 calls in all (``PER_FAULT``), about 35 s.
 """
 
 from __future__ import annotations
@@ -451,3 +454,60 @@ def test_coordinator_submit_many_records_or_raises_invalid_request(harness, faul
 
     one_call()
     _exercised(harness, fault, PER_FAULT["coordinator"])
+
+
+# --- the cases the outside check of issue #8 reported, as fixed examples ----------------------------
+
+ISSUE_8_CASES = [
+    ("nul in prompt", lambda c, run: c.submit(role="researcher", prompt="a\x00b"), "prompt"),
+    ("lone surrogate in prompt", lambda c, run: c.submit(role="researcher", prompt="a\ud800b"), "prompt"),
+    ("nul in tenant", lambda c, run: c.submit(role="researcher", prompt="p", tenant="acme\x00"), "tenant"),
+    ("trailing newline fills the tenant column",
+     lambda c, run: c.submit(role="researcher", prompt="p", tenant="t" * 100 + "\n"), "tenant"),
+    ("trailing newline fills the key column",
+     lambda c, run: c.submit(role="researcher", prompt="p", idempotency_key="k" * 200 + "\n"), "idempotency_key"),
+    ("unknown run_id", lambda c, run: c.submit(role="researcher", prompt="p", run_id=str(uuid.uuid4())), "run_id"),
+    ("malformed run_id", lambda c, run: c.submit(role="researcher", prompt="p", run_id=run + "\n"), "run_id"),
+    ("submit_many(None)", lambda c, run: c.submit_many(None), "requests"),
+    ("submit_many of a str", lambda c, run: c.submit_many("researcher"), "requests"),
+    ("submit_many of a generator of ints", lambda c, run: c.submit_many(i for i in range(3)), "requests"),
+    ("submit_many([])", lambda c, run: c.submit_many([]), "requests"),
+    ("a 200 kB role", lambda c, run: c.submit(role="r" * 200_000, prompt="p"), "role"),
+    ("a 200 kB unknown priority", lambda c, run: c.submit(role="researcher", prompt="p", priority="9" * 200_000),
+     "priority"),
+    ("bytes for a prompt", lambda c, run: c.submit(role="researcher", prompt=b"hi"), "prompt"),
+    ("a bool priority", lambda c, run: c.submit(role="researcher", prompt="p", priority=True), "priority"),
+    ("an unknown keyword", lambda c, run: c.submit(role="researcher", prompt="p", colour="red"), "colour"),
+    ("no role", lambda c, run: c.submit(prompt="p"), "role"),
+]
+
+
+@pytest.mark.parametrize(("call", "field"), [c[1:] for c in ISSUE_8_CASES], ids=[c[0] for c in ISSUE_8_CASES])
+def test_the_inputs_issue_8_found_are_refused_naming_the_field_with_nothing_written(harness, call, field):
+    before = harness._snapshot()
+    with pytest.raises(InvalidRequest) as info:
+        call(harness.client, harness.run_id)
+    assert info.value.field == field
+    assert len(str(info.value)) <= MESSAGE_MAX and str(info.value).isprintable()
+    assert harness._snapshot() == before == (0, 0)
+
+
+def test_a_run_id_is_recorded_when_the_run_exists(harness):
+    h = harness.client.submit(role="researcher", prompt="p", run_id=harness.run_id)
+    assert harness._rows([h.id])[h.id]["run_id"] == harness.run_id
+
+
+def test_looking_up_a_run_with_postgres_unreachable_is_database_unavailable(fleet_env):
+    from tars_tasks.client import TarsClient
+    from tars_tasks.errors import DatabaseUnavailable
+    from tests.helpers import free_port
+
+    dead = f"postgresql://postgres@127.0.0.1:{free_port(low=22000, high=22999)}/nowhere"
+    client = TarsClient(settings=make_settings({**fleet_env, "TARS_DATABASE_URL": dead}))
+    try:
+        with pytest.raises(DatabaseUnavailable, match="could not look up run"):
+            client.coordinator.check_run(str(uuid.uuid4()))
+        with pytest.raises(InvalidRequest):  # the form is checked before anything is asked of Postgres
+            client.coordinator.check_run("no such\nrun")
+    finally:
+        client.close()

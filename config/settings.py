@@ -96,6 +96,8 @@ class Settings(BaseSettings):
 
     # --- input limits -----------------------------------------------------------------------
     max_prompt_chars: int = Field(default=200_000, ge=1)
+    #: Requests one ``submit_many`` call may carry; more is refused (InvalidRequest) before any write.
+    max_requests_per_call: int = Field(default=10_000, ge=1)
 
     # --- admission control and graceful degradation (tars_tasks/admission.py) ----------------
     #: Messages a tier's queue may hold; beyond it, submit raises Overloaded. 0 disables.

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from tars_tasks.celery_app import app
 from tars_tasks.errors import (
     BrokerUnavailable,
@@ -15,6 +18,7 @@ from tars_tasks.errors import (
     ResultTimeout,
     TarsError,
 )
+from tars_tasks.schemas import REQUIRED
 
 __all__ = [
     "BrokerUnavailable",
@@ -53,18 +57,23 @@ def _client():
 
 def submit(
     *,
-    role: str,
-    prompt: str,
+    role: str = REQUIRED,
+    prompt: str = REQUIRED,
     priority: int | str = "normal",
     tenant: str = "default",
     idempotency_key: str | None = None,
     tier: str | None = None,
+    run_id: str | None = None,
+    **unknown: Any,
 ):
-    """Submit one request with this process's default :class:`TarsClient`; returns its handle."""
+    """Submit one request with this process's default :class:`TarsClient`; returns its handle.
+
+    Accepts and refuses exactly what :meth:`TarsClient.submit` does (see ``RequestSpec``).
+    """
     return _client().submit(role=role, prompt=prompt, priority=priority, tenant=tenant,
-                            idempotency_key=idempotency_key, tier=tier)
+                            idempotency_key=idempotency_key, tier=tier, run_id=run_id, **unknown)
 
 
-def submit_many(requests, *, run_id: str | None = None):
+def submit_many(requests: Iterable[Any], *, run_id: str | None = None):
     """Validate all, then record and queue all, with this process's default client."""
     return _client().submit_many(requests, run_id=run_id)

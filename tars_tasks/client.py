@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -29,7 +29,7 @@ from tars_tasks.db.models import TERMINAL_STATUSES, Request
 from tars_tasks.errors import BrokerUnavailable, RequestNotFound, ResultTimeout
 from tars_tasks.notify import CompletionListener, LocalListener, RedisListener
 from tars_tasks.redis_client import get_redis
-from tars_tasks.schemas import RequestSpec
+from tars_tasks.schemas import REQUIRED, RequestSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,29 +98,40 @@ class TarsClient:
     def submit(
         self,
         *,
-        role: str,
-        prompt: str,
+        role: str = REQUIRED,
+        prompt: str = REQUIRED,
         priority: int | str = "normal",
         tenant: str = "default",
         idempotency_key: str | None = None,
         tier: str | None = None,
         run_id: str | None = None,
+        **unknown: Any,
     ) -> RequestHandle:
-        spec = {"role": role, "prompt": prompt, "priority": priority, "tenant": tenant,
-                "idempotency_key": idempotency_key, "tier": tier}
-        return self.submit_many([spec], run_id=run_id)[0]
+        """Validate, record and queue one request (the fields are :class:`RequestSpec`'s).
+
+        ``submit(**fields)`` behaves exactly as ``submit_many([fields])``: a missing ``role`` or
+        ``prompt`` and an unknown keyword are :class:`InvalidRequest` naming the field, like a bad value.
+        """
+        spec = {name: value for name, value in (("role", role), ("prompt", prompt), ("priority", priority),
+                                                ("tenant", tenant), ("idempotency_key", idempotency_key),
+                                                ("tier", tier)) if value is not REQUIRED}
+        return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]
 
     def submit_many(
-        self, requests: Iterable[RequestSpec | dict[str, Any]], *, run_id: str | None = None
+        self, requests: Iterable[RequestSpec | Mapping[str, Any]], *, run_id: str | None = None
     ) -> list[RequestHandle]:
-        """Validate all, then record and queue all. One bad request rejects the whole call."""
+        """Validate all, then record and queue all. One bad request rejects the whole call.
+
+        ``requests`` is a non-empty iterable (list, tuple, generator) of request mappings, at most
+        ``TARS_MAX_REQUESTS_PER_CALL``; ``run_id`` is ``None`` or the id of a row of ``runs``.
+        Bad input is :class:`InvalidRequest` before the broker is touched at all.
+        """
+        planned = self.coordinator.plan(requests, run_id=run_id)
         try:
             listener = self.listener  # subscribe before anything can finish
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"broker unavailable (completion channel): {exc}; nothing was recorded") from exc
-        subs: list[Submission] = self.coordinator.submit_many(
-            requests, run_id=run_id, reply_to=listener.channel
-        )
+        subs: list[Submission] = self.coordinator.submit_planned(planned, run_id=run_id, reply_to=listener.channel)
         return [RequestHandle(id=s.id, tier=s.tier, priority=s.priority, created=s.created, client=self)
                 for s in subs]
 

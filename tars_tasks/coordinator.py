@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -34,12 +34,12 @@ from config.keys import queue_for_tier
 from config.settings import Settings
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
-from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, Request
+from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, Request, Run
 from tars_tasks.db.upsert import insert_for
-from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded
+from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded, excerpt
 from tars_tasks.publish import publish_request
 from tars_tasks.routing import Route, route
-from tars_tasks.schemas import RequestSpec, validate_spec
+from tars_tasks.schemas import RequestSpec, validate_requests, validate_run_id, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,35 @@ class Coordinator:
                 namespace=settings.namespace, limit=settings.max_queue_depth,
                 ttl_s=settings.admission_reservation_ttl_s)
 
-    def plan(self, requests: Iterable[RequestSpec | dict[str, Any]]) -> list[_Planned]:
-        """Validate and route every request; raise on the first bad one, before any write."""
+    def plan(self, requests: Iterable[RequestSpec | Mapping[str, Any]], *, run_id: str | None = None) -> list[_Planned]:
+        """Validate and route every request and check ``run_id`` names a run; raise
+        :class:`InvalidRequest` for the first bad one, before any write (``tars_tasks.schemas``)."""
+        items = validate_requests(requests, max_requests=self.settings.max_requests_per_call)
         planned = []
-        for i, data in enumerate(requests):
-            spec = validate_spec(data, index=i)
-            try:
-                r = route(spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"request #{i}: {exc}", field=exc.field) from None
+        for i, data in enumerate(items):
+            where = i if len(items) > 1 else None
+            spec = validate_spec(data, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars,
+                                 index=where)
+            r = route(spec, catalog=self.catalog)
             planned.append(_Planned(spec=spec, route=r, id=str(uuid.uuid4()), requested_tier=r.tier))
+        self.check_run(run_id)
         return planned
+
+    def check_run(self, run_id: Any) -> str | None:
+        """``run_id`` as given if it is ``None`` or names a row of ``runs``; else :class:`InvalidRequest`
+        (a foreign-key error from Postgres is not a message for a producer)."""
+        run_id = validate_run_id(run_id)
+        if run_id is None:
+            return None
+        runs = Run.__table__.c
+        try:
+            with self.engine.connect() as conn:
+                found = conn.execute(select(runs.id).where(runs.id == run_id)).first()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"could not look up run {run_id}: {exc.orig or exc}") from exc
+        if found is None:
+            raise InvalidRequest(f"unknown run_id {excerpt(run_id)}: no such run in runs", field="run_id")
+        return run_id
 
     def admit(self, planned: list[_Planned]) -> list[_Planned]:
         """Apply admission control and degradation; raise Overloaded before any write."""
@@ -109,14 +127,16 @@ class Coordinator:
 
     def submit_many(
         self,
-        requests: Iterable[RequestSpec | dict[str, Any]],
+        requests: Iterable[RequestSpec | Mapping[str, Any]],
         *,
         run_id: str | None = None,
         reply_to: str | None = None,
     ) -> list[Submission]:
-        planned = self.plan(requests)
-        if not planned:
-            return []
+        return self.submit_planned(self.plan(requests, run_id=run_id), run_id=run_id, reply_to=reply_to)
+
+    def submit_planned(self, planned: list[_Planned], *, run_id: str | None = None,
+                       reply_to: str | None = None) -> list[Submission]:
+        """Admit, record and queue requests :meth:`plan` validated (its ``run_id`` checked there)."""
         planned = self.admit(planned)
         reservations = self._reserve(planned)
         try:

@@ -6,6 +6,44 @@ queued. Provider errors are raised inside sub-agents and decide retry versus fai
 
 from __future__ import annotations
 
+import reprlib
+
+#: Longest rendering of a bad value in an error message (see :func:`excerpt`).
+EXCERPT_CHARS = 80
+
+_repr = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_repr.maxlevel, _repr.maxstring, _repr.maxlong, _repr.maxother = 2, EXCERPT_CHARS, 40, EXCERPT_CHARS
+_repr.maxtuple = _repr.maxlist = _repr.maxarray = _repr.maxdict = _repr.maxset = _repr.maxfrozenset = 4
+_repr.maxdeque = 4
+
+
+def excerpt(value: object, *, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters (``...`` marks the cut), for error messages.
+
+    Always printable and encodable as UTF-8: NUL, control characters and lone surrogates come out
+    escaped (``'a\\x00b'``), and a 200 kB string costs only its first ``limit`` characters.
+    """
+    if isinstance(value, str):  # cut before repr: cheap for huge values, no overridden __repr__
+        text, cut = str.__repr__(str.__str__(value[:limit])), len(value) > limit
+    elif isinstance(value, bytes | bytearray):
+        text, cut = repr(bytes(value[:limit])), len(value) > limit
+    else:
+        try:
+            text = _repr.repr(value)
+        except Exception:  # a __repr__ that raises is the value's problem, not the message's
+            text = f"<{type(value).__name__} object>"
+        cut = False
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+    if cut or len(text) > limit:
+        text = text[: max(limit - 3, 1)] + "..."
+    return text
+
+
+def type_name(value: object) -> str:
+    """The short name of ``value``'s type, for "got int" in an error message."""
+    return excerpt(type(value).__qualname__, limit=40).strip("'") if value is not None else "None"
+
 
 class TarsError(Exception):
     """Base of every error TARS raises on purpose."""
@@ -15,11 +53,17 @@ class TarsError(Exception):
 
 
 class InvalidRequest(TarsError, ValueError):
-    """The request is malformed; nothing was recorded or queued. Do not retry it as is."""
+    """The request is malformed; nothing was recorded or queued. Do not retry it as is.
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    ``field`` names what is wrong (``"tenant"``, ``"run_id"``, ``"requests"`` for the container,
+    or the unknown field's name); ``index`` is the bad request's position in a ``submit_many``
+    call of more than one request. The message quotes the bad value only as an :func:`excerpt`.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, index: int | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.index = index
 
 
 class Overloaded(TarsError):

@@ -183,8 +183,8 @@ class SubAgent:
                                     "request fields (role, prompt, ...) to create it from")
             return None
         try:
-            spec = validate_spec(message.spec)
-            r = route(spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
+            spec = validate_spec(message.spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
+            r = route(spec, catalog=self.catalog)
         except InvalidRequest as exc:
             self.dead_letter(reason="invalid_request", detail=f"request {message.request_id}: {exc}")
             return None

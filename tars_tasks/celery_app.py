@@ -20,6 +20,8 @@ from celery import Celery
 
 from config.keys import TASK_RUN_REQUEST, queue_for_tier
 from config.settings import Settings, get_settings
+from tars_tasks import broker_transport
+from tars_tasks.redis_client import broker_transport_bounds
 
 #: kombu's in-memory transport polls an empty queue every second by default; at concurrency 1
 #: that second was most of a request's life. Measured: baseline C=1 at 72% of Little's bound.
@@ -62,9 +64,8 @@ def celery_config(settings: Settings) -> dict:
             "queue_order_strategy": "priority",
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
-            "socket_timeout": 30,
-            "socket_connect_timeout": 5,
-            "health_check_interval": 25,
+            # connect/reply bounds, keepalives, half-open checks: tars_tasks.redis_client
+            **broker_transport_bounds(settings),
             "max_connections": 1000,
             **({"polling_interval": EMBEDDED_POLLING_INTERVAL_S} if settings.embedded else {}),
         },
@@ -75,6 +76,7 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    broker_transport.install()  # redis:// with the pub/sub half-open check on the gevent path too
     settings = settings or get_settings()
     celery = Celery("tars_tasks", include=["tars_tasks.tasks"])
     celery.conf.update(celery_config(settings))

@@ -86,7 +86,7 @@ class TarsClient:
         self.settings = settings or get_settings()
         self.catalog = catalog or load_catalog(self.settings.catalog_path)
         self.celery_app = default_app if settings is None else make_app(self.settings)
-        self.engine = get_engine(self.settings.database_url)
+        self.engine = get_engine(self.settings.database_url, settings=self.settings)
         self.coordinator = Coordinator(
             settings=self.settings, catalog=self.catalog, celery_app=self.celery_app, engine=self.engine
         )
@@ -128,9 +128,8 @@ class TarsClient:
         if self._listener is None:
             redis_url = self.settings.shared_redis_url
             if redis_url:
-                self._listener = RedisListener(
-                    self.producer_id, namespace=self.settings.namespace, redis_client=get_redis(redis_url)
-                )
+                self._listener = RedisListener(self.producer_id, namespace=self.settings.namespace,
+                                               redis_client=get_redis(redis_url, settings=self.settings))
             else:
                 self._listener = LocalListener(self.producer_id, namespace=self.settings.namespace)
         return self._listener

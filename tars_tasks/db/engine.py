@@ -22,14 +22,13 @@ Nothing waits forever on Postgres (docs/OPERATIONS.md, "Timeouts"):
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -40,10 +39,30 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _engines: dict[tuple[str, tuple], Engine] = {}
 
-#: psycopg raises this (an OperationalError) when a wait's timeout expires.
-_WaitTimeout: type[Exception] = getattr(pg_errors, "_WaitTimeout", pg_errors.OperationalError)
-if "timeout" not in inspect.signature(psycopg.Connection.wait).parameters:  # pragma: no cover
-    raise ImportError("TARS needs psycopg >= 3.2 (Connection.wait with a timeout): pip install -U 'psycopg[binary]'")
+
+class _Silent(Exception):
+    """Raised inside a psycopg protocol generator whose server stopped answering."""
+
+
+def _until_silent_for(gen, silence_s: float):
+    """Pass ``gen``'s waits through; raise :class:`_Silent` after ``silence_s`` without the socket
+    becoming ready. psycopg's wait loop wakes every 0.1 s (``Connection.wait``'s interval) and then
+    sends "nothing happened"; a live server that sends or accepts data resets the clock, so a long
+    result that keeps coming is never cut off — only silence is."""
+    quiet_since = monotonic()
+    try:
+        state = next(gen)
+        while True:
+            ready = yield state
+            now = monotonic()
+            if ready:
+                quiet_since = now
+            elif now - quiet_since >= silence_s:
+                gen.close()
+                raise _Silent
+            state = gen.send(ready)
+    except StopIteration as stop:
+        return stop.value
 
 
 def normalise_url(url: str) -> str:
@@ -56,28 +75,29 @@ def normalise_url(url: str) -> str:
 
 
 class BoundedConnection(psycopg.Connection):
-    """A psycopg connection on which no exchange with the server outlasts ``io_timeout_s``.
+    """A psycopg connection on which no wait for the server lasts more than ``io_timeout_s`` of silence.
 
     Every operation of a psycopg connection — a statement and its whole result, COMMIT,
-    ROLLBACK, SQLAlchemy's pre-ping — is one :meth:`wait` on a protocol generator. Past the
-    bound the connection is closed (its protocol state is unknown: it must never be reused)
-    and ``OperationalError`` is raised, which SQLAlchemy takes for a disconnect. The server
-    side of the abandoned connection is handed to ``on_abandon`` (see :class:`AbandonedBackends`).
+    ROLLBACK, SQLAlchemy's pre-ping — is one :meth:`wait` on a protocol generator; this one
+    wraps the generator (:func:`_until_silent_for`), which works the same with psycopg's C and
+    Python wait loops and across psycopg versions. Past the bound the connection is closed (its
+    protocol state is unknown: it must never be reused) and ``OperationalError`` is raised,
+    which SQLAlchemy takes for a disconnect. The server side of the abandoned connection is
+    handed to ``on_abandon`` (see :class:`AbandonedBackends`).
     """
 
-    #: Seconds; None waits as long as the server takes (plain psycopg).
+    #: Seconds of silence; None waits as long as the server takes (plain psycopg).
     io_timeout_s: float | None = None
     #: ``(pid, backend_start)`` of this connection's server process, read when it opened.
     backend: tuple[int, Any] | None = None
     on_abandon: Any = None
 
-    def wait(self, gen, interval: float = 0.1, timeout: float | None = None):
-        bound = self.io_timeout_s if timeout is None else timeout
+    def wait(self, gen, *args, **kwargs):
+        if self.io_timeout_s is None:
+            return super().wait(gen, *args, **kwargs)
         try:
-            return super().wait(gen, interval=interval, timeout=bound)
-        except _WaitTimeout:
-            if timeout is not None:  # the caller's own timeout (e.g. notifies()): its business
-                raise
+            return super().wait(_until_silent_for(gen, self.io_timeout_s), *args, **kwargs)
+        except _Silent:
             if self.backend is not None and self.on_abandon is not None:
                 self.on_abandon(self.backend)
             try:
@@ -85,8 +105,8 @@ class BoundedConnection(psycopg.Connection):
             except Exception:  # pragma: no cover - closing a dead socket cannot matter
                 pass
             raise psycopg.OperationalError(
-                f"no answer from Postgres within {bound:g}s (db_io_timeout_s): the connection was closed "
-                "and will be replaced"
+                f"no answer from Postgres within {self.io_timeout_s:g}s (db_io_timeout_s): the connection was "
+                "closed and will be replaced"
             ) from None
 
 

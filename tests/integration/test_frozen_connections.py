@@ -165,6 +165,20 @@ def test_a_slow_statement_is_cancelled_by_the_server_and_the_connection_lives_on
         assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == pid  # same pooled connection
 
 
+def test_the_client_bound_is_on_silence_so_a_slow_but_live_server_is_never_cut_off(fleet_env, db):
+    from tars_tasks.db.engine import get_engine
+
+    engine = get_engine(fleet_env["TARS_DATABASE_URL"],
+                        settings=make_settings(fleet_env, db_statement_timeout_s=0, db_io_timeout_s=3))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_sleep(2), 1")).all() == [("", 1)]  # 2 s of silence < 3 s
+        # one pipelined executemany (one psycopg wait) that takes longer than the bound, answering all along
+        conn.execute(text("CREATE TEMP TABLE t (i int)"))
+        rows = [{"i": i} for i in range(3000)]
+        conn.execute(text("INSERT INTO t (i) SELECT :i FROM pg_sleep(0.0015)"), rows)
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 3000
+
+
 def test_postgres_and_redis_sockets_carry_the_keepalive_and_user_timeout_settings(fleet_env, redis_url, db):
     from tars_tasks.db.engine import get_engine
     from tars_tasks.redis_client import get_redis

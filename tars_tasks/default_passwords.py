@@ -44,7 +44,7 @@ def placeholders_in(values: Mapping[str, str | None]) -> list[str]:
     """Names of the variables whose password (or URL's password) is a placeholder."""
     out = []
     for name, value in values.items():
-        password = url_password(value) if name in URL_VARIABLES or (value and "://" in value) else value
+        password = url_password(value) if name in URL_VARIABLES else value
         if is_placeholder(password):
             out.append(name)
     return out

@@ -222,8 +222,10 @@ def _make_engine(url: str, settings: Settings) -> Engine:
         return engine
     url_options = parsed.query.get("options")
     connect_args = postgres_connect_args(settings, url_options=url_options if isinstance(url_options, str) else None)
+    # hide_parameters: a failed statement's error (and so the worker's log) names the statement, never the
+    # rows' values — model answers, prompts and error texts stay out of logs (docs/OPERATIONS.md)
     engine = create_engine(url, pool_size=5, max_overflow=20, pool_pre_ping=True, pool_recycle=1800,
-                           connect_args=connect_args)
+                           connect_args=connect_args, hide_parameters=True)
     io_timeout_s = settings.db_io_timeout_s
     abandoned = AbandonedBackends()
     engine.abandoned_backends = abandoned  # type: ignore[attr-defined]

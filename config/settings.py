@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     #: (measured: the group-commit writer's retries timed out on the unique index, forever).
     #: TARS never holds a transaction open while it waits on anything else. 0 leaves the server's.
     db_idle_in_transaction_timeout_s: float = Field(default=60.0, ge=0)
+    #: After giving up on a frozen connection, end its server process from the next new connection
+    #: (``pg_terminate_backend`` on a backend of our own role, matched by pid and start time; see
+    #: tars_tasks/db/engine.py). Turn off behind a transaction-pooling proxy (PgBouncer), where one
+    #: server process serves many clients.
+    db_end_abandoned_sessions: bool = True
     #: Client-side bound on any one exchange with Postgres (a statement and its result, a
     #: COMMIT, a ping): no complete answer within this many seconds and the connection is
     #: closed and replaced. This is what catches a frozen server: on loopback, or behind a

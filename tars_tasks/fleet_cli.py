@@ -40,8 +40,9 @@ def _check_flower_credentials(insecure: bool) -> None:
     basic_auth_value(user=fs.user, password=fs.password.get_secret_value() if fs.password else None)
 
 
-def _secret_values(*, flower_password: bool = True) -> dict[str, str | None]:
-    """Every password a fleet starts with: the URLs' (settings, so ``.env`` too), Flower's, the services'."""
+def _secret_values(*, flower_password: bool = True, service_passwords: bool = True) -> dict[str, str | None]:
+    """The passwords a fleet starts with: the URLs' (settings, so ``.env`` too), Flower's and, for
+    compose, the Redis and Postgres services' own (``POSTGRES_PASSWORD``, ``REDIS_PASSWORD``)."""
     from config.settings import get_settings
     from tars_tasks.default_passwords import PASSWORD_VARIABLES
     from tars_tasks.flower_cli import FlowerSettings
@@ -50,7 +51,8 @@ def _secret_values(*, flower_password: bool = True) -> dict[str, str | None]:
     values: dict[str, str | None] = {"TARS_BROKER_URL": settings.broker_url,
                                      "TARS_DATABASE_URL": settings.database_url,
                                      "TARS_REDIS_URL": settings.redis_url}
-    values.update({name: os.environ.get(name) for name in PASSWORD_VARIABLES})
+    if service_passwords:
+        values.update({name: os.environ.get(name) for name in PASSWORD_VARIABLES})
     fs = FlowerSettings()
     values["TARS_FLOWER_PASSWORD"] = fs.password.get_secret_value() if fs.password and flower_password else None
     return values
@@ -96,7 +98,7 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
 
     if get_settings().embedded:
         raise ConfigurationError("a fleet needs a real broker and database: set TARS_BROKER_URL and TARS_DATABASE_URL")
-    refuse_placeholders(_secret_values(flower_password=flower and not flower_insecure_no_auth))
+    refuse_placeholders(_secret_values(flower_password=flower and not flower_insecure_no_auth, service_passwords=False))
     if flower:
         _check_flower_credentials(flower_insecure_no_auth)
     if route_to_mock_llm:

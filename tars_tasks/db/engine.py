@@ -185,7 +185,7 @@ def postgres_connect_args(settings: Settings, *, url_options: str | None = None)
 
 def _bounds(settings: Settings) -> tuple:
     return (settings.db_connect_timeout_s, settings.db_statement_timeout_s, settings.db_io_timeout_s,
-            settings.db_idle_in_transaction_timeout_s,
+            settings.db_idle_in_transaction_timeout_s, settings.db_end_abandoned_sessions,
             settings.tcp_keepalive_idle_s, settings.tcp_keepalive_interval_s, settings.tcp_keepalive_count,
             settings.tcp_user_timeout_s)
 
@@ -227,6 +227,7 @@ def _make_engine(url: str, settings: Settings) -> Engine:
     engine = create_engine(url, pool_size=5, max_overflow=20, pool_pre_ping=True, pool_recycle=1800,
                            connect_args=connect_args, hide_parameters=True)
     io_timeout_s = settings.db_io_timeout_s
+    end_abandoned = settings.db_end_abandoned_sessions
     abandoned = AbandonedBackends()
     engine.abandoned_backends = abandoned  # type: ignore[attr-defined]
 
@@ -241,7 +242,8 @@ def _make_engine(url: str, settings: Settings) -> Engine:
         except BaseException:
             conn.close()
             raise
-        conn.on_abandon = abandoned.add
+        if end_abandoned:
+            conn.on_abandon = abandoned.add
         return conn
 
     return engine

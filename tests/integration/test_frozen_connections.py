@@ -151,6 +151,51 @@ def test_a_commit_on_a_frozen_postgres_fails_within_the_bound_and_nothing_is_hal
         assert conn.execute(text("SELECT count(*) FROM runs WHERE id = :i"), {"i": run_id}).scalar() == 0
 
 
+@pytest.mark.parametrize("end_abandoned", [True, False])
+def test_the_server_process_of_a_connection_frozen_mid_pipeline_is_ended_by_the_next_connection(
+    fleet_env, pg_proxy, db, end_abandoned
+):
+    """Frozen in the middle of a pipelined executemany, the server process waits for the rest in
+    state 'active' (no statement or idle timeout applies) holding its locks, until someone ends it."""
+    from tars_tasks.db.engine import get_engine
+
+    settings = _db_settings(fleet_env, TARS_DB_END_ABANDONED_SESSIONS=str(end_abandoned).lower())
+    engine = get_engine(_via(fleet_env["TARS_DATABASE_URL"], pg_proxy, 5432), settings=settings)
+    backend: list[int] = []
+
+    def write():
+        with engine.begin() as conn:
+            backend.append(conn.connection.dbapi_connection.backend[0])
+            conn.exec_driver_sql("INSERT INTO runs (id, name, config, started_at) VALUES (%s, 'p', '{}', now())",
+                                 [(str(uuid.uuid4()),) for _ in range(200_000)])
+
+    def server_state():
+        with db.connect() as conn:
+            return conn.execute(text("SELECT state FROM pg_stat_activity WHERE pid = :p"),
+                                {"p": backend[0]}).scalar() if backend else None
+
+    call = _Call(write)
+    _wait_until(lambda: server_state() == "active", timeout=30, interval=0.01, what="the executemany under way")
+    pg_proxy.freeze()
+    call.wait(60)
+    assert isinstance(call.error, OperationalError), call.error
+    time.sleep(3)  # longer than the statement and idle-in-transaction timeouts (1 s, 2 s)
+    assert server_state() == "active", "the server ended the session itself: the premise does not hold"
+
+    pg_proxy.restore()
+    with engine.connect() as conn:  # the engine's next new connection
+        conn.execute(text("SELECT 1"))
+    if end_abandoned:
+        _wait_until(lambda: server_state() is None, timeout=10, what="the abandoned server process ended")
+        assert engine.abandoned_backends.terminated == 1
+    else:
+        assert server_state() == "active" and engine.abandoned_backends.terminated == 0
+        with db.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": backend[0]})
+    with db.connect() as conn:  # nothing of the cut-off batch was committed
+        assert conn.execute(text("SELECT count(*) FROM runs WHERE name = 'p'")).scalar() == 0
+
+
 def test_a_slow_statement_is_cancelled_by_the_server_and_the_connection_lives_on(fleet_env, db):
     from tars_tasks.db.engine import get_engine
 

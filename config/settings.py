@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER_URL = "memory://"
@@ -94,6 +94,53 @@ class Settings(BaseSettings):
     #: past it, submit raises BrokerUnavailable instead of hanging.
     client_timeout_s: float = Field(default=5.0, gt=0)
 
+    # --- nothing waits forever: connection bounds (docs/OPERATIONS.md, "Timeouts") ------------
+    # Every Redis connection (broker, fleet state, completion pub/sub) and every Postgres
+    # connection has a connect bound, a reply bound and TCP keepalives. A peer that stops
+    # answering without closing (frozen, half-open) is dropped and replaced within these.
+    #: Seconds to open a Redis connection (TCP connect + handshake).
+    redis_socket_connect_timeout_s: float = Field(default=5.0, gt=0)
+    #: Seconds any Redis reply may take. Every TARS command is short (BRPOP is sent with a
+    #: 1 s server-side timeout), so a reply this late means the connection is dead.
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    #: A pooled Redis connection idle this long is PINGed before it is used again; pub/sub
+    #: connections (completion notices, Celery's control and events) are PINGed this often and
+    #: dropped after two unanswered PINGs; a worker's BRPOP connection whose reply is this much
+    #: overdue is dropped (kombu). 0 would disable all of it, so it must be positive.
+    redis_health_check_interval_s: float = Field(default=10.0, gt=0)
+    #: Seconds to open a Postgres connection (libpq ``connect_timeout``; libpq's minimum is 2).
+    db_connect_timeout_s: int = Field(default=5, ge=2)
+    #: Server-side ``statement_timeout``: Postgres cancels a statement running longer (a clean
+    #: error; the connection survives). 0 leaves the server's own setting.
+    db_statement_timeout_s: float = Field(default=60.0, ge=0)
+    #: Server-side ``idle_in_transaction_session_timeout``: Postgres ends a session of ours that
+    #: sits inside a transaction, with no statement running, for this long. A client that froze
+    #: or died between its INSERT and its COMMIT otherwise keeps its row locks for as long as the
+    #: server believes the connection lives, and every retry of the same rows blocks behind them
+    #: (measured: the group-commit writer's retries timed out on the unique index, forever).
+    #: TARS never holds a transaction open while it waits on anything else. 0 leaves the server's.
+    db_idle_in_transaction_timeout_s: float = Field(default=60.0, ge=0)
+    #: After giving up on a frozen connection, end its server process from the next new connection
+    #: (``pg_terminate_backend`` on a backend of our own role, matched by pid and start time; see
+    #: tars_tasks/db/engine.py). Turn off behind a transaction-pooling proxy (PgBouncer), where one
+    #: server process serves many clients.
+    db_end_abandoned_sessions: bool = True
+    #: Client-side bound on any one exchange with Postgres (a statement and its result, a
+    #: COMMIT, a ping): no complete answer within this many seconds and the connection is
+    #: closed and replaced. This is what catches a frozen server: on loopback, or behind a
+    #: proxy that keeps the socket open, the kernel ACKs everything, so keepalives and
+    #: ``tcp_user_timeout`` never fire. Must exceed ``db_statement_timeout_s``.
+    db_io_timeout_s: float = Field(default=90.0, gt=0)
+    #: TCP keepalive of every Redis and Postgres socket: first probe after this much idle time,
+    #: then one probe every ``tcp_keepalive_interval_s``; ``tcp_keepalive_count`` unanswered
+    #: probes close the connection (a peer host that vanished: power loss, network partition).
+    tcp_keepalive_idle_s: int = Field(default=30, ge=1)
+    tcp_keepalive_interval_s: int = Field(default=5, ge=1)
+    tcp_keepalive_count: int = Field(default=3, ge=1)
+    #: Linux ``TCP_USER_TIMEOUT``: data sent but not acknowledged by the peer's kernel for this
+    #: long closes the connection. 0 leaves the kernel default (about 15 minutes).
+    tcp_user_timeout_s: float = Field(default=30.0, ge=0)
+
     # --- input limits -----------------------------------------------------------------------
     max_prompt_chars: int = Field(default=200_000, ge=1)
     #: Requests one ``submit_many`` call may carry; more is refused (InvalidRequest) before any write.
@@ -162,6 +209,16 @@ class Settings(BaseSettings):
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError("namespace must be non-empty and contain only letters, digits, '-', '_', '.'")
         return v
+
+    @model_validator(mode="after")
+    def _io_bound_exceeds_statement_timeout(self) -> Settings:
+        if self.db_statement_timeout_s and self.db_io_timeout_s <= self.db_statement_timeout_s:
+            raise ValueError(
+                f"db_io_timeout_s ({self.db_io_timeout_s:g}) must exceed db_statement_timeout_s "
+                f"({self.db_statement_timeout_s:g}): a slow statement should be cancelled by Postgres, "
+                "not cut off by the client"
+            )
+        return self
 
     @property
     def embedded(self) -> bool:

@@ -13,8 +13,9 @@ model call that really happened is recorded as its own ``api_calls`` row.
 * Priorities: ten Redis lists per queue, one per kombu priority step, kombu's default
   separator; workers poll the steps in :data:`config.keys.PRIORITY_POLL_ORDER` so that TARS
   priority 9 is served first and a message with no priority at all runs at normal (5).
-* ``broker_transport``: on Redis, :class:`tars_tasks.broker.transport.Transport` (kombu's Redis
-  transport plus leases on unacked messages, see that module).
+* On Redis, ``redis://`` is served by :class:`tars_tasks.broker.transport.Transport` (kombu's
+  Redis transport plus leases on unacked messages, TARS's priority poll order and half-open
+  checks on the gevent path; installed by :func:`make_app`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from config.keys import (
     queue_for_tier,
 )
 from config.settings import Settings, get_settings
+from tars_tasks.broker import transport as broker_transport
+from tars_tasks.redis_client import broker_transport_bounds
 
 #: kombu's in-memory transport polls an empty queue every second by default; at concurrency 1
 #: that second was most of a request's life. Measured: baseline C=1 at 72% of Little's bound.
@@ -39,8 +42,6 @@ EMBEDDED_POLLING_INTERVAL_S = 0.005
 
 __all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "celery_config", "make_app", "redis_priority"]
 
-#: The transport class workers and producers use on a Redis broker.
-REDIS_TRANSPORT = "tars_tasks.broker.transport:Transport"
 
 
 def redis_priority(priority: int) -> int:
@@ -48,17 +49,11 @@ def redis_priority(priority: int) -> int:
     return kombu_priority(priority)
 
 
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
-
-
 def celery_config(settings: Settings, *, producer: bool = False) -> dict:
     """``producer``: a producer's app, whose every broker operation is bounded by
     ``client_timeout_s`` (a hung Redis raises instead of blocking submit)."""
-    timeout_s = settings.client_timeout_s if producer else 30
     return {
         "broker_url": settings.broker_url,
-        **({"broker_transport": REDIS_TRANSPORT} if _is_redis(settings.broker_url) else {}),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -84,10 +79,9 @@ def celery_config(settings: Settings, *, producer: bool = False) -> dict:
             "queue_order_strategy": "priority",
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": min(timeout_s, 5),
-            "socket_keepalive": True,
-            "health_check_interval": 25,
+            # connect/reply bounds, keepalives, half-open checks: tars_tasks.redis_client; a
+            # producer's every broker operation is bounded by its client_timeout_s
+            **broker_transport_bounds(settings, timeout_s=settings.client_timeout_s if producer else None),
             "max_connections": 1000,
             **({"polling_interval": EMBEDDED_POLLING_INTERVAL_S} if settings.embedded else {}),
         },
@@ -99,6 +93,7 @@ def celery_config(settings: Settings, *, producer: bool = False) -> dict:
 
 
 def make_app(settings: Settings | None = None, *, producer: bool = False) -> Celery:
+    broker_transport.install()  # redis:// served by TARS's transport in this process
     settings = settings or get_settings()
     celery = Celery("tars_tasks", include=["tars_tasks.tasks"])
     celery.conf.update(celery_config(settings, producer=producer))

@@ -86,7 +86,7 @@ class TarsClient:
         self.settings = settings or get_settings()
         self.catalog = catalog or load_catalog(self.settings.catalog_path)
         self.celery_app = make_app(self.settings, producer=True)
-        self.engine = get_engine(self.settings.database_url)
+        self.engine = get_engine(self.settings.database_url, settings=self.settings)
         self.coordinator = Coordinator(
             settings=self.settings, catalog=self.catalog, celery_app=self.celery_app, engine=self.engine
         )
@@ -144,7 +144,8 @@ class TarsClient:
             if redis_url:
                 self._listener = RedisListener(
                     self.producer_id, namespace=self.settings.namespace,
-                    redis_client=get_redis(redis_url, timeout_s=self.settings.client_timeout_s),
+                    redis_client=get_redis(redis_url, settings=self.settings,
+                                           timeout_s=self.settings.client_timeout_s),
                 )
             else:
                 self._listener = LocalListener(self.producer_id, namespace=self.settings.namespace)

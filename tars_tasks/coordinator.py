@@ -76,7 +76,8 @@ class Coordinator:
             from tars_tasks.redis_client import get_redis
 
             self.bound = AdmissionBound(
-                redis_client=get_redis(settings.broker_redis_url, timeout_s=settings.client_timeout_s),
+                redis_client=get_redis(settings.broker_redis_url, settings=settings,
+                                       timeout_s=settings.client_timeout_s),
                 namespace=settings.namespace, limit=settings.max_queue_depth,
                 ttl_s=settings.admission_reservation_ttl_s)
 

@@ -79,6 +79,9 @@ class ProcessSpec:
     tier: str | None = None
     port: int | None = None
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    #: "inherit" (the runner's whole environment) or "flower" (only what Flower needs:
+    #: :func:`tars_tasks.flower_cli.flower_launcher_env` — no provider keys, no database URL).
+    env_policy: str = "inherit"
 
 
 def plan_fleet(
@@ -117,9 +120,11 @@ def plan_fleet(
     specs: list[ProcessSpec] = []
     loopback = LOCAL_HOST if host in ("0.0.0.0", "") else host
 
-    def add_service(svc: topology.Service, port: int, ready: str, extra: tuple[str, ...] = ()) -> None:
+    def add_service(svc: topology.Service, port: int, ready: str, extra: tuple[str, ...] = (),
+                    env_policy: str = "inherit") -> None:
         argv = topology.localise([*svc.argv(host=host, port=port), *extra], python=python)
-        specs.append(ProcessSpec(name=svc.name, service=svc.name, argv=tuple(argv), ready=ready, port=port))
+        specs.append(ProcessSpec(name=svc.name, service=svc.name, argv=tuple(argv), ready=ready, port=port,
+                                 env_policy=env_policy))
 
     if mock_llm:
         add_service(topology.MOCK_LLM, mock_llm_port, f"tcp:{loopback}:{mock_llm_port}")
@@ -127,7 +132,7 @@ def plan_fleet(
         add_service(topology.METRICS, metrics_port, f"http://{loopback}:{metrics_port}/metrics")
     if flower:
         add_service(topology.FLOWER, flower_port, f"http://{loopback}:{flower_port}/healthcheck",
-                    ("--insecure-no-auth",) if flower_insecure_no_auth else ())
+                    ("--insecure-no-auth",) if flower_insecure_no_auth else (), env_policy="flower")
     for tier in TIERS:
         svc = topology.worker_service(tier)
         for i in range(1, workers.get(tier, 0) + 1):
@@ -267,6 +272,16 @@ class LocalFleet:
 
     # --- start ------------------------------------------------------------------------------
 
+    def env_for(self, spec: ProcessSpec) -> dict[str, str]:
+        """The environment a process starts with (see :attr:`ProcessSpec.env_policy`)."""
+        if spec.env_policy == "flower":
+            from tars_tasks.flower_cli import flower_launcher_env
+
+            return flower_launcher_env(self.env)
+        if spec.env_policy != "inherit":
+            raise ConfigurationError(f"unknown env_policy {spec.env_policy!r} for {spec.name}")
+        return dict(self.env)
+
     def start(self) -> None:
         existing = read_state(self.state_dir)
         if existing and existing.runner_alive():
@@ -279,7 +294,7 @@ class LocalFleet:
                 fh = fp.log_path.open("ab")
                 fp._log_fh = fh
                 fp.proc = subprocess.Popen(
-                    list(fp.spec.argv), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=fh,
+                    list(fp.spec.argv), cwd=self.cwd, env=self.env_for(fp.spec), stdin=subprocess.DEVNULL, stdout=fh,
                     stderr=subprocess.STDOUT, preexec_fn=_child_setup,
                 )
                 self.echo(f"started {fp.spec.name} (pid {fp.pid}): {' '.join(fp.spec.argv)}")

@@ -40,6 +40,33 @@ def _check_flower_credentials(insecure: bool) -> None:
     basic_auth_value(user=fs.user, password=fs.password.get_secret_value() if fs.password else None)
 
 
+def _secret_values(*, flower_password: bool = True, service_passwords: bool = True) -> dict[str, str | None]:
+    """The passwords a fleet starts with: the URLs' (settings, so ``.env`` too), Flower's and, for
+    compose, the Redis and Postgres services' own (``POSTGRES_PASSWORD``, ``REDIS_PASSWORD``)."""
+    from config.settings import get_settings
+    from tars_tasks.default_passwords import PASSWORD_VARIABLES
+    from tars_tasks.flower_cli import FlowerSettings
+
+    settings = get_settings()
+    values: dict[str, str | None] = {"TARS_BROKER_URL": settings.broker_url,
+                                     "TARS_DATABASE_URL": settings.database_url,
+                                     "TARS_REDIS_URL": settings.redis_url}
+    if service_passwords:
+        values.update({name: os.environ.get(name) for name in PASSWORD_VARIABLES})
+    fs = FlowerSettings()
+    values["TARS_FLOWER_PASSWORD"] = fs.password.get_secret_value() if fs.password and flower_password else None
+    return values
+
+
+@fleet.command("check-secrets")
+def check_secrets() -> None:
+    """Exit 2 if a password is still a .env.example placeholder (change-me...); compose runs it first."""
+    from tars_tasks.default_passwords import refuse_placeholders
+
+    refuse_placeholders(_secret_values())
+    click.echo("no placeholder passwords", err=True)
+
+
 @fleet.command("up")
 @click.option("--workers", "-w", type=int, default=1, show_default=True, help="Worker processes per tier.")
 @click.option("--tier-workers", multiple=True, metavar="TIER=N", help="Worker count of one tier (repeatable).")
@@ -66,10 +93,12 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
        stop_timeout_s: float, keep_going: bool) -> None:
     """Start the fleet in the foreground; Ctrl-C (or SIGTERM, or `tars fleet down`) stops it cleanly."""
     from config.settings import get_settings
+    from tars_tasks.default_passwords import refuse_placeholders
     from tars_tasks.fleet import FleetError, LocalFleet, default_state_dir, plan_fleet
 
     if get_settings().embedded:
         raise ConfigurationError("a fleet needs a real broker and database: set TARS_BROKER_URL and TARS_DATABASE_URL")
+    refuse_placeholders(_secret_values(flower_password=flower and not flower_insecure_no_auth, service_passwords=False))
     if flower:
         _check_flower_credentials(flower_insecure_no_auth)
     if route_to_mock_llm:

@@ -13,6 +13,12 @@ What Flower 2.2 (the pinned version) does, read from its source:
 * ``--enable_events`` (default on) makes Flower periodically *switch task events on* in every
   worker; we pass ``TARS_TASK_EVENTS`` through so Flower does not override an operator who
   turned them off (then Flower sees workers, from heartbeats, but no tasks).
+
+Flower is a web server that anyone who reaches its port talks to, so it gets only what it needs
+(:func:`flower_env`): the broker settings of the project's Celery app, its own ``FLOWER_*``
+options and credentials, and the process basics (``PATH``, ``HOME``, locale, ``PYTHON*``).
+Provider API keys, the database URL and anything else of the parent's environment stay behind.
+A password starting with ``change-me`` (the ``.env.example`` placeholders) is refused.
 """
 
 from __future__ import annotations
@@ -106,10 +112,45 @@ def flower_argv(
     return argv
 
 
+#: Process basics Flower keeps from its parent's environment.
+FLOWER_ENV_BASICS = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TMPDIR", "LANG", "LANGUAGE",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
+    "PYTHONUTF8", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR",
+)
+#: Prefixes kept too: the locale (``LC_*``) and Flower's own options (``FLOWER_*``).
+FLOWER_ENV_PREFIXES = ("LC_", "FLOWER_")
+#: The settings (``TARS_`` + upper case) that shape the Celery app Flower runs on: the broker,
+#: its transport options (visibility timeout, connection bounds) and task events. Not the
+#: database, not the fleet-state Redis, not the providers.
+FLOWER_SETTINGS = (
+    "broker_url", "namespace", "task_events", "worker_prefetch_multiplier", "visibility_timeout_s",
+    "unacked_restore_interval_s", "redis_socket_connect_timeout_s", "redis_socket_timeout_s",
+    "redis_health_check_interval_s", "tcp_keepalive_idle_s", "tcp_keepalive_interval_s", "tcp_keepalive_count",
+    "tcp_user_timeout_s",
+)
+#: What ``tars flower`` itself reads; ``tars fleet up`` hands these to it, Flower never sees them.
+FLOWER_CLI_VARIABLES = ("TARS_FLOWER_USER", "TARS_FLOWER_PASSWORD", "TARS_FLOWER_DB", "XDG_STATE_HOME")
+
+
+def _kept(name: str) -> bool:
+    return (name in FLOWER_ENV_BASICS or name.startswith(FLOWER_ENV_PREFIXES)
+            or name in {f"TARS_{s.upper()}" for s in FLOWER_SETTINGS})
+
+
 def flower_env(*, base: dict[str, str], basic_auth: str | None) -> dict[str, str]:
-    env = dict(base)
+    """The environment of the Flower process: the allow-list of ``base``, plus the credentials."""
+    env = {k: v for k, v in base.items() if _kept(k)}
+    env.pop("FLOWER_BASIC_AUTH", None)  # the credentials are ours (or none, with --insecure-no-auth)
     if basic_auth is not None:
         env["FLOWER_BASIC_AUTH"] = basic_auth
+    return env
+
+
+def flower_launcher_env(base: dict[str, str]) -> dict[str, str]:
+    """The environment ``tars fleet up`` starts ``tars flower`` with: Flower's, plus what the command reads."""
+    env = flower_env(base=base, basic_auth=None)
+    env.update({k: base[k] for k in FLOWER_CLI_VARIABLES if k in base})
     return env
 
 
@@ -130,18 +171,22 @@ def flower(host: str, port: int, insecure_no_auth: bool, persistent: bool, db_pa
            state_save_interval_s: int, purge_offline_workers_s: int, url_prefix: str | None) -> None:
     """Flower, the Celery dashboard, on the fleet's broker (basic auth from TARS_FLOWER_USER/PASSWORD)."""
     from config.settings import get_settings
+    from tars_tasks.default_passwords import refuse_placeholders
 
     fs = FlowerSettings()
     settings = get_settings()
     if settings.embedded:
         raise ConfigurationError("Flower needs a real broker: set TARS_BROKER_URL (the embedded fleet has none)")
+    password = fs.password.get_secret_value() if fs.password else None
+    refuse_placeholders({"TARS_BROKER_URL": settings.broker_url,
+                         **({} if insecure_no_auth else {"TARS_FLOWER_PASSWORD": password})})
     if insecure_no_auth:
         basic_auth = None
         click.echo("warning: Flower runs WITHOUT authentication (--insecure-no-auth)", err=True)
         if not is_loopback(host):
             click.echo(f"warning: and it listens on {host}, not only on this machine", err=True)
     else:
-        basic_auth = basic_auth_value(user=fs.user, password=fs.password.get_secret_value() if fs.password else None)
+        basic_auth = basic_auth_value(user=fs.user, password=password)
     db = db_path or fs.db or default_db_path()
     if persistent:
         db.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from config.keys import done_channel
+from tars_tasks.redis_client import PubSubWatch
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class RedisListener(CompletionListener):
         super().__init__(producer_id, namespace=namespace)
         self._pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(self.channel)
+        self._watch = PubSubWatch(self._pubsub)  # a frozen connection is dropped, not waited on forever
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tars-listener-{producer_id[:8]}", daemon=True)
         self._thread.start()
@@ -145,6 +147,7 @@ class RedisListener(CompletionListener):
         while not self._stop.is_set():
             try:
                 msg = self._pubsub.get_message(timeout=0.5)
+                self._watch.check()
             except Exception as exc:
                 log.warning("completion listener lost Redis (%s); retrying", exc)
                 time.sleep(0.5)

@@ -41,7 +41,7 @@ def queue_depths(settings: Settings, *, timeout_s: float | None = None) -> dict[
     url = settings.broker_redis_url
     if not url:
         return {t: {} for t in TIERS}
-    r = get_redis(url, timeout_s=timeout_s)
+    r = get_redis(url, settings=settings, timeout_s=timeout_s)
     pipe = r.pipeline(transaction=False)
     keys = [(t, p) for t in TIERS for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1)]
     for t, p in keys:
@@ -79,7 +79,7 @@ def breaker_states(settings: Settings) -> dict[str, str]:
         return {}
     from workers.breaker import FleetBreaker
 
-    breaker = FleetBreaker(redis_client=get_redis(url), namespace=settings.namespace)
+    breaker = FleetBreaker(redis_client=get_redis(url, settings=settings), namespace=settings.namespace)
     return {f"{v.provider}:{v.model}": v.describe() for v in breaker.all_views()}
 
 
@@ -88,7 +88,7 @@ def worker_health(settings: Settings) -> dict[str, dict[str, Any]]:
     url = settings.broker_redis_url
     if not url:
         return {}
-    r = get_redis(url)
+    r = get_redis(url, settings=settings)
     prefix = lease_prefix(settings.namespace)
     keys = sorted(r.scan_iter(match=f"{prefix}*", count=500))
     out: dict[str, dict[str, Any]] = {}

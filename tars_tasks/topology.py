@@ -36,6 +36,7 @@ ROLE_MOCK_LLM = "mock-llm"
 ROLE_METRICS = "metrics"
 ROLE_MIGRATE = "migrate"
 ROLE_LOADGEN = "loadgen"
+ROLE_CHECK = "check"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,17 @@ METRICS = Service(
     depends=("migrate", "redis"),
 )
 
+#: Runs before everything else under compose (every service waits for it to *succeed*):
+#: refuses the ``change-me`` placeholder passwords of ``.env.example`` (compose's ``${VAR:?}``
+#: only refuses empty values). See tars_tasks/default_passwords.py.
+CHECK_SECRETS = Service(
+    name="check-secrets",
+    role=ROLE_CHECK,
+    command=("tars", "fleet", "check-secrets"),
+    long_running=False,
+    local=False,
+)
+
 MIGRATE = Service(
     name="migrate",
     role=ROLE_MIGRATE,
@@ -149,7 +161,25 @@ def mock_route_env(*, base_url: str, api_key: str = MOCK_LLM_DEFAULT_KEY) -> dic
 WORKERS: tuple[Service, ...] = tuple(worker_service(t) for t in TIERS)
 
 #: Every project-image service, in start order.
-SERVICES: tuple[Service, ...] = (MIGRATE, MOCK_LLM, METRICS, FLOWER, *WORKERS, LOADGEN)
+SERVICES: tuple[Service, ...] = (CHECK_SECRETS, MIGRATE, MOCK_LLM, METRICS, FLOWER, *WORKERS, LOADGEN)
+
+#: The secret-bearing variables each project service's environment holds under compose, and
+#: no others: provider API keys reach the workers only, the database URL only what reads or
+#: writes rows, Flower's password Flower (and the check) only. ``TARS_BROKER_URL`` carries the
+#: Redis password. tests/ops/test_compose.py holds the compose file to this.
+SECRET_VARIABLES = ("TARS_BROKER_URL", "TARS_DATABASE_URL", "POSTGRES_PASSWORD", "REDIS_PASSWORD",
+                    "TARS_FLOWER_PASSWORD", "ANTHROPIC_API_KEY", "OPENAI_API_KEY")
+SERVICE_SECRETS: dict[str, frozenset[str]] = {
+    CHECK_SECRETS.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL", "POSTGRES_PASSWORD", "REDIS_PASSWORD",
+                                   "TARS_FLOWER_PASSWORD"}),
+    MIGRATE.name: frozenset({"TARS_DATABASE_URL"}),
+    MOCK_LLM.name: frozenset(),
+    METRICS.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL"}),
+    FLOWER.name: frozenset({"TARS_BROKER_URL", "TARS_FLOWER_PASSWORD"}),
+    **{w.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"})
+       for w in WORKERS},
+    LOADGEN.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL"}),
+}
 
 
 def service(name: str) -> Service:

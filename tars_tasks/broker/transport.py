@@ -1,4 +1,4 @@
-"""Kombu's Redis transport with two repairs, selected by ``broker_transport`` (see celery_app).
+"""Kombu's Redis transport with three repairs; :func:`install` makes ``redis://`` use it.
 
 1. **Priority without surprises.** A message published with no priority lands in kombu's step 0
    (the bare queue list), which a stock worker polls *first*: a plain ``send_task`` ran as high
@@ -12,18 +12,22 @@
    alive while it lives, and a live worker restores the messages of owners whose lease expired
    (:mod:`tars_tasks.broker.leases`). Entries with no owner (a stock worker's) still fall back to
    the visibility timeout.
+3. **Half-open connections on the gevent path** (:mod:`tars_tasks.broker.halfopen`): the pub/sub
+   health check also runs where Celery's gevent pool drains events.
 """
 
 from __future__ import annotations
 
 from time import time
 
+from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from config.keys import PRIORITY_POLL_ORDER, UNACKED_OWNER_KEY
 from tars_tasks.broker import leases
+from tars_tasks.broker.halfopen import HalfOpenChecks
 
 
 class LeasedQoS(kombu_redis.QoS):
@@ -62,5 +66,23 @@ class Channel(kombu_redis.Channel):
         return max(lower) if lower else min(steps)
 
 
-class Transport(kombu_redis.Transport):
+class Transport(HalfOpenChecks, kombu_redis.Transport):
     Channel = Channel
+
+
+#: URL schemes served by :class:`Transport` once :func:`install` ran.
+SCHEMES = ("redis", "rediss")
+
+
+def install() -> None:
+    """Make ``redis://`` and ``rediss://`` use :class:`Transport` in this process (idempotent).
+
+    Through kombu's alias table rather than Celery's ``broker_transport`` setting: with a class
+    path there, ``Connection.as_uri()`` starts with that path instead of ``redis://``, and
+    Flower, which picks its broker inspector by that scheme, loses its Broker tab.
+    """
+    target = f"{__name__}:Transport"
+    for scheme in SCHEMES:
+        if kombu_transport.TRANSPORT_ALIASES.get(scheme) != target:
+            kombu_transport.TRANSPORT_ALIASES[scheme] = target
+            kombu_transport._transport_cache.pop(scheme, None)  # resolved before: resolve again

@@ -22,6 +22,10 @@ from tests.helpers import free_port as helpers_free_port
 
 FLOWER_USER = "operator"
 FLOWER_PASSWORD = "s3cret-flower-pw"
+#: Secrets the operator's shell holds when it runs `tars fleet up`: only the workers may get them.
+PROVIDER_KEYS = {"ANTHROPIC_API_KEY": "sk-ant-ops-1f6b2c", "OPENAI_API_KEY": "sk-openai-ops-9a03de"}
+#: A password in the database URL (the test server trusts local connections, so it is never asked for).
+DB_PASSWORD = "ops-db-pw-6e7f"
 PORT_RANGE = (19000, 19999)
 
 
@@ -101,9 +105,12 @@ def ops_fleet(pg_url: str, redis_url: str, tmp_path_factory) -> Iterator[Running
     flower_port, metrics_port = free_port(), free_port()
     while metrics_port == flower_port:
         metrics_port = free_port()
+    scheme, rest = pg_url.split("://", 1)
+    user, _, host = rest.partition("@")
     env = {
+        **PROVIDER_KEYS,
         "TARS_BROKER_URL": redis_url,
-        "TARS_DATABASE_URL": pg_url,
+        "TARS_DATABASE_URL": f"{scheme}://{user}:{DB_PASSWORD}@{host}",
         "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
         "TARS_SIM_LATENCY": "uniform:20:60",
         "TARS_SIM_FAILURE_RATE": "0",

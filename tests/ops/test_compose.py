@@ -185,6 +185,29 @@ def test_no_secret_is_written_in_the_compose_file_itself():
     assert "${POSTGRES_PASSWORD:?" in raw and "${REDIS_PASSWORD:?" in raw and "${TARS_FLOWER_PASSWORD:?" in raw
 
 
+def test_each_service_holds_exactly_the_secrets_topology_gives_it(compose_config):
+    services = compose_config["services"]
+    for svc in topology.SERVICES:
+        env = services[svc.name].get("environment") or {}
+        held = {k for k in env if k in topology.SECRET_VARIABLES}
+        assert held == topology.SERVICE_SECRETS[svc.name], svc.name
+    assert {k for k in services["redis"]["environment"] if k in topology.SECRET_VARIABLES} == {"REDIS_PASSWORD"}
+    assert {k for k in services["postgres"]["environment"] if k in topology.SECRET_VARIABLES} == {"POSTGRES_PASSWORD"}
+    # the provider keys are the operator's (empty unless set), never written into the file
+    for tier in TIERS:
+        env = services[f"worker-{tier}"]["environment"]
+        assert env["ANTHROPIC_API_KEY"] == "" and env["OPENAI_API_KEY"] == ""
+
+
+def test_every_service_waits_for_the_secrets_check_to_succeed(compose_config):
+    services = compose_config["services"]
+    assert services["check-secrets"]["command"] == list(topology.CHECK_SECRETS.command)
+    assert services["check-secrets"].get("restart") == "no"
+    for name, svc in services.items():
+        if name != "check-secrets":
+            assert svc["depends_on"]["check-secrets"]["condition"] == "service_completed_successfully", name
+
+
 def test_the_dockerfile_is_slim_non_root_and_installs_dependencies_before_the_code():
     lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.strip()
              and not ln.strip().startswith("#")]

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from config.keys import TIERS, queue_for_tier
 from tests.helpers import ROOT, make_settings
-from tests.ops.conftest import FLOWER_PASSWORD, FLOWER_USER
+from tests.ops.conftest import DB_PASSWORD, FLOWER_PASSWORD, FLOWER_USER, PROVIDER_KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +109,25 @@ def test_flower_api_with_credentials_lists_the_fleets_workers_per_tier(ops_fleet
         assert [_node_tier(n) for n in by_queue[queue_for_tier(tier)]] == [tier]
 
 
+def test_flower_under_fleet_up_holds_none_of_the_fleets_secrets_and_the_workers_hold_theirs(ops_fleet):
+    from tests.ops.test_secrets import proc_environ
+
+    state = json.loads((ops_fleet.state_dir / "fleet.json").read_text())
+    pids = {p["name"]: p["pid"] for p in state["processes"]}
+    cmdline = open(f"/proc/{pids['flower']}/cmdline", "rb").read().split(b"\0")
+    assert b"celery" in cmdline and b"flower" in cmdline  # `tars flower` exec'd the real Flower in place
+    flower_env = proc_environ(pids["flower"])
+    raw = open(f"/proc/{pids['flower']}/environ", "rb").read()
+    for name in (*PROVIDER_KEYS, "TARS_DATABASE_URL", "TARS_FLOWER_PASSWORD", "TARS_SIM_LATENCY"):
+        assert name not in flower_env, name
+    for value in (*PROVIDER_KEYS.values(), DB_PASSWORD):
+        assert value.encode() not in raw
+    assert flower_env["FLOWER_BASIC_AUTH"] == f"{FLOWER_USER}:{FLOWER_PASSWORD}"
+    worker_env = proc_environ(pids["haiku-1"])
+    assert {k: worker_env.get(k) for k in PROVIDER_KEYS} == PROVIDER_KEYS
+    assert DB_PASSWORD in worker_env["TARS_DATABASE_URL"]
+
+
 def test_a_real_browser_sees_the_workers_of_every_tier_on_the_flower_dashboard(ops_fleet, tmp_path):
     from tests.ops.browser import CHROMIUM, capture_page
 
@@ -192,5 +211,7 @@ def test_ctrl_c_stops_the_fleet_cleanly_with_no_orphaned_processes(ops_fleet):
         assert f"stopped {name} (exit code 0)" in log
     assert not (ops_fleet.state_dir / "fleet.json").exists()
     assert list((ops_fleet.state_dir / "flower").glob("flower.db*")), "Flower's persistent state was not saved"
-    leaks = [p for p in ops_fleet.state_dir.rglob("*") if p.is_file() and FLOWER_PASSWORD.encode() in p.read_bytes()]
-    assert leaks == [], "the Flower password was written to the fleet's logs or state"
+    secrets = [FLOWER_PASSWORD, DB_PASSWORD, *PROVIDER_KEYS.values()]
+    leaks = [(p.name, s) for p in ops_fleet.state_dir.rglob("*") if p.is_file() for s in secrets
+             if s.encode() in p.read_bytes()]
+    assert leaks == [], "a secret was written to the fleet's logs, state or Flower's history file"

@@ -46,6 +46,29 @@ class LeasedQoS(kombu_redis.QoS):
                 .execute()
         virtual.QoS.append(self, message, delivery_tag)
 
+    def restore_visible(self, start=0, num=10, interval=10):
+        """Kombu's visibility-timeout restore, for messages *without* a lease owner only: a message
+        a TARS worker holds is restored when its owner's lease expires, never because a live call
+        outlasted the visibility timeout."""
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        with self.channel.conn_or_acquire() as client:
+            ceil = time() - self.visibility_timeout
+            try:
+                with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    visible = client.zrange(self.unacked_index_key, ceil, 0, desc=True, byscore=True,
+                                            offset=num and start, num=num, withscores=True)
+                    tags = [tag for tag, _score in visible or []]
+                    if not tags:
+                        return
+                    owned = client.hmget(UNACKED_OWNER_KEY, tags)
+                    for tag, owner in zip(tags, owned, strict=True):
+                        if owner is None:
+                            self.restore_by_tag(tag, client)
+            except kombu_redis.MutexHeld:
+                pass
+
     def _remove_from_indices(self, delivery_tag, pipe=None):
         with self.pipe_or_acquire(pipe) as pipe:
             return pipe.zrem(self.unacked_index_key, delivery_tag) \

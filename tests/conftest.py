@@ -3,6 +3,11 @@
 Isolation: each test run uses its own Postgres database (``TARS_TEST_PG_DB``, default
 ``tars_test``) and Redis database number (``TARS_TEST_REDIS_DB``, default 1), so parallel
 runs on one machine can be kept apart by setting those two variables.
+
+Under pytest-xdist (``scripts/test`` runs ``-n``), worker ``gwN`` uses the database
+``<TARS_TEST_PG_DB>_gwN`` and the Redis database ``TARS_TEST_REDIS_DB + N`` — so a run with
+``-n 3`` needs three consecutive free Redis database numbers from ``TARS_TEST_REDIS_DB`` on.
+``TARS_TEST_REDIS_DB`` may also be a comma-separated list, one number per xdist worker.
 """
 
 from __future__ import annotations
@@ -20,9 +25,25 @@ import redis as redis_lib
 from tests.helpers import ROOT, WorkerProcess, make_settings
 
 PG_ADMIN_URL = os.environ.get("TARS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_DB = os.environ.get("TARS_TEST_PG_DB", "tars_test")
 REDIS_BASE = os.environ.get("TARS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-REDIS_DB = int(os.environ.get("TARS_TEST_REDIS_DB", "1"))
+#: The xdist worker this process is ("gw0", "gw1", ...), or None outside xdist.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_XDIST_INDEX = int(XDIST_WORKER[2:]) if XDIST_WORKER and XDIST_WORKER[2:].isdigit() else 0
+
+
+def _redis_db() -> int:
+    spec = os.environ.get("TARS_TEST_REDIS_DB", "1")
+    if "," in spec:
+        numbers = [int(n) for n in spec.split(",") if n.strip()]
+        if _XDIST_INDEX >= len(numbers):
+            raise RuntimeError(f"TARS_TEST_REDIS_DB={spec!r} names {len(numbers)} databases; "
+                               f"xdist worker {XDIST_WORKER} needs one more")
+        return numbers[_XDIST_INDEX]
+    return int(spec) + _XDIST_INDEX
+
+
+PG_DB = os.environ.get("TARS_TEST_PG_DB", "tars_test") + (f"_{XDIST_WORKER}" if XDIST_WORKER else "")
+REDIS_DB = _redis_db()
 
 # Nothing from the developer's shell may leak into tests.
 for _k in [k for k in os.environ if k.startswith("TARS_") and not k.startswith("TARS_TEST_")]:

@@ -30,6 +30,9 @@ MAX_PROMPT = 100
 #: A refusal's message stays one short line, whatever the value was.
 MESSAGE_MAX = 300
 
+#: A fixed UUID: parametrize ids must be the same in every xdist worker.
+FIXED_UUID = uuid.UUID("5f0c6c8e-3d2a-4b7e-9a51-2f7e8d1c4b60")
+
 
 def _spec(**fields):
     return validate_spec({"role": "researcher", "prompt": "hi", **fields}, catalog=CAT, max_prompt_chars=MAX_PROMPT)
@@ -199,7 +202,7 @@ def test_over_long_values_are_refused_with_a_short_message(field, value):
 
 
 @pytest.mark.parametrize("field", ["role", "prompt", "tenant"])
-@pytest.mark.parametrize("value", [None, b"researcher", 5, 5.0, ["researcher"], {"a": 1}, uuid.uuid4(), True, object()])
+@pytest.mark.parametrize("value", [None, b"researcher", 5, 5.0, ["researcher"], {"a": 1}, FIXED_UUID, True, object()])
 def test_a_string_field_refuses_every_other_type(field, value):
     msg = _bad(field, value)
     assert "must be a string" in msg
@@ -279,13 +282,13 @@ def test_a_generator_is_consumed_at_most_one_past_the_cap():
     assert validate_requests(tuple(items), max_requests=1) == items
 
 
-@pytest.mark.parametrize("run_id", [None, str(uuid.uuid4()), "run-2026.01:a_b"])
+@pytest.mark.parametrize("run_id", [None, str(FIXED_UUID), "run-2026.01:a_b"])
 def test_a_well_formed_run_id(run_id):
     assert validate_run_id(run_id) == run_id
 
 
 @pytest.mark.parametrize(
-    "run_id", ["", "x" * 37, str(uuid.uuid4()) + "\n", " abc", "a b", "a\x00", "\ud800", 5, uuid.uuid4(), b"abc",
+    "run_id", ["", "x" * 37, str(FIXED_UUID) + "\n", " abc", "a b", "a\x00", "\ud800", 5, FIXED_UUID, b"abc",
                True, ["abc"]],
 )
 def test_a_malformed_run_id_is_refused(run_id):

@@ -288,7 +288,8 @@ def test_a_request_that_kills_its_worker_every_time_is_failed_after_max_deliveri
     poison = client.submit(role="researcher", prompt="please __crash__ the worker")
     crashes = 0
     for _ in range(8):  # a supervisor restarting the worker, as systemd or compose would
-        worker = start_worker(tiers=["haiku"], concurrency=1, env=env)
+        # not waiting for "ready": the worker may take the poison message and die before it says so
+        worker = start_worker(tiers=["haiku"], concurrency=1, env=env, wait=False)
         _wait_until(lambda w=worker: w.proc.poll() is not None or client.get(poison.id).done, timeout=60)
         if worker.proc.poll() is not None:
             crashes += 1

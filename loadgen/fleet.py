@@ -21,6 +21,7 @@ import psutil
 
 from config.keys import TIERS
 from tars_tasks.errors import LoadgenError
+from tars_tasks.fleet import child_setup
 
 FleetMode = Literal["auto", "embedded", "local", "external"]
 READY_TIMEOUT_S = 60.0
@@ -112,7 +113,7 @@ class LocalFleet:
                 log = self.log_dir / f"{self.name_prefix}{i}.log"
                 with log.open("wb") as fh:
                     proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            preexec_fn=child_setup)
                 self._procs.append(_Proc(name=name, proc=proc, log=log))
             for p in self._procs:
                 self._wait_ready(p)

@@ -195,8 +195,15 @@ def _parse_tcp(ready: str) -> tuple[str, int]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """New session (own process group); SIGTERM from the kernel if the runner dies."""
+def child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """New session (own process group); SIGTERM from the kernel if the runner dies.
+
+    Every process TARS starts for someone else — ``tars fleet up``, loadgen's local fleet, the
+    tests' workers — is started with this, so none of them outlives the process that started
+    it (a killed test run or load run left workers consuming the next run's queues).
+    Linux's PDEATHSIG fires when the *thread* that started the child ends: start long-lived
+    children from a thread that lives as long as they should.
+    """
     os.setsid()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
@@ -295,7 +302,7 @@ class LocalFleet:
                 fp._log_fh = fh
                 fp.proc = subprocess.Popen(
                     list(fp.spec.argv), cwd=self.cwd, env=self.env_for(fp.spec), stdin=subprocess.DEVNULL, stdout=fh,
-                    stderr=subprocess.STDOUT, preexec_fn=_child_setup,
+                    stderr=subprocess.STDOUT, preexec_fn=child_setup,
                 )
                 self.echo(f"started {fp.spec.name} (pid {fp.pid}): {' '.join(fp.spec.argv)}")
         except BaseException:

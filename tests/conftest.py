@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 
+from tars_tasks.fleet import child_setup
 from tests.helpers import ROOT, WorkerProcess, make_settings
 
 PG_ADMIN_URL = os.environ.get("TARS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -141,7 +142,7 @@ def start_worker(fleet_env, tmp_path) -> Iterator:
         log_path = tmp_path / f"worker-{len(started)}.log"
         with log_path.open("wb") as fh:
             proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    preexec_fn=child_setup)
         wp = WorkerProcess(proc=proc, log_path=log_path, name=name)
         started.append(wp)
         if wait:

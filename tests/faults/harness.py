@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
+from tars_tasks.fleet import child_setup
 from tests.helpers import ROOT, WorkerProcess, make_settings
 
 
@@ -204,7 +205,7 @@ class Fleet:
         log_path = self.log_dir / f"worker-{n}.log"
         with log_path.open("wb") as fh:
             proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **self.env, **(env or {})}, stdout=fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, preexec_fn=child_setup)
         wp = WorkerProcess(proc=proc, log_path=log_path, name=name)
         self.workers.append(wp)
         if wait:

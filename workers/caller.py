@@ -39,7 +39,7 @@ import redis
 
 from config.catalog import Catalog, LatencyProfile, ModelSpec
 from config.settings import Settings
-from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_OK, STATUS_FAILED, STATUS_SUCCEEDED
+from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_NOT_SENT, OUTCOME_OK, STATUS_FAILED, STATUS_SUCCEEDED
 from tars_tasks.errors import CircuitOpen, FleetStateUnavailable, ProviderError, RateLimited
 from workers.breaker import FleetBreaker, Permit, counts_as_failure, trips_at_once
 from workers.providers import Completion, Provider, get_provider
@@ -199,8 +199,24 @@ class ModelCaller:
                 row = self._attempt_row(request_id=request_id, attempt=len(rows) + 1, spec=spec,
                                         provider=provider, worker=worker, waited_s=waited_s,
                                         input_tokens=estimate_tokens(prompt))
+                granted_at = time.monotonic()
                 self.writer.record([dict(row)])
                 rows.append(row)
+                if self.limiter is not None and time.monotonic() - granted_at > self.limiter.late_tolerance_s:
+                    # The commit of the attempt row outlasted the slot (a slow database, a busy
+                    # process): sent now, this call would crowd the next window. Give the tokens
+                    # back and wait for a fresh slot; the request slot is spent (only lowers the rate).
+                    self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
+                                               tokens=-est_tokens, defer=True)
+                    try:
+                        waited_s += self._acquire(provider=provider.name, spec=spec, limits=limits,
+                                                  tokens=est_tokens, deadline=budget_deadline)
+                    except (RateLimited, FleetStateUnavailable) as exc:
+                        # recorded but never sent: not on the bill
+                        row.update(outcome=OUTCOME_NOT_SENT, input_tokens=0, cost_usd=0, finished_at=_now(),
+                                   error=f"not sent: {exc}"[:ERROR_MAX_CHARS], latency_ms=0)
+                        raise
+                    row["ratelimit_wait_ms"] = round(waited_s * 1000, 3)
                 t0 = time.perf_counter()
                 try:
                     completion = provider.complete(spec=spec, prompt=prompt, request_id=request_id,

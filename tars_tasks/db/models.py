@@ -39,6 +39,9 @@ OUTCOME_UNKNOWN = "unknown"
 #: Attempts that are billed, outcome unknown (counted as such in status, metrics, reports).
 OUTCOMES_UNKNOWN = (OUTCOME_IN_FLIGHT, OUTCOME_UNKNOWN)
 OUTCOME_OK = "ok"
+#: api_calls.outcome of an attempt that was recorded but never sent (its rate-limit slot came too
+#: late and no new one came within the retry budget): not billed.
+OUTCOME_NOT_SENT = "not_sent"
 TERMINAL_STATUSES = (STATUS_SUCCEEDED, STATUS_FAILED)
 #: ``requests.failure_reason`` (and prefix of ``error``) of a request whose publish failed
 #: (the producer was told).

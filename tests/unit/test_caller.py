@@ -149,3 +149,52 @@ def test_rate_limiter_waits_are_recorded_on_the_rows(make_caller):
     outs = [_call(caller, tier="opus") for _ in range(3)]
     waits = [o.api_rows[0]["ratelimit_wait_ms"] for o in outs]
     assert waits[0] < 1 and waits[1] > 0  # 2000 RPM at 0.98: slots about 31 ms apart
+
+
+class SlowWriter(ListWriter):
+    """A group commit that takes longer than a rate-limit slot stays fresh."""
+
+    def record(self, api_rows):
+        import time
+
+        time.sleep(0.12)
+        super().record(api_rows)
+
+
+def test_a_slot_that_went_stale_while_the_attempt_row_was_committed_is_taken_again(make_caller):
+    caller, provider, _ = make_caller({})
+    caller.writer = SlowWriter()
+    limiter = caller.limiter
+    asked: list[float] = []
+    real = limiter.acquire
+
+    def counting_acquire(**kw):
+        asked.append(kw["tokens"])
+        return real(**kw)
+
+    limiter.acquire = counting_acquire
+    outcome = caller.call(request_id="r-slow", tier="haiku", prompt="hello", worker="w")
+    assert outcome.status == "succeeded" and provider.calls == ["haiku"]
+    # the first slot was given up after the 120 ms commit (tolerance 50 ms) and a fresh one taken
+    assert len(asked) == 2
+    assert [r["outcome"] for r in outcome.api_rows] == ["ok"]
+
+
+def test_an_attempt_recorded_but_never_sent_is_not_billed(make_caller):
+    caller, provider, _ = make_caller({})
+    caller.writer = SlowWriter()
+    limiter = caller.limiter
+    calls = {"n": 0}
+    real = limiter.acquire
+
+    def second_acquire_times_out(**kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise TimeoutError("no capacity within the deadline")
+        return real(**kw)
+
+    limiter.acquire = second_acquire_times_out
+    outcome = caller.call(request_id="r-unsent", tier="haiku", prompt="hello", worker="w")
+    first = outcome.api_rows[0]
+    assert first["outcome"] == "not_sent" and first["input_tokens"] == 0 and first["cost_usd"] == 0
+    assert outcome.status == "succeeded" and provider.calls == ["haiku"]  # the retry went through

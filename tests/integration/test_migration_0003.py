@@ -63,9 +63,9 @@ def test_0003_upgrades_rows_of_0002_and_downgrades_without_losing_a_request(data
                                 "system, messages, stop_reason FROM requests WHERE id = :i"), {"i": old}).one()
         assert tuple(row) == ("an old prompt", 0, 0, 0, None, None, None)
         assert conn.execute(text("SELECT cache_read_tokens FROM api_calls WHERE id = :c"), {"c": call}).scalar() == 0
-        conn.execute(text("INSERT INTO requests (id, tenant, role, tier_requested, priority, prompt, messages, system, "
-                          "status, attempts, input_tokens, output_tokens, cost_usd, submitted_at) VALUES (:i, 'default', "
-                          "'researcher', 'haiku', 5, NULL, :m, 'sys', 'queued', 0, 0, 0, 0, :t)"),
+        conn.execute(text("INSERT INTO requests (id, tenant, role, tier_requested, priority, prompt, messages, "
+                          "system, status, attempts, input_tokens, output_tokens, cost_usd, submitted_at) VALUES (:i, "
+                          "'default', 'researcher', 'haiku', 5, NULL, :m, 'sys', 'queued', 0, 0, 0, 0, :t)"),
                      {"i": new, "m": '[{"role": "user", "content": "hi"}]', "t": NOW})
     engine.dispose()
     migrations.downgrade(database_url, "0002")

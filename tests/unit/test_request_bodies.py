@@ -105,7 +105,7 @@ def test_the_simulated_model_ends_at_a_stop_sequence_and_leaves_it_out():
 
 def test_the_simulated_model_answers_one_json_object_in_json_mode():
     text, reason = answer(out_tokens=100, request=ModelRequest.from_prompt("x", response_format="json"), limit=400)
-    assert isinstance(json.loads(text), dict) and len(text) <= 400
+    assert isinstance(json.loads(text), dict) and len(text) <= 400 and reason == "end_turn"
 
 
 def test_the_simulated_provider_bills_the_whole_request_and_caps_the_output():

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from config.catalog import load_catalog
-from config.keys import TIERS, queue_for_tier
+from config.keys import TIERS, priority_list, queue_for_tier
 from tars_tasks.db.models import Request, Run
 from tars_tasks.errors import InvalidRequest
 from tests.helpers import make_settings
@@ -259,7 +259,7 @@ def requests_arg(draw, *, fault: str | None) -> RequestsArg:
 
 # --- the harness: call, then check the outcome against the model and the services ---------------
 
-QUEUE_KEYS = [queue_for_tier(t) + (f":{p}" if p else "") for t in TIERS for p in range(10)]
+QUEUE_KEYS = [priority_list(queue_for_tier(t), p) for t in TIERS for p in range(10)]
 _bad_run_ids = st.one_of(st.uuids().map(str), st.sampled_from(["RUN\n", " RUN", "RUNx"]), nasty_text, huge_text, junk)
 #: For "chaos" calls: mostly no run, else the real one or a bad one.
 _run_id_values = st.integers(0, 9).flatmap(

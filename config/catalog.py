@@ -103,6 +103,9 @@ class ModelSpec(BaseModel):
     #: The OpenAI Chat Completions field that carries the output limit: ``max_completion_tokens``
     #: (current; required by reasoning models) or ``max_tokens`` (deprecated; older compatible servers).
     openai_max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    #: False for a model that refuses sampling parameters (Anthropic's models after Claude Opus 4.6
+    #: answer a non-default ``temperature`` with 400): a request's temperature is then not sent.
+    accepts_temperature: bool = True
     latency: LatencyProfile = LatencyProfile()
     failure_rate: float = Field(default=0.01, ge=0, le=1)
 

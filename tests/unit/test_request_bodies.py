@@ -52,6 +52,12 @@ def test_the_openai_body_has_a_system_message_and_max_completion_tokens():
     assert chat_body(spec=legacy, request=_full(), request_id=RID)["max_tokens"] == 256
 
 
+def test_a_model_that_refuses_sampling_parameters_gets_no_temperature():
+    spec = SPEC.model_copy(update={"accepts_temperature": False})
+    assert "temperature" not in messages_body(spec=spec, request=_full(), request_id=RID)
+    assert "temperature" not in chat_body(spec=spec, request=_full(), request_id=RID)
+
+
 def test_a_bare_prompt_sends_only_what_the_apis_require():
     req = ModelRequest.from_prompt("hi")
     assert messages_body(spec=SPEC, request=req, request_id=RID) == {

@@ -67,7 +67,7 @@ def messages_body(*, spec: ModelSpec, request: ModelRequest, request_id: str) ->
     system = request.system_text()
     if system:
         body["system"] = system
-    if request.temperature is not None:
+    if request.temperature is not None and spec.accepts_temperature:
         body["temperature"] = request.temperature
     if request.stop:
         body["stop_sequences"] = list(request.stop)

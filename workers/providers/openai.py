@@ -64,7 +64,7 @@ def chat_body(*, spec: ModelSpec, request: ModelRequest, request_id: str) -> dic
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": t["role"], "content": t["content"]} for t in request.turns]
     body: dict = {"model": spec.model, spec.openai_max_tokens_field: request.output_limit(spec), "messages": messages}
-    if request.temperature is not None:
+    if request.temperature is not None and spec.accepts_temperature:
         body["temperature"] = request.temperature
     if request.stop:
         body["stop"] = list(request.stop)

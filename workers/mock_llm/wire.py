@@ -2,13 +2,14 @@
 
 :func:`parse_anthropic` and :func:`parse_openai` turn a request body into a :class:`Parsed`
 request (the prompt's text as ordered segments with their prompt-cache breakpoints, the output
-limit, stop sequences, JSON mode — OpenAI's ``response_format``, or for Anthropic a structured-output
-format or a system prompt asking for JSON, which a model would follow — streaming) or raise
-:class:`WireError` with the 400 the real
+limit, stop sequences, JSON mode, streaming) or raise :class:`WireError` with the 400 the real
 API would answer: an unknown field (both APIs refuse extra inputs), ``max_tokens`` missing
 (Anthropic), a ``system`` role in Anthropic's ``messages``, OpenAI's JSON mode without the word
 "JSON" in the messages, ``stream_options`` without ``stream``, values out of range. A client that
 sends the wrong shape fails against the mock as it would against the provider.
+
+JSON mode is OpenAI's ``response_format``; for Anthropic, a structured-output format or a system
+prompt asking for JSON (which a model would follow).
 
 The field sets are those of the official SDKs' ``messages.create`` / ``chat.completions.create``
 (anthropic 2.x, openai 3.x) plus the sampling fields the Messages API still takes.

@@ -7,6 +7,7 @@ sub-agent pool, and stopped with SIGTERM (warm shutdown) — only the processes 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -210,10 +211,13 @@ def write_catalog_override(overrides: Mapping[str, Any], *, base: str | None, di
     from config.catalog import DEFAULT_CATALOG_PATH
 
     data = tomllib.loads(Path(base or DEFAULT_CATALOG_PATH).read_text())
-    lines = ["[roles]"] + [f'{k} = "{v}"' for k, v in data.get("roles", {}).items()]
-    for tier, body in data.get("tiers", {}).items():
-        body = {**body, **overrides}
-        lines.append(f"\n[tiers.{tier}]")
+    roles = data.get("roles", {})
+    lines = ["[roles]"] + [f"{k} = {_toml(v)}" for k, v in roles.items() if not isinstance(v, dict)]
+    tables = [(f"roles.{k}", v) for k, v in roles.items() if isinstance(v, dict)]
+    tables += [(f"prices.{_toml(model)}", v) for model, v in data.get("prices", {}).items()]
+    tables += [(f"tiers.{tier}", {**body, **overrides}) for tier, body in data.get("tiers", {}).items()]
+    for name, body in tables:
+        lines.append(f"\n[{name}]")
         for k, v in body.items():
             lines.append(f"{k} = {_toml(v)}")
     directory.mkdir(parents=True, exist_ok=True)
@@ -227,7 +231,7 @@ def _toml(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return f'"{v}"'
+        return json.dumps(v, ensure_ascii=False)  # a TOML basic string
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -358,6 +358,7 @@ def _cost(records: Sequence[RequestRecord]) -> dict[str, Any]:
     """The bill, from the api_calls (one row per attempt): per tier called, with the attempts
     of unknown outcome on terminal requests (see :data:`loadgen.records.UNKNOWN_OUTCOMES`) apart."""
     by: dict[str, dict[str, Any]] = defaultdict(lambda: {"calls": 0, "input_tokens": 0, "output_tokens": 0,
+                                                         "cache_write_tokens": 0, "cache_read_tokens": 0,
                                                          "cost_usd": Decimal(0), "unknown_calls": 0,
                                                          "unknown_cost_usd": Decimal(0)})
     rows_total = Decimal(0)
@@ -369,6 +370,8 @@ def _cost(records: Sequence[RequestRecord]) -> dict[str, Any]:
             b["calls"] += 1
             b["input_tokens"] += c.input_tokens
             b["output_tokens"] += c.output_tokens
+            b["cache_write_tokens"] += c.cache_write_tokens
+            b["cache_read_tokens"] += c.cache_read_tokens
             b["cost_usd"] += c.cost_usd
             if id(c) in unknown:
                 b["unknown_calls"] += 1

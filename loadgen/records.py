@@ -38,6 +38,9 @@ class CallRow:
     #: None while in flight, and for an attempt whose worker died mid-call
     latency_ms: float | None
     ratelimit_wait_ms: float
+    #: Prompt-cache writes (5-minute and 1-hour together) and reads (0 in rows written before they were kept).
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)

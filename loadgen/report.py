@@ -295,27 +295,29 @@ def cost_by_tier(steps: Sequence[StepResult]) -> list[str]:
     tiers: dict[str, dict[str, Any]] = {}
     for s in steps:
         for t, b in s.aggregates["cost_run"]["by_tier"].items():
-            acc = tiers.setdefault(t, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost": Decimal(0),
-                                       "unknown_calls": 0, "unknown_cost": Decimal(0)})
+            acc = tiers.setdefault(t, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cache_write_tokens": 0,
+                                       "cache_read_tokens": 0, "cost": Decimal(0), "unknown_calls": 0,
+                                       "unknown_cost": Decimal(0)})
             acc["calls"] += b["calls"]
-            acc["input_tokens"] += b["input_tokens"]
-            acc["output_tokens"] += b["output_tokens"]
+            for k in ("input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens"):
+                acc[k] += b.get(k, 0)
             acc["cost"] += Decimal(b["cost_usd"])
             acc["unknown_calls"] += b["unknown_calls"]
             acc["unknown_cost"] += Decimal(b["unknown_cost_usd"])
     out = ["| Tier | API Calls | Input Tokens | Output Tokens | Cost | Cost/Call | $/M tokens | "
-           "Unknown-Outcome Attempts |", "|" + "---|" * 8]
+           "Unknown-Outcome Attempts | Cache-Write Tokens | Cache-Read Tokens |", "|" + "---|" * 10]
     total = {"calls": 0, "cost": Decimal(0), "unknown_calls": 0, "unknown_cost": Decimal(0)}
     for t, b in sorted(tiers.items()):
-        tok = b["input_tokens"] + b["output_tokens"]
+        tok = b["input_tokens"] + b["cache_write_tokens"] + b["cache_read_tokens"] + b["output_tokens"]
         out.append(f"| {t} | {b['calls']:,} | {b['input_tokens']:,} | {b['output_tokens']:,} | {usd(b['cost'])} | "
                    f"{usd(b['cost'] / b['calls'] if b['calls'] else None, digits=5)} | "
                    f"{usd(b['cost'] / tok * 1_000_000 if tok else None, digits=2)} | "
-                   f"{b['unknown_calls']} ({usd(b['unknown_cost'])}) |")
+                   f"{b['unknown_calls']} ({usd(b['unknown_cost'])}) | {b['cache_write_tokens']:,} | "
+                   f"{b['cache_read_tokens']:,} |")
         for k in total:
             total[k] += b[k]
     out.append(f"| **all** | **{total['calls']:,}** | | | **{usd(total['cost'])}** | | | "
-               f"**{total['unknown_calls']} ({usd(total['unknown_cost'])})** |")
+               f"**{total['unknown_calls']} ({usd(total['unknown_cost'])})** | | |")
     return out
 
 

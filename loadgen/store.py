@@ -62,7 +62,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                started_at=epoch(r.started_at), finished_at=epoch(r.finished_at))
         a = _api.c
         q = (select(a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
-                    a.ratelimit_wait_ms, a.attempt)
+                    a.ratelimit_wait_ms, a.attempt, a.cache_write_tokens, a.cache_write_1h_tokens, a.cache_read_tokens)
              .select_from(_api.join(_req, _req.c.id == a.request_id)).where(t.run_id == run_id)
              .order_by(a.request_id, a.attempt, a.started_at))
         for c in conn.execute(q):
@@ -70,7 +70,9 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                 tier=c.tier, outcome=c.outcome, input_tokens=c.input_tokens or 0, output_tokens=c.output_tokens or 0,
                 cost_usd=Decimal(str(c.cost_usd or 0)),
                 latency_ms=None if c.latency_ms is None else float(c.latency_ms),
-                ratelimit_wait_ms=float(c.ratelimit_wait_ms or 0)))
+                ratelimit_wait_ms=float(c.ratelimit_wait_ms or 0),
+                cache_write_tokens=(c.cache_write_tokens or 0) + (c.cache_write_1h_tokens or 0),
+                cache_read_tokens=c.cache_read_tokens or 0))
     for rid, cs in calls.items():
         row = rows.get(rid)
         if row is not None:

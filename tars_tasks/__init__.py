@@ -64,14 +64,15 @@ def submit(
     idempotency_key: str | None = None,
     tier: str | None = None,
     run_id: str | None = None,
-    **unknown: Any,
+    **fields: Any,
 ):
     """Submit one request with this process's default :class:`TarsClient`; returns its handle.
 
-    Accepts and refuses exactly what :meth:`TarsClient.submit` does (see ``RequestSpec``).
+    Accepts and refuses exactly what :meth:`TarsClient.submit` does (see ``RequestSpec``): the
+    model request's fields (``system``, ``messages``, ``max_tokens``, ...) go in ``fields``.
     """
     return _client().submit(role=role, prompt=prompt, priority=priority, tenant=tenant,
-                            idempotency_key=idempotency_key, tier=tier, run_id=run_id, **unknown)
+                            idempotency_key=idempotency_key, tier=tier, run_id=run_id, **fields)
 
 
 def submit_many(requests: Iterable[Any], *, run_id: str | None = None):

@@ -269,6 +269,17 @@ def status(as_json: bool) -> None:
                   else f"NO, failing for {w.get('stalled_for_s')}s: {w.get('last_error')}")
             wt.add_row(owner, ok, str(w.get("pending", 0)))
         console.print(wt)
+    if st.usage:
+        from decimal import Decimal
+
+        ut = Table(title="API calls by tier: tokens by billing class and cost")
+        for col in ("tier", "attempts", "input", "cache writes 5m", "cache writes 1h", "cache reads", "output", "cost"):
+            ut.add_column(col, justify="left" if col == "tier" else "right")
+        for tier, u in st.usage.items():
+            ut.add_row(tier, f"{u['attempts']:,}", f"{u['input_tokens']:,}", f"{u['cache_write_tokens']:,}",
+                       f"{u['cache_write_1h_tokens']:,}", f"{u['cache_read_tokens']:,}", f"{u['output_tokens']:,}",
+                       f"${Decimal(u['cost_usd']):.6f}")
+        console.print(ut)
     unknown = st.billed_unknown or {}
     if unknown.get("attempts"):
         console.print(f"Attempts billed, outcome unknown: {unknown['attempts']} "

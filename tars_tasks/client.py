@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -45,16 +45,31 @@ class RequestResult:
     result: str | None
     error: str | None
     attempts: int
+    #: Tokens of all the request's attempts by billing class (``input_tokens``: input not cached).
     input_tokens: int
     output_tokens: int
     cost_usd: Decimal
     submitted_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    #: Why the model stopped: ``end_turn``, ``max_tokens``, ``stop_sequence``, ``refusal``, ...
+    stop_reason: str | None = None
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_read_tokens: int = 0
+    #: The producer's own labels, as submitted.
+    metadata: dict[str, str] | None = None
 
     @property
     def done(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Tokens by billing class, summed over every attempt (what the cost is made of)."""
+        return {"input_tokens": self.input_tokens, "cache_write_tokens": self.cache_write_tokens,
+                "cache_write_1h_tokens": self.cache_write_1h_tokens, "cache_read_tokens": self.cache_read_tokens,
+                "output_tokens": self.output_tokens}
 
     @property
     def ok(self) -> bool:
@@ -105,16 +120,28 @@ class TarsClient:
         idempotency_key: str | None = None,
         tier: str | None = None,
         run_id: str | None = None,
+        system: str | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        response_format: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         **unknown: Any,
     ) -> RequestHandle:
         """Validate, record and queue one request (the fields are :class:`RequestSpec`'s).
 
         ``submit(**fields)`` behaves exactly as ``submit_many([fields])``: a missing ``role`` or
-        ``prompt`` and an unknown keyword are :class:`InvalidRequest` naming the field, like a bad value.
+        ``prompt`` (without ``messages``) and an unknown keyword are :class:`InvalidRequest` naming
+        the field, like a bad value.
         """
-        spec = {name: value for name, value in (("role", role), ("prompt", prompt), ("priority", priority),
-                                                ("tenant", tenant), ("idempotency_key", idempotency_key),
-                                                ("tier", tier)) if value is not REQUIRED}
+        given = (("role", role), ("prompt", prompt), ("priority", priority), ("tenant", tenant),
+                 ("idempotency_key", idempotency_key), ("tier", tier))
+        model = (("system", system), ("messages", messages), ("max_tokens", max_tokens),
+                 ("temperature", temperature), ("stop", stop), ("response_format", response_format),
+                 ("metadata", metadata))
+        spec = {name: value for name, value in given if value is not REQUIRED}
+        spec.update((name, value) for name, value in model if value is not None)
         return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]
 
     def submit_many(
@@ -162,7 +189,7 @@ class TarsClient:
         if not ids:
             return []
         t = Request.__table__.c
-        cols = [getattr(t, f) for f in RequestResult.__dataclass_fields__]
+        cols = [t[f] for f in RequestResult.__dataclass_fields__]
         out: dict[str, RequestResult] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 1000):

@@ -39,7 +39,7 @@ from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded, excerpt
 from tars_tasks.publish import publish_request
 from tars_tasks.routing import Route, route
-from tars_tasks.schemas import RequestSpec, validate_requests, validate_run_id, validate_spec
+from tars_tasks.schemas import RequestSpec, request_columns, validate_requests, validate_run_id, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,9 @@ class Coordinator:
             rows.append(
                 {
                     "id": p.id,
-                    "tenant": p.spec.tenant,
-                    "idempotency_key": p.spec.idempotency_key,
-                    "role": p.spec.role,
+                    **request_columns(p.spec, catalog=self.catalog),
                     "tier_requested": p.requested_tier,
                     "tier_queued": p.route.tier,
-                    "priority": p.spec.priority,
-                    "prompt": p.spec.prompt,
                     "status": STATUS_QUEUED,
                     "run_id": run_id,
                     "submitted_at": now,

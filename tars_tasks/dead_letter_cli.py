@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from config.keys import TIERS
 from tars_tasks.db.models import STATUS_FAILED, Request
+from tars_tasks.schemas import MODEL_FIELDS
 
 #: On the embedded default, how long a re-submission waits for its requests to run in-process.
 RESUBMIT_TIMEOUT_S = 600.0
@@ -44,7 +45,7 @@ def failed_requests(*, engine, tier: str | None = None, since: datetime | None =
     """Failed requests, newest first. ``reason`` matches a substring of the error (any case)."""
     t = Request.__table__.c
     q = select(t.id, t.tenant, t.role, t.tier_requested, t.tier_used, t.priority, t.prompt, t.error, t.attempts,
-               t.submitted_at, t.finished_at).where(t.status == STATUS_FAILED)
+               t.submitted_at, t.finished_at, *(t[f] for f in MODEL_FIELDS)).where(t.status == STATUS_FAILED)
     if tier:
         q = q.where(t.tier_requested == tier)
     if since:
@@ -56,6 +57,16 @@ def failed_requests(*, engine, tier: str | None = None, since: datetime | None =
     q = q.order_by(t.finished_at.desc()).limit(limit)
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def resubmission(row: dict) -> dict:
+    """The fields of a new request repeating a failed one: its prompt, conversation and options as
+    they were stored (the role's defaults of the time included), on the tier it asked for."""
+    spec = {"role": row["role"], "priority": row["priority"], "tenant": row["tenant"], "tier": row["tier_requested"]}
+    if row["prompt"] is not None:
+        spec["prompt"] = row["prompt"]
+    spec.update((f, row[f]) for f in MODEL_FIELDS if row.get(f) is not None)
+    return spec
 
 
 def _filters(f):
@@ -86,7 +97,8 @@ def list_cmd(tier: str | None, since: str | None, reason: str | None, limit: int
                            reason=reason, limit=limit)
     if as_json:
         for r in rows:
-            r.pop("prompt", None)
+            for text in ("prompt", "system", "messages"):
+                r.pop(text, None)
             for k, v in r.items():
                 if isinstance(v, datetime):
                     r[k] = v.isoformat()
@@ -127,8 +139,7 @@ def resubmit_cmd(request_ids: tuple[str, ...], tier: str | None, since: str | No
     if not rows:
         click.echo("nothing to re-submit")
         return
-    specs = [{"role": r["role"], "prompt": r["prompt"], "priority": r["priority"], "tenant": r["tenant"],
-              "tier": r["tier_requested"]} for r in rows]
+    specs = [resubmission(r) for r in rows]
     if settings.embedded:
         handles, results = run_in_process(specs, timeout_s=RESUBMIT_TIMEOUT_S, settings=settings)
         for r, h, res in zip(rows, handles, results, strict=True):

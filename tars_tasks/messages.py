@@ -6,12 +6,14 @@ producer's completion channel. The prompt is **not** in the message: the worker 
 the request row (so Celery events, Flower and its persistent file never see it).
 
 A plain-Celery producer may instead send the request's own fields (``role``, ``prompt``,
-``priority``, ``tenant``, ``idempotency_key``, ``tier``, optionally ``request_id``, else the task
-id is the request id) for a request that has no row yet: the worker validates them exactly as
-``submit`` does, records the row and runs it (:attr:`RunRequestMessage.spec`); for a request that
-has a row, the row wins. Anything else — positional arguments, unknown fields, an id that is not
-a UUID, no row and no fields to make one — is a :class:`MalformedMessage` (or a dead letter from
-the worker), recorded with the reason instead of acked silently.
+``priority``, ``tenant``, ``idempotency_key``, ``tier`` and the model request's ``system``,
+``messages``, ``max_tokens``, ``temperature``, ``stop``, ``response_format``, ``metadata``;
+optionally ``request_id``, else the task id is the request id) for a request that has no row
+yet: the worker validates them exactly as ``submit`` does, records the row and runs it
+(:attr:`RunRequestMessage.spec`); for a request that has a row, the row wins. Anything else —
+positional arguments, unknown fields, an id that is not a UUID, no row and no fields to make
+one — is a :class:`MalformedMessage` (or a dead letter from the worker), recorded with the
+reason instead of acked silently.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ MESSAGE_VERSION = 2
 #: Keyword arguments of a TARS producer's message.
 ROUTING_FIELDS = frozenset({"v", "request_id", "tier", "tenant", "priority", "reply_to"})
 #: Keyword arguments a plain-Celery producer may send to create a request.
-SPEC_FIELDS = frozenset({"role", "prompt", "priority", "tenant", "idempotency_key", "tier"})
+SPEC_FIELDS = frozenset({"role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
+                         "max_tokens", "temperature", "stop", "response_format", "metadata"})
 _ID_MAX = 36
 _EXCERPT = 80
 

@@ -1,8 +1,9 @@
 """The project's own Prometheus metrics, read from Postgres and Redis when scraped.
 
 Flower's ``/metrics`` counts Celery events; these count what the fleet *recorded*: requests
-by tier and status, API-call attempts, tokens and dollars by tier (what a provider would
-bill: every attempt, retries included), time spent waiting for the fleet rate limiter,
+by tier and status, API-call attempts, tokens by billing class (input, cache writes, cache
+reads, output) and dollars by tier (what a provider would bill: every attempt, retries
+included, each class at its own price), time spent waiting for the fleet rate limiter,
 breaker state per model and queue depth per tier and priority.
 
 A scrape runs a few ``GROUP BY`` queries over ``requests`` and ``api_calls`` (full scans:
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
 from config.keys import TIERS
+from config.pricing import TOKEN_CLASSES
 from config.settings import Settings
 from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
@@ -33,6 +35,9 @@ from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_INTERVAL_S = 2.0
+#: ``tars_tokens{kind}`` of each token class.
+TOKEN_KINDS = {"input_tokens": "input", "cache_write_tokens": "cache_write", "cache_write_1h_tokens": "cache_write_1h",
+               "cache_read_tokens": "cache_read", "output_tokens": "output"}
 BREAKER_STATES = ("closed", "open", "half_open")
 
 
@@ -46,20 +51,20 @@ def request_counts(settings: Settings) -> dict[tuple[str, str], int]:
 
 
 def api_call_totals(settings: Settings) -> dict[tuple[str, str], dict[str, Decimal | int]]:
-    """(tier, outcome) -> calls, input/output tokens, cost, rate-limit wait (ms) and waited calls."""
+    """(tier, outcome) -> calls, tokens of every billing class, cost, rate-limit wait (ms) and waited calls."""
     t = ApiCall.__table__.c
     q = select(
-        t.tier, t.outcome, func.count(), func.coalesce(func.sum(t.input_tokens), 0),
-        func.coalesce(func.sum(t.output_tokens), 0), func.coalesce(func.sum(t.cost_usd), 0),
+        t.tier, t.outcome, func.count(), func.coalesce(func.sum(t.cost_usd), 0),
         func.coalesce(func.sum(t.ratelimit_wait_ms), 0),
         func.count().filter(t.ratelimit_wait_ms > 0),
+        *(func.coalesce(func.sum(t[c]), 0) for c in TOKEN_CLASSES),
     ).group_by(t.tier, t.outcome)
     out: dict[tuple[str, str], dict[str, Decimal | int]] = {}
     with get_engine(settings.database_url).connect() as conn:
-        for tier, outcome, n, tin, tout, cost, wait_ms, waited in conn.execute(q):
-            out[(tier, outcome)] = {"calls": int(n), "input_tokens": int(tin), "output_tokens": int(tout),
-                                    "cost_usd": Decimal(cost), "ratelimit_wait_ms": Decimal(wait_ms),
-                                    "ratelimit_waited": int(waited)}
+        for tier, outcome, n, cost, wait_ms, waited, *tokens in conn.execute(q):
+            out[(tier, outcome)] = {"calls": int(n), "cost_usd": Decimal(cost), "ratelimit_wait_ms": Decimal(wait_ms),
+                                    "ratelimit_waited": int(waited),
+                                    **{c: int(v) for c, v in zip(TOKEN_CLASSES, tokens, strict=True)}}
     return out
 
 
@@ -136,12 +141,14 @@ class FleetCollector(Collector):
         per_tier: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
         for (tier, outcome), v in sorted(calls.items()):
             api.add_metric([tier, outcome], v["calls"])
-            for k in ("input_tokens", "output_tokens", "cost_usd", "ratelimit_wait_ms", "ratelimit_waited"):
+            for k in (*TOKEN_CLASSES, "cost_usd", "ratelimit_wait_ms", "ratelimit_waited"):
                 per_tier[tier][k] += Decimal(v[k])
         tiers = sorted(set(per_tier) | set(TIERS))
         cost = CounterMetricFamily("tars_cost_usd", "Dollars of every API call attempt (what a provider bills).",
                                    labels=["tier"])
-        tokens = CounterMetricFamily("tars_tokens", "Tokens of every API call attempt.", labels=["tier", "kind"])
+        tokens = CounterMetricFamily("tars_tokens", "Tokens of every API call attempt, by billing class (kind input: "
+                                     "not cached; cache_write, cache_write_1h, cache_read; output).",
+                                     labels=["tier", "kind"])
         wait = CounterMetricFamily("tars_ratelimit_wait_seconds",
                                    "Time API calls waited for fleet rate-limit capacity.", labels=["tier"])
         waited = CounterMetricFamily("tars_ratelimit_waited_calls", "API calls that waited for the rate limiter.",
@@ -149,8 +156,8 @@ class FleetCollector(Collector):
         for tier in tiers:
             v = per_tier.get(tier, {})
             cost.add_metric([tier], float(v.get("cost_usd", 0)))
-            tokens.add_metric([tier, "input"], float(v.get("input_tokens", 0)))
-            tokens.add_metric([tier, "output"], float(v.get("output_tokens", 0)))
+            for c in TOKEN_CLASSES:
+                tokens.add_metric([tier, TOKEN_KINDS[c]], float(v.get(c, 0)))
             wait.add_metric([tier], float(v.get("ratelimit_wait_ms", 0)) / 1000.0)
             waited.add_metric([tier], float(v.get("ratelimit_waited", 0)))
         unknown = GaugeMetricFamily(

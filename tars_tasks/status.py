@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
 
 from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, lease_prefix, priority_list, queue_for_tier
+from config.pricing import TOKEN_CLASSES
 from config.settings import Settings
 from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
@@ -28,11 +30,13 @@ class FleetStatus:
     worker_health: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: attempts billed, outcome unknown (their worker died mid-call, or still in flight)
     billed_unknown: dict[str, Any] = field(default_factory=dict)
+    #: tier -> attempts, tokens by billing class and dollars of every api_calls row
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"queue_depth": self.queue_depth, "workers": self.workers, "requests": self.requests,
                 "breakers": self.breakers, "worker_health": self.worker_health,
-                "billed_unknown": self.billed_unknown}
+                "billed_unknown": self.billed_unknown, "usage": self.usage}
 
 
 def queue_depths(settings: Settings, *, timeout_s: float | None = None) -> dict[str, dict[int, int]]:
@@ -113,6 +117,21 @@ def billed_unknown(settings: Settings) -> dict[str, Any]:
             "by_outcome": {o: n for o, (n, _) in by.items()}}
 
 
+def usage_by_class(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Tier -> attempts, tokens of each billing class and dollars, over every api_calls row
+    (what the providers bill; each class was priced at its own catalog price)."""
+    a = ApiCall.__table__.c
+    sums = [func.coalesce(func.sum(a[c]), 0) for c in TOKEN_CLASSES]
+    q = select(a.tier, func.count(), *sums, func.coalesce(func.sum(a.cost_usd), 0)).group_by(a.tier)
+    out: dict[str, dict[str, Any]] = {}
+    with get_engine(settings.database_url).connect() as conn:
+        for tier, n, *rest in conn.execute(q):
+            *tokens, cost = rest
+            out[tier] = {"attempts": int(n), **{c: int(v) for c, v in zip(TOKEN_CLASSES, tokens, strict=True)},
+                         "cost_usd": str(Decimal(cost))}
+    return dict(sorted(out.items()))
+
+
 def fleet_status(settings: Settings, celery_app) -> FleetStatus:
     return FleetStatus(
         queue_depth=queue_depths(settings),
@@ -121,4 +140,5 @@ def fleet_status(settings: Settings, celery_app) -> FleetStatus:
         breakers=breaker_states(settings),
         worker_health=worker_health(settings),
         billed_unknown=billed_unknown(settings),
+        usage=usage_by_class(settings),
     )

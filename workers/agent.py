@@ -8,8 +8,10 @@
 3. A redelivered message counts towards the poison cap: a request redelivered often enough to be
    suspect runs alone in its process; one that kills its worker even then is failed as poison
    (:mod:`workers.quarantine`), so the bystanders of a crash are not.
-4. Model call with retries (:mod:`workers.caller`). Every attempt is written ``in_flight``
-   *before* the call, with its input tokens and their cost, and completed after it.
+4. Model call with retries (:mod:`workers.caller`) with the request the row holds (system
+   prompt, turns, options: :class:`workers.providers.request.ModelRequest`). Every attempt is
+   written ``in_flight`` *before* the call, with its input tokens and their cost, and completed
+   after it.
 5. The request's final rows go to the group-commit writer; the task returns (and Celery acks)
    only after they are durable.
 
@@ -44,6 +46,7 @@ from tars_tasks.redis_client import get_redis
 from workers.caller import CallOutcome, ModelCaller
 from workers.loader import RequestLoader, RequestRow
 from workers.providers import Provider
+from workers.providers.request import ModelRequest
 from workers.quarantine import CallGate
 from workers.writer import GroupCommitWriter, storable
 
@@ -77,10 +80,12 @@ class Finish:
     result: str | None = None
     error: str | None = None
     failure_reason: str | None = None
+    stop_reason: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {"b_id": self.request_id, "b_status": self.status, "b_result": self.result,
                 "b_error": storable(self.error), "b_failure_reason": self.failure_reason,
+                "b_stop_reason": self.stop_reason,
                 "b_tier_used": self.tier_used, "b_model": self.model, "b_worker": self.worker,
                 "b_started_at": self.started_at, "b_finished_at": _now()}
 
@@ -152,20 +157,21 @@ class SubAgent:
                                 model=self.catalog.spec(tier).model, worker=worker, started_at=started,
                                 error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
             return STATUS_FAILED
+        request = row.model_request()
         if verdict == SUSPICION_SUSPECT:
-            result = self._call_alone(request_id=row.id, tier=tier, prompt=row.prompt, worker=worker)
+            result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker)
         else:
             with self.gate.shared():
-                result = self.call_model(request_id=row.id, tier=tier, prompt=row.prompt, worker=worker)
+                result = self.call_model(request_id=row.id, tier=tier, request=request, worker=worker)
         self._finish(Finish(request_id=row.id, status=result.status, tier_used=result.tier_used, model=result.model,
                             worker=worker, started_at=started, result=result.text, error=result.error,
-                            failure_reason=result.failure_reason),
+                            failure_reason=result.failure_reason, stop_reason=result.stop_reason),
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
 
-    def call_model(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
+    def call_model(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
         """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
-        return self.caller.call(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
+        return self.caller.call(request_id=request_id, tier=tier, request=request, worker=worker)
 
     def _finish(self, finish: Finish, *, api_rows: list[dict[str, Any]], reply_to: str | None) -> None:
         self.writer.finish(api_rows=api_rows, request=finish.params(), reply_to=reply_to)
@@ -175,7 +181,7 @@ class SubAgent:
     def _adopt(self, message: RunRequestMessage) -> RequestRow | None:
         """Record the request a plain-Celery message describes; None if it was dead-lettered."""
         from tars_tasks.routing import route
-        from tars_tasks.schemas import validate_spec
+        from tars_tasks.schemas import request_columns, validate_spec
 
         if message.spec is None:
             self.dead_letter(reason="unknown_request",
@@ -191,9 +197,9 @@ class SubAgent:
         now = _now()
         with self.engine.begin() as conn:
             stmt = insert_for(conn, Request.__table__).values(
-                id=message.request_id, tenant=spec.tenant, idempotency_key=spec.idempotency_key, role=spec.role,
-                tier_requested=r.tier, tier_queued=r.tier, priority=spec.priority, prompt=spec.prompt,
-                status=STATUS_QUEUED, submitted_at=now, attempts=0, input_tokens=0, output_tokens=0, cost_usd=0,
+                id=message.request_id, **request_columns(spec, catalog=self.catalog), tier_requested=r.tier,
+                tier_queued=r.tier, status=STATUS_QUEUED, submitted_at=now, attempts=0, input_tokens=0,
+                output_tokens=0, cost_usd=0,
             ).on_conflict_do_nothing()
             conn.execute(stmt)
         row = self.loader.get(message.request_id)
@@ -239,14 +245,14 @@ class SubAgent:
             return SUSPICION_SUSPECT
         return SUSPICION_NONE
 
-    def _call_alone(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
+    def _call_alone(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
         key = quarantine_key(self.settings.namespace, request_id)
         with self.gate.alone():
             try:
                 self.redis.set(key, worker, ex=DELIVERY_COUNTER_TTL_S)
             except redis.RedisError as exc:
                 log.warning("request %s: quarantine mark not set (%s)", request_id, exc)
-            result = self.call_model(request_id=request_id, tier=tier, prompt=prompt, worker=worker)
+            result = self.call_model(request_id=request_id, tier=tier, request=request, worker=worker)
             try:
                 self.redis.delete(key)
             except redis.RedisError as exc:

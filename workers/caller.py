@@ -15,8 +15,10 @@ at once without touching the breaker.
 
 Delivery note: a request may be called more than once (redelivery); every attempt that was
 really made is its own row, so costs match what a provider would bill. The row written before the
-call already carries the input tokens (estimated) and their cost at the catalog's price: if the
-worker dies mid-call, the attempt stays on the bill as "billed, outcome unknown", never $0.
+call already carries the input tokens (estimated over the whole request: system prompt and every
+turn) and their cost at the catalog's input price: if the worker dies mid-call, the attempt stays
+on the bill as "billed, outcome unknown", never $0. An answered attempt's row holds its tokens by
+class (input, cache writes, cache reads, output) and their cost, each class at its own price.
 
 Fleet-state Redis failures (the limiter's or the breaker's Redis down or timing out): the limiter
 is retried with backoff inside the retry budget (no call is made without the fleet limit) and the
@@ -43,7 +45,7 @@ from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_NOT_SENT, OUTCOME_OK
 from tars_tasks.errors import CircuitOpen, FleetStateUnavailable, ProviderError, RateLimited
 from workers.breaker import FleetBreaker, Permit, counts_as_failure, trips_at_once
 from workers.providers import Completion, Provider, get_provider
-from workers.providers.http import estimate_tokens
+from workers.providers.request import ModelRequest
 from workers.ratelimit import FleetRateLimiter, LimitSpec
 from workers.retry import retrying_for
 
@@ -74,6 +76,8 @@ class CallOutcome:
     api_rows: list[dict[str, Any]]
     #: Short code of why it failed (None when it succeeded).
     failure_reason: str | None = None
+    #: Why the model stopped (``end_turn``, ``max_tokens``, ...; None when it failed).
+    stop_reason: str | None = None
 
 
 def _now() -> datetime:
@@ -140,7 +144,7 @@ class ModelCaller:
 
     # --- the call ------------------------------------------------------------------------------
 
-    def call(self, *, request_id: str, tier: str, prompt: str, worker: str) -> CallOutcome:
+    def call(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
         """Call the tier's model (or its fallback). Always returns; never raises a provider error."""
         rows: list[dict[str, Any]] = []
         requested = self.spec(tier)
@@ -150,7 +154,7 @@ class ModelCaller:
         while True:
             spec = self.spec(current)
             try:
-                completion = self._call_tier(spec=spec, prompt=prompt, request_id=request_id, worker=worker,
+                completion = self._call_tier(spec=spec, request=request, request_id=request_id, worker=worker,
                                              rows=rows)
             except CircuitOpen as exc:
                 if (self.settings.breaker_open_policy == "fallback" and spec.fallback
@@ -175,18 +179,19 @@ class ModelCaller:
                 return self._failed(rows=rows, spec=spec, reason=exc.outcome,
                                     error=f"{exc.outcome} after {tier_rows} attempt(s) on tier {spec.tier}: {exc}")
             return CallOutcome(status=STATUS_SUCCEEDED, text=completion.text, error=None, tier_used=spec.tier,
-                               model=spec.model, api_rows=rows)
+                               model=spec.model, api_rows=rows, stop_reason=completion.stop_reason)
 
     def _failed(self, *, rows: list[dict[str, Any]], spec: ModelSpec, error: str,
                 reason: str = CircuitOpen.outcome) -> CallOutcome:
         return CallOutcome(status=STATUS_FAILED, text=None, error=error[:ERROR_MAX_CHARS], tier_used=spec.tier,
                            model=spec.model, api_rows=rows, failure_reason=reason)
 
-    def _call_tier(self, *, spec: ModelSpec, prompt: str, request_id: str, worker: str,
+    def _call_tier(self, *, spec: ModelSpec, request: ModelRequest, request_id: str, worker: str,
                    rows: list[dict[str, Any]]) -> Completion:
         provider = self.provider_for(spec)
         limits = LimitSpec(rpm=spec.rpm, tpm=spec.tpm)
-        est_tokens = estimate_tokens(prompt) + spec.output_tokens[1]
+        est_input = request.estimated_input_tokens()
+        est_tokens = est_input + request.reserved_output_tokens(spec)
         budget_deadline = time.monotonic() + spec.retry_budget_s
         completion: Completion | None = None
         retrying = retrying_for(spec, sleep=self._sleep, initial_s=self.settings.retry_backoff_initial_s,
@@ -198,7 +203,7 @@ class ModelCaller:
                                          deadline=budget_deadline)
                 row = self._attempt_row(request_id=request_id, attempt=len(rows) + 1, spec=spec,
                                         provider=provider, worker=worker, waited_s=waited_s,
-                                        input_tokens=estimate_tokens(prompt))
+                                        input_tokens=est_input)
                 granted_at = time.monotonic()
                 self.writer.record([dict(row)])
                 rows.append(row)
@@ -219,7 +224,7 @@ class ModelCaller:
                     row["ratelimit_wait_ms"] = round(waited_s * 1000, 3)
                 t0 = time.perf_counter()
                 try:
-                    completion = provider.complete(spec=spec, prompt=prompt, request_id=request_id,
+                    completion = provider.complete(spec=spec, request=request, request_id=request_id,
                                                    attempt=row["attempt"])
                 except ProviderError as exc:
                     row.update(outcome=exc.outcome, http_status=exc.status_code, error=str(exc)[:ERROR_MAX_CHARS],
@@ -228,13 +233,12 @@ class ModelCaller:
                         row.update(input_tokens=0, cost_usd=0)
                     self._tell_breaker(exc=exc, permit=permit, provider=provider.name, model=spec.model)
                     raise
+                usage = completion.usage
                 row.update(
                     outcome=OUTCOME_OK,
                     http_status=completion.http_status,
-                    input_tokens=completion.input_tokens,
-                    output_tokens=completion.output_tokens,
-                    cost_usd=spec.cost_usd(input_tokens=completion.input_tokens,
-                                           output_tokens=completion.output_tokens),
+                    **usage.columns(),
+                    cost_usd=spec.usage_cost_usd(usage),
                     latency_ms=(time.perf_counter() - t0) * 1000,
                     finished_at=_now(),
                 )
@@ -242,7 +246,7 @@ class ModelCaller:
                     self._fleet_state_best_effort(self.breaker.record_success, provider=provider.name,
                                                   model=spec.model)
                 if self.limiter is not None:
-                    used = completion.input_tokens + completion.output_tokens
+                    used = usage.total_tokens
                     self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
                                                tokens=used - est_tokens, defer=True)
         assert completion is not None  # tenacity re-raises when it stops
@@ -330,7 +334,10 @@ class ModelCaller:
             "error": None,
             "input_tokens": input_tokens,
             "output_tokens": 0,
-            "cost_usd": spec.cost_usd(input_tokens=input_tokens, output_tokens=0),
+            "cache_write_tokens": 0,
+            "cache_write_1h_tokens": 0,
+            "cache_read_tokens": 0,
+            "cost_usd": spec.cost_usd(input_tokens=input_tokens),
             "latency_ms": None,
             "ratelimit_wait_ms": round(waited_s * 1000, 3),
             "worker": worker,

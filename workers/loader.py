@@ -24,12 +24,14 @@ from sqlalchemy import Engine, select
 
 from tars_tasks.db.errors import describe, is_transient
 from tars_tasks.db.models import Request
+from workers.providers.request import ModelRequest
 
 log = logging.getLogger(__name__)
 
 _req = Request.__table__.c
 _COLUMNS = (_req.id, _req.status, _req.role, _req.tenant, _req.priority, _req.prompt, _req.tier_requested,
-            _req.started_at, _req.submitted_at)
+            _req.started_at, _req.submitted_at, _req.system, _req.messages, _req.max_tokens, _req.temperature,
+            _req.stop, _req.response_format, _req["metadata"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +41,23 @@ class RequestRow:
     role: str
     tenant: str
     priority: int
-    prompt: str
+    prompt: str | None
     tier_requested: str
     started_at: datetime | None
     submitted_at: datetime
+    system: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: list[str] | None = None
+    response_format: str | None = None
+    metadata: dict[str, str] | None = None
+
+    def model_request(self) -> ModelRequest:
+        """What the model is asked: the stored conversation and options (role defaults already in)."""
+        return ModelRequest.from_fields(prompt=self.prompt, messages=self.messages, system=self.system,
+                                        max_tokens=self.max_tokens, temperature=self.temperature, stop=self.stop,
+                                        response_format=self.response_format, metadata=self.metadata)
 
 
 @dataclass(slots=True)

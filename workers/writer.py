@@ -10,8 +10,9 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
 2. attempt rows are upserted by attempt id (a later version of an attempt wins);
 3. requests are finished only if not finished already (the first finish sets status and result;
    a duplicate delivery changes neither);
-4. every touched request's attempts, tokens and cost are **recomputed from all its api_calls**,
-   so a request row's totals equal the sum of its attempts however many deliveries ran it.
+4. every touched request's attempts, tokens (every class: input, cache writes, cache reads,
+   output) and cost are **recomputed from all its api_calls**, so a request row's totals equal
+   the sum of its attempts however many deliveries ran it.
 
 Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
 completion notices.
@@ -42,6 +43,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
 
+from config.pricing import TOKEN_CLASSES
 from tars_tasks.db.errors import describe, is_transient
 from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, ApiCall, DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
@@ -55,8 +57,8 @@ REASON_UNWRITABLE = "unwritable"
 
 _api = ApiCall.__table__
 _req = Request.__table__
-_API_UPDATABLE = ("outcome", "http_status", "error", "input_tokens", "output_tokens", "cost_usd",
-                  "latency_ms", "ratelimit_wait_ms", "finished_at")
+_API_UPDATABLE = ("outcome", "http_status", "error", *TOKEN_CLASSES, "cost_usd", "latency_ms",
+                  "ratelimit_wait_ms", "finished_at")
 #: Text Postgres cannot store: NUL, and lone surrogates (not encodable as UTF-8).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -100,6 +102,7 @@ def _finish_stmt():
             result=bindparam("b_result"),
             error=bindparam("b_error"),
             failure_reason=bindparam("b_failure_reason"),
+            stop_reason=bindparam("b_stop_reason"),
             tier_used=bindparam("b_tier_used"),
             model=bindparam("b_model"),
             worker=bindparam("b_worker"),
@@ -110,7 +113,7 @@ def _finish_stmt():
 
 
 def _totals_stmt():
-    """Set attempts, tokens and cost of the requests ``ids`` to the sums of their api_calls."""
+    """Set attempts, tokens of every class and cost of the requests ``ids`` to the sums of their api_calls."""
     a = _api.c
 
     def calls(col):
@@ -121,8 +124,7 @@ def _totals_stmt():
         .where(_req.c.id.in_(bindparam("ids", expanding=True)))
         .values(
             attempts=calls(func.count(a.id)),
-            input_tokens=calls(func.coalesce(func.sum(a.input_tokens), 0)),
-            output_tokens=calls(func.coalesce(func.sum(a.output_tokens), 0)),
+            **{c: calls(func.coalesce(func.sum(a[c]), 0)) for c in TOKEN_CLASSES},
             cost_usd=calls(func.coalesce(func.sum(a.cost_usd), 0)),
         )
     )

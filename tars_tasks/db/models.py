@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -84,16 +85,34 @@ class Request(Base):
     tier_used: Mapped[str | None] = mapped_column(String(20))
     model: Mapped[str | None] = mapped_column(String(100))
     priority: Mapped[int] = mapped_column(Integer)
-    prompt: Mapped[str] = mapped_column(Text)
+    #: The new user turn (None for a request given only as ``messages``).
+    prompt: Mapped[str | None] = mapped_column(Text)
+    #: The model request beyond the prompt, as stored at submit (the role's defaults filled in):
+    #: the system prompt ("" = none, explicitly), earlier turns, output limit, sampling, stop
+    #: sequences, "text"/"json", and the producer's own labels.
+    system: Mapped[str | None] = mapped_column(Text)
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    temperature: Mapped[float | None] = mapped_column(Float)
+    stop: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    response_format: Mapped[str | None] = mapped_column(String(20))
+    #: Attribute ``metadata_`` (``metadata`` is SQLAlchemy's own); the column is ``metadata``.
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON(none_as_null=True))
     status: Mapped[str] = mapped_column(String(20))
     result: Mapped[str | None] = mapped_column(Text)
+    #: Why the model stopped: end_turn, max_tokens, stop_sequence, refusal, ... (None until it answered).
+    stop_reason: Mapped[str | None] = mapped_column(String(50))
     error: Mapped[str | None] = mapped_column(Text)
     #: Why a failed request failed, as a short code (``poison``, ``unwritable``, a provider
     #: outcome, ...); ``error`` has the human-readable detail.
     failure_reason: Mapped[str | None] = mapped_column(String(50))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Totals of all the request's api_calls, by token class (see ``config.pricing``).
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
     worker: Mapped[str | None] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))
@@ -121,8 +140,13 @@ class ApiCall(Base):
     outcome: Mapped[str] = mapped_column(String(30))
     http_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    #: Tokens by billing class: input not cached, output, prompt-cache writes (5-minute and
+    #: 1-hour lifetimes) and cache reads; ``cost_usd`` prices each at its own catalog price.
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
     #: None while the call is in flight; stays None for an attempt whose worker died mid-call.
     latency_ms: Mapped[float | None] = mapped_column(Numeric(12, 3))

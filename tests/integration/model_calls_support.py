@@ -51,6 +51,10 @@ class MockServer:
     def stats(self) -> dict:
         return self._req("GET", "/_mock/stats")
 
+    def bodies(self) -> list[dict]:
+        """The request bodies the mock received, oldest first: ``[{"protocol", "body"}, ...]``."""
+        return self._req("GET", "/_mock/requests")
+
     def reset(self, *, config: bool = False) -> None:
         self._req("POST", "/_mock/reset", {"config": config})
 
@@ -133,13 +137,24 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def write_catalog(path: Path, **tiers: dict[str, Any]) -> Path:
-    """A small catalog: every tier a mock model with generous limits, fields overridden per tier."""
+def write_catalog(path: Path, *, roles: dict[str, dict[str, Any]] | None = None,
+                  prices: dict[str, dict[str, Any]] | None = None, **tiers: dict[str, Any]) -> Path:
+    """A small catalog: every tier a mock model with generous limits, fields overridden per tier;
+    ``roles`` adds roles with defaults (``{"name": {"tier": ..., "system": ...}}``), ``prices`` lists
+    models' prices by class (then give the tier ``input_usd_per_mtok=None`` to use them)."""
     base = {
         "provider": "anthropic", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 5.0, "rpm": 100_000,
         "tpm": 100_000_000, "timeout_s": 10, "max_attempts": 3, "retry_budget_s": 30, "output_tokens": [20, 40],
     }
     lines = ["[roles]", 'researcher = "haiku"', 'engineer = "sonnet"', 'architect = "opus"', ""]
+    for role, body in (roles or {}).items():
+        lines.append(f"[roles.{role}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    for model, body in (prices or {}).items():
+        lines.append(f"[prices.{json.dumps(model)}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
     for tier, model in MODELS.items():
         spec = {"model": model, **base, **({"fallback": "haiku"} if tier != "haiku" else {}), **tiers.get(tier, {})}
         lines.append(f"[tiers.{tier}]")

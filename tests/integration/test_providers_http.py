@@ -25,6 +25,7 @@ from tests.integration.model_calls_support import (  # noqa: F401 - fixture
     shared_mock,
 )
 from workers.providers import AnthropicProvider, OpenAIProvider, get_provider
+from workers.providers.request import ModelRequest
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ def server(shared_mock):  # noqa: F811
 
 
 def _call(name: str, spec: ModelSpec, prompt: str = "Summarise the quarterly report, please."):
-    return get_provider(name).complete(spec=spec, prompt=prompt, request_id="r-1", attempt=1)
+    return get_provider(name).complete(spec=spec, request=ModelRequest.from_prompt(prompt), request_id="r-1", attempt=1)
 
 
 def test_both_clients_round_trip_and_take_usage_from_the_response(provider_name, server):

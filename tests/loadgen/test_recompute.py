@@ -180,7 +180,7 @@ def check_report(directory: Path) -> dict[str, int]:
     tiers: dict[str, list] = {}
     for run in runs:
         for cl in run.calls_all():
-            acc = tiers.setdefault(cl["tier"], [0, 0, 0, 0.0, 0, 0.0])
+            acc = tiers.setdefault(cl["tier"], [0, 0, 0, 0.0, 0, 0.0, 0, 0])
             acc[0] += 1
             acc[1] += cl["input_tokens"]
             acc[2] += cl["output_tokens"]
@@ -188,10 +188,13 @@ def check_report(directory: Path) -> dict[str, int]:
             if cl["outcome"] in ("in_flight", "unknown") and cl["_status"] in ("succeeded", "failed"):
                 acc[4] += 1
                 acc[5] += float(cl["cost_usd"])
+            acc[6] += cl.get("cache_write_tokens", 0)
+            acc[7] += cl.get("cache_read_tokens", 0)
     cost_rows = {row[0]: row for row in markdown_table(md, "| Tier | API Calls |")}
-    for tier, (calls, tin, tout, cost, ucalls, ucost) in tiers.items():
+    for tier, (calls, tin, tout, cost, ucalls, ucost, cw, cr) in tiers.items():
         row = cost_rows[tier]
-        for cell, value in ((row[1], calls), (row[2], tin), (row[3], tout), (row[4], cost), (row[7], ucalls)):
+        for cell, value in ((row[1], calls), (row[2], tin), (row[3], tout), (row[4], cost), (row[7], ucalls),
+                            (row[8], cw), (row[9], cr)):
             _check(close(numbers(cell)[0], value), f"cost {tier}: {cell!r} vs {value}", problems)
             checked += 1
         _check(close(numbers(row[7])[1], ucost), f"cost {tier}: unknown {row[7]!r} vs {ucost}", problems)

@@ -18,6 +18,7 @@ from tars_tasks.errors import (
 from tests.helpers import make_settings
 from workers.caller import ModelCaller
 from workers.providers import Completion
+from workers.providers.request import ModelRequest
 
 
 class ScriptedProvider:
@@ -29,7 +30,7 @@ class ScriptedProvider:
         self.script = {t: deque(v) for t, v in script.items()}
         self.calls: list[str] = []
 
-    def complete(self, *, spec, prompt, request_id, attempt):
+    def complete(self, *, spec, request, request_id, attempt):
         self.calls.append(spec.tier)
         queue = self.script.get(spec.tier)
         item = queue.popleft() if queue else Completion(text="ok", input_tokens=10, output_tokens=20)
@@ -62,7 +63,8 @@ def make_caller(redis_url, redis):
 
 
 def _call(caller, tier="sonnet"):
-    return caller.call(request_id="00000000-0000-0000-0000-000000000001", tier=tier, prompt="p" * 40, worker="w")
+    return caller.call(request_id="00000000-0000-0000-0000-000000000001", tier=tier,
+                       request=ModelRequest.from_prompt("p" * 40), worker="w")
 
 
 def test_a_success_is_one_completed_row_written_in_flight_first(make_caller):

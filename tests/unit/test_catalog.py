@@ -22,7 +22,9 @@ def test_cost_is_tokens_times_price_per_million_exactly():
 
 
 def test_a_catalog_routing_a_role_to_a_missing_tier_is_rejected(tmp_path: Path):
-    text = Path("config/models.toml").read_text().replace('researcher = "haiku"', 'researcher = "nano"')
+    text = Path("config/models.toml").read_text().replace('[roles.researcher]\ntier = "haiku"',
+                                                          '[roles.researcher]\ntier = "nano"')
+    assert 'tier = "nano"' in text
     bad = tmp_path / "models.toml"
     bad.write_text(text)
     with pytest.raises(ValidationError, match="unknown tier 'nano'"):

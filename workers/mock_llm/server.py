@@ -13,9 +13,22 @@ Behaviour (all settable at start and at run time with ``POST /_mock/config``):
 * its own RPM/TPM limits per model over a sliding ``window_s``, answered with 429 (or 529,
   ``limit_status``) and ``Retry-After`` / ``retry-after-ms``;
 * optional API key check (``expected_key``): a wrong key gets 401, with OpenAI's habit of
-  echoing a masked key, so redaction is tested against the real thing.
+  echoing a masked key, so redaction is tested against the real thing;
+* each API's request shape checked as the real API checks it (:mod:`workers.mock_llm.wire`:
+  unknown fields, ``max_tokens`` required by Anthropic, no ``system`` role in its messages,
+  OpenAI's JSON mode needing the word "JSON", ...), so a client sending the wrong shape fails here;
+* the request honoured: ``system`` (a string or text blocks) counted as input, ``max_tokens`` /
+  ``max_completion_tokens`` capping the answer (stop reason ``max_tokens`` / ``length``), stop
+  sequences ending it, JSON mode answering one JSON object;
+* a prompt cache (:mod:`workers.mock_llm.cache`): Anthropic ``cache_control`` breakpoints write
+  and read the cache, OpenAI prefixes of 1024+ tokens are cached automatically, so usage comes
+  back by token class (input, cache writes 5-minute/1-hour, cache reads, output) and the
+  counters keep each class apart (``input_tokens`` is the input not cached);
+* streaming (``stream: true``): server-sent events in each API's own format
+  (:mod:`workers.mock_llm.answers`), usage included, so the official SDKs' streaming helpers work.
 
 Endpoints: ``POST /v1/messages``, ``POST /v1/chat/completions``, ``GET /_mock/stats``,
+``GET /_mock/requests`` (the last bodies received, newest last: what a client really sent),
 ``POST /_mock/reset``, ``POST /_mock/config``, ``GET /_mock/health``.
 One event loop holds thousands of concurrent connections (the file-descriptor limit is raised
 to its hard maximum at start).
@@ -24,6 +37,7 @@ to its hard maximum at start).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import re
@@ -36,12 +50,29 @@ from typing import Any
 from aiohttp import web
 
 from config.catalog import LatencyProfile
+from workers.mock_llm.answers import (
+    Answer,
+    anthropic_events,
+    anthropic_message,
+    make_answer,
+    openai_chunks,
+    openai_completion,
+    sse,
+)
+from workers.mock_llm.cache import CacheUsage, PromptCache
+from workers.mock_llm.wire import WireError, parse_anthropic, parse_openai
 
 PROTOCOL_ANTHROPIC = "anthropic"
 PROTOCOL_OPENAI = "openai"
 DEFAULT_CONTEXT_TOKENS = 200_000
 _DIRECTIVE_RE = re.compile(r"\[\[mock:([a-z_]+)(?:=([^\]]*))?\]\]")
-_WORDS = ("the", "fleet", "answers", "each", "request", "in", "full", "and", "counts", "tokens")
+#: Counter keys of the token classes (``GET /_mock/stats``).
+#: Request bodies kept for ``GET /_mock/requests``.
+BODIES_KEPT = 200
+#: A body larger than this is listed by its size only (200 such bodies would be gigabytes).
+BODY_KEPT_MAX_BYTES = 256 * 1024
+TOKEN_COUNTERS = ("input_tokens", "cache_write_tokens", "cache_write_1h_tokens", "cache_read_tokens",
+                  "output_tokens")
 
 
 @dataclass
@@ -72,6 +103,12 @@ class MockConfig:
     #: If set, requests must carry exactly this key (x-api-key / Bearer), else 401.
     expected_key: str | None = None
     seed: int | None = None
+    #: The prompt cache (see :mod:`workers.mock_llm.cache`): on/off, the shortest prefix cached
+    #: (tokens), and the lifetimes of a default (5-minute) and a 1-hour entry, in seconds.
+    prompt_cache: bool = True
+    cache_min_tokens: int = 1024
+    cache_ttl_s: float = 300.0
+    cache_ttl_1h_s: float = 3600.0
 
     def update(self, data: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)}
@@ -157,6 +194,9 @@ class MockLLM:
         self.stats = Stats()
         self.windows: dict[str, _Window] = defaultdict(_Window)
         self.rng = random.Random(self.config.seed)
+        self.cache = PromptCache()
+        #: (protocol, body) of the last requests received
+        self.bodies: deque[tuple[str, Any]] = deque(maxlen=BODIES_KEPT)
 
     # --- app -----------------------------------------------------------------------------------
 
@@ -165,6 +205,7 @@ class MockLLM:
         app.router.add_post("/v1/messages", self.anthropic)
         app.router.add_post("/v1/chat/completions", self.openai)
         app.router.add_get("/_mock/stats", self.get_stats)
+        app.router.add_get("/_mock/requests", self.get_requests)
         app.router.add_post("/_mock/reset", self.reset)
         app.router.add_post("/_mock/config", self.set_config)
         app.router.add_get("/_mock/config", self.get_config)
@@ -177,12 +218,18 @@ class MockLLM:
     async def get_stats(self, _req: web.Request) -> web.Response:
         return web.json_response(self.stats.as_dict())
 
+    async def get_requests(self, _req: web.Request) -> web.Response:
+        """The last request bodies received (headers, and so keys, are not kept), newest last."""
+        return web.json_response([{"protocol": p, "body": b} for p, b in self.bodies])
+
     async def reset(self, req: web.Request) -> web.Response:
         """Zero the counters and the mock's own limit windows; ``{"config": true}`` also restores
         the configuration the server was started with."""
         body = await req.json() if req.can_read_body else {}
         self.stats.reset()
         self.windows.clear()
+        self.cache.clear()
+        self.bodies.clear()
         if isinstance(body, dict) and body.get("config"):
             self.config = MockConfig(**asdict(self._initial))
         return web.json_response({"ok": True})
@@ -214,23 +261,23 @@ class MockLLM:
         finally:
             self.stats.in_flight -= 1
 
-    async def _handle(self, req: web.Request, protocol: str, arrived: float) -> web.Response:
+    async def _handle(self, req: web.Request, protocol: str, arrived: float) -> web.StreamResponse:
         cfg = self.config
         try:
             body = await req.json()
         except ValueError:
             return _error(protocol, 400, "invalid_request_error", "body is not JSON")
+        big = (req.content_length or 0) > BODY_KEPT_MAX_BYTES
+        self.bodies.append((protocol, {"_omitted_bytes": req.content_length} if big else body))
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(model, str) or not model:
             return _error(protocol, 400, "invalid_request_error", "model: field required")
         stats = self.stats
         stats.count(model=model, key="requests", at=arrived)
-        messages = body.get("messages")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        if not isinstance(messages, list) or not messages:
-            return self._fail(protocol, model, 400, "invalid_request_error", "messages: at least one message")
-        if protocol == PROTOCOL_ANTHROPIC and not isinstance(max_tokens, int):
-            return self._fail(protocol, model, 400, "invalid_request_error", "max_tokens: field required")
+        try:
+            parsed = parse_anthropic(body) if protocol == PROTOCOL_ANTHROPIC else parse_openai(body)
+        except WireError as exc:
+            return self._fail(protocol, model, exc.status, exc.kind, str(exc), code=exc.code)
         key = _key_of(req, protocol)
         if not key:
             return self._fail(protocol, model, 401, "authentication_error", "no API key given")
@@ -238,7 +285,7 @@ class MockLLM:
             shown = f"{key[:3]}***{key[-2:]}" if len(key) > 6 else "***"
             return self._fail(protocol, model, 401, "authentication_error",
                               f"Incorrect API key provided: {shown}. You can find your API key in your account.")
-        prompt = _prompt_of(body)
+        prompt = parsed.text
         directives = dict(_DIRECTIVE_RE.findall(prompt))
         input_tokens = estimate_tokens(prompt)
         if "status" in directives:
@@ -247,17 +294,15 @@ class MockLLM:
         if model in cfg.force_status:
             st = int(cfg.force_status[model])
             return self._fail(protocol, model, st, _kind_for(st), f"forced status {st} for {model}")
-        if "context_too_long" in directives or input_tokens + int(max_tokens or 0) > cfg.context_tokens:
+        if "context_too_long" in directives or input_tokens + int(parsed.max_tokens or 0) > cfg.context_tokens:
             msg = (f"prompt is too long: {input_tokens} tokens > {cfg.context_tokens} maximum"
                    if protocol == PROTOCOL_ANTHROPIC else
                    f"This model's maximum context length is {cfg.context_tokens} tokens. However, your messages "
                    f"resulted in {input_tokens} tokens.")
             return self._fail(protocol, model, 400, "invalid_request_error", msg, code="context_length_exceeded")
-        lo, hi = cfg.output_tokens
-        if isinstance(max_tokens, int) and max_tokens > 0:
-            hi = max(1, min(hi, max_tokens))
-            lo = min(lo, hi)
-        out_tokens = self.rng.randint(lo, hi)
+        answer = make_answer(rng=self.rng, parsed=parsed, output_tokens=cfg.output_tokens,
+                             usage=CacheUsage(input_tokens=input_tokens))
+        out_tokens = answer.output_tokens
         if cfg.rpm or cfg.tpm:
             wait = self.windows[model].admit(now=arrived, tokens=input_tokens + out_tokens, rpm=cfg.rpm, tpm=cfg.tpm,
                                              window_s=cfg.window_s)
@@ -283,15 +328,53 @@ class MockLLM:
             if protocol == PROTOCOL_ANTHROPIC:
                 return self._fail(protocol, model, 529, "overloaded_error", "Overloaded")
             return self._fail(protocol, model, 503, "server_error", "The server is overloaded")
+        answer = dataclasses.replace(answer, usage=self._cache_usage(parsed, input_tokens=input_tokens))
         stats.count(model=model, key="ok", at=arrived)
-        stats.count(model=model, key="input_tokens", n=input_tokens, at=arrived)
+        for name in TOKEN_COUNTERS[:-1]:
+            stats.count(model=model, key=name, n=getattr(answer.usage, name), at=arrived)
         stats.count(model=model, key="output_tokens", n=out_tokens, at=arrived)
-        text = " ".join(self.rng.choice(_WORDS) for _ in range(out_tokens))
+        if parsed.stream:
+            stats.count(model=model, key="streamed", at=arrived)
+            return await self._stream(req, protocol, model, answer, include_usage=parsed.include_usage)
         if protocol == PROTOCOL_ANTHROPIC:
-            return web.json_response(_anthropic_message(model, text, input_tokens, out_tokens, hi),
+            return web.json_response(anthropic_message(model, answer),
                                      headers={"request-id": f"req_{uuid.uuid4().hex[:24]}"})
-        return web.json_response(_openai_completion(model, text, input_tokens, out_tokens, hi),
+        return web.json_response(openai_completion(model, answer),
                                  headers={"x-request-id": f"req_{uuid.uuid4().hex[:24]}"})
+
+    def _cache_usage(self, parsed, *, input_tokens: int) -> CacheUsage:
+        """The input's token classes once the request is served (a refused request caches nothing)."""
+        cfg = self.config
+        if not cfg.prompt_cache:
+            return CacheUsage(input_tokens=input_tokens)
+        now = time.monotonic()
+        if parsed.protocol == PROTOCOL_ANTHROPIC:
+            return self.cache.anthropic(model=parsed.model, segments=parsed.segments, now=now,
+                                        min_tokens=cfg.cache_min_tokens,
+                                        ttl_s={"5m": cfg.cache_ttl_s, "1h": cfg.cache_ttl_1h_s})
+        return self.cache.openai(model=parsed.model, text=parsed.text, now=now, min_tokens=cfg.cache_min_tokens,
+                                 ttl_s=cfg.cache_ttl_s)
+
+    async def _stream(self, req: web.Request, protocol: str, model: str, answer: Answer, *,
+                      include_usage: bool) -> web.StreamResponse:
+        """The answer as server-sent events in the API's own format (see :mod:`workers.mock_llm.answers`)."""
+        rid = f"req_{uuid.uuid4().hex[:24]}"
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
+                                           "cache-control": "no-cache",
+                                           "request-id" if protocol == PROTOCOL_ANTHROPIC else "x-request-id": rid})
+        await resp.prepare(req)
+        try:
+            if protocol == PROTOCOL_ANTHROPIC:
+                for event, data in anthropic_events(model, answer):
+                    await resp.write(sse(data, event=event))
+            else:
+                for chunk in openai_chunks(model, answer, include_usage=include_usage):
+                    await resp.write(sse(chunk))
+                await resp.write(sse("[DONE]"))
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats.count(model=model, key="stream_aborted")
+        return resp
 
     def _fail(self, protocol: str, model: str, status: int, kind: str, message: str, *,
               headers: dict[str, str] | None = None, code: str | None = None) -> web.Response:
@@ -309,20 +392,6 @@ def _key_of(req: web.Request, protocol: str) -> str:
     return auth[7:] if auth.lower().startswith("bearer ") else ""
 
 
-def _prompt_of(body: dict[str, Any]) -> str:
-    parts: list[str] = []
-    system = body.get("system")
-    if isinstance(system, str):
-        parts.append(system)
-    for m in body.get("messages") or []:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(str(b.get("text", "")) for b in content if isinstance(b, dict))
-    return "\n".join(parts)
-
-
 def _kind_for(status: int) -> str:
     return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
@@ -336,38 +405,6 @@ def _error(protocol: str, status: int, kind: str, message: str, *, headers: dict
     else:
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers=headers)
-
-
-def _anthropic_message(model: str, text: str, input_tokens: int, output_tokens: int, max_tokens: int) -> dict:
-    return {
-        "id": f"msg_{uuid.uuid4().hex[:24]}",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "max_tokens" if output_tokens >= max_tokens else "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
-    }
-
-
-def _openai_completion(model: str, text: str, input_tokens: int, output_tokens: int, max_tokens: int) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": "length" if output_tokens >= max_tokens else "stop",
-        }],
-        "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
-                  "total_tokens": input_tokens + output_tokens},
-        "system_fingerprint": None,
-    }
 
 
 def raise_fd_limit() -> int:

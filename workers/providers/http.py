@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import math
 import os
 import re
 import ssl
@@ -35,6 +34,7 @@ from tars_tasks.errors import (
     RateLimited,
     TransientProviderError,
 )
+from workers.providers.request import estimate_tokens  # noqa: F401 - re-exported (dispatch, caller)
 
 #: Connections one worker process keeps to one API host (a gevent worker runs hundreds of calls).
 POOL_MAX_CONNECTIONS = 1000
@@ -198,11 +198,6 @@ def parse_json(response: httpx.Response, *, spec: ModelSpec) -> dict:
     if not isinstance(data, dict):
         raise TransientProviderError(f"{spec.model}: unexpected JSON body", status_code=response.status_code)
     return data
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters per token (the providers' own rule of thumb)."""
-    return max(1, math.ceil(len(text) / 4))
 
 
 class HttpProvider:

@@ -3,25 +3,46 @@
 It sleeps with ``time.sleep``, which gevent patches in the worker, so hundreds of calls
 wait concurrently in one process. With ``TARS_SIM_SEED`` set, a (request, attempt) pair
 always gets the same latency, failure and response.
+
+It honours the request as a model would: the answer's length is drawn from the tier's
+``output_tokens`` and cut at the request's ``max_tokens`` (``stop_reason`` ``max_tokens``), or at
+the first of its ``stop`` sequences (``stop_sequence``, the sequence itself left out); in JSON
+mode the answer is one JSON object. Input tokens are estimated over the whole request (system
+prompt and every turn).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import time
 
 from config.catalog import LatencyProfile, ModelSpec
+from config.pricing import Usage
 from tars_tasks.errors import TransientProviderError
 from workers.providers.base import Completion
+from workers.providers.request import ModelRequest, estimate_tokens
 
 _FILLER = "The analysis finds the request well-formed and answers it in full. "
+#: ``{"answer": ""}``: what JSON mode wraps around the answer.
+_JSON_OVERHEAD_CHARS = len(json.dumps({"answer": ""}))
 
 
-def estimate_tokens(text: str) -> int:
-    """About four characters per token, as providers' own rules of thumb say."""
-    return max(1, math.ceil(len(text) / 4))
+def answer(*, out_tokens: int, request: ModelRequest, limit: int) -> tuple[str, str]:
+    """The simulated answer text and its stop reason (pure: the tests call it directly)."""
+    stop_reason = "end_turn"
+    if out_tokens > limit:
+        out_tokens, stop_reason = limit, "max_tokens"
+    chars = out_tokens * 4
+    text = (_FILLER * (chars // len(_FILLER) + 1))[:chars]
+    cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text, stop_reason = text[:cut], "stop_sequence"
+    if request.json_mode:
+        text = json.dumps({"answer": text[: max(0, chars - _JSON_OVERHEAD_CHARS)]})
+    return text, stop_reason
 
 
 def sample_latency_ms(profile: LatencyProfile, rng: random.Random) -> float:
@@ -61,8 +82,9 @@ class SimulatedProvider:
             return random.Random()
         return random.Random(f"{self.seed}:{request_id}:{attempt}")
 
-    def complete(self, *, spec: ModelSpec, prompt: str, request_id: str, attempt: int) -> Completion:
+    def complete(self, *, spec: ModelSpec, request: ModelRequest, request_id: str, attempt: int) -> Completion:
         rng = self._rng(request_id, attempt)
+        prompt = request.text()
         profile = self.latency_override or spec.latency
         failure_rate = spec.failure_rate if self.failure_rate_override is None else self.failure_rate_override
         latency_s = sample_latency_ms(profile, rng) / 1000.0
@@ -73,8 +95,9 @@ class SimulatedProvider:
             self._sleep(latency_s)
         if fails:
             raise TransientProviderError(f"simulated {spec.model} overloaded", status_code=529)
-        out_tokens = rng.randint(*spec.output_tokens)
-        text = (_FILLER * (out_tokens * 4 // len(_FILLER) + 1))[: out_tokens * 4]
+        text, stop_reason = answer(out_tokens=rng.randint(*spec.output_tokens), request=request,
+                                   limit=request.output_limit(spec))
         if self.unstorable_marker and self.unstorable_marker in prompt:
             text = "binary output: \x00\x01 " + text
-        return Completion(text=text, input_tokens=estimate_tokens(prompt), output_tokens=estimate_tokens(text))
+        usage = Usage(input_tokens=request.estimated_input_tokens(), output_tokens=estimate_tokens(text) if text else 0)
+        return Completion.of(text=text, usage=usage, stop_reason=stop_reason)

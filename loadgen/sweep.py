@@ -7,15 +7,18 @@ Per level we know throughput, p99, error rate and the efficiency against its bin
   least ``min_efficiency`` (open loop: it completes at least ``1 - drop_tolerance`` of the offered
   rate). The **knee** is the last healthy level before the first unhealthy one.
 * The sweep **stops** (over-saturation) after a level whose throughput fell more than
-  ``drop_tolerance`` below the best level so far, whose error rate exceeds twice the limit,
-  whose efficiency is under half the minimum, or (open loop) which completed under half the
-  offered rate — more load there only builds a backlog.
+  ``drop_tolerance`` below the best level so far, whose error rate exceeds twice the limit (and
+  is above the limit with 95% confidence: one failure among six requests is not evidence), whose
+  efficiency is under half the minimum and lower than the previous level's (more load made it
+  worse; the lightest level's overhead alone is not saturation), or (open loop) which completed
+  under half the offered rate — more load there only builds a backlog.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import sqrt
 from typing import Any
 
 
@@ -38,6 +41,17 @@ class Level:
     binding: str | None = None
     #: open loop: the offered arrival rate
     offered: float | None = None
+    #: requests behind ``error_rate`` (0: unknown, the rate is taken at face value)
+    requests: int = 0
+
+
+def error_rate_lower_bound(rate: float, n: int, *, z: float = 1.96) -> float:
+    """Wilson score interval's lower end for ``rate`` observed over ``n`` requests (95% by default)."""
+    if n <= 0:
+        return rate
+    centre = rate + z * z / (2 * n)
+    spread = z * sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
 def level_of(level: float, aggregates: dict[str, Any]) -> Level:
@@ -46,7 +60,8 @@ def level_of(level: float, aggregates: dict[str, Any]) -> Level:
     return Level(level=level, throughput=aggregates["throughput"]["completions_per_s"],
                  p99_ms=e2e["p99"] if e2e["p99"] is not None else e2e["max"],
                  error_rate=aggregates["requests"]["window"]["error_rate"], efficiency=c.get("efficiency"),
-                 binding=c.get("binding"), offered=aggregates["throughput"].get("offered_per_s"))
+                 binding=c.get("binding"), offered=aggregates["throughput"].get("offered_per_s"),
+                 requests=aggregates["requests"]["window"]["total"])
 
 
 def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
@@ -69,11 +84,15 @@ def oversaturated_because(levels: Sequence[Level], policy: KneePolicy) -> str | 
     if best is not None and last.throughput < (1 - policy.drop_tolerance) * best.throughput:
         return (f"throughput fell to {last.throughput:.2f} req/s at {last.level:g}, below the "
                 f"{best.throughput:.2f} req/s reached at {best.level:g}")
-    if last.error_rate > 2 * policy.max_error_rate:
+    if (last.error_rate > 2 * policy.max_error_rate
+            and error_rate_lower_bound(last.error_rate, last.requests) > policy.max_error_rate):
         return f"error rate {last.error_rate:.1%} at {last.level:g}"
     if last.offered and last.throughput < 0.5 * last.offered:
         return f"only {last.throughput:.2f} of {last.offered:.2f} req/s offered completed at {last.level:g}"
-    if last.efficiency is not None and last.efficiency < policy.min_efficiency / 2:
+    previous = levels[-2] if len(levels) > 1 else None
+    if (last.efficiency is not None and last.efficiency < policy.min_efficiency / 2
+            and previous is not None and previous.efficiency is not None
+            and last.efficiency < previous.efficiency):
         return f"throughput only {last.efficiency:.0%} of its binding ceiling ({last.binding}) at {last.level:g}"
     return None
 

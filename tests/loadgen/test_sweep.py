@@ -30,3 +30,21 @@ def test_an_open_loop_sweep_breaks_where_completions_fall_behind_the_offered_rat
     knee = find_knee(levels, KneePolicy())
     assert knee["knee"] == 20 and knee["broke_at"] == 40
     assert oversaturated_because(levels, KneePolicy()) is not None
+
+
+def test_one_failure_in_a_handful_of_requests_does_not_stop_a_sweep():
+    # 1 of 6 failed: 16.7% > 2 x 5%, but the 95% interval reaches down to 3%: not evidence
+    assert oversaturated_because([Level(level=2, throughput=2.6, p99_ms=None, error_rate=1 / 6, efficiency=0.9,
+                                        requests=6)], KneePolicy()) is None
+    # 30 of 100 failed is
+    why = oversaturated_because([Level(level=2, throughput=2.6, p99_ms=None, error_rate=0.3, efficiency=0.9,
+                                       requests=100)], KneePolicy())
+    assert why is not None and "error rate 30.0%" in why
+
+
+def test_the_lightest_levels_overhead_alone_does_not_stop_a_sweep():
+    first = _lv(2, 2.6, 300, ratio=0.2)
+    assert oversaturated_because([first], KneePolicy()) is None
+    # but efficiency that fell further as load was added does
+    assert oversaturated_because([first, _lv(6, 2.7, 900, ratio=0.1)], KneePolicy()) is not None
+    assert oversaturated_because([first, _lv(6, 7.0, 400, ratio=0.25)], KneePolicy()) is None

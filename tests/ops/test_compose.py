@@ -131,6 +131,7 @@ def test_the_local_runner_runs_the_same_commands_as_compose(compose_config):
         assert [p.name for p in plan if p.tier == tier] == [f"{tier}-1", f"{tier}-2"]
 
 
+@needs_compose
 def test_the_mock_override_file_routes_every_worker_to_the_mock_service_as_the_local_runner_does():
     out = _compose("--env-file", str(ENV_EXAMPLE), "-f", str(ROOT / "compose.mock-llm.yml"), "config")
     assert out.returncode == 0, out.stderr

@@ -82,6 +82,10 @@ class Grant:
     wait_s: float
 
 
+class SlotMissed(Exception):
+    """The reserved slot passed before the caller could use it (its tokens were given back)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
     rpm: int
@@ -91,6 +95,17 @@ class LimitSpec:
         """µs of the window each request and each token uses up."""
         window_us = window_s * _US_PER_S
         return window_us / (self.rpm * utilisation), window_us / (self.tpm * utilisation)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A reserved slot: the call may go out at ``due`` (``time.monotonic()``), not before."""
+
+    provider: str
+    model: str
+    limits: LimitSpec
+    tokens: int
+    due: float
 
 
 class FleetRateLimiter:
@@ -144,6 +159,42 @@ class FleetRateLimiter:
             raise
         return Grant(granted=bool(int(granted)), wait_s=int(wait_us) / _US_PER_S)
 
+    def reserve(
+        self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None
+    ) -> Ticket:
+        """Reserve the next slot without waiting for it: the caller may do its own work (commit
+        the attempt row) while the slot comes due, then :meth:`wait_for` it.
+
+        Raises :class:`TimeoutError` (before reserving anything) when the slot would fall
+        after ``deadline_s`` (a ``time.monotonic()`` value).
+        """
+        while True:
+            grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens)
+            now = time.monotonic()
+            if deadline_s is not None and now + grant.wait_s > deadline_s:
+                if grant.granted:  # give the slot back; a later caller may use it
+                    self.adjust_tokens(provider=provider, model=model, limits=limits, tokens=-tokens)
+                raise TimeoutError(f"no {provider}:{model} capacity within the deadline "
+                                   f"(next slot in {grant.wait_s:.1f}s)")
+            if grant.granted:
+                return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=now + grant.wait_s)
+            # Too far out to reserve: sleep until the slot is within reach, then ask again.
+            self._sleep(max(grant.wait_s - self.max_wait_s, 0.001))
+
+    def wait_for(self, ticket: Ticket) -> None:
+        """Sleep until ``ticket``'s slot is due. Raises :class:`SlotMissed` (its tokens given back;
+        the request slot is spent) when it is already more than ``late_tolerance_s`` past: sent
+        now, the call would crowd the next window past the limit."""
+        left = ticket.due - time.monotonic()
+        if left > 0:
+            self._sleep(left)
+        if time.monotonic() - ticket.due > self.late_tolerance_s:
+            self.late_slots += 1
+            self.adjust_tokens(provider=ticket.provider, model=ticket.model, limits=ticket.limits,
+                               tokens=-ticket.tokens, defer=True)
+            raise SlotMissed(f"{ticket.provider}:{ticket.model} slot missed by "
+                             f"{time.monotonic() - ticket.due:.3f}s")
+
     def acquire(
         self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None
     ) -> float:
@@ -154,23 +205,13 @@ class FleetRateLimiter:
         """
         t0 = time.monotonic()
         while True:
-            grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens)
-            now = time.monotonic()
-            if deadline_s is not None and now + grant.wait_s > deadline_s:
-                if grant.granted:  # give the slot back; a later caller may use it
-                    self.adjust_tokens(provider=provider, model=model, limits=limits, tokens=-tokens)
-                raise TimeoutError(f"no {provider}:{model} capacity within the deadline "
-                                   f"(next slot in {grant.wait_s:.1f}s)")
-            if grant.granted:
-                if grant.wait_s > 0:
-                    self._sleep(grant.wait_s)
-                    if time.monotonic() - (now + grant.wait_s) > self.late_tolerance_s:
-                        self.late_slots += 1  # the request slot is spent; the tokens go back
-                        self.adjust_tokens(provider=provider, model=model, limits=limits, tokens=-tokens)
-                        continue
-                return time.monotonic() - t0
-            # Too far out to reserve: sleep until the slot is within reach, then ask again.
-            self._sleep(max(grant.wait_s - self.max_wait_s, 0.001))
+            ticket = self.reserve(provider=provider, model=model, limits=limits, tokens=tokens,
+                                  deadline_s=deadline_s)
+            try:
+                self.wait_for(ticket)
+            except SlotMissed:
+                continue
+            return time.monotonic() - t0
 
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                       now_us: int | None = None, defer: bool = False) -> None:

@@ -124,3 +124,25 @@ def test_a_deferred_correction_rides_along_with_the_next_reservation(limiter):
     limiter.adjust_tokens(provider="p", model="m", limits=limits, tokens=-400, defer=True)
     assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(2.0)  # 600-400 tokens: 2 s
     assert _reserve(limiter, tokens=1, limits=limits).wait_s == pytest.approx(2.01)  # applied once only
+
+
+def test_a_reserved_slot_lets_the_caller_work_while_it_comes_due(redis):
+    import time
+
+    from workers.ratelimit import SlotMissed
+
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit-ticket", window_s=1.0, max_wait_s=30.0)
+    limits = LimitSpec(rpm=10, tpm=10**9)  # a slot every 100 ms
+    first = lim.reserve(provider="p", model="m", limits=limits, tokens=5)
+    second = lim.reserve(provider="p", model="m", limits=limits, tokens=5)
+    assert second.due - first.due == pytest.approx(0.1, abs=0.02)
+    time.sleep(0.02)  # work shorter than the wait (a commit): the slot is still good
+    lim.wait_for(second)
+    assert time.monotonic() >= second.due
+    late = lim.reserve(provider="p", model="m", limits=limits, tokens=5)
+    time.sleep(late.due - time.monotonic() + 0.2)  # work that outlasted the slot by 200 ms
+    with pytest.raises(SlotMissed):
+        lim.wait_for(late)
+    assert lim.late_slots == 1
+    # the missed slot's tokens ride back with the next reservation; its request slot stays spent
+    assert lim._pending_tokens == {lim.key(provider="p", model="m"): -5}

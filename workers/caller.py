@@ -1,11 +1,14 @@
-"""One model call for one request, the way it must go against real APIs:
+"""One model call for one request, the way it must go against real APIs. The steps, in the order
+:meth:`ModelCaller.default_steps` composes them (each a small module of :mod:`workers.callpath`,
+run by the one loop of :class:`workers.callpath.path.CallPath`):
 
-    for each tier (the requested one, then its fallback while a breaker is open):
-        retry loop (tenacity; transient errors only; Retry-After honoured; attempts and time capped)
-            circuit breaker   — refuse at once if the model is known sick (fleet-wide)
-            rate limiter      — wait for fleet-wide RPM + TPM capacity (a sleep, recorded)
-            api_calls row     — written ``in_flight`` before the call ...
-            provider call     — ... and completed after it, whatever happened
+    fallback          — while a tier's breaker is open: its cheaper fallback tier (or wait)
+    retry policy      — tenacity; transient errors only; Retry-After honoured; attempts and time capped
+    circuit breaker   — refuse at once if the model is known sick (fleet-wide)
+    rate limiter      — wait for fleet-wide RPM + TPM capacity (a sleep, recorded)
+    cost accounting   — the input estimate before the call, every token class at its price after
+    attempt recorder  — the api_calls row written ``in_flight`` before the call ...
+    provider call     — ... and completed after it, whatever happened
 
 Repairs: requests lost or hung when a provider storms 429/5xx (every path ends in a
 terminal :class:`CallOutcome`), one worker overrunning a fleet limit (the limiter is shared),
@@ -31,61 +34,34 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import redis
 
 from config.catalog import Catalog, LatencyProfile, ModelSpec
 from config.settings import Settings
-from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_NOT_SENT, OUTCOME_OK, STATUS_FAILED, STATUS_SUCCEEDED
-from tars_tasks.errors import CircuitOpen, FleetStateUnavailable, ProviderError, RateLimited
-from workers.breaker import FleetBreaker, Permit, counts_as_failure, trips_at_once
-from workers.providers import Completion, Provider, get_provider
+from workers.breaker import FleetBreaker
+from workers.callpath.breaker_step import BreakerStep
+from workers.callpath.context import ERROR_MAX_CHARS, Call, CallOutcome
+from workers.callpath.cost_step import CostStep
+from workers.callpath.fallback_step import FallbackStep
+from workers.callpath.limiter_step import LimiterStep
+from workers.callpath.path import CallPath, CallStep
+from workers.callpath.recorder_step import RecorderStep, RowSink
+from workers.callpath.retry_step import RetryStep
+from workers.providers import Provider, get_provider
 from workers.providers.request import ModelRequest
-from workers.ratelimit import FleetRateLimiter, LimitSpec
-from workers.retry import retrying_for
+from workers.ratelimit import FleetRateLimiter
 
 log = logging.getLogger(__name__)
 
-#: Longest single sleep while waiting for an open breaker (policy "wait").
-BREAKER_WAIT_STEP_MAX_S = 5.0
-#: Errors kept on a row are cut to this many characters.
-ERROR_MAX_CHARS = 2000
-#: First and longest pause between two tries of an unreachable fleet-state Redis.
-FLEET_STATE_RETRY_INITIAL_S = 0.1
-FLEET_STATE_RETRY_MAX_S = 2.0
-
-
-class RowSink(Protocol):
-    """Where attempt rows go before the call (the group-commit writer)."""
-
-    def record(self, api_rows: list[dict[str, Any]]) -> None: ...
-
-
-@dataclass(slots=True)
-class CallOutcome:
-    status: str
-    text: str | None
-    error: str | None
-    tier_used: str
-    model: str
-    api_rows: list[dict[str, Any]]
-    #: Short code of why it failed (None when it succeeded).
-    failure_reason: str | None = None
-    #: Why the model stopped (``end_turn``, ``max_tokens``, ...; None when it failed).
-    stop_reason: str | None = None
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+__all__ = ["ERROR_MAX_CHARS", "CallOutcome", "ModelCaller", "RowSink"]
 
 
 class ModelCaller:
-    """The call path of one worker process. Without Redis (embedded) there is no limiter or breaker."""
+    """The call path of one worker process. Without Redis (embedded) there is no limiter or breaker;
+    ``limiter`` / ``breaker`` may be given instead (the in-memory stand-ins of unit tests)."""
 
     def __init__(
         self,
@@ -95,27 +71,54 @@ class ModelCaller:
         writer: RowSink,
         redis_client: redis.Redis | None,
         sleep: Callable[[float], None] = time.sleep,
+        limiter: Any = None,
+        breaker: Any = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog.with_overrides(provider=settings.provider_override,
                                               base_url=settings.provider_base_url)
-        self.writer = writer
         self._sleep = sleep
         self._providers: dict[str, Provider] = {}
-        self.limiter: FleetRateLimiter | None = None
-        self.breaker: FleetBreaker | None = None
-        #: (provider, model) -> monotonic time until which a closed breaker is trusted unasked.
-        self._closed_until: dict[tuple[str, str], float] = {}
-        if redis_client is not None and settings.ratelimit_enabled:
+        self.limiter = limiter
+        self.breaker = breaker
+        if limiter is None and redis_client is not None and settings.ratelimit_enabled:
             self.limiter = FleetRateLimiter(
                 redis_client=redis_client, namespace=settings.namespace, window_s=settings.ratelimit_window_s,
                 utilisation=settings.ratelimit_utilisation, max_wait_s=settings.ratelimit_max_wait_s, sleep=sleep,
             )
-        if redis_client is not None and settings.breaker_enabled:
+        if breaker is None and redis_client is not None and settings.breaker_enabled:
             self.breaker = FleetBreaker(
                 redis_client=redis_client, namespace=settings.namespace,
                 failure_threshold=settings.breaker_failure_threshold, cooldown_s=settings.breaker_cooldown_s,
             )
+        self._recorder = RecorderStep(writer=writer)
+        self.path = CallPath(self.default_steps())
+
+    def default_steps(self) -> list[CallStep]:
+        """The call path, in order: the one place it is composed.
+
+        ``before_*`` hooks run top to bottom, ``after_*`` bottom to top; after a failed attempt the
+        first step with a move decides. A new step goes in with ``caller.path.add(step, before=...)``.
+        """
+        s = self.settings
+        steps: list[CallStep | None] = [
+            FallbackStep(policy=s.breaker_open_policy),            # open breaker: the cheaper tier, or wait
+            RetryStep(initial_s=s.retry_backoff_initial_s,          # tenacity: which failures, how long
+                      max_s=s.retry_backoff_max_s),
+            BreakerStep(breaker=self.breaker, cache_s=s.breaker_cache_s) if self.breaker is not None else None,
+            LimiterStep(limiter=self.limiter) if self.limiter is not None else None,
+            CostStep(),                                              # estimate before, exact after
+            self._recorder,                                          # in_flight row before, completed after
+        ]
+        return [step for step in steps if step is not None]
+
+    @property
+    def writer(self) -> RowSink:
+        return self._recorder.writer
+
+    @writer.setter
+    def writer(self, writer: RowSink) -> None:
+        self._recorder.writer = writer
 
     # --- providers -----------------------------------------------------------------------------
 
@@ -129,13 +132,13 @@ class ModelCaller:
             eff = self.spec(spec.tier)
             kwargs: dict[str, Any] = {}
             if eff.provider == "simulated":
-                s = self.settings
+                st = self.settings
                 kwargs = {
-                    "latency": LatencyProfile.parse(s.sim_latency) if s.sim_latency else None,
-                    "failure_rate": s.sim_failure_rate,
-                    "seed": s.sim_seed,
-                    "crash_marker": s.sim_crash_marker,
-                    "unstorable_marker": s.sim_unstorable_marker,
+                    "latency": LatencyProfile.parse(st.sim_latency) if st.sim_latency else None,
+                    "failure_rate": st.sim_failure_rate,
+                    "seed": st.sim_seed,
+                    "crash_marker": st.sim_crash_marker,
+                    "unstorable_marker": st.sim_unstorable_marker,
                 }
             else:
                 kwargs = {"base_url": eff.base_url, "api_key_env": eff.api_key_env}
@@ -144,203 +147,11 @@ class ModelCaller:
 
     # --- the call ------------------------------------------------------------------------------
 
-    def call(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
-        """Call the tier's model (or its fallback). Always returns; never raises a provider error."""
-        rows: list[dict[str, Any]] = []
-        requested = self.spec(tier)
-        deadline = time.monotonic() + requested.retry_budget_s
-        tried: list[str] = [tier]
-        current = tier
-        while True:
-            spec = self.spec(current)
-            try:
-                completion = self._call_tier(spec=spec, request=request, request_id=request_id, worker=worker,
-                                             rows=rows)
-            except CircuitOpen as exc:
-                if (self.settings.breaker_open_policy == "fallback" and spec.fallback
-                        and spec.fallback not in tried):
-                    log.warning("request %s: %s; falling back from tier %s to %s",
-                                request_id, exc, current, spec.fallback)
-                    current = spec.fallback
-                    tried.append(current)
-                    continue
-                wait_s = min(max(exc.retry_after_s or 0.0, 0.05), BREAKER_WAIT_STEP_MAX_S)
-                if time.monotonic() + wait_s >= deadline:
-                    return self._failed(rows=rows, spec=spec, reason=CircuitOpen.outcome,
-                                        error=f"{CircuitOpen.outcome}: {exc}; tiers tried: {', '.join(tried)}; "
-                                              f"retry budget {requested.retry_budget_s:g}s spent")
-                self._sleep(wait_s)
-                current, tried = tier, [tier]  # the requested tier may have recovered
-                continue
-            except FleetStateUnavailable as exc:
-                return self._failed(rows=rows, spec=spec, error=f"{exc.outcome}: {exc}", reason=exc.outcome)
-            except ProviderError as exc:
-                tier_rows = sum(1 for r in rows if r["tier"] == spec.tier)
-                return self._failed(rows=rows, spec=spec, reason=exc.outcome,
-                                    error=f"{exc.outcome} after {tier_rows} attempt(s) on tier {spec.tier}: {exc}")
-            return CallOutcome(status=STATUS_SUCCEEDED, text=completion.text, error=None, tier_used=spec.tier,
-                               model=spec.model, api_rows=rows, stop_reason=completion.stop_reason)
-
-    def _failed(self, *, rows: list[dict[str, Any]], spec: ModelSpec, error: str,
-                reason: str = CircuitOpen.outcome) -> CallOutcome:
-        return CallOutcome(status=STATUS_FAILED, text=None, error=error[:ERROR_MAX_CHARS], tier_used=spec.tier,
-                           model=spec.model, api_rows=rows, failure_reason=reason)
-
-    def _call_tier(self, *, spec: ModelSpec, request: ModelRequest, request_id: str, worker: str,
-                   rows: list[dict[str, Any]]) -> Completion:
-        provider = self.provider_for(spec)
-        limits = LimitSpec(rpm=spec.rpm, tpm=spec.tpm)
-        est_input = request.estimated_input_tokens()
-        est_tokens = est_input + request.reserved_output_tokens(spec)
-        budget_deadline = time.monotonic() + spec.retry_budget_s
-        completion: Completion | None = None
-        retrying = retrying_for(spec, sleep=self._sleep, initial_s=self.settings.retry_backoff_initial_s,
-                                max_s=self.settings.retry_backoff_max_s)
-        for attempt in retrying:
-            with attempt:
-                permit = self._allow(provider=provider.name, model=spec.model, probe_lease_s=spec.timeout_s + 5)
-                waited_s = self._acquire(provider=provider.name, spec=spec, limits=limits, tokens=est_tokens,
-                                         deadline=budget_deadline)
-                row = self._attempt_row(request_id=request_id, attempt=len(rows) + 1, spec=spec,
-                                        provider=provider, worker=worker, waited_s=waited_s,
-                                        input_tokens=est_input)
-                granted_at = time.monotonic()
-                self.writer.record([dict(row)])
-                rows.append(row)
-                if self.limiter is not None and time.monotonic() - granted_at > self.limiter.late_tolerance_s:
-                    # The commit of the attempt row outlasted the slot (a slow database, a busy
-                    # process): sent now, this call would crowd the next window. Give the tokens
-                    # back and wait for a fresh slot; the request slot is spent (only lowers the rate).
-                    self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
-                                               tokens=-est_tokens, defer=True)
-                    try:
-                        waited_s += self._acquire(provider=provider.name, spec=spec, limits=limits,
-                                                  tokens=est_tokens, deadline=budget_deadline)
-                    except (RateLimited, FleetStateUnavailable) as exc:
-                        # recorded but never sent: not on the bill
-                        row.update(outcome=OUTCOME_NOT_SENT, input_tokens=0, cost_usd=0, finished_at=_now(),
-                                   error=f"not sent: {exc}"[:ERROR_MAX_CHARS], latency_ms=0)
-                        raise
-                    row["ratelimit_wait_ms"] = round(waited_s * 1000, 3)
-                t0 = time.perf_counter()
-                try:
-                    completion = provider.complete(spec=spec, request=request, request_id=request_id,
-                                                   attempt=row["attempt"])
-                except ProviderError as exc:
-                    row.update(outcome=exc.outcome, http_status=exc.status_code, error=str(exc)[:ERROR_MAX_CHARS],
-                               latency_ms=(time.perf_counter() - t0) * 1000, finished_at=_now())
-                    if exc.status_code is not None:  # the provider answered with an error: nothing billed
-                        row.update(input_tokens=0, cost_usd=0)
-                    self._tell_breaker(exc=exc, permit=permit, provider=provider.name, model=spec.model)
-                    raise
-                usage = completion.usage
-                row.update(
-                    outcome=OUTCOME_OK,
-                    http_status=completion.http_status,
-                    **usage.columns(),
-                    cost_usd=spec.usage_cost_usd(usage),
-                    latency_ms=(time.perf_counter() - t0) * 1000,
-                    finished_at=_now(),
-                )
-                if self.breaker is not None and permit.success_matters:
-                    self._fleet_state_best_effort(self.breaker.record_success, provider=provider.name,
-                                                  model=spec.model)
-                if self.limiter is not None:
-                    used = usage.total_tokens
-                    self.limiter.adjust_tokens(provider=provider.name, model=spec.model, limits=limits,
-                                               tokens=used - est_tokens, defer=True)
-        assert completion is not None  # tenacity re-raises when it stops
-        return completion
-
-    def _acquire(self, *, provider: str, spec: ModelSpec, limits: LimitSpec, tokens: int,
-                 deadline: float) -> float:
-        """Wait for fleet-wide capacity. An unreachable limiter Redis is retried with backoff until
-        ``deadline``; then :class:`FleetStateUnavailable` (the call is never made unlimited)."""
-        if self.limiter is None:
-            return 0.0
-        t0 = time.monotonic()
-        delay = FLEET_STATE_RETRY_INITIAL_S
-        while True:
-            try:
-                self.limiter.acquire(provider=provider, model=spec.model, limits=limits, tokens=tokens,
-                                     deadline_s=deadline)
-                return time.monotonic() - t0
-            except TimeoutError as exc:
-                raise RateLimited(f"fleet rate limiter: {exc}") from None
-            except redis.RedisError as exc:
-                if time.monotonic() + delay >= deadline:
-                    raise FleetStateUnavailable(
-                        f"the fleet rate limiter's Redis was unreachable for {time.monotonic() - t0:.1f}s "
-                        f"(retry budget {spec.retry_budget_s:g}s): {exc}") from None
-                log.warning("fleet rate limiter unreachable (%s); retrying in %.1fs", exc, delay)
-                self._sleep(delay)
-                delay = min(delay * 2, FLEET_STATE_RETRY_MAX_S)
-
-    @staticmethod
-    def _fleet_state_best_effort(fn: Callable[..., Any], **kwargs: Any) -> Any:
-        try:
-            return fn(**kwargs)
-        except redis.RedisError as exc:
-            log.warning("fleet breaker unreachable (%s); carrying on without it", exc)
-            return None
-
-    def _allow(self, *, provider: str, model: str, probe_lease_s: float) -> Permit:
-        """The breaker's leave for one call. A breaker seen closed with no failures is trusted for
-        ``breaker_cache_s`` without asking Redis (two round trips saved per call in the common case)."""
-        if self.breaker is None:
-            return Permit(probe=False)
-        key = (provider, model)
-        if self._closed_until.get(key, 0.0) > time.monotonic():
-            return Permit(probe=False)
-        try:
-            permit = self.breaker.allow(provider=provider, model=model, probe_lease_s=probe_lease_s)
-        except redis.RedisError as exc:
-            log.warning("fleet breaker unreachable (%s); letting the call through", exc)
-            return Permit(probe=False)
-        if not permit.probe and permit.failures == 0 and self.settings.breaker_cache_s > 0:
-            self._closed_until[key] = time.monotonic() + self.settings.breaker_cache_s
-        return permit
-
-    def _tell_breaker(self, *, exc: ProviderError, permit: Permit, provider: str, model: str) -> None:
-        if self.breaker is None:
-            return
-        self._closed_until.pop((provider, model), None)
-        record = self._fleet_state_best_effort
-        if trips_at_once(exc):
-            log.error("%s:%s answered 401; opening its breaker (no retries into a ban)", provider, model)
-            record(self.breaker.record_failure, provider=provider, model=model, reason=exc.outcome, trip=True)
-        elif counts_as_failure(exc):
-            if record(self.breaker.record_failure, provider=provider, model=model,
-                      reason=f"{exc.outcome}: {exc}"[:200]):
-                log.warning("breaker for %s:%s is open after %s", provider, model, exc.outcome)
-        elif permit.success_matters:
-            # The model answered (429, 400, ...): it is up. A probe that got this far closes the breaker.
-            record(self.breaker.record_success, provider=provider, model=model)
-
-    @staticmethod
-    def _attempt_row(*, request_id: str, attempt: int, spec: ModelSpec, provider: Provider, worker: str,
-                     waited_s: float, input_tokens: int) -> dict[str, Any]:
-        """The row committed before the call: what the provider will bill for the input if the
-        worker dies before the answer (output unknown, so not counted)."""
-        return {
-            "id": str(uuid.uuid4()),
-            "request_id": request_id,
-            "attempt": attempt,
-            "tier": spec.tier,
-            "provider": provider.name,
-            "model": spec.model,
-            "outcome": OUTCOME_IN_FLIGHT,
-            "http_status": None,
-            "error": None,
-            "input_tokens": input_tokens,
-            "output_tokens": 0,
-            "cache_write_tokens": 0,
-            "cache_write_1h_tokens": 0,
-            "cache_read_tokens": 0,
-            "cost_usd": spec.cost_usd(input_tokens=input_tokens),
-            "latency_ms": None,
-            "ratelimit_wait_ms": round(waited_s * 1000, 3),
-            "worker": worker,
-            "started_at": _now(),
-            "finished_at": None,
-        }
+    def call(self, *, request_id: str, tier: str, request: ModelRequest, worker: str,
+             hints: Mapping[str, Any] | None = None) -> CallOutcome:
+        """Call the tier's model (or its fallback). Always returns; never raises a provider error.
+        ``hints``: what steps may read from :attr:`Call.hints` (e.g. a slot reserved upstream)."""
+        call = Call(request_id=request_id, request=request, worker=worker, requested=self.spec(tier),
+                    sleep=lambda s: self._sleep(s), spec_for=self.spec, provider_for=self.provider_for,
+                    hints=dict(hints or {}))
+        return self.path.run(call)

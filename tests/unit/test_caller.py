@@ -187,7 +187,8 @@ def test_a_slot_that_went_stale_while_the_attempt_row_was_committed_is_taken_aga
         return real(**kw)
 
     limiter.acquire = counting_acquire
-    outcome = caller.call(request_id="r-slow", tier="haiku", request=ModelRequest.from_prompt("hello"), worker="w")
+    outcome = caller.call(request_id="r-slow", tier="haiku",
+                          request=ModelRequest.from_prompt("hello"), worker="w")
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]
     # the first slot was given up after the 120 ms commit (tolerance 50 ms) and a fresh one taken
     assert len(asked) == 2
@@ -208,7 +209,8 @@ def test_an_attempt_recorded_but_never_sent_is_not_billed(make_caller):
         return real(**kw)
 
     limiter.acquire = second_acquire_times_out
-    outcome = caller.call(request_id="r-unsent", tier="haiku", request=ModelRequest.from_prompt("hello"), worker="w")
+    outcome = caller.call(request_id="r-unsent", tier="haiku",
+                          request=ModelRequest.from_prompt("hello"), worker="w")
     first = outcome.api_rows[0]
     assert first["outcome"] == "not_sent" and first["input_tokens"] == 0 and first["cost_usd"] == 0
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]  # the retry went through

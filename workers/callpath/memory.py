@@ -1,0 +1,106 @@
+"""In-memory stand-ins for the fleet limiter and breaker, for unit tests of the call path's pure
+logic (no Redis). They keep the same contracts as :class:`workers.ratelimit.FleetRateLimiter`
+and :class:`workers.breaker.FleetBreaker` on one process's clock: GCRA slots spaced by the
+limits, and closed → open → half-open with one probe. Anything that claims the *fleet* works
+runs against the real ones on real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tars_tasks.errors import CircuitOpen
+from workers.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, Permit
+from workers.ratelimit import LATE_TOLERANCE_S, LimitSpec
+
+
+class InMemoryRateLimiter:
+    """GCRA on a clock of its own (``clock()`` in seconds; ``sleep`` advances a fake one)."""
+
+    def __init__(self, *, window_s: float = 60.0, utilisation: float = 1.0,
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] = time.sleep,
+                 late_tolerance_s: float = LATE_TOLERANCE_S) -> None:
+        self.window_s, self.utilisation = window_s, utilisation
+        self.late_tolerance_s = late_tolerance_s
+        self._clock = clock or (lambda: time.monotonic())  # late-bound: a test may patch the clock
+        self._sleep = sleep
+        #: (provider, model) -> [request TAT, token TAT] in clock seconds
+        self._tat: dict[tuple[str, str], list[float]] = {}
+        self.acquired: list[tuple[str, str, int]] = []
+        self.adjusted: list[tuple[str, str, int]] = []
+
+    def _intervals(self, limits: LimitSpec) -> tuple[float, float]:
+        return (self.window_s / (limits.rpm * self.utilisation), self.window_s / (limits.tpm * self.utilisation))
+
+    def acquire(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
+                deadline_s: float | None = None) -> float:
+        req_s, tok_s = self._intervals(limits)
+        tat = self._tat.setdefault((provider, model), [0.0, 0.0])
+        now = self._clock()
+        start = max(now, *tat)
+        if deadline_s is not None and start > deadline_s:
+            raise TimeoutError(f"no {provider}:{model} capacity within the deadline (next slot in {start - now:.1f}s)")
+        tat[0], tat[1] = start + req_s, start + tokens * tok_s
+        self.acquired.append((provider, model, tokens))
+        if start > now:
+            self._sleep(start - now)
+        return start - now
+
+    def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
+                      defer: bool = False) -> None:
+        if tokens == 0:
+            return
+        _, tok_s = self._intervals(limits)
+        tat = self._tat.setdefault((provider, model), [0.0, 0.0])
+        tat[1] = max(tat[1] + tokens * tok_s, self._clock())
+        self.adjusted.append((provider, model, tokens))
+
+
+@dataclass(slots=True)
+class _State:
+    state: str = STATE_CLOSED
+    failures: int = 0
+    open_until: float = 0.0
+    probe_until: float = 0.0
+    reason: str = ""
+    trips: int = 0
+
+
+class InMemoryBreaker:
+    """The breaker's state machine for one process (see :mod:`workers.breaker`)."""
+
+    def __init__(self, *, failure_threshold: int = 5, cooldown_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failure_threshold, self.cooldown_s = failure_threshold, cooldown_s
+        self._clock = clock or (lambda: time.monotonic())
+        self._s: dict[tuple[str, str], _State] = {}
+
+    def state(self, *, provider: str, model: str) -> str:
+        return self._s.setdefault((provider, model), _State()).state
+
+    def allow(self, *, provider: str, model: str, probe_lease_s: float | None = None) -> Permit:
+        s = self._s.setdefault((provider, model), _State())
+        now = self._clock()
+        if s.state == STATE_CLOSED:
+            return Permit(probe=False, failures=s.failures)
+        if s.state == STATE_OPEN and now < s.open_until:
+            raise CircuitOpen(f"breaker for {provider}:{model} is open ({s.reason})", retry_after_s=s.open_until - now)
+        if s.state == STATE_HALF_OPEN and now < s.probe_until:
+            raise CircuitOpen(f"breaker for {provider}:{model} is half open (probe in flight)",
+                              retry_after_s=s.probe_until - now)
+        s.state, s.probe_until = STATE_HALF_OPEN, now + (probe_lease_s or 60.0)
+        return Permit(probe=True)
+
+    def record_success(self, *, provider: str, model: str) -> None:
+        s = self._s.setdefault((provider, model), _State())
+        s.state, s.failures, s.probe_until = STATE_CLOSED, 0, 0.0
+
+    def record_failure(self, *, provider: str, model: str, reason: str, trip: bool = False) -> bool:
+        s = self._s.setdefault((provider, model), _State())
+        s.failures += 1
+        if trip or s.state == STATE_HALF_OPEN or s.failures >= self.failure_threshold:
+            s.state, s.open_until, s.reason, s.probe_until = STATE_OPEN, self._clock() + self.cooldown_s, reason, 0.0
+            s.trips += 1
+            return True
+        return s.state == STATE_OPEN

@@ -150,15 +150,15 @@ def test_rate_limiter_waits_are_recorded_on_the_rows(make_caller):
     caller, _, _ = make_caller({})
     limiter = caller.limiter
     holds = iter([0.0, 0.05, 0.1])
-    real = limiter.acquire
+    real = limiter.reserve
 
-    def acquire_that_holds_the_call(**kw):
-        import time
+    def reserve_with_a_wait(**kw):
+        import dataclasses
 
-        real(**kw)
-        time.sleep(next(holds))  # the limiter made the call wait this long (a sleep never ends early)
+        ticket = real(**kw)
+        return dataclasses.replace(ticket, due=ticket.due + next(holds))  # the limit made the call wait
 
-    limiter.acquire = acquire_that_holds_the_call
+    limiter.reserve = reserve_with_a_wait
     outs = [_call(caller, tier="opus") for _ in range(3)]
     waits = [o.api_rows[0]["ratelimit_wait_ms"] for o in outs]
     # lower bounds only: the machine is shared, an upper bound would be a wall-clock assert
@@ -175,42 +175,70 @@ class SlowWriter(ListWriter):
         super().record(api_rows)
 
 
+def _count_limiter_asks(limiter, *, fail_at: int | None = None) -> list[str]:
+    """Count the limiter's reservations and acquires, in order; the ``fail_at``-th finds no capacity."""
+    asked: list[str] = []
+    inside = [0]  # acquire reserves too: count only the caller's own asks
+    for name in ("reserve", "acquire"):
+        real = getattr(limiter, name)
+
+        def ask(_real=real, _name=name, **kw):
+            if inside[0]:
+                return _real(**kw)
+            asked.append(_name)
+            if len(asked) == fail_at:
+                raise TimeoutError("no capacity within the deadline")
+            inside[0] += 1
+            try:
+                return _real(**kw)
+            finally:
+                inside[0] -= 1
+
+        setattr(limiter, name, ask)
+    return asked
+
+
 def test_a_slot_that_went_stale_while_the_attempt_row_was_committed_is_taken_again(make_caller):
     caller, provider, _ = make_caller({})
     caller.writer = SlowWriter()
-    limiter = caller.limiter
-    asked: list[float] = []
-    real = limiter.acquire
-
-    def counting_acquire(**kw):
-        asked.append(kw["tokens"])
-        return real(**kw)
-
-    limiter.acquire = counting_acquire
+    asked = _count_limiter_asks(caller.limiter)
     outcome = caller.call(request_id="r-slow", tier="haiku",
                           request=ModelRequest.from_prompt("hello"), worker="w")
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]
-    # the first slot was given up after the 120 ms commit (tolerance 50 ms) and a fresh one taken
-    assert len(asked) == 2
+    # the first slot (due at once) passed during the 120 ms commit (tolerance 50 ms): a fresh one taken
+    assert asked == ["reserve", "acquire"]
     assert [r["outcome"] for r in outcome.api_rows] == ["ok"]
+
+
+def test_the_attempt_row_is_committed_while_the_slot_comes_due(make_caller):
+    caller, provider, _ = make_caller({})
+    caller.writer = SlowWriter()  # a 120 ms commit
+    limiter = caller.limiter
+    asked = _count_limiter_asks(limiter)
+    counted_reserve = limiter.reserve
+
+    def reserve_a_second_ahead(**kw):
+        import dataclasses
+
+        ticket = counted_reserve(**kw)
+        return dataclasses.replace(ticket, due=ticket.due + 1.0)  # as if the limit bound: next slot in 1 s
+
+    limiter.reserve = reserve_a_second_ahead
+    outcome = caller.call(request_id="r-overlap", tier="haiku",
+                          request=ModelRequest.from_prompt("hello"), worker="w")
+    assert outcome.status == "succeeded" and provider.calls == ["haiku"]
+    # the commit ran inside the 1 s wait: the slot was used, not given up for a second one
+    assert asked == ["reserve"] and limiter.late_slots == 0
+    assert outcome.api_rows[0]["ratelimit_wait_ms"] >= 1000
 
 
 def test_an_attempt_recorded_but_never_sent_is_not_billed(make_caller):
     caller, provider, _ = make_caller({})
     caller.writer = SlowWriter()
-    limiter = caller.limiter
-    calls = {"n": 0}
-    real = limiter.acquire
-
-    def second_acquire_times_out(**kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise TimeoutError("no capacity within the deadline")
-        return real(**kw)
-
-    limiter.acquire = second_acquire_times_out
+    asked = _count_limiter_asks(caller.limiter, fail_at=2)  # the fresh slot after the stale one never comes
     outcome = caller.call(request_id="r-unsent", tier="haiku",
                           request=ModelRequest.from_prompt("hello"), worker="w")
+    assert asked[:2] == ["reserve", "acquire"]
     first = outcome.api_rows[0]
     assert first["outcome"] == "not_sent" and first["input_tokens"] == 0 and first["cost_usd"] == 0
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]  # the retry went through

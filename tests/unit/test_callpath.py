@@ -292,20 +292,22 @@ def test_a_stale_slot_is_given_back_and_taken_again_and_if_none_comes_the_row_is
             clock[0] += 1.0  # the row's commit outlasted the slot
 
     caller.path.add(SlowCommit(), after=RecorderStep)
-    real = caller.limiter.acquire
-    n = {"acquires": 0}
+    n = {"asks": 0}
+    for name in ("reserve", "acquire"):
+        real = getattr(caller.limiter, name)
 
-    def acquire(**kw):
-        n["acquires"] += 1
-        if n["acquires"] == 2:
-            raise TimeoutError("no capacity within the deadline")
-        return real(**kw)
+        def ask(_real=real, **kw):
+            n["asks"] += 1
+            if n["asks"] == 2:  # the fresh slot after the stale one
+                raise TimeoutError("no capacity within the deadline")
+            return _real(**kw)
 
-    caller.limiter.acquire = acquire
+        setattr(caller.limiter, name, ask)
     out = call(caller)
     first = out.api_rows[0]
     assert first["outcome"] == "not_sent" and first["input_tokens"] == 0 and first["cost_usd"] == 0
-    assert out.status == "succeeded" and provider.calls == ["sonnet"] and n["acquires"] == 4
+    # reserve, stale → acquire (none) → not sent; retry: reserve, stale → acquire → sent
+    assert out.status == "succeeded" and provider.calls == ["sonnet"] and n["asks"] == 4
     assert any(t < 0 for *_, t in caller.limiter.adjusted)  # the stale slot's tokens went back
 
 
@@ -318,7 +320,7 @@ def test_an_unreachable_limiter_is_retried_then_the_request_fails_fleet_state_un
     def down(**kw):
         raise redis.ConnectionError("refused")
 
-    caller.limiter.acquire = down
+    caller.limiter.acquire = caller.limiter.reserve = down
     out = call(caller)
     assert out.status == "failed" and out.failure_reason == "fleet_state_unavailable"
     assert out.api_rows == [] and provider.calls == [] and len(sleeps) > 3  # backed off, never sent
@@ -326,7 +328,7 @@ def test_an_unreachable_limiter_is_retried_then_the_request_fails_fleet_state_un
 
 def test_a_limiter_back_within_the_budget_lets_the_call_through():
     caller, provider, sleeps = make()
-    real, n = caller.limiter.acquire, {"k": 0}
+    real, n = caller.limiter.reserve, {"k": 0}
 
     def flaky(**kw):
         n["k"] += 1
@@ -334,7 +336,7 @@ def test_a_limiter_back_within_the_budget_lets_the_call_through():
             raise redis.TimeoutError("slow")
         return real(**kw)
 
-    caller.limiter.acquire = flaky
+    caller.limiter.reserve = flaky
     out = call(caller)
     assert out.status == "succeeded" and provider.calls == ["sonnet"] and sleeps[:2] == [0.1, 0.2]
 

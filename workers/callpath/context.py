@@ -97,6 +97,9 @@ class Attempt:
     slot_held: bool = False
     #: ``time.monotonic()`` at which the held slot was granted (None: unknown, never judged stale).
     slot_at: float | None = None
+    #: The limiter's reservation (:class:`workers.ratelimit.Ticket`) not yet waited for: the
+    #: attempt row is committed while the slot comes due, then the send waits for it.
+    ticket: Any = None
     #: Seconds spent waiting for rate-limit slots.
     waited_s: float = 0.0
     #: The breaker's leave for this attempt (:class:`workers.breaker.Permit`), if a breaker asked.

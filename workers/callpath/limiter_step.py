@@ -1,6 +1,10 @@
 """The fleet rate limiter step: wait for fleet-wide RPM + TPM capacity before each attempt (the
-wait is recorded on the row), take a fresh slot if the old one went stale while the attempt row
-was committed, and correct the reservation to the real usage after the answer.
+wait is recorded on the row), and correct the reservation to the real usage after the answer.
+
+The slot is *reserved* before the attempt row is committed and *waited for* just before the send,
+so the commit happens while the slot comes due instead of eating into it. A slot that passed
+anyway (a commit slower than the wait, a CPU-starved process) is given up — sent late, the call
+would crowd the next window past the limit — and a fresh one taken.
 
 An unreachable limiter Redis is retried with backoff within the tier's retry budget, then the
 attempt fails :class:`FleetStateUnavailable` (no call is ever made without the fleet limit). A
@@ -12,16 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import redis
 
 from tars_tasks.errors import FleetStateUnavailable, RateLimited
 from workers.callpath.context import Attempt, Call
 from workers.callpath.path import CallStep
-from workers.ratelimit import LimitSpec
+from workers.ratelimit import LimitSpec, SlotMissed, Ticket
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: First and longest pause between two tries of an unreachable fleet-state Redis.
 FLEET_STATE_RETRY_INITIAL_S = 0.1
@@ -35,6 +41,9 @@ class Limiter(Protocol):
 
     def acquire(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                 deadline_s: float | None = None) -> float: ...
+    def reserve(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
+                deadline_s: float | None = None) -> Ticket: ...
+    def wait_for(self, ticket: Ticket) -> None: ...
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                       defer: bool = False) -> None: ...
 
@@ -46,18 +55,30 @@ class LimiterStep(CallStep):
     def before_attempt(self, call: Call, attempt: Attempt) -> None:
         if attempt.slot_held:
             return
-        attempt.waited_s += self._acquire(call, attempt)
-        attempt.slot_held, attempt.slot_at = True, time.monotonic()
+        t0 = time.monotonic()
+        ticket = self._fleet_state(call, attempt, lambda spec: self.limiter.reserve(
+            provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
+            tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline))
+        # the time the limiter makes this attempt wait: its slot's distance (the commit runs meanwhile)
+        attempt.waited_s += max(ticket.due, t0) - t0
+        attempt.ticket, attempt.slot_held, attempt.slot_at = ticket, True, ticket.due
 
     def before_send(self, call: Call, attempt: Attempt) -> None:
-        if attempt.slot_at is None or time.monotonic() - attempt.slot_at <= self.limiter.late_tolerance_s:
+        if attempt.ticket is not None:
+            ticket, attempt.ticket = attempt.ticket, None
+            try:
+                self.limiter.wait_for(ticket)  # tokens given back if it passed
+                return
+            except SlotMissed:
+                pass
+        elif attempt.slot_at is None or time.monotonic() - attempt.slot_at <= self.limiter.late_tolerance_s:
             return
-        # The steps between the slot and the send (the commit of the attempt row: a slow database,
-        # a busy process) outlasted it: sent now, this call would crowd the next window. Give the
-        # tokens back and wait for a fresh slot; the request slot is spent (only lowers the rate).
-        spec = attempt.spec
-        self.limiter.adjust_tokens(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-                                   tokens=-call.reserved_tokens(spec), defer=True)
+        else:
+            # A slot held from upstream (the dispatcher's) went stale before the send: give its
+            # tokens back; the request slot is spent (only lowers the rate).
+            spec = attempt.spec
+            self.limiter.adjust_tokens(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
+                                       tokens=-call.reserved_tokens(spec), defer=True)
         attempt.slot_held, attempt.slot_at = False, None
         attempt.waited_s += self._acquire(call, attempt)  # raises: recorded, never sent
         attempt.slot_held, attempt.slot_at = True, time.monotonic()
@@ -71,14 +92,21 @@ class LimiterStep(CallStep):
 
     def _acquire(self, call: Call, attempt: Attempt) -> float:
         """Wait for capacity until the tier's deadline; an unreachable Redis is retried with backoff."""
+        t0 = time.monotonic()
+        self._fleet_state(call, attempt, lambda spec: self.limiter.acquire(
+            provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
+            tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline))
+        return time.monotonic() - t0
+
+    def _fleet_state(self, call: Call, attempt: Attempt, ask: Callable[[Any], T]) -> T:
+        """``ask`` the limiter; no capacity before the tier's deadline is :class:`RateLimited`, an
+        unreachable Redis is retried with backoff until then, then :class:`FleetStateUnavailable`."""
         spec = attempt.spec
         t0 = time.monotonic()
         delay = FLEET_STATE_RETRY_INITIAL_S
         while True:
             try:
-                self.limiter.acquire(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-                                     tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline)
-                return time.monotonic() - t0
+                return ask(spec)
             except TimeoutError as exc:
                 raise RateLimited(f"fleet rate limiter: {exc}") from None
             except redis.RedisError as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tars_tasks.errors import CircuitOpen
 from workers.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, Permit
-from workers.ratelimit import LATE_TOLERANCE_S, LimitSpec
+from workers.ratelimit import LATE_TOLERANCE_S, LimitSpec, SlotMissed, Ticket
 
 
 class InMemoryRateLimiter:
@@ -46,6 +46,27 @@ class InMemoryRateLimiter:
         if start > now:
             self._sleep(start - now)
         return start - now
+
+    def reserve(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
+                deadline_s: float | None = None) -> Ticket:
+        req_s, tok_s = self._intervals(limits)
+        tat = self._tat.setdefault((provider, model), [0.0, 0.0])
+        now = self._clock()
+        start = max(now, *tat)
+        if deadline_s is not None and start > deadline_s:
+            raise TimeoutError(f"no {provider}:{model} capacity within the deadline (next slot in {start - now:.1f}s)")
+        tat[0], tat[1] = start + req_s, start + tokens * tok_s
+        self.acquired.append((provider, model, tokens))
+        return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=start)
+
+    def wait_for(self, ticket: Ticket) -> None:
+        left = ticket.due - self._clock()
+        if left > 0:
+            self._sleep(left)
+        if self._clock() - ticket.due > self.late_tolerance_s:
+            self.adjust_tokens(provider=ticket.provider, model=ticket.model, limits=ticket.limits,
+                               tokens=-ticket.tokens, defer=True)
+            raise SlotMissed(f"{ticket.provider}:{ticket.model} slot missed")
 
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                       defer: bool = False) -> None:

@@ -195,6 +195,8 @@ class JobStore:
         self._coordinator = coordinator
         self.notifier = notifier
         self.scheduled = 0
+        #: Jobs the current hook call ended (logged once its transaction commits).
+        self._ended: list[tuple[str, str]] | None = None
 
     @property
     def coordinator(self):
@@ -338,6 +340,7 @@ class JobStore:
                             .with_for_update()).mappings().all()
         to_publish: list[tuple[str, str, str, int]] = []
         notices: dict[str, list[tuple[str, str]]] = {}
+        ended = self._ended = []
         for job in jobs:
             if job["status"] != JOB_RUNNING:
                 continue
@@ -355,10 +358,17 @@ class JobStore:
                                                                           f"{exc}"[:2000]))
             if status is not None and job["reply_to"]:
                 notices.setdefault(job["reply_to"], []).append((job["id"], status))
-        if not to_publish and not notices:
+        self._ended = None
+        if not to_publish and not notices and not ended:
             return None
-        self.scheduled += len(to_publish)
-        return lambda: self._publish(to_publish, notices=notices)
+
+        def after_commit() -> None:
+            self.scheduled += len(to_publish)
+            for job_id, status in ended:  # once per job: the tests count these lines
+                log.info("job %s ended %s", job_id, status)
+            self._publish(to_publish, notices=notices)
+
+        return after_commit
 
     def _instances(self, conn: Connection, job_id: str) -> list[planner.Instance]:
         q = (select(_steps.c.step, _steps.c.item, _steps.c.revision, _steps.c.item_value, _req.c.status,
@@ -390,9 +400,11 @@ class JobStore:
         return None
 
     def _end(self, conn: Connection, job_id: str, verdict: planner.Verdict) -> str:
-        conn.execute(update(_jobs).where(_jobs.c.id == job_id, _jobs.c.status == JOB_RUNNING).values(
+        ended = conn.execute(update(_jobs).where(_jobs.c.id == job_id, _jobs.c.status == JOB_RUNNING).values(
             status=verdict.status, result=verdict.result, error=verdict.error, failure_reason=verdict.failure_reason,
-            failed_step=verdict.failed_step, finished_at=_now()))
+            failed_step=verdict.failed_step, finished_at=_now())).rowcount
+        if ended and self._ended is not None:
+            self._ended.append((job_id, verdict.status))
         self._stop_queued(conn, job_id, why=f"job {verdict.status}")
         return verdict.status
 

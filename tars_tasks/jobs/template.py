@@ -107,7 +107,7 @@ def _bad(template: str, message: str, *, field: str) -> InvalidRequest:
 
 def _int(tname: str, where: str, value: Any, *, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _bad(tname, f"{where} must be a whole number from {low} to {high}, not {excerpt(repr(value))}",
+        raise _bad(tname, f"{where} must be a whole number from {low} to {high}, not {excerpt(str(value))}",
                    field=where)
     return value
 
@@ -120,7 +120,7 @@ def _str(tname: str, where: str, value: Any) -> str:
 
 def _choice(tname: str, where: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise _bad(tname, f"{where} must be one of {', '.join(choices)}, not {excerpt(repr(value))}", field=where)
+        raise _bad(tname, f"{where} must be one of {', '.join(choices)}, not {excerpt(str(value))}", field=where)
     return value
 
 
@@ -130,7 +130,7 @@ def _step(tname: str, i: int, data: Any, *, catalog: Catalog) -> StepDef:
     name = data.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise _bad(tname, f"steps[{i}].name must be 1-40 lowercase letters, digits, '_' or '-' (starting with a "
-                          f"letter), not {excerpt(repr(name))}", field=f"steps[{i}].name")
+                          f"letter), not {excerpt(str(name))}", field=f"steps[{i}].name")
     at = f"steps.{name}"
     unknown = sorted(set(data) - _STEP_KEYS)
     if unknown:
@@ -138,11 +138,11 @@ def _step(tname: str, i: int, data: Any, *, catalog: Catalog) -> StepDef:
                    field=f"{at}.{unknown[0]}")
     role = data.get("role")
     if role not in catalog.roles:
-        raise _bad(tname, f"{at}: unknown role {excerpt(repr(role))}: known roles are "
+        raise _bad(tname, f"{at}: unknown role {excerpt(str(role))}: known roles are "
                           + ", ".join(sorted(catalog.roles)), field=f"{at}.role")
     tier = data.get("tier")
     if tier is not None and tier not in catalog.tiers:
-        raise _bad(tname, f"{at}: unknown tier {excerpt(repr(tier))}: tiers are " + ", ".join(catalog.tiers),
+        raise _bad(tname, f"{at}: unknown tier {excerpt(str(tier))}: tiers are " + ", ".join(catalog.tiers),
                    field=f"{at}.tier")
     after = data.get("after", [])
     if isinstance(after, str):
@@ -179,7 +179,7 @@ def _order(tname: str, steps: list[StepDef]) -> list[StepDef]:
     for s in steps:
         for a in s.after:
             if a not in by_name:
-                raise _bad(tname, f"steps.{s.name}.after: missing reference: no step named {excerpt(repr(a))}",
+                raise _bad(tname, f"steps.{s.name}.after: missing reference: no step named {excerpt(str(a))}",
                            field=f"steps.{s.name}.after")
             if a == s.name:
                 raise _bad(tname, f"cycle: step {s.name!r} comes after itself", field=f"steps.{s.name}.after")
@@ -291,7 +291,7 @@ def parse_template(name: str, data: Any, *, catalog: Catalog) -> Template:
     """Check a template's structure and graph (roles, references, cycles, fan-out sources)."""
     if not isinstance(name, str) or not TEMPLATE_NAME_RE.fullmatch(name):
         raise InvalidRequest(f"template name must be 1-100 lowercase letters, digits, '.', '_' or '-', not "
-                             f"{excerpt(repr(name))}", field="template")
+                             f"{excerpt(str(name))}", field="template")
     if not isinstance(data, Mapping):
         raise _bad(name, "must be a table with a list of steps", field="template")
     unknown = sorted(set(data) - _TEMPLATE_KEYS)
@@ -313,7 +313,7 @@ def parse_template(name: str, data: Any, *, catalog: Catalog) -> Template:
     _check_refs(name, ordered)
     output = data.get("output", ordered[-1].name)
     if output not in seen:
-        raise _bad(name, f"output: missing reference: no step named {excerpt(repr(output))}", field="output")
+        raise _bad(name, f"output: missing reference: no step named {excerpt(str(output))}", field="output")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise _bad(name, "description must be a string", field="description")
@@ -378,6 +378,6 @@ def resolve(template: str | Mapping[str, Any], *, catalog: Catalog, path: Path |
         raise InvalidRequest("template must be a template name or a mapping", field="template")
     templates = load_templates(path, catalog=catalog)
     if template not in templates:
-        raise InvalidRequest(f"unknown template {excerpt(repr(template))}: known templates are "
+        raise InvalidRequest(f"unknown template {excerpt(str(template))}: known templates are "
                              + (", ".join(sorted(templates)) or "(none)"), field="template")
     return templates[template]

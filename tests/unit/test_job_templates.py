@@ -89,7 +89,7 @@ def test_fan_out_is_capped_and_fan_in_waits_for_every_item():
     first = plan.advance(RWV, INPUT, [])
     assert [(n.step, n.item) for n in first.new] == [("research", i) for i in range(3)]  # max_items = 3 of 4
     assert "t2" in first.new[1].prompt
-    two_done = _done(first.new[:2]) + [plan.Instance("research", 2, 0, plan.QUEUED)]
+    two_done = [*_done(first.new[:2]), plan.Instance("research", 2, 0, plan.QUEUED)]
     assert plan.advance(RWV, INPUT, two_done).new == []
     all_done = [plan.Instance("research", n.item, 0, plan.SUCCEEDED, result=f"notes {n.item}") for n in first.new]
     nxt = plan.advance(RWV, INPUT, all_done)
@@ -130,8 +130,8 @@ def test_the_revision_cap_holds_and_then_the_job_fails_not_validated():
 
 def test_a_failed_step_fails_the_job_with_its_reason_unless_it_continues():
     first = plan.advance(RWV, INPUT, [])
-    insts = _done(first.new[:2]) + [plan.Instance("research", 2, 0, plan.FAILED, failure_reason="rate_limited",
-                                                  error="429")]
+    insts = [*_done(first.new[:2]),
+             plan.Instance("research", 2, 0, plan.FAILED, failure_reason="rate_limited", error="429")]
     p = plan.advance(RWV, INPUT, insts)
     assert p.verdict.status == plan.FAILED and p.new == []
     assert "research[2]" in p.verdict.error and "rate_limited" in p.verdict.error
@@ -150,9 +150,9 @@ def test_a_quorum_starts_early_and_fails_only_when_it_cannot_be_reached():
     q = plan.Instance
     one = [q("r", 0, 0, plan.SUCCEEDED, "x"), q("r", 1, 0, plan.FAILED), q("r", 2, 0, plan.QUEUED)]
     assert plan.advance(t, inp, one).new == [] and plan.advance(t, inp, one).verdict is None
-    two = one[:2] + [q("r", 2, 0, plan.SUCCEEDED, "z")]
+    two = [*one[:2], q("r", 2, 0, plan.SUCCEEDED, "z")]
     assert [n.step for n in plan.advance(t, inp, two).new] == ["w"]
-    lost = one[:2] + [q("r", 2, 0, plan.FAILED)]
+    lost = [*one[:2], q("r", 2, 0, plan.FAILED)]
     assert plan.advance(t, inp, lost).verdict.failure_reason == plan.REASON_QUORUM
 
 

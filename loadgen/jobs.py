@@ -24,7 +24,6 @@ from sqlalchemy import select
 
 from loadgen.drivers import ClientSample, DriveResult
 from loadgen.records import DbRow
-from tars_tasks.errors import LoadgenError
 
 REJECT = '<<sim-answer:{"valid": false, "problems": ["simulated: cite your sources"]}>>'
 TOPICS = ("the physics", "the history", "the open questions", "the measurements", "the controversies")
@@ -172,11 +171,6 @@ def check_figures(fig: Mapping[str, Any]) -> list[str]:
     if fig["by_status"].get("running"):
         bad.append(f"{fig['by_status']['running']} job(s) still running when the run ended")
     return bad
-
-
-def require_fleet(settings) -> None:
-    if settings.embedded:
-        raise LoadgenError("the multi-agent scenario runs jobs, which need a fleet: use --fleet local or external")
 
 
 def _s(v: float | None) -> str:

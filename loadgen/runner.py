@@ -292,7 +292,6 @@ class Runner:
         """Jobs in a closed loop; the drive's samples are their step requests (loadgen/jobs.py)."""
         from loadgen import jobs as jobs_mod
 
-        jobs_mod.require_fleet(self.settings)
 
         def progress(sent: int, done: int) -> None:
             if self.progress is not None:

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     catalog_path: Path | None = None
     #: Path of a TOML file of tenants' weights and limits (config/tenants.py); none = weight 1, no limits.
     tenants_path: Path | None = None
+    #: Path of a TOML file of job templates replacing the packaged config/jobs.toml (docs/JOBS.md).
+    job_templates_path: Path | None = None
 
     # --- delivery (see docs/DELIVERY.md) -------------------------------------------------
     #: Seconds an unacked message may stay with a worker before Redis hands it to another.

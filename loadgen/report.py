@@ -196,11 +196,14 @@ def configuration(step: StepResult, *, sweep: bool = False) -> list[str]:
     cfg, d = step.config, step.drive
     out = []
     if d["kind"] == "closed":
-        out.append(f"- Driver: closed loop, {d['concurrency']} requests in flight")
+        out.append(f"- Driver: closed loop, {d['concurrency']} requests in flight" if d.get("concurrency") else
+                   f"- Driver: jobs in a closed loop, {d.get('jobs_concurrency')} jobs in flight")
     else:
         out.append(f"- Driver: open loop, {cfg['arrival']} arrivals at {cfg['rate_per_s']:g} req/s "
                    f"(seed {cfg['seed']})")
     bound = f"{cfg['count']} requests" if cfg.get("count") is not None else f"{cfg['duration_s']:g} s"
+    if cfg.get("job_template"):
+        bound = f"{cfg['count']} jobs of {cfg['job_template']}"
     if sweep:
         out.append(f"- Bound per level: {bound}; a warm-up of {cfg['warmup_s']:g} s (closed loop: and until every "
                    "slot has completed once) and the drain are excluded from each level's steady window")
@@ -209,7 +212,9 @@ def configuration(step: StepResult, *, sweep: bool = False) -> list[str]:
                    f"{d['ended_at'] - d['load_end']:.1f} s excluded (steady window "
                    f"{d['window'][1] - d['window'][0]:.1f} s)")
     roles = ", ".join(f"{r} {w:.0%}" for r, w in cfg["roles"].items())
-    out.append(f"- Request mix: {roles}")
+    out.append(f"- Request mix: {roles}" if not cfg.get("job_template") else
+               f"- Request mix: the template's steps (roles from config/jobs.toml); {cfg.get('reject_share', 0):.0%} "
+               "of the jobs get one rejection from their validator")
     out.append(f"- Fleet: {cfg['fleet']}")
     rl = cfg.get("rate_limits") or {}
     if rl.get("enforced"):
@@ -435,12 +440,23 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
 # --- document --------------------------------------------------------------------------------------
 
 
+def _jobs_section(step: StepResult) -> list[str]:
+    fig = step.aggregates.get("jobs")
+    if not fig:
+        return []
+    from loadgen.jobs import report_lines
+
+    return [*report_lines(fig), ""]
+
+
 def summary_table(session: Session) -> list[str]:
     out = ["| Run | Load | Population | Requests | Throughput | p50 | p99 | Error Rate | Bound by | Efficiency | "
            "Valid |", "|" + "---|" * 11]
     for s in all_steps(session):
         a = s.aggregates
-        load = f"C={s.drive['concurrency']}" if s.drive["kind"] == "closed" else f"{s.drive['rate_per_s']:g}/s"
+        load = (f"C={s.drive['concurrency']}" if s.drive.get("concurrency") else
+                f"{s.drive.get('jobs_concurrency')} jobs" if s.drive.get("jobs_concurrency") else
+                f"{s.drive['rate_per_s']:g}/s")
         e = a["latency_ms"]["e2e"]
         c = a.get("ceilings") or {}
         out.append(f"| {s.label} | {load} | {a['population']['name']} | {a['requests']['window']['total']} | "
@@ -575,12 +591,13 @@ def render_markdown(session: Session, *, plots: dict[str, str] | None = None, co
         else:
             s = r.steps[0]
             L += ["**Configuration:**", "", *configuration(s), "", "**Results:**", "", population_caption(s), "",
-                  *results_table(s), "", "**What bound the run** (ceilings over the same population):", "",
+                  *results_table(s), "", *_jobs_section(s),
+                  "**What bound the run** (ceilings over the same population):", "",
                   *ceilings_table(s), "", *resources_table(s), "", "**Analysis:**", ""]
             prev = previous_closed if s.drive["kind"] == "closed" and previous_closed is not None and (
-                previous_closed.drive["concurrency"] < s.drive["concurrency"]) else None
+                s.drive.get("concurrency") and previous_closed.drive["concurrency"] < s.drive["concurrency"]) else None
             L += [f"- {x}" for x in analyse_step(s, previous=prev)]
-            if s.drive["kind"] == "closed":
+            if s.drive["kind"] == "closed" and s.drive.get("concurrency"):
                 previous_closed = s
         if r.not_exercised:
             L += ["", "**Not exercised:**", ""] + [f"- {x}" for x in r.not_exercised]

@@ -229,8 +229,12 @@ class Runner:
         bound = f"{sc.count} requests" if sc.count is not None else f"{sc.duration_s:g} s"
         if self.progress is not None:
             self.progress.begin(label=label, bound=bound)
+        views = None
         try:
-            drive = self._drive(sc, client=client, run_id=run_id)
+            if sc.job_template is not None:
+                drive, views = self._drive_jobs(sc, client=client, run_id=run_id)
+            else:
+                drive = self._drive(sc, client=client, run_id=run_id)
         finally:
             samples = sampler.stop()
             client.close()
@@ -255,6 +259,13 @@ class Runner:
             if sc.overrides_required:
                 agg["invalid_reasons"].append(f"the scenario exists to run with {dict(sc.catalog_overrides)}, which "
                                               f"this {fleet.kind} fleet did not apply")
+        if views is not None:
+            from loadgen import jobs as jobs_mod
+
+            agg["jobs"] = jobs_mod.job_figures(views, run_start=drive.started_at, run_end=drive.ended_at,
+                                               workers=fleet.processes)
+            agg["jobs"]["file"] = jobs_mod.write_jobs_file(self.out_dir, run_id, views)
+            agg["invalid_reasons"].extend(jobs_mod.check_figures(agg["jobs"]))
         agg["valid"] = not agg["invalid_reasons"]
         store.finish_run(self.engine, run_id=run_id, aggregates=agg, samples=drive.samples, drive=info)
         self._write_records(run_id, records, samples)
@@ -276,6 +287,25 @@ class Runner:
             return OpenLoop(schedule=schedule, rate_per_s=sc.rate_per_s, arrival=sc.arrival,
                             max_in_flight=sc.max_in_flight, count_bounded=sc.duration_s is None, **common).run()
         return ClosedLoop(concurrency=sc.concurrency, duration_s=sc.duration_s, count=sc.count, **common).run()
+
+    def _drive_jobs(self, sc: Scenario, *, client, run_id: str):
+        """Jobs in a closed loop; the drive's samples are their step requests (loadgen/jobs.py)."""
+        from loadgen import jobs as jobs_mod
+
+
+        def progress(sent: int, done: int) -> None:
+            if self.progress is not None:
+                self.progress.update(Progress(elapsed_s=time.time() - t0, sent=sent, done=done, in_flight=sent - done,
+                                              failed=0, phase="jobs"))
+
+        t0 = time.time()
+        ids, start, end, unfinished = jobs_mod.drive_jobs(
+            client=client, template=sc.job_template, count=sc.count, concurrency=sc.concurrency, run_id=run_id,
+            seed=sc.seed, reject_share=sc.reject_share, timeout_s=sc.drain_timeout_s * 10, on_progress=progress)
+        rows = store.fetch_rows(self.engine, run_id=run_id)
+        drive = jobs_mod.drive_result(rows=rows, start=start, end=end, concurrency=sc.concurrency,
+                                      unfinished=unfinished)
+        return drive, client.jobs.get_many(ids)
 
     def _write_records(self, run_id: str, records: Sequence[RequestRecord],
                        samples: Sequence[samplers.Sample] = ()) -> None:

@@ -53,6 +53,10 @@ class Scenario:
     overrides_required: bool = False
     requires: tuple[str, ...] = ()
     description: str = ""
+    #: Run jobs of this template (loadgen/jobs.py) instead of single requests: ``count`` jobs,
+    #: ``concurrency`` in flight; ``reject_share`` of them get one rejection from their validator.
+    job_template: str | None = None
+    reject_share: float = 0.3
 
     def with_overrides(self, **kw: Any) -> Scenario:
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -74,6 +78,8 @@ class Scenario:
         out = []
         if self.kind not in ("closed", "open", "sweep"):
             out.append(f"kind must be closed, open or sweep, not {self.kind!r}")
+        if self.job_template is not None and (self.count is None or self.kind != "closed"):
+            out.append("a jobs scenario needs a count and a closed loop")
         if self.duration_s is None and self.count is None:
             out.append("needs a bound: a duration or a count")
         if self.duration_s is not None and not self.duration_s > 0:
@@ -147,10 +153,13 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
     _P("concurrent-25", "Concurrent requests — 25", concurrency=25, duration_s=10),
     _P("concurrent-50", "Concurrent requests — 50", concurrency=50, duration_s=15),
     _P("concurrent-100", "Concurrent requests — 100", concurrency=100, duration_s=20, workers=5),
-    _P("multi-agent", "Multi-agent — 5 workers x 10 tasks", concurrency=50, duration_s=None, count=50,
-       warmup_s=0, workers=5, roles={"researcher": 0.5, "analyst": 0.3, "validator": 0.2},
+    _P("multi-agent", "Multi-agent jobs — research → write → validate over 5 worker processes", concurrency=50,
+       duration_s=None, count=100, warmup_s=0, workers=5, job_template="research-write-validate",
        requires=("worker_processes",),
-       description="50 tasks at once over 5 worker processes: how evenly the sub-agents share them."),
+       description="100 jobs of research-write-validate (3 researchers in parallel, a writer, a validator that "
+                   "sends 30% of drafts back once), 50 in flight, over 5 worker processes serving every tier: job "
+                   "completion time, the critical path against the sum of step latencies, cost per job by tier, "
+                   "and how evenly the workers shared the steps."),
     _P("memory-30s", "Memory profile — 30 seconds", concurrency=20, duration_s=30, warmup_s=5,
        sample_interval_s=0.1),
     _P("memory-5m", "Memory profile — 5 minutes", concurrency=30, duration_s=300, warmup_s=30,

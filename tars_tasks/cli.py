@@ -22,6 +22,7 @@ PLUGIN_COMMANDS = {
     "metrics": "tars_tasks.metrics_cli:metrics",
     "dead-letter": "tars_tasks.dead_letter_cli:dead_letter",
     "flower": "tars_tasks.flower_cli:flower",
+    "job": "tars_tasks.jobs.cli:job",
 }
 
 

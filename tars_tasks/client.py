@@ -107,6 +107,7 @@ class TarsClient:
         )
         self.producer_id = uuid.uuid4().hex
         self._listener: CompletionListener | None = None
+        self._jobs = None
 
     # --- submit --------------------------------------------------------------------------------
 
@@ -161,6 +162,46 @@ class TarsClient:
         subs: list[Submission] = self.coordinator.submit_planned(planned, run_id=run_id, reply_to=listener.channel)
         return [RequestHandle(id=s.id, tier=s.tier, priority=s.priority, created=s.created, client=self)
                 for s in subs]
+
+    # --- jobs (tars_tasks.jobs, docs/JOBS.md) ------------------------------------------------
+
+    @property
+    def jobs(self):
+        if self._jobs is None:
+            from tars_tasks.jobs.store import JobStore
+
+            self._jobs = JobStore(settings=self.settings, catalog=self.catalog, engine=self.engine,
+                                  celery_app=self.celery_app, coordinator=self.coordinator)
+        return self._jobs
+
+    def submit_job(self, *, template: str | Mapping[str, Any], input: Mapping[str, Any],
+                   priority: int | str = "normal", tenant: str = "default", idempotency_key: str | None = None,
+                   run_id: str | None = None):
+        """Validate a job (its template against the catalog, its input against the template), record it
+        with its first steps and queue them; returns a :class:`~tars_tasks.jobs.handle.JobHandle`.
+        Priority and tenant apply to every step. Bad input is :class:`InvalidRequest` before any write."""
+        from tars_tasks.jobs.handle import JobHandle
+
+        try:
+            channel = self.listener.channel
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"broker unavailable (completion channel): {exc}; nothing was recorded") from exc
+        sub = self.jobs.submit(template=template, input=input, priority=priority, tenant=tenant,
+                               idempotency_key=idempotency_key, reply_to=channel, run_id=run_id)
+        return JobHandle(id=sub.id, created=sub.created, client=self)
+
+    def get_job(self, job_id: str):
+        """The job's status, steps, critical path and rolled-up tokens and cost (:class:`JobView`)."""
+        return self.jobs.get(job_id)
+
+    def wait_job(self, job_id: str, *, timeout: float | None = None, poll_interval_s: float = 2.0):
+        from tars_tasks.jobs.handle import wait_job
+
+        return wait_job(self, job_id, timeout=timeout, poll_interval_s=poll_interval_s)
+
+    def cancel_job(self, job_id: str):
+        """Stop the job: its queued steps are not run; what running steps spend is still recorded."""
+        return self.jobs.cancel(job_id)
 
     # --- results -------------------------------------------------------------------------------
 

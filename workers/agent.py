@@ -105,12 +105,22 @@ class SubAgent:
             linger_ms=settings.writer_linger_ms,
             retry_max_s=settings.writer_retry_max_s,
             stall_unhealthy_s=settings.writer_stall_unhealthy_s,
+            on_finished=self._jobs_hook(),
         )
         self.loader = RequestLoader(engine=self.engine, batch_max=settings.writer_batch_max,
                                     linger_ms=settings.writer_linger_ms, retry_max_s=settings.writer_retry_max_s)
         self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.gate = CallGate()
+
+    def _jobs_hook(self):
+        """Jobs schedule their next steps inside the commit that finishes a step (tars_tasks.jobs)."""
+        from tars_tasks.celery_app import app
+        from tars_tasks.jobs.store import JobStore
+
+        self.jobs = JobStore(settings=self.settings, catalog=self.catalog, engine=self.engine, celery_app=app,
+                             notifier=self.notifier)
+        return self.jobs.on_finished
 
     # --- providers -----------------------------------------------------------------------------
 

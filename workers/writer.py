@@ -14,6 +14,10 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
    output) and cost are **recomputed from all its api_calls**, so a request row's totals equal
    the sum of its attempts however many deliveries ran it.
 
+5. the ``on_finished`` hook, if any, runs in the same transaction with the ids of the requests
+   finished in the batch (jobs schedule their next steps there: :mod:`tars_tasks.jobs.store`); what
+   it returns runs after the commit (publishing those steps).
+
 Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
 completion notices.
 
@@ -37,11 +41,12 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 
 from config.pricing import TOKEN_CLASSES
 from tars_tasks.db.errors import describe, is_transient
@@ -134,6 +139,7 @@ class GroupCommitWriter:
     def __init__(
         self, *, engine: Engine, notifier: Notifier | None, batch_max: int = 500, linger_ms: float = 2.0,
         retry_max_s: float = 5.0, stall_unhealthy_s: float = 30.0,
+        on_finished: Callable[[Connection, list[str]], Callable[[], None] | None] | None = None,
     ) -> None:
         self.engine = engine
         self.notifier = notifier
@@ -141,6 +147,9 @@ class GroupCommitWriter:
         self.linger_s = linger_ms / 1000.0
         self.retry_max_s = retry_max_s
         self.stall_unhealthy_s = stall_unhealthy_s
+        #: Runs inside each commit that finishes requests; returns what to run after it commits.
+        self.on_finished = on_finished
+        self._after_commit: list[Callable[[], None]] = []
         self._q: queue.Queue[_Entry | None] = queue.Queue()
         self._finish = _finish_stmt()
         self._totals = _totals_stmt()
@@ -241,6 +250,12 @@ class GroupCommitWriter:
 
     def _write(self, batch: list[_Entry]) -> None:
         self._commit_isolating(batch)
+        after, self._after_commit = self._after_commit, []
+        for action in after:
+            try:
+                action()
+            except Exception:  # rows are durable and queued: the lost-request reconciler publishes them
+                log.exception("after-commit action failed; the reconciler will publish what it left queued")
         self.batches += 1
         self.entries += len(batch)
         notices: dict[str, list[Notice]] = defaultdict(list)
@@ -340,3 +355,6 @@ class GroupCommitWriter:
                 conn.execute(self._finish, finishes)
             if ids:
                 conn.execute(self._totals, {"ids": ids})
+            after = self.on_finished(conn, [f["b_id"] for f in finishes]) if finishes and self.on_finished else None
+        if after is not None:
+            self._after_commit.append(after)

@@ -55,7 +55,7 @@ def test_0003_upgrades_rows_of_0002_and_downgrades_without_losing_a_request(data
                           "'haiku', 'simulated', 'm', 'ok', 10, 20, 0.00011, 0, :t)"), {"c": call, "i": old, "t": NOW})
     engine.dispose()
     migrations.upgrade(database_url, "0003")
-    assert migrations.current(database_url) == "0003" == migrations.head()
+    assert migrations.current(database_url) == "0003"
     engine = _engine(database_url)
     new = str(uuid.uuid4())
     with engine.begin() as conn:

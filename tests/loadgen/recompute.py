@@ -89,7 +89,7 @@ class Run:
         f["model"] = stats(model)
         done = [r for r in pop if r["done_at"] is not None]
         f["completions"] = len(done)
-        if self.drive["kind"] == "closed":
+        if self.drive["kind"] == "closed" and self.drive.get("concurrency"):  # (a jobs run has no client slots)
             by: dict[Any, list[dict]] = defaultdict(list)
             for i, r in enumerate(pop):
                 by[r["slot"] if r["slot"] is not None else ("x", i)].append(r)
@@ -109,11 +109,11 @@ class Run:
             f["span"] = self.end - self.start
         f["throughput"] = len(done) / f["span"] if f["span"] > 0 else 0.0
         c = self.drive.get("concurrency")
-        if self.drive["kind"] == "closed":
+        if self.drive["kind"] == "closed" and c:
             f["clients_ceiling"] = c / (f["e2e"]["avg"] / 1000)
         mean_model = float(np.mean(model)) if model else 0.0
         ceilings: dict[str, float] = {}
-        if self.drive["kind"] == "closed" and mean_model > 0:
+        if self.drive["kind"] == "closed" and c and mean_model > 0:
             ceilings["concurrency"] = c / (mean_model / 1000)
         if self.drive["kind"] == "open":
             ceilings["offered rate"] = self.drive["rate_per_s"]
@@ -235,3 +235,101 @@ def close(printed: str, value: float | Decimal | None, *, scale: float = 1.0) ->
     digits = printed.split(".")[1] if "." in printed else ""
     half = 0.5 * 10 ** -len(digits)
     return abs(float(printed.replace(",", "")) - float(value) * scale) <= half + 1e-9 * abs(float(value) * scale)
+
+
+# --- jobs (the multi-agent scenario) --------------------------------------------------------------
+
+
+def job_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
+    """The jobs table recomputed from ``jobs-<run>.jsonl`` (times, the template's graph) and the run's
+    ``requests-<run>.jsonl`` (each step request's worker and api_calls): not from any aggregate."""
+    jobs = [json.loads(x) for x in (directory / run_doc["aggregates"]["jobs"]["file"]).read_text().splitlines()
+            if x.strip()]
+    reqs = {r["id"]: r for r in (json.loads(x) for x in (directory / run_doc["records_file"]).read_text()
+                                 .splitlines() if x.strip())}
+    done = [j for j in jobs if j["finished_at"] is not None and j["status"] != "running"]
+    lat = [j["finished_at"] - j["submitted_at"] for j in done]
+
+    def step_lat(s):
+        return s["finished_at"] - s["submitted_at"]
+
+    def critical(j) -> float:
+        finished = [s for s in j["steps"] if s["finished_at"] is not None]
+        if not finished:
+            return 0.0
+        cur = max(finished, key=lambda s: s["finished_at"])
+        total = step_lat(cur)
+        while True:
+            preds = [s for s in finished if s["step"] in j["graph"].get(cur["step"], ())
+                     and s["finished_at"] <= cur["submitted_at"]]
+            if not preds:
+                return total
+            cur = max(preds, key=lambda s: s["finished_at"])
+            total += step_lat(cur)
+
+    crit = [critical(j) for j in done]
+    sums = [sum(step_lat(s) for s in j["steps"] if s["finished_at"] is not None) for j in done]
+    by_tier: dict[str, Decimal] = defaultdict(Decimal)
+    workers: Counter = Counter()
+    for j in jobs:
+        for s in j["steps"]:
+            r = reqs[s["request_id"]]
+            for cl in r["calls"]:
+                by_tier[cl["tier"]] += Decimal(cl["cost_usd"])
+            if r["worker"]:
+                workers[r["worker"]] += 1
+    d = run_doc["drive"]
+    span = d["ended_at"] - d["started_at"]
+    counts = sorted(workers.values())
+    mean = sum(counts) / len(counts)
+    n = len(jobs)
+    total = sum(by_tier.values(), Decimal(0))
+    return {"n": n, "lat": stats(lat), "crit": sum(crit) / len(crit), "sums": sum(sums) / len(sums),
+            "e2e": sum(lat) / len(lat), "total": total, "per_job": total / n,
+            "per_job_by_tier": {t: c / n for t, c in by_tier.items()}, "workers": dict(workers), "span": span,
+            "share": (counts[0], counts[-1], mean,
+                      math.sqrt(sum((x - mean) ** 2 for x in counts) / len(counts)) / mean)}
+
+
+def check_jobs(md: str, directory: Path, run_doc: dict[str, Any], problems: list[str]) -> int:
+    """Every figure of a run's jobs table against :func:`job_figures`; returns how many were checked."""
+    f = job_figures(directory, run_doc)
+    marker = f"Raw rows: `{run_doc['aggregates']['jobs']['file']}`"
+    section = md.split(marker, 1)[0].rsplit("**Jobs**", 1)[1]
+    rows = {r[0]: r[1] for r in markdown_table(section, "| Metric | Value |")}
+    checked = 0
+
+    def eq(cell: str, index: int, value, what: str) -> None:
+        nonlocal checked
+        nums = numbers(cell)
+        if value is None:
+            ok = "—" in cell
+        else:
+            ok = len(nums) > index and close(nums[index], value)
+        if not ok:
+            problems.append(f"jobs {what}: {cell!r} vs recomputed {value}")
+        checked += 1
+
+    eq(rows["Jobs"], 0, f["n"], "count")
+    lat = rows["Job completion time"]
+    for k in ("avg", "p50", "p95", "p99", "max"):
+        eq(lat.split(k, 1)[1].removeprefix(" "), 0, f["lat"][k], f"completion {k}")
+    eq(rows["Critical path (avg per job)"], 0, f["crit"], "critical path")
+    eq(rows["Sum of step latencies (avg per job)"], 0, f["sums"], "sum of step latencies")
+    eq(rows["Scheduling overhead (avg end to end minus critical path)"], 0, f["e2e"] - f["crit"], "overhead")
+    eq(rows["Parallelism (sum of step latencies ÷ critical path)"], 0, f["sums"] / f["crit"], "parallelism")
+    eq(rows["Cost per job"], 0, f["per_job"], "cost per job")
+    eq(rows["Cost per job"], 1, f["total"], "total cost")
+    for tier, c in f["per_job_by_tier"].items():
+        eq(rows[f"Cost per job, {tier}"], 0, c, f"cost per job {tier}")
+    lo, hi, mean, cv = f["share"]
+    share = rows["Steps per worker"]
+    for i, v in enumerate((lo, hi, mean, cv)):
+        eq(share, i, v, "steps per worker")
+    per = {r[0]: r for r in markdown_table(section, "| Worker | Steps |")}
+    for w, count in f["workers"].items():
+        eq(per[w][1], 0, count, f"steps of {w}")
+        eq(per[w][2], 0, count / f["span"], f"steps per second of {w}")
+    if len(per) != len(f["workers"]):
+        problems.append(f"jobs: {len(per)} worker rows, recomputed {len(f['workers'])}")
+    return checked

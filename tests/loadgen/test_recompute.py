@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.loadgen.recompute import Run, ceiling_rows, close, load, markdown_table, numbers, table_rows
+from tests.loadgen.recompute import Run, ceiling_rows, check_jobs, close, load, markdown_table, numbers, table_rows
 
 TARS = str(Path(sys.executable).with_name("tars"))
 CEILING_NAMES = {"concurrency", "offered rate", "rate limits", "worker slots"}
@@ -63,7 +63,7 @@ def check_single_run(md: str, run: Run, problems: list[str]) -> int:
     eq("Throughput", f["throughput"])
     eq("Throughput", f["completions"], index=1)
     eq("Throughput", f["span"], index=2)
-    if run.drive["kind"] == "closed":
+    if run.drive["kind"] == "closed" and run.drive.get("concurrency"):
         eq("C ÷ Avg Response Time", f["clients_ceiling"])
         pct_of("C ÷ Avg Response Time", f["throughput"] / f["clients_ceiling"], 1)
         pct_of("C ÷ Avg Response Time", f["idle"], 2)
@@ -72,7 +72,7 @@ def check_single_run(md: str, run: Run, problems: list[str]) -> int:
         # the identity the table promises: throughput <= C / average response time, as printed
         thr, ceiling = (float(numbers(t[r])[0].replace(",", "")) for r in ("Throughput", "C ÷ Avg Response Time"))
         _check(thr <= ceiling, f"{run.label}: throughput {thr} above C / avg {ceiling}", problems)
-    else:
+    elif run.drive["kind"] == "open":
         eq("Offered Rate", run.drive["rate_per_s"])
     name = t["Bound by"].split(" — ")[0]
     _check(name == f["binding"], f"{run.label}: bound by {name!r}, recomputed {f['binding']!r}", problems)
@@ -163,6 +163,11 @@ def check_report(directory: Path) -> dict[str, int]:
                     checked += 1
         else:
             checked += check_single_run(md, by_id[sc["runs"][0]["run_id"]], problems)
+    # the jobs tables (the multi-agent scenario)
+    for sc in doc["scenarios"]:
+        for run_doc in sc["runs"]:
+            if run_doc["aggregates"].get("jobs"):
+                checked += check_jobs(md, directory, run_doc, problems)
     # the executive summary's table: one row per run
     for row in markdown_table(md, "| Run | Load | Population |"):
         run = next(r for r in runs if r.label == row[0])

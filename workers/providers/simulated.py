@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 
 from config.catalog import LatencyProfile, ModelSpec
@@ -25,6 +26,9 @@ from tars_tasks.errors import TransientProviderError
 from workers.providers.base import Completion
 from workers.providers.request import ModelRequest, estimate_tokens
 
+#: A prompt holding ``<<sim-answer:TEXT>>`` is answered with TEXT (the last one wins): how tests and
+#: load runs script a validator's verdict or a planner's JSON list without a real model.
+SCRIPTED_ANSWER = re.compile(r"<<sim-answer:(.*?)>>", re.S)
 _FILLER = "The analysis finds the request well-formed and answers it in full. "
 #: ``{"answer": ""}``: what JSON mode wraps around the answer.
 _JSON_OVERHEAD_CHARS = len(json.dumps({"answer": ""}))
@@ -97,6 +101,9 @@ class SimulatedProvider:
             raise TransientProviderError(f"simulated {spec.model} overloaded", status_code=529)
         text, stop_reason = answer(out_tokens=rng.randint(*spec.output_tokens), request=request,
                                    limit=request.output_limit(spec))
+        scripted = SCRIPTED_ANSWER.findall(prompt)
+        if scripted:
+            text, stop_reason = scripted[-1], "end_turn"
         if self.unstorable_marker and self.unstorable_marker in prompt:
             text = "binary output: \x00\x01 " + text
         usage = Usage(input_tokens=request.estimated_input_tokens(), output_tokens=estimate_tokens(text) if text else 0)

@@ -1,0 +1,1 @@
+"""Multi-agent jobs: templates as data, steps as ordinary requests, scheduling inside the group commit."""

@@ -211,15 +211,23 @@ class SlotReservedUpstream(CallStep):
     def before_attempt(self, call: Call, attempt: Attempt) -> None:
         if call.hints.get("slot_reserved") and attempt.try_number == 1:
             attempt.slot_held = True
+            attempt.reserved_tokens = call.hints.get("reserved_tokens")
 
 
 def test_a_pre_reserved_first_slot_is_one_step_before_the_limiter():
     caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]},
                                breaker_failure_threshold=9)
     caller.path.add(SlotReservedUpstream(), before=LimiterStep)
-    out = call(caller, hints={"slot_reserved": True})
+    out = call(caller, hints={"slot_reserved": True, "reserved_tokens": 5000})
     assert out.status == "succeeded" and provider.calls == ["sonnet", "sonnet"]
     assert len(caller.limiter.acquired) == 1  # the retry acquired; the first attempt did not
+    (_, _, retry_reserved), = caller.limiter.acquired
+    # the answered retry corrects its own reservation to the usage (30 tokens); nothing else was charged
+    assert [t for *_, t in caller.limiter.adjusted] == [30 - retry_reserved]
+    answered, _, _ = make()
+    answered.path.add(SlotReservedUpstream(), before=LimiterStep)
+    assert call(answered, hints={"slot_reserved": True, "reserved_tokens": 5000}).status == "succeeded"
+    assert answered.limiter.acquired == [] and [t for *_, t in answered.limiter.adjusted] == [30 - 5000]
     plain, _, _ = make()
     call(plain)
     assert len(plain.limiter.acquired) == 1

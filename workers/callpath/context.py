@@ -100,6 +100,9 @@ class Attempt:
     slot_held: bool = False
     #: ``time.monotonic()`` at which the held slot was granted (None: unknown, never judged stale).
     slot_at: float | None = None
+    #: Tokens the held slot reserved (None: the call's estimate, :meth:`Call.reserved_tokens`);
+    #: the limiter corrects the reservation from this to the real usage after the answer.
+    reserved_tokens: int | None = None
     #: Seconds spent waiting for rate-limit slots.
     waited_s: float = 0.0
     #: The breaker's leave for this attempt (:class:`workers.breaker.Permit`), if a breaker asked.

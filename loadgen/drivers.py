@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from loadgen.clock import RunClock
+from tars_tasks.codes import RequestStatus
 from tars_tasks.errors import LoadgenError, Overloaded, TarsError
 
 DriverKind = Literal["closed", "open"]
@@ -196,7 +197,7 @@ class _Base:
                 self._client_n += 1
                 s = ClientSample(request_id=f"client-{self._client_n}", intended_at=self.clock.epoch(t),
                                  send_start=self.clock.epoch(t_start), sent_at=self.clock.epoch(t_end),
-                                 done_at=self.clock.epoch(t_end), status="failed", client_error=kind,
+                                 done_at=self.clock.epoch(t_end), status=RequestStatus.FAILED, client_error=kind,
                                  done_via="client", slot=slot)
                 self.order.append(s)
             self.failed += len(intended)
@@ -219,7 +220,7 @@ class _Base:
         s.done_at = self.clock.epoch(t_mono)
         s.status = status
         s.done_via = via
-        if status != "succeeded":
+        if status != RequestStatus.SUCCEEDED:
             self.failed += 1
 
     # --- completions -----------------------------------------------------------------------------

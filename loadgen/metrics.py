@@ -45,6 +45,7 @@ from decimal import Decimal
 from typing import Any
 
 from loadgen.records import UNFINISHED, RequestRecord, unknown_outcome
+from tars_tasks.codes import RequestStatus
 
 PERCENTILES = (50, 95, 99)
 #: A percentile p needs at least this many samples (100 / (100 - p)) to be anything but the max.
@@ -237,7 +238,7 @@ def validity(*, kind: str, count_bounded: bool, window_s: float, pop: Sequence[R
     MAX_REFILL_SHARE of their time. The runner adds: stopped early; a mechanism the scenario
     exists for did not act."""
     out = []
-    if not any(r.status == "succeeded" for r in pop):
+    if not any(r.status == RequestStatus.SUCCEEDED for r in pop):
         out.append("no request completed successfully" if pop else "no request was sent")
     if not count_bounded:
         if window_s < MIN_STEADY_WINDOW_S:
@@ -276,12 +277,12 @@ def compute(
     else:
         span = pop_info["end"] - pop_info["start"]
     thr = len(done) / span if span > 0 else 0.0
-    ok_thr = sum(1 for r in done if r.status == "succeeded") / span if span > 0 else 0.0
+    ok_thr = sum(1 for r in done if r.status == RequestStatus.SUCCEEDED) / span if span > 0 else 0.0
     e2e = latency_summary(response_ms(r, ended_at) for r in pop)
     services = [s for s in (service_ms(r) for r in pop) if s is not None]
     lat = {
         "e2e": e2e,
-        "e2e_succeeded": latency_summary(response_ms(r, ended_at) for r in pop if r.status == "succeeded"),
+        "e2e_succeeded": latency_summary(response_ms(r, ended_at) for r in pop if r.status == RequestStatus.SUCCEEDED),
         "queue_wait": latency_summary((r.started_at - r.submitted_at) * 1000 for r in pop
                                       if r.started_at is not None and r.submitted_at is not None),
         "ratelimit_wait": latency_summary(r.ratelimit_wait_ms for r in pop if r.api_calls),
@@ -323,10 +324,10 @@ def compute(
 
 
 def _counts(rs: Sequence[RequestRecord]) -> dict[str, Any]:
-    ok = sum(1 for r in rs if r.status == "succeeded")
-    failed = [r for r in rs if r.status == "failed"]
+    ok = sum(1 for r in rs if r.status == RequestStatus.SUCCEEDED)
+    failed = [r for r in rs if r.status == RequestStatus.FAILED]
     unfinished = sum(1 for r in rs if r.status == UNFINISHED)
-    bad = [r for r in rs if r.status != "succeeded"]
+    bad = [r for r in rs if r.status != RequestStatus.SUCCEEDED]
     return {"total": len(rs), "succeeded": ok, "failed": len(failed), "unfinished": unfinished,
             "error_rate": len(bad) / len(rs) if rs else 0.0,
             "failures_by_reason": dict(Counter(r.reason or "unknown" for r in bad).most_common())}
@@ -336,7 +337,7 @@ def _retries(records: Sequence[RequestRecord]) -> dict[str, Any]:
     calls = sum(r.api_calls for r in records)
     retried = [r for r in records if r.api_calls > 1]
     return {"api_calls": calls, "retries": sum(r.api_calls - 1 for r in retried), "requests_retried": len(retried),
-            "requests_recovered": sum(1 for r in retried if r.status == "succeeded")}
+            "requests_recovered": sum(1 for r in retried if r.status == RequestStatus.SUCCEEDED)}
 
 
 def _rate_limit(records: Sequence[RequestRecord]) -> dict[str, Any]:

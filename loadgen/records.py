@@ -6,7 +6,6 @@ views meet, so a figure recomputed from the stored rows goes through the same jo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -14,16 +13,16 @@ from decimal import Decimal
 from typing import Any
 
 from loadgen.drivers import ClientSample
+from tars_tasks.codes import OUTCOMES_UNKNOWN, TERMINAL_STATUSES, RequestStatus
 
 UNFINISHED = "unfinished"
-TERMINAL = ("succeeded", "failed")
+TERMINAL = TERMINAL_STATUSES
 #: ``api_calls.outcome`` of an attempt nobody knows the result of: ``in_flight`` (still running,
 #: or its worker died) and ``unknown`` (its worker is known dead). On a *terminal* request such
 #: an attempt is "billed, outcome unknown": the provider may well have served it, and its row
 #: keeps the estimated input tokens and their cost. The one definition loadgen counts by; the
 #: report shows these attempts and their dollars on a line of their own, never as $0.
-UNKNOWN_OUTCOMES: frozenset[str] = frozenset({"in_flight", "unknown"})
-_REASON_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_ -]*?)(?: after \d+ attempt|:|$)")
+UNKNOWN_OUTCOMES: frozenset[str] = frozenset(OUTCOMES_UNKNOWN)
 
 
 @dataclass(slots=True)
@@ -63,6 +62,7 @@ class DbRow:
 
     id: str
     status: str
+    #: the human-readable detail; never read for a reason (that is ``failure_reason``)
     error: str | None
     tier_requested: str
     tier_used: str | None
@@ -80,6 +80,8 @@ class DbRow:
     #: sum of ``api_calls.latency_ms`` (the provider calls themselves, every attempt)
     model_ms: float | None = None
     calls: list[CallRow] = field(default_factory=list)
+    #: ``requests.failure_reason`` (None: not failed, or a row written before the column)
+    failure_reason: str | None = None
 
     def set_calls(self, calls: list[CallRow]) -> None:
         """The request's attempts, and the per-request sums over them."""
@@ -146,13 +148,10 @@ def epoch(ts: datetime | None) -> float | None:
     return ts.timestamp()
 
 
-def failure_reason(error: str | None) -> str:
-    """``"transient_error after 4 attempt(s): ..."`` → ``transient_error``; a short slug otherwise."""
-    if not error:
-        return "unknown"
-    m = _REASON_RE.match(error.strip())
-    text = m.group(1) if m else error.strip()[:40]
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
+def failure_reason(code: str | None) -> str:
+    """The reason a report counts a failed request under: its ``failure_reason`` column, as stored
+    (``unknown`` for a row without one). Never derived from the error text."""
+    return code or "unknown"
 
 
 def join(
@@ -171,7 +170,8 @@ def join(
         t0 = getattr(s, origin)
         if row is None:  # refused before it was recorded
             out.append(RequestRecord(
-                id=s.request_id, status="failed", reason=s.client_error or "no_row", origin=t0, done_at=s.done_at,
+                id=s.request_id, status=RequestStatus.FAILED, reason=s.client_error or "no_row", origin=t0,
+                done_at=s.done_at,
                 intended_at=s.intended_at, sent_at=s.sent_at, submitted_at=None, started_at=None, finished_at=None,
                 tier_requested=None, tier_used=None, worker=None, attempts=0, api_calls=0, input_tokens=0,
                 output_tokens=0, cost_usd=Decimal(0), ratelimit_wait_ms=0.0, calls_waited=0, done_via=s.done_via,
@@ -189,14 +189,14 @@ def join(
 def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: float | None,
             sent_at: float | None, done_via: str | None, ended_at: float, slot: int | None = None,
             sampled: bool = True) -> RequestRecord:
-    terminal = row.status in ("succeeded", "failed")
+    terminal = row.status in TERMINAL_STATUSES
     if terminal and done_at is None:  # finished, but after the drain stopped listening
         done_at = row.finished_at
         done_via = "row"
     status = row.status if terminal else UNFINISHED
     reason = None
-    if status == "failed":
-        reason = failure_reason(row.error)
+    if status == RequestStatus.FAILED:
+        reason = failure_reason(row.failure_reason)
     elif status == UNFINISHED:
         reason = UNFINISHED
         done_at = None

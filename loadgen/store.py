@@ -49,13 +49,15 @@ def finish_run(engine: Engine, *, run_id: str, aggregates: dict[str, Any], sampl
 def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     """The run's request rows with per-request sums over their api_calls."""
     t = _req.c
-    cols = [t.id, t.status, t.error, t.tier_requested, t.tier_used, t.worker, t.attempts, t.input_tokens,
+    cols = [t.id, t.status, t.error, t.failure_reason, t.tier_requested, t.tier_used, t.worker, t.attempts,
+            t.input_tokens,
             t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at]
     rows: dict[str, DbRow] = {}
     calls: dict[str, list[CallRow]] = defaultdict(list)
     with engine.connect() as conn:
         for r in conn.execute(select(*cols).where(t.run_id == run_id)):
-            rows[r.id] = DbRow(id=r.id, status=r.status, error=r.error, tier_requested=r.tier_requested,
+            rows[r.id] = DbRow(id=r.id, status=r.status, error=r.error, failure_reason=r.failure_reason,
+                               tier_requested=r.tier_requested,
                                tier_used=r.tier_used, worker=r.worker, attempts=r.attempts or 0,
                                input_tokens=r.input_tokens or 0, output_tokens=r.output_tokens or 0,
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),

@@ -23,9 +23,10 @@ from sqlalchemy import select
 
 from config.catalog import Catalog, load_catalog
 from config.settings import Settings, get_settings
+from tars_tasks.codes import TERMINAL_STATUSES, RequestStatus
 from tars_tasks.coordinator import Coordinator, Submission
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import TERMINAL_STATUSES, Request
+from tars_tasks.db.models import Request
 from tars_tasks.errors import BrokerUnavailable, RequestNotFound, ResultTimeout
 from tars_tasks.notify import CompletionListener, LocalListener, RedisListener
 from tars_tasks.redis_client import get_redis
@@ -73,7 +74,7 @@ class RequestResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "succeeded"
+        return self.status == RequestStatus.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,8 @@ from config.keys import queue_for_tier
 from config.settings import Settings
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
-from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, Request, Run
+from tars_tasks.codes import FailureReason, RequestStatus
+from tars_tasks.db.models import Request, Run
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded, excerpt
 from tars_tasks.publish import publish_request
@@ -203,7 +204,7 @@ class Coordinator:
                     **request_columns(p.spec, catalog=self.catalog),
                     "tier_requested": p.requested_tier,
                     "tier_queued": p.route.tier,
-                    "status": STATUS_QUEUED,
+                    "status": RequestStatus.QUEUED,
                     "run_id": run_id,
                     "submitted_at": now,
                 }
@@ -244,13 +245,13 @@ class Coordinator:
                     publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
                                     tenant=p.spec.tenant, priority=p.spec.priority, reply_to=reply_to)
         except Exception as exc:
-            self._fail_unsent([p.id for p in planned], reason=f"{ENQUEUE_FAILED}: {exc}")
+            self._fail_unsent([p.id for p in planned], error=f"{FailureReason.ENQUEUE_FAILED}: {exc}")
             raise BrokerUnavailable(
                 f"broker unavailable; {len(planned)} request(s) could not be queued "
                 f"and are recorded as failed: {exc}"
             ) from exc
 
-    def _fail_unsent(self, ids: list[str], *, reason: str) -> None:
+    def _fail_unsent(self, ids: list[str], *, error: str) -> None:
         if not ids:
             return
         try:
@@ -258,8 +259,9 @@ class Coordinator:
                 t = Request.__table__.c
                 conn.execute(
                     update(Request.__table__)
-                    .where(t.id.in_(ids), t.status == STATUS_QUEUED)
-                    .values(status=STATUS_FAILED, error=reason[:2000], failure_reason=ENQUEUE_FAILED,
+                    .where(t.id.in_(ids), t.status == RequestStatus.QUEUED)
+                    .values(status=RequestStatus.FAILED, error=error[:2000],
+                            failure_reason=FailureReason.ENQUEUE_FAILED,
                             finished_at=datetime.now(UTC))
                 )
         except Exception:

@@ -17,7 +17,8 @@ import click
 from sqlalchemy import select
 
 from config.keys import TIERS
-from tars_tasks.db.models import STATUS_FAILED, Request
+from tars_tasks.codes import RequestStatus
+from tars_tasks.db.models import Request
 from tars_tasks.schemas import MODEL_FIELDS
 
 #: On the embedded default, how long a re-submission waits for its requests to run in-process.
@@ -42,16 +43,18 @@ def parse_since(value: str | None) -> datetime | None:
 
 def failed_requests(*, engine, tier: str | None = None, since: datetime | None = None, reason: str | None = None,
                     ids: tuple[str, ...] = (), limit: int = 100) -> list[dict]:
-    """Failed requests, newest first. ``reason`` matches a substring of the error (any case)."""
+    """Failed requests, newest first. ``reason`` is a ``failure_reason`` code (``rate_limited``, ...),
+    matched exactly: the error text is for people and is never searched for a reason."""
     t = Request.__table__.c
-    q = select(t.id, t.tenant, t.role, t.tier_requested, t.tier_used, t.priority, t.prompt, t.error, t.attempts,
-               t.submitted_at, t.finished_at, *(t[f] for f in MODEL_FIELDS)).where(t.status == STATUS_FAILED)
+    q = select(t.id, t.tenant, t.role, t.tier_requested, t.tier_used, t.priority, t.prompt, t.error,
+               t.failure_reason, t.attempts,
+               t.submitted_at, t.finished_at, *(t[f] for f in MODEL_FIELDS)).where(t.status == RequestStatus.FAILED)
     if tier:
         q = q.where(t.tier_requested == tier)
     if since:
         q = q.where(t.finished_at >= since)
     if reason:
-        q = q.where(t.error.ilike(f"%{reason}%"))
+        q = q.where(t.failure_reason == reason)
     if ids:
         q = q.where(t.id.in_(ids))
     q = q.order_by(t.finished_at.desc()).limit(limit)
@@ -72,7 +75,7 @@ def resubmission(row: dict) -> dict:
 def _filters(f):
     f = click.option("--tier", type=click.Choice(TIERS), default=None, help="Tier requested.")(f)
     f = click.option("--since", default=None, help="Failed since: 30m, 2h, 1d or an ISO time.")(f)
-    f = click.option("--reason", default=None, help="Substring of the failure reason, e.g. rate_limited.")(f)
+    f = click.option("--reason", default=None, help="Failure reason code, e.g. rate_limited, circuit_open, poison.")(f)
     f = click.option("--limit", type=int, default=100, show_default=True)(f)
     return f
 

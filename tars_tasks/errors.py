@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import reprlib
 
+from tars_tasks.codes import AttemptOutcome, FailureReason
+
 #: Longest rendering of a bad value in an error message (see :func:`excerpt`).
 EXCERPT_CHARS = 80
 
@@ -101,7 +103,7 @@ class ProviderError(TarsError):
     """A model API call failed. ``retryable`` says whether another attempt may succeed."""
 
     retryable: bool = False
-    outcome: str = "error"
+    outcome: AttemptOutcome = AttemptOutcome.ERROR
 
     def __init__(self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None):
         super().__init__(message)
@@ -113,66 +115,66 @@ class TransientProviderError(ProviderError):
     """429, 5xx, overloaded, timeouts, dropped connections: worth another attempt."""
 
     retryable = True
-    outcome = "transient_error"
+    outcome = AttemptOutcome.TRANSIENT_ERROR
 
 
 class RateLimited(TransientProviderError):
     """429: the provider's own limit (or ours, when the fleet limiter gives up waiting)."""
 
-    outcome = "rate_limited"
+    outcome = AttemptOutcome.RATE_LIMITED
 
 
 class ProviderOverloaded(TransientProviderError):
     """Anthropic's 529 ``overloaded_error``: the provider is short of capacity, not us over a limit."""
 
-    outcome = "overloaded"
+    outcome = AttemptOutcome.OVERLOADED
 
 
 class ProviderTimeout(TransientProviderError):
-    outcome = "timeout"
+    outcome = AttemptOutcome.TIMEOUT
 
 
 class ProviderConnectionError(TransientProviderError):
     """The connection was refused, reset or closed before a full response arrived."""
 
-    outcome = "connection_error"
+    outcome = AttemptOutcome.CONNECTION_ERROR
 
 
 class PermanentProviderError(ProviderError):
     """400, 403, 404, context too long: the same call will fail again."""
 
-    outcome = "permanent_error"
+    outcome = AttemptOutcome.PERMANENT_ERROR
 
 
 class ContextTooLong(PermanentProviderError):
     """400 because the prompt (plus ``max_tokens``) exceeds the model's context window."""
 
-    outcome = "context_too_long"
+    outcome = AttemptOutcome.CONTEXT_TOO_LONG
 
 
 class AuthenticationFailed(PermanentProviderError):
     """401: retrying risks a ban; the breaker opens for the model instead."""
 
-    outcome = "auth_error"
+    outcome = AttemptOutcome.AUTH_ERROR
 
 
 class ProviderNotConfigured(PermanentProviderError):
     """The provider cannot be called at all (its API key variable is unset). No call was made."""
 
-    outcome = "not_configured"
+    outcome = AttemptOutcome.NOT_CONFIGURED
 
 
 class FleetStateUnavailable(TarsError):
     """The fleet-state Redis (rate limiter, breaker) could not be reached within the retry budget;
     no call was made."""
 
-    outcome = "fleet_state_unavailable"
+    outcome = FailureReason.FLEET_STATE_UNAVAILABLE
 
 
 class CircuitOpen(TarsError):
     """The fleet-wide breaker for a model is open; the call was not made."""
 
-    outcome = "circuit_open"
+    outcome = FailureReason.CIRCUIT_OPEN
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)

@@ -1,9 +1,13 @@
 """The task message: what a producer puts on a tier queue and what a worker reads back.
 
-A TARS producer sends ``tars.run_request`` with keyword arguments only, and only the routing
-fields: the request id (also the task id), the tier to run on, tenant, priority and the
-producer's completion channel. The prompt is **not** in the message: the worker reads it from
-the request row (so Celery events, Flower and its persistent file never see it).
+:class:`RunRequestMessage` is the one type of it: the publisher encodes it
+(:meth:`RunRequestMessage.encode`, :mod:`tars_tasks.publish`) and the task decodes it
+(:meth:`RunRequestMessage.decode`, :mod:`tars_tasks.tasks`). A TARS producer sends
+``tars.run_request`` with keyword arguments only, and only what the worker uses: the request id
+(also the task id), the tier to run on and the producer's completion channel. The prompt is
+**not** in the message: the worker reads it (and tenant, priority, ...) from the request row (so
+Celery events, Flower and its persistent file never see it). Messages of layout 2, which also
+carried tenant and priority, are still read (queued before an upgrade); those fields are ignored.
 
 A plain-Celery producer may instead send the request's own fields (``role``, ``prompt``,
 ``priority``, ``tenant``, ``idempotency_key``, ``tier`` and the model request's ``system``,
@@ -26,9 +30,10 @@ from config.keys import TIERS, tars_priority
 from tars_tasks.errors import TarsError
 
 #: Version of the message layout, carried as ``v``; absent in plain-Celery messages.
-MESSAGE_VERSION = 2
-#: Keyword arguments of a TARS producer's message.
-ROUTING_FIELDS = frozenset({"v", "request_id", "tier", "tenant", "priority", "reply_to"})
+MESSAGE_VERSION = 3
+#: Keyword arguments of a TARS producer's message, by layout version.
+ROUTING_FIELDS = frozenset({"v", "request_id", "tier", "reply_to"})
+_ROUTING_FIELDS_BY_VERSION = {3: ROUTING_FIELDS, 2: ROUTING_FIELDS | {"tenant", "priority"}}
 #: Keyword arguments a plain-Celery producer may send to create a request.
 SPEC_FIELDS = frozenset({"role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
                          "max_tokens", "temperature", "stop", "response_format", "metadata"})
@@ -45,16 +50,24 @@ class RunRequestMessage:
     request_id: str
     #: The tier to run on (None: the request's own, for a plain-Celery message without one).
     tier: str | None
-    tenant: str | None
-    priority: int
-    reply_to: str | None
+    #: The producer's completion channel (None: nobody listens for this request).
+    reply_to: str | None = None
     #: The request's fields, when the message came from a plain-Celery producer (no row yet).
     spec: dict[str, Any] | None = None
 
-    def to_kwargs(self) -> dict[str, Any]:
+    def encode(self) -> dict[str, Any]:
         """The keyword arguments a TARS producer publishes (no prompt, no spec)."""
-        return {"v": MESSAGE_VERSION, "request_id": self.request_id, "tier": self.tier, "tenant": self.tenant,
-                "priority": self.priority, "reply_to": self.reply_to}
+        return {"v": MESSAGE_VERSION, "request_id": self.request_id, "tier": self.tier, "reply_to": self.reply_to}
+
+    def kwargsrepr(self) -> str:
+        """What Celery events and Flower show of it: the id and tier, nothing more."""
+        return f"{{'request_id': '{self.request_id}', 'tier': '{self.tier}'}}"
+
+    @classmethod
+    def decode(cls, *, args: tuple | list, kwargs: dict[str, Any], task_id: str | None,
+               delivery_priority: int | None) -> RunRequestMessage:
+        """Read a ``tars.run_request`` message or raise :class:`MalformedMessage` saying why."""
+        return decode(args=args, kwargs=kwargs, task_id=task_id, delivery_priority=delivery_priority)
 
 
 def _excerpt(value: Any) -> str:
@@ -79,7 +92,10 @@ def decode(*, args: tuple | list, kwargs: dict[str, Any], task_id: str | None,
     if not isinstance(kwargs, dict):
         raise MalformedMessage(f"keyword arguments must be a mapping, got {type(kwargs).__name__}")
     if "v" in kwargs:
-        unknown = set(kwargs) - ROUTING_FIELDS
+        fields = _ROUTING_FIELDS_BY_VERSION.get(kwargs["v"]) if isinstance(kwargs["v"], int) else None
+        if fields is None:
+            raise MalformedMessage(f"unknown message layout v={_excerpt(kwargs['v'])}")
+        unknown = set(kwargs) - fields
         if unknown:
             raise MalformedMessage(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         missing = {"request_id", "tier"} - set(kwargs)
@@ -88,15 +104,10 @@ def decode(*, args: tuple | list, kwargs: dict[str, Any], task_id: str | None,
         tier = kwargs["tier"]
         if tier not in TIERS:
             raise MalformedMessage(f"unknown tier {_excerpt(tier)}")
-        priority = kwargs.get("priority")
-        if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
-            raise MalformedMessage(f"priority must be an integer 0..9, got {_excerpt(priority)}")
         reply_to = kwargs.get("reply_to")
         if reply_to is not None and (not isinstance(reply_to, str) or len(reply_to) > 200):
             raise MalformedMessage(f"reply_to must be a channel name, got {_excerpt(reply_to)}")
-        tenant = kwargs.get("tenant")
         return RunRequestMessage(request_id=_request_id(kwargs["request_id"], field="request_id"), tier=tier,
-                                 tenant=tenant if isinstance(tenant, str) else None, priority=priority,
                                  reply_to=reply_to)
     # A plain-Celery producer: the request's own fields (or only the id of a recorded request).
     unknown = set(kwargs) - SPEC_FIELDS - {"request_id", "reply_to"}
@@ -109,10 +120,7 @@ def decode(*, args: tuple | list, kwargs: dict[str, Any], task_id: str | None,
     if spec is not None and "priority" not in spec:
         spec["priority"] = tars_priority(delivery_priority)
     tier = kwargs.get("tier")
-    priority = (spec or {}).get("priority", tars_priority(delivery_priority))
     reply_to = kwargs.get("reply_to")
     return RunRequestMessage(request_id=request_id, tier=tier if tier in TIERS else None,
-                             tenant=kwargs.get("tenant") if isinstance(kwargs.get("tenant"), str) else None,
-                             priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 5,
                              reply_to=reply_to if isinstance(reply_to, str) and len(reply_to) <= 200 else None,
                              spec=spec)

@@ -29,8 +29,9 @@ from sqlalchemy import func, select
 from config.keys import TIERS
 from config.pricing import TOKEN_CLASSES
 from config.settings import Settings
+from tars_tasks.codes import OUTCOMES_UNKNOWN
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
+from tars_tasks.db.models import ApiCall, Request
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,20 @@ def publish_request(
 ) -> None:
     """Send ``tars.run_request`` for a recorded request; the task id is the request id.
 
-    The message carries routing fields only (see :mod:`tars_tasks.messages`); the prompt stays
-    in Postgres. ``argsrepr``/``kwargsrepr`` are set so that events show the id, nothing more.
+    The message carries only what the worker uses (see :mod:`tars_tasks.messages`); the prompt,
+    tenant and priority stay in Postgres (``priority`` still sets the broker priority).
+    ``argsrepr``/``kwargsrepr`` are set so that events show the id, nothing more.
     """
     queue = queue_for_tier(tier)
-    message = RunRequestMessage(request_id=request_id, tier=tier, tenant=tenant, priority=priority,
-                                reply_to=reply_to)
+    message = RunRequestMessage(request_id=request_id, tier=tier, reply_to=reply_to)
     celery_app.send_task(
         TASK_RUN_REQUEST,
-        kwargs=message.to_kwargs(),
+        kwargs=message.encode(),
         task_id=request_id,
         queue=queue,
         routing_key=queue,
         priority=kombu_priority(priority),
         producer=producer,
         argsrepr="()",
-        kwargsrepr=f"{{'request_id': '{request_id}', 'tier': '{tier}'}}",
+        kwargsrepr=message.kwargsrepr(),
     )

@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, lease_prefix, priority_list, queue_for_tier
 from config.pricing import TOKEN_CLASSES
 from config.settings import Settings
+from tars_tasks.codes import OUTCOMES_UNKNOWN
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import OUTCOMES_UNKNOWN, ApiCall, Request
+from tars_tasks.db.models import ApiCall, Request
 from tars_tasks.redis_client import get_redis
 
 

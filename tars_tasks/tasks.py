@@ -22,14 +22,15 @@ def run_request(self, *args, **kwargs) -> str:
     Takes keyword arguments only (see :mod:`tars_tasks.messages`); a message that cannot be run
     is dead-lettered with the reason, not acked silently.
     """
-    from tars_tasks.messages import MalformedMessage, decode
+    from tars_tasks.messages import MalformedMessage, RunRequestMessage
     from workers.agent import DEAD_LETTERED, get_agent
 
     req = self.request
     info = req.delivery_info or {}
     agent = get_agent()
     try:
-        message = decode(args=args, kwargs=kwargs, task_id=req.id, delivery_priority=info.get("priority"))
+        message = RunRequestMessage.decode(args=args, kwargs=kwargs, task_id=req.id,
+                                           delivery_priority=info.get("priority"))
     except MalformedMessage as exc:
         agent.dead_letter(reason="malformed_message", detail=f"task id {req.id}: {exc}",
                           queue=info.get("routing_key"))

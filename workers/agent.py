@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,8 +35,9 @@ from config.catalog import Catalog, ModelSpec, load_catalog
 from config.keys import deliveries_key, quarantine_key
 from config.settings import Settings, get_settings
 from tars_tasks.broker import leases
+from tars_tasks.codes import TERMINAL_STATUSES, FailureReason, RequestStatus
 from tars_tasks.db.engine import get_engine
-from tars_tasks.db.models import STATUS_FAILED, STATUS_QUEUED, TERMINAL_STATUSES, DeadLetter, Request
+from tars_tasks.db.models import DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import InvalidRequest
 from tars_tasks.messages import MalformedMessage, RunRequestMessage
@@ -48,6 +48,7 @@ from workers.loader import RequestLoader, RequestRow
 from workers.providers import Provider
 from workers.providers.request import ModelRequest
 from workers.quarantine import CallGate
+from workers.records import AttemptRecord, FinishRecord
 from workers.writer import GroupCommitWriter, storable
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ log = logging.getLogger(__name__)
 #: How long a poison counter outlives the last delivery.
 DELIVERY_COUNTER_TTL_S = 7 * 24 * 3600
 #: ``failure_reason`` values set here.
-REASON_POISON = "poison"
-REASON_INTERNAL = "internal_error"
+REASON_POISON = FailureReason.POISON
+REASON_INTERNAL = FailureReason.INTERNAL_ERROR
 #: What :meth:`SubAgent.handle` returns for a message it dead-lettered.
 DEAD_LETTERED = "dead_lettered"
 #: Verdicts on a redelivered request (see :mod:`workers.quarantine`).
@@ -65,29 +66,6 @@ SUSPICION_NONE, SUSPICION_SUSPECT, SUSPICION_POISON = "none", "suspect", "poison
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """The verdict on one request, as the writer's finishing UPDATE takes it."""
-
-    request_id: str
-    status: str
-    tier_used: str
-    model: str
-    worker: str
-    started_at: datetime
-    result: str | None = None
-    error: str | None = None
-    failure_reason: str | None = None
-    stop_reason: str | None = None
-
-    def params(self) -> dict[str, Any]:
-        return {"b_id": self.request_id, "b_status": self.status, "b_result": self.result,
-                "b_error": storable(self.error), "b_failure_reason": self.failure_reason,
-                "b_stop_reason": self.stop_reason,
-                "b_tier_used": self.tier_used, "b_model": self.model, "b_worker": self.worker,
-                "b_started_at": self.started_at, "b_finished_at": _now()}
 
 
 class SubAgent:
@@ -141,11 +119,11 @@ class SubAgent:
         except Exception as exc:
             log.exception("request %s: unexpected error; failing it", message.request_id)
             tier = message.tier or "haiku"
-            self._finish(Finish(request_id=message.request_id, status=STATUS_FAILED, tier_used=tier,
+            self._finish(FinishRecord(request_id=message.request_id, status=RequestStatus.FAILED, tier_used=tier,
                                 model=self.catalog.spec(tier).model, worker=worker, started_at=started,
                                 error=f"{REASON_INTERNAL}: {type(exc).__name__}: {exc}"[:2000],
                                 failure_reason=REASON_INTERNAL), api_rows=[], reply_to=message.reply_to)
-            return STATUS_FAILED
+            return RequestStatus.FAILED
 
     def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime) -> str:
         row = self.loader.get(message.request_id)
@@ -163,19 +141,20 @@ class SubAgent:
         if verdict == SUSPICION_POISON:
             error = (f"{REASON_POISON}: its worker process died while it ran alone, after "
                      f"{self.settings.max_deliveries - 1} redeliveries (max_deliveries={self.settings.max_deliveries})")
-            self._finish(Finish(request_id=row.id, status=STATUS_FAILED, tier_used=tier,
+            self._finish(FinishRecord(request_id=row.id, status=RequestStatus.FAILED, tier_used=tier,
                                 model=self.catalog.spec(tier).model, worker=worker, started_at=started,
                                 error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
-            return STATUS_FAILED
+            return RequestStatus.FAILED
         request = row.model_request()
         if verdict == SUSPICION_SUSPECT:
             result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker)
         else:
             with self.gate.shared():
                 result = self.call_model(request_id=row.id, tier=tier, request=request, worker=worker)
-        self._finish(Finish(request_id=row.id, status=result.status, tier_used=result.tier_used, model=result.model,
-                            worker=worker, started_at=started, result=result.text, error=result.error,
-                            failure_reason=result.failure_reason, stop_reason=result.stop_reason),
+        self._finish(FinishRecord(request_id=row.id, status=result.status, tier_used=result.tier_used,
+                                  model=result.model, worker=worker, started_at=started, result=result.text,
+                                  error=result.error, failure_reason=result.failure_reason,
+                                  stop_reason=result.stop_reason),
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
 
@@ -183,8 +162,8 @@ class SubAgent:
         """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
         return self.caller.call(request_id=request_id, tier=tier, request=request, worker=worker)
 
-    def _finish(self, finish: Finish, *, api_rows: list[dict[str, Any]], reply_to: str | None) -> None:
-        self.writer.finish(api_rows=api_rows, request=finish.params(), reply_to=reply_to)
+    def _finish(self, finish: FinishRecord, *, api_rows: list[AttemptRecord], reply_to: str | None) -> None:
+        self.writer.finish(api_rows=api_rows, request=finish, reply_to=reply_to)
 
     # --- messages from plain-Celery producers ---------------------------------------------------
 
@@ -208,7 +187,7 @@ class SubAgent:
         with self.engine.begin() as conn:
             stmt = insert_for(conn, Request.__table__).values(
                 id=message.request_id, **request_columns(spec, catalog=self.catalog), tier_requested=r.tier,
-                tier_queued=r.tier, status=STATUS_QUEUED, submitted_at=now, attempts=0, input_tokens=0,
+                tier_queued=r.tier, status=RequestStatus.QUEUED, submitted_at=now, attempts=0, input_tokens=0,
                 output_tokens=0, cost_usd=0,
             ).on_conflict_do_nothing()
             conn.execute(stmt)

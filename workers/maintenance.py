@@ -212,15 +212,16 @@ class LeaseSweeper:
         """In-flight attempts whose worker has no lease: billed, outcome unknown."""
         from sqlalchemy import select, update
 
+        from tars_tasks.codes import AttemptOutcome
         from tars_tasks.db.engine import get_engine
-        from tars_tasks.db.models import OUTCOME_IN_FLIGHT, OUTCOME_UNKNOWN, ApiCall
+        from tars_tasks.db.models import ApiCall
 
         s = self.settings
         api = ApiCall.__table__
         engine = get_engine(s.database_url)
         with engine.connect() as conn:
             workers = [w for w in conn.execute(
-                select(api.c.worker).where(api.c.outcome == OUTCOME_IN_FLIGHT).distinct()).scalars() if w]
+                select(api.c.worker).where(api.c.outcome == AttemptOutcome.IN_FLIGHT).distinct()).scalars() if w]
         if not workers:
             return 0
         pipe = r.pipeline(transaction=False)
@@ -230,8 +231,8 @@ class LeaseSweeper:
         if not dead:
             return 0
         with engine.begin() as conn:
-            n = conn.execute(update(api).where(api.c.outcome == OUTCOME_IN_FLIGHT, api.c.worker.in_(dead))
-                             .values(outcome=OUTCOME_UNKNOWN)).rowcount
+            n = conn.execute(update(api).where(api.c.outcome == AttemptOutcome.IN_FLIGHT, api.c.worker.in_(dead))
+                             .values(outcome=AttemptOutcome.UNKNOWN)).rowcount
         if n:
             log.warning("%d in-flight attempt(s) of dead worker(s) %s marked unknown (billed, outcome unknown)",
                         n, ", ".join(dead))
@@ -275,8 +276,9 @@ class LostRequestReconciler:
         from sqlalchemy import exists, select
 
         from config.keys import UNACKED_KEY, reconcile_lock_key
+        from tars_tasks.codes import AttemptOutcome, RequestStatus
         from tars_tasks.db.engine import get_engine
-        from tars_tasks.db.models import OUTCOME_IN_FLIGHT, STATUS_QUEUED, ApiCall, Request
+        from tars_tasks.db.models import ApiCall, Request
         from tars_tasks.publish import publish_request
         from tars_tasks.redis_client import get_redis
         from tars_tasks.status import queue_depths
@@ -290,8 +292,8 @@ class LostRequestReconciler:
         with get_engine(s.database_url).connect() as conn:
             rows = conn.execute(
                 select(req.id, req.tier_requested, req.tier_queued, req.tenant, req.priority)
-                .where(req.status == STATUS_QUEUED, req.submitted_at < cutoff,
-                       ~exists().where(api.request_id == req.id, api.outcome == OUTCOME_IN_FLIGHT))
+                .where(req.status == RequestStatus.QUEUED, req.submitted_at < cutoff,
+                       ~exists().where(api.request_id == req.id, api.outcome == AttemptOutcome.IN_FLIGHT))
                 .limit(self.BATCH_MAX)
             ).all()
         if not rows:

@@ -49,16 +49,18 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 
 from config.pricing import TOKEN_CLASSES
+from tars_tasks.codes import FailureReason, RequestStatus
 from tars_tasks.db.errors import describe, is_transient
-from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, ApiCall, DeadLetter, Request
+from tars_tasks.db.models import ApiCall, DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.notify import Notice, Notifier
+from workers.records import AttemptRecord, FinishRecord
 
 log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S = 0.1
 #: ``failure_reason`` of a request whose rows the database refused.
-REASON_UNWRITABLE = "unwritable"
+REASON_UNWRITABLE = FailureReason.UNWRITABLE
 
 _api = ApiCall.__table__
 _req = Request.__table__
@@ -82,8 +84,8 @@ def storable(text: str | None) -> str | None:
 
 @dataclass(slots=True)
 class _Entry:
-    api_rows: list[dict[str, Any]]
-    finish: dict[str, Any] | None = None
+    api_rows: list[AttemptRecord]
+    finish: FinishRecord | None = None
     reply_to: str | None = None
     done: threading.Event | None = None
     error: BaseException | None = field(default=None)
@@ -96,10 +98,10 @@ def _finish_stmt():
         .where(
             _req.c.id == bindparam("b_id"),
             or_(
-                _req.c.status == STATUS_QUEUED,
+                _req.c.status == RequestStatus.QUEUED,
                 # marked failed because its publish raised, yet it reached a worker: it was queued
-                and_(_req.c.status == STATUS_FAILED, _req.c.started_at.is_(None),
-                     _req.c.failure_reason == ENQUEUE_FAILED),
+                and_(_req.c.status == RequestStatus.FAILED, _req.c.started_at.is_(None),
+                     _req.c.failure_reason == FailureReason.ENQUEUE_FAILED),
             ),
         )
         .values(
@@ -115,6 +117,14 @@ def _finish_stmt():
             finished_at=bindparam("b_finished_at"),
         )
     )
+
+
+def _finish_params(f: FinishRecord) -> dict[str, Any]:
+    """The finishing UPDATE's parameters (the only place that knows its bind names)."""
+    return {"b_id": f.request_id, "b_status": str(f.status), "b_result": f.result, "b_error": storable(f.error),
+            "b_failure_reason": None if f.failure_reason is None else str(f.failure_reason),
+            "b_stop_reason": f.stop_reason, "b_tier_used": f.tier_used, "b_model": f.model, "b_worker": f.worker,
+            "b_started_at": f.started_at, "b_finished_at": f.finished_at}
 
 
 def _totals_stmt():
@@ -166,24 +176,24 @@ class GroupCommitWriter:
 
     # --- task side -----------------------------------------------------------------------------
 
-    def record(self, api_rows: list[dict[str, Any]], *, wait: bool = True, timeout: float | None = None) -> None:
+    def record(self, api_rows: list[AttemptRecord], *, wait: bool = True, timeout: float | None = None) -> None:
         """Write attempt rows (an attempt about to start) and, by default, block until durable.
 
         Waiting is what makes "every call a provider could bill has a row" true even when the
         worker is killed the instant the call goes out: the row is committed before the call.
         Raises :class:`UnwritableRow` if the database refused the rows permanently.
         """
-        entry = _Entry(api_rows=api_rows, done=threading.Event() if wait else None)
+        entry = _Entry(api_rows=list(api_rows), done=threading.Event() if wait else None)
         self._q.put(entry)
         if wait:
             self._wait(entry, timeout)
 
     def finish(
-        self, *, api_rows: list[dict[str, Any]], request: dict[str, Any], reply_to: str | None,
+        self, *, api_rows: list[AttemptRecord], request: FinishRecord, reply_to: str | None,
         timeout: float | None = None,
     ) -> None:
         """Queue the final rows of a request and block until they are committed (or isolated)."""
-        entry = _Entry(api_rows=api_rows, finish=request, reply_to=reply_to, done=threading.Event())
+        entry = _Entry(api_rows=list(api_rows), finish=request, reply_to=reply_to, done=threading.Event())
         self._q.put(entry)
         self._wait(entry, timeout)
 
@@ -261,7 +271,7 @@ class GroupCommitWriter:
         notices: dict[str, list[Notice]] = defaultdict(list)
         for e in batch:
             if e.finish is not None and e.reply_to:
-                notices[e.reply_to].append((e.finish["b_id"], e.finish["b_status"]))
+                notices[e.reply_to].append((e.finish.request_id, str(e.finish.status)))
             if e.done is not None:
                 e.done.set()
         if notices and self.notifier is not None:
@@ -304,12 +314,14 @@ class GroupCommitWriter:
         """One entry the database refuses: finish its request failed with the reason, or dead-letter it."""
         self.isolated += 1
         reason = describe(error)
-        request_id = (entry.finish or {}).get("b_id") or next((r.get("request_id") for r in entry.api_rows), None)
+        request_id = (entry.finish.request_id if entry.finish is not None
+                      else next((r.request_id for r in entry.api_rows), None))
         log.error("rows of request %s cannot be written (%s); isolating them", request_id, reason)
         if entry.finish is not None:
-            failed = dict(entry.finish, b_status=STATUS_FAILED, b_result=None, b_failure_reason=REASON_UNWRITABLE,
-                          b_error=storable(f"{REASON_UNWRITABLE}: the database refused this request's rows: {reason}"))
-            rows = [dict(r, error=storable(r.get("error"))) for r in entry.api_rows]
+            failed = entry.finish.replace(
+                status=RequestStatus.FAILED, result=None, failure_reason=REASON_UNWRITABLE,
+                error=storable(f"{REASON_UNWRITABLE}: the database refused this request's rows: {reason}"))
+            rows = [r.replace(error=storable(r.error)) for r in entry.api_rows]
             salvage = _Entry(api_rows=rows, finish=failed, reply_to=entry.reply_to)
             if self._commit_retrying([salvage]) is None:
                 entry.finish = failed
@@ -337,10 +349,10 @@ class GroupCommitWriter:
         api_rows: dict[str, dict[str, Any]] = {}
         finishes: list[dict[str, Any]] = []
         for e in batch:
-            for row in e.api_rows:
-                api_rows[row["id"]] = row  # a later version of the same attempt wins
+            for rec in e.api_rows:
+                api_rows[rec.id] = rec.columns()  # a later version of the same attempt wins
             if e.finish is not None:
-                finishes.append(e.finish)
+                finishes.append(_finish_params(e.finish))
         ids = sorted({r["request_id"] for r in api_rows.values()} | {f["b_id"] for f in finishes})
         with self.engine.begin() as conn:
             if ids:

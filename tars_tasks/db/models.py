@@ -26,27 +26,25 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tars_tasks.codes import OUTCOMES_UNKNOWN as _OUTCOMES_UNKNOWN
+from tars_tasks.codes import TERMINAL_STATUSES as _TERMINAL_STATUSES
+from tars_tasks.codes import AttemptOutcome, FailureReason, RequestStatus
+
 # Postgres gets exact decimals; 6 decimal places cover a single token of the cheapest model.
 USD = Numeric(18, 9)
 
-STATUS_QUEUED = "queued"
-STATUS_SUCCEEDED = "succeeded"
-STATUS_FAILED = "failed"
-#: api_calls.outcome of an attempt recorded before the call and not (yet) finished.
-OUTCOME_IN_FLIGHT = "in_flight"
-#: api_calls.outcome of an attempt whose worker died during the call: the provider may have
-#: served (and billed) it; the row keeps the input tokens and their cost known when it was sent.
-OUTCOME_UNKNOWN = "unknown"
-#: Attempts that are billed, outcome unknown (counted as such in status, metrics, reports).
-OUTCOMES_UNKNOWN = (OUTCOME_IN_FLIGHT, OUTCOME_UNKNOWN)
-OUTCOME_OK = "ok"
-#: api_calls.outcome of an attempt that was recorded but never sent (its rate-limit slot came too
-#: late and no new one came within the retry budget): not billed.
-OUTCOME_NOT_SENT = "not_sent"
-TERMINAL_STATUSES = (STATUS_SUCCEEDED, STATUS_FAILED)
-#: ``requests.failure_reason`` (and prefix of ``error``) of a request whose publish failed
-#: (the producer was told).
-ENQUEUE_FAILED = "enqueue failed"
+# The codes of status, outcome and failure_reason are tars_tasks.codes' enums; these names stay
+# as aliases for code written against them (compare with the enums).
+STATUS_QUEUED = RequestStatus.QUEUED
+STATUS_SUCCEEDED = RequestStatus.SUCCEEDED
+STATUS_FAILED = RequestStatus.FAILED
+TERMINAL_STATUSES = _TERMINAL_STATUSES
+OUTCOME_IN_FLIGHT = AttemptOutcome.IN_FLIGHT
+OUTCOME_UNKNOWN = AttemptOutcome.UNKNOWN
+OUTCOME_OK = AttemptOutcome.OK
+OUTCOME_NOT_SENT = AttemptOutcome.NOT_SENT
+OUTCOMES_UNKNOWN = _OUTCOMES_UNKNOWN
+ENQUEUE_FAILED = FailureReason.ENQUEUE_FAILED
 
 
 class Base(DeclarativeBase):

@@ -128,6 +128,7 @@ class Sim:
 
 def _row(rid: str, *, status: str, submitted: float, started: float, finished: float, calls: list[Call]) -> DbRow:
     row = DbRow(id=rid, status=status, error=None if status == "succeeded" else "transient_error after 4 attempt(s)",
+                failure_reason=None if status == "succeeded" else "transient_error",
                 tier_requested="sonnet", tier_used=calls[-1].tier if calls else None, worker="w1@sim",
                 attempts=len(calls), input_tokens=sum(c.input_tokens for c in calls),
                 output_tokens=sum(c.output_tokens for c in calls),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from loadgen import metrics, samplers
-from loadgen.records import CallRow, RequestRecord, failure_reason
+from loadgen.records import CallRow, DbRow, RequestRecord, failure_reason, join
 
 
 def _rec(i, origin, latency, *, status="succeeded", service=None, wait=0.0, worker="w1", tier="haiku", rl_ms=0.0,
@@ -79,10 +79,19 @@ def test_fallbacks_cost_and_worker_shares_are_counted_per_request():
     assert agg["workers"]["jain_index"] == pytest.approx(1.0)
 
 
-def test_a_failure_reason_is_the_outcome_before_the_attempt_count():
-    assert failure_reason("transient_error after 4 attempt(s): simulated overloaded") == "transient_error"
-    assert failure_reason("poison: redelivered 5 times") == "poison"
-    assert failure_reason(None) == "unknown"
+def test_a_failure_reason_is_the_rows_failure_reason_column_never_its_error_text():
+    def row(rid, *, error, code):
+        return DbRow(id=rid, status="failed", error=error, failure_reason=code, tier_requested="sonnet",
+                     tier_used="sonnet", worker="w", attempts=1, input_tokens=0, output_tokens=0, cost_usd=Decimal(0),
+                     submitted_at=1.0, started_at=1.0, finished_at=2.0)
+
+    rows = {"a": row("a", error="transient_error after 4 attempt(s): simulated overloaded", code="transient_error"),
+            # the text says one thing, the column another: the column wins
+            "b": row("b", error="rate_limited after 4 attempt(s) on tier haiku: 429", code="circuit_open"),
+            "c": row("c", error="poison: redelivered 5 times", code=None)}
+    recs = {r.id: r for r in join(samples=[], rows=rows, origin="intended_at", ended_at=3.0)}
+    assert {k: r.reason for k, r in recs.items()} == {"a": "transient_error", "b": "circuit_open", "c": "unknown"}
+    assert failure_reason(None) == "unknown" and failure_reason("poison") == "poison"
 
 
 def _series(slope_mib_per_min, seconds=120, noise=0.5, seed=0):

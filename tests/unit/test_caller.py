@@ -41,7 +41,7 @@ class ScriptedProvider:
 
 class ListWriter:
     def __init__(self) -> None:
-        self.recorded: list[dict] = []
+        self.recorded: list = []
 
     def record(self, api_rows):
         self.recorded.extend(api_rows)
@@ -71,8 +71,8 @@ def test_a_success_is_one_completed_row_written_in_flight_first(make_caller):
     caller, _provider, _ = make_caller({})
     out = _call(caller)
     assert out.status == "succeeded" and out.tier_used == "sonnet"
-    assert [r["outcome"] for r in caller.writer.recorded] == ["in_flight"]
-    assert [r["outcome"] for r in out.api_rows] == ["ok"] and out.api_rows[0]["cost_usd"] > 0
+    assert [r.outcome for r in caller.writer.recorded] == ["in_flight"]
+    assert [r.outcome for r in out.api_rows] == ["ok"] and out.api_rows[0].cost_usd > 0
 
 
 def test_transient_errors_are_retried_each_attempt_its_own_row(make_caller):
@@ -80,8 +80,8 @@ def test_transient_errors_are_retried_each_attempt_its_own_row(make_caller):
     provider.script["sonnet"] = deque([TransientProviderError("500", status_code=500)])
     out = _call(caller)
     assert out.status == "succeeded"
-    assert [r["attempt"] for r in out.api_rows] == [1, 2]
-    assert [r["outcome"] for r in out.api_rows] == ["transient_error", "ok"]
+    assert [r.attempt for r in out.api_rows] == [1, 2]
+    assert [r.outcome for r in out.api_rows] == ["transient_error", "ok"]
 
 
 @pytest.mark.parametrize("exc", [PermanentProviderError("400", status_code=400), ContextTooLong("too long")])
@@ -105,7 +105,7 @@ def test_an_open_breaker_falls_back_to_the_fallback_tier_and_records_it(make_cal
     caller, provider, _ = make_caller({"sonnet": fail})
     out = _call(caller)  # two failures trip the breaker (threshold 2); attempt 3 is refused
     assert out.status == "succeeded" and out.tier_used == "haiku"
-    assert [r["tier"] for r in out.api_rows] == ["sonnet", "sonnet", "haiku"]
+    assert [r.tier for r in out.api_rows] == ["sonnet", "sonnet", "haiku"]
     assert provider.calls == ["sonnet", "sonnet", "haiku"]
 
 
@@ -160,7 +160,7 @@ def test_rate_limiter_waits_are_recorded_on_the_rows(make_caller):
 
     limiter.reserve = reserve_with_a_wait
     outs = [_call(caller, tier="opus") for _ in range(3)]
-    waits = [o.api_rows[0]["ratelimit_wait_ms"] for o in outs]
+    waits = [o.api_rows[0].ratelimit_wait_ms for o in outs]
     # lower bounds only: the machine is shared, an upper bound would be a wall-clock assert
     assert waits[0] >= 0 and waits[1] >= 50 and waits[2] >= 100, waits
 
@@ -207,7 +207,7 @@ def test_a_slot_that_went_stale_while_the_attempt_row_was_committed_is_taken_aga
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]
     # the first slot (due at once) passed during the 120 ms commit (tolerance 50 ms): a fresh one taken
     assert asked == ["reserve", "acquire"]
-    assert [r["outcome"] for r in outcome.api_rows] == ["ok"]
+    assert [r.outcome for r in outcome.api_rows] == ["ok"]
 
 
 def test_the_attempt_row_is_committed_while_the_slot_comes_due(make_caller):
@@ -229,7 +229,7 @@ def test_the_attempt_row_is_committed_while_the_slot_comes_due(make_caller):
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]
     # the commit ran inside the 1 s wait: the slot was used, not given up for a second one
     assert asked == ["reserve"] and limiter.late_slots == 0
-    assert outcome.api_rows[0]["ratelimit_wait_ms"] >= 1000
+    assert outcome.api_rows[0].ratelimit_wait_ms >= 1000
 
 
 def test_an_attempt_recorded_but_never_sent_is_not_billed(make_caller):
@@ -240,5 +240,5 @@ def test_an_attempt_recorded_but_never_sent_is_not_billed(make_caller):
                           request=ModelRequest.from_prompt("hello"), worker="w")
     assert asked[:2] == ["reserve", "acquire"]
     first = outcome.api_rows[0]
-    assert first["outcome"] == "not_sent" and first["input_tokens"] == 0 and first["cost_usd"] == 0
+    assert first.outcome == "not_sent" and first.input_tokens == 0 and first.cost_usd == 0
     assert outcome.status == "succeeded" and provider.calls == ["haiku"]  # the retry went through

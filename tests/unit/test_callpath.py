@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from config.catalog import load_catalog
+from tars_tasks.codes import FailureReason
 from tars_tasks.errors import RateLimited, TransientProviderError
 from tests.helpers import make_settings
 from workers.caller import ModelCaller
@@ -45,10 +46,10 @@ class Scripted:
 
 class Rows:
     def __init__(self) -> None:
-        self.recorded: list[dict] = []
+        self.recorded: list = []
 
     def record(self, api_rows):
-        self.recorded.extend(dict(r) for r in api_rows)
+        self.recorded.extend(api_rows)
 
 
 def make(script=None, *, limiter=True, breaker=True, **settings):
@@ -169,19 +170,19 @@ class Budget(CallStep):
 
     def before_call(self, call: Call) -> None:
         if self._estimate(call) > self.left:
-            call.give_up(reason="budget_exceeded", error="budget_exceeded: nothing left")
+            call.give_up(reason=FailureReason.BUDGET_EXCEEDED, error="budget_exceeded: nothing left")
         else:
             self.left -= self._estimate(call)
 
     def next_move(self, call, attempt, exc):
         if self._estimate(call) > self.left:
-            return GiveUp(reason="budget_exceeded", error="budget_exceeded: no room for another attempt")
+            return GiveUp(reason=FailureReason.BUDGET_EXCEEDED, error="budget_exceeded: no room for another attempt")
         self.left -= self._estimate(call)
         return None
 
     def after_call(self, call: Call, outcome: CallOutcome | None) -> None:
         if outcome is not None:
-            self.settled.append(sum((r["cost_usd"] for r in outcome.api_rows), start=Decimal(0)))
+            self.settled.append(sum((r.cost_usd for r in outcome.api_rows), start=Decimal(0)))
 
 
 def test_a_budget_step_can_refuse_a_call_before_any_attempt_and_settle_after_every_call():
@@ -201,7 +202,7 @@ def test_a_budget_step_first_in_the_path_stops_a_retry_the_budget_has_no_room_fo
     caller.path.add(budget, before=FallbackStep)
     out = call(caller)
     assert out.status == "failed" and out.failure_reason == "budget_exceeded" and provider.calls == ["sonnet"]
-    assert [r["outcome"] for r in out.api_rows] == ["transient_error"] and budget.settled == [0]
+    assert [r.outcome for r in out.api_rows] == ["transient_error"] and budget.settled == [0]
 
 
 class SlotReservedUpstream(CallStep):
@@ -210,15 +211,23 @@ class SlotReservedUpstream(CallStep):
     def before_attempt(self, call: Call, attempt: Attempt) -> None:
         if call.hints.get("slot_reserved") and attempt.try_number == 1:
             attempt.slot_held = True
+            attempt.reserved_tokens = call.hints.get("reserved_tokens")
 
 
 def test_a_pre_reserved_first_slot_is_one_step_before_the_limiter():
     caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]},
                                breaker_failure_threshold=9)
     caller.path.add(SlotReservedUpstream(), before=LimiterStep)
-    out = call(caller, hints={"slot_reserved": True})
+    out = call(caller, hints={"slot_reserved": True, "reserved_tokens": 5000})
     assert out.status == "succeeded" and provider.calls == ["sonnet", "sonnet"]
     assert len(caller.limiter.acquired) == 1  # the retry acquired; the first attempt did not
+    (_, _, retry_reserved), = caller.limiter.acquired
+    # the answered retry corrects its own reservation to the usage (30 tokens); nothing else was charged
+    assert [t for *_, t in caller.limiter.adjusted] == [30 - retry_reserved]
+    answered, _, _ = make()
+    answered.path.add(SlotReservedUpstream(), before=LimiterStep)
+    assert call(answered, hints={"slot_reserved": True, "reserved_tokens": 5000}).status == "succeeded"
+    assert answered.limiter.acquired == [] and [t for *_, t in answered.limiter.adjusted] == [30 - 5000]
     plain, _, _ = make()
     call(plain)
     assert len(plain.limiter.acquired) == 1
@@ -232,9 +241,9 @@ def test_a_tripped_in_memory_breaker_sends_the_request_to_the_fallback_tier():
     caller, provider, _ = make({"sonnet": fail})
     out = call(caller)
     assert out.status == "succeeded" and out.tier_used == "haiku" and provider.calls == ["sonnet", "sonnet", "haiku"]
-    assert [(r["tier"], r["outcome"]) for r in out.api_rows] == [
+    assert [(r.tier, r.outcome) for r in out.api_rows] == [
         ("sonnet", "transient_error"), ("sonnet", "transient_error"), ("haiku", "ok")]
-    assert [r["attempt"] for r in out.api_rows] == [1, 2, 3]
+    assert [r.attempt for r in out.api_rows] == [1, 2, 3]
     assert caller.breaker.state(provider="scripted", model=caller.spec("sonnet").model) == "open"
 
 
@@ -259,8 +268,8 @@ def test_every_attempt_is_recorded_in_flight_with_its_input_estimate_before_it_i
     caller.path.add(Peek())
     out = call(caller)
     (before,) = seen
-    assert before["outcome"] == "in_flight" and before["input_tokens"] > 0 and before["cost_usd"] > 0
-    assert before["id"] == out.api_rows[0]["id"] and out.api_rows[0]["outcome"] == "ok"
+    assert before.outcome == "in_flight" and before.input_tokens > 0 and before.cost_usd > 0
+    assert before.id == out.api_rows[0].id and out.api_rows[0].outcome == "ok"
 
 
 def test_a_call_killed_mid_flight_leaves_its_row_billed_with_the_input_estimate():
@@ -278,7 +287,7 @@ def test_a_call_killed_mid_flight_leaves_its_row_billed_with_the_input_estimate(
     with pytest.raises(Killed):
         call(caller)
     (row,) = caller.writer.recorded
-    assert row["outcome"] == "in_flight" and row["input_tokens"] > 0 and row["cost_usd"] > 0
+    assert row.outcome == "in_flight" and row.input_tokens > 0 and row.cost_usd > 0
     assert ended == [None]  # after_call ran, told the call raised
 
 
@@ -305,7 +314,7 @@ def test_a_stale_slot_is_given_back_and_taken_again_and_if_none_comes_the_row_is
         setattr(caller.limiter, name, ask)
     out = call(caller)
     first = out.api_rows[0]
-    assert first["outcome"] == "not_sent" and first["input_tokens"] == 0 and first["cost_usd"] == 0
+    assert first.outcome == "not_sent" and first.input_tokens == 0 and first.cost_usd == 0
     # reserve, stale → acquire (none) → not sent; retry: reserve, stale → acquire → sent
     assert out.status == "succeeded" and provider.calls == ["sonnet"] and n["asks"] == 4
     assert any(t < 0 for *_, t in caller.limiter.adjusted)  # the stale slot's tokens went back
@@ -364,7 +373,7 @@ def test_a_fleet_limiter_timeout_is_rate_limited_and_retried_without_a_row():
 
     caller.limiter.acquire = once_late
     out = call(caller)
-    assert out.status == "succeeded" and [r["attempt"] for r in out.api_rows] == [1] and provider.calls == ["sonnet"]
+    assert out.status == "succeeded" and [r.attempt for r in out.api_rows] == [1] and provider.calls == ["sonnet"]
 
 
 def test_retry_after_and_the_attempt_cap_come_from_the_tenacity_policy():

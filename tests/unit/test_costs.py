@@ -181,10 +181,10 @@ class UsageProvider:
 
 class Rows:
     def __init__(self) -> None:
-        self.recorded: list[dict] = []
+        self.recorded: list = []
 
     def record(self, api_rows):
-        self.recorded.extend(dict(r) for r in api_rows)
+        self.recorded.extend(api_rows)
 
 
 def test_the_attempt_row_stores_each_class_and_their_exact_cost():
@@ -199,10 +199,10 @@ def test_the_attempt_row_stores_each_class_and_their_exact_cost():
     out = caller.call(request_id="00000000-0000-0000-0000-000000000002", tier="opus", request=request, worker="w")
     assert out.status == "succeeded" and out.stop_reason == "end_turn"
     (row,) = out.api_rows
-    assert {k: row[k] for k in u.columns()} == u.columns()
-    assert row["cost_usd"] == Decimal("0.36")
+    assert {k: getattr(row, k) for k in u.columns()} == u.columns()
+    assert row.cost_usd == Decimal("0.36")
     # the row written before the call: input estimated over the whole request, at the input price
     (before,) = rows.recorded
     whole = len(system) + 1 + 1600 + 1 + 800 + 1 + 400  # the texts joined by newlines
-    assert before["outcome"] == "in_flight" and before["input_tokens"] == -(-whole // 4)
-    assert before["cost_usd"] == Decimal(before["input_tokens"]) * 5 / 10**6
+    assert before.outcome == "in_flight" and before.input_tokens == -(-whole // 4)
+    assert before.cost_usd == Decimal(before.input_tokens) * 5 / 10**6

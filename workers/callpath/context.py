@@ -14,13 +14,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from config.catalog import ModelSpec
-from tars_tasks.db.models import STATUS_FAILED, STATUS_SUCCEEDED
+from tars_tasks.codes import AttemptOutcome, FailureReason, RequestStatus
 from tars_tasks.errors import CircuitOpen, FleetStateUnavailable, ProviderError
 from workers.providers import Completion, Provider
 from workers.providers.request import ModelRequest
+from workers.records import AttemptRecord
 
 #: What a step (or the provider) may raise to end one attempt; anything else is a bug and
 #: propagates (the sub-agent fails the request ``internal_error``).
@@ -37,14 +39,15 @@ def now() -> datetime:
 class CallOutcome:
     """The verdict of one call: always returned, never a raised provider error."""
 
-    status: str
+    status: RequestStatus
     text: str | None
     error: str | None
     tier_used: str
     model: str
-    api_rows: list[dict[str, Any]]
-    #: Short code of why it failed (None when it succeeded).
-    failure_reason: str | None = None
+    #: Every recorded attempt, as its ``api_calls`` row will be.
+    api_rows: list[AttemptRecord]
+    #: Why it failed (None when it succeeded).
+    failure_reason: FailureReason | None = None
     #: Why the model stopped (``end_turn``, ``max_tokens``, ...; None when it failed).
     stop_reason: str | None = None
 
@@ -69,7 +72,7 @@ class UseTier:
 class GiveUp:
     """End the call failed with this reason and error text."""
 
-    reason: str
+    reason: FailureReason
     error: str
 
 
@@ -100,6 +103,9 @@ class Attempt:
     #: The limiter's reservation (:class:`workers.ratelimit.Ticket`) not yet waited for: the
     #: attempt row is committed while the slot comes due, then the send waits for it.
     ticket: Any = None
+    #: Tokens the held slot reserved (None: the call's estimate, :meth:`Call.reserved_tokens`);
+    #: the limiter corrects the reservation from this to the real usage after the answer.
+    reserved_tokens: int | None = None
     #: Seconds spent waiting for rate-limit slots.
     waited_s: float = 0.0
     #: The breaker's leave for this attempt (:class:`workers.breaker.Permit`), if a breaker asked.
@@ -107,11 +113,11 @@ class Attempt:
     completion: Completion | None = None
     error: BaseException | None = None
     # the row's columns
-    outcome: str = "in_flight"
+    outcome: AttemptOutcome = AttemptOutcome.IN_FLIGHT
     http_status: int | None = None
     error_text: str | None = None
     tokens: dict[str, int] = field(default_factory=dict)
-    cost_usd: Any = 0
+    cost_usd: Decimal = Decimal(0)
     latency_ms: float | None = None
     worker: str = ""
     started_at: datetime = field(default_factory=now)
@@ -190,33 +196,33 @@ class Call:
 
     # --- the verdict ---------------------------------------------------------------------------
 
-    def rows(self) -> list[dict[str, Any]]:
-        return [row_of(a, request_id=self.request_id) for a in self.recorded]
+    def rows(self) -> list[AttemptRecord]:
+        return [record_of(a, request_id=self.request_id) for a in self.recorded]
 
     def succeed(self, attempt: Attempt) -> CallOutcome:
         c = attempt.completion
         assert c is not None
-        self.outcome = CallOutcome(status=STATUS_SUCCEEDED, text=c.text, error=None, tier_used=attempt.tier,
+        self.outcome = CallOutcome(status=RequestStatus.SUCCEEDED, text=c.text, error=None, tier_used=attempt.tier,
                                    model=attempt.spec.model, api_rows=self.rows(), stop_reason=c.stop_reason)
         return self.outcome
 
     def answered(self, *, text: str, stop_reason: str | None = None) -> CallOutcome:
         """Succeeded without a provider call of its own (a step answered it: a cached answer)."""
         spec = self.spec or self.requested
-        self.outcome = CallOutcome(status=STATUS_SUCCEEDED, text=text, error=None, tier_used=spec.tier,
+        self.outcome = CallOutcome(status=RequestStatus.SUCCEEDED, text=text, error=None, tier_used=spec.tier,
                                    model=spec.model, api_rows=self.rows(), stop_reason=stop_reason)
         return self.outcome
 
-    def give_up(self, *, reason: str, error: str) -> CallOutcome:
+    def give_up(self, *, reason: FailureReason, error: str) -> CallOutcome:
         spec = self.spec or self.requested
-        self.outcome = CallOutcome(status=STATUS_FAILED, text=None, error=error[:ERROR_MAX_CHARS],
+        self.outcome = CallOutcome(status=RequestStatus.FAILED, text=None, error=error[:ERROR_MAX_CHARS],
                                    tier_used=spec.tier, model=spec.model, api_rows=self.rows(),
                                    failure_reason=reason)
         return self.outcome
 
     def fail(self, exc: BaseException) -> CallOutcome:
         """Failed with ``exc``, no step having another move."""
-        reason = getattr(exc, "outcome", "error")
+        reason = FailureReason.of(exc)
         if isinstance(exc, ProviderError):
             spec = self.spec or self.requested
             n = sum(1 for a in self.recorded if a.tier == spec.tier)
@@ -224,15 +230,15 @@ class Call:
         return self.give_up(reason=reason, error=f"{reason}: {exc}")
 
 
-def row_of(a: Attempt, *, request_id: str) -> dict[str, Any]:
-    """The attempt's ``api_calls`` row."""
-    return {
-        "id": a.id, "request_id": request_id, "attempt": a.number, "tier": a.tier, "provider": a.provider.name,
-        "model": a.spec.model, "outcome": a.outcome, "http_status": a.http_status, "error": a.error_text,
-        "input_tokens": a.tokens.get("input_tokens", 0), "output_tokens": a.tokens.get("output_tokens", 0),
-        "cache_write_tokens": a.tokens.get("cache_write_tokens", 0),
-        "cache_write_1h_tokens": a.tokens.get("cache_write_1h_tokens", 0),
-        "cache_read_tokens": a.tokens.get("cache_read_tokens", 0),
-        "cost_usd": a.cost_usd, "latency_ms": a.latency_ms, "ratelimit_wait_ms": round(a.waited_s * 1000, 3),
-        "worker": a.worker, "started_at": a.started_at, "finished_at": a.finished_at,
-    }
+def record_of(a: Attempt, *, request_id: str) -> AttemptRecord:
+    """The attempt's ``api_calls`` row as it stands."""
+    t = a.tokens
+    return AttemptRecord(
+        id=a.id, request_id=request_id, attempt=a.number, tier=a.tier, provider=a.provider.name,
+        model=a.spec.model, outcome=a.outcome, http_status=a.http_status, error=a.error_text,
+        input_tokens=t.get("input_tokens", 0), output_tokens=t.get("output_tokens", 0),
+        cache_write_tokens=t.get("cache_write_tokens", 0), cache_write_1h_tokens=t.get("cache_write_1h_tokens", 0),
+        cache_read_tokens=t.get("cache_read_tokens", 0), cost_usd=a.cost_usd, latency_ms=a.latency_ms,
+        ratelimit_wait_ms=round(a.waited_s * 1000, 3), worker=a.worker, started_at=a.started_at,
+        finished_at=a.finished_at,
+    )

@@ -9,7 +9,8 @@ would crowd the next window past the limit — and a fresh one taken.
 An unreachable limiter Redis is retried with backoff within the tier's retry budget, then the
 attempt fails :class:`FleetStateUnavailable` (no call is ever made without the fleet limit). A
 slot a step before this one already holds (``attempt.slot_held``, e.g. reserved by the
-dispatcher) is not acquired again.
+dispatcher, with ``attempt.reserved_tokens`` its tokens) is not acquired again; its tokens are
+still corrected to the real usage.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class LimiterStep(CallStep):
         # the time the limiter makes this attempt wait: its slot's distance (the commit runs meanwhile)
         attempt.waited_s += max(ticket.due, t0) - t0
         attempt.ticket, attempt.slot_held, attempt.slot_at = ticket, True, ticket.due
+        attempt.reserved_tokens = call.reserved_tokens(attempt.spec)
 
     def before_send(self, call: Call, attempt: Attempt) -> None:
         if attempt.ticket is not None:
@@ -78,17 +80,18 @@ class LimiterStep(CallStep):
             # tokens back; the request slot is spent (only lowers the rate).
             spec = attempt.spec
             self.limiter.adjust_tokens(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-                                       tokens=-call.reserved_tokens(spec), defer=True)
-        attempt.slot_held, attempt.slot_at = False, None
+                                       tokens=-_reserved(call, attempt), defer=True)
+        attempt.slot_held, attempt.slot_at, attempt.reserved_tokens = False, None, None
         attempt.waited_s += self._acquire(call, attempt)  # raises: recorded, never sent
         attempt.slot_held, attempt.slot_at = True, time.monotonic()
+        attempt.reserved_tokens = call.reserved_tokens(attempt.spec)
 
     def after_attempt(self, call: Call, attempt: Attempt) -> None:
         c = attempt.completion
         assert c is not None
         spec = attempt.spec
         self.limiter.adjust_tokens(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-                                   tokens=c.usage.total_tokens - call.reserved_tokens(spec), defer=True)
+                                   tokens=c.usage.total_tokens - _reserved(call, attempt), defer=True)
 
     def _acquire(self, call: Call, attempt: Attempt) -> float:
         """Wait for capacity until the tier's deadline; an unreachable Redis is retried with backoff."""
@@ -117,6 +120,11 @@ class LimiterStep(CallStep):
                 log.warning("fleet rate limiter unreachable (%s); retrying in %.1fs", exc, delay)
                 call.sleep(delay)
                 delay = min(delay * 2, FLEET_STATE_RETRY_MAX_S)
+
+
+def _reserved(call: Call, attempt: Attempt) -> int:
+    """What the attempt's slot reserved: its own figure if a step set one, else the call's estimate."""
+    return attempt.reserved_tokens if attempt.reserved_tokens is not None else call.reserved_tokens(attempt.spec)
 
 
 def _limits(spec) -> LimitSpec:

@@ -103,12 +103,14 @@ def test_a_crash_between_commit_and_publish_is_covered_by_the_reconciler(fleet_e
     writer = GroupCommitWriter(engine=db, notifier=None, on_finished=store.on_finished)
     from datetime import UTC, datetime
 
+    from tars_tasks.codes import RequestStatus
+    from workers.records import FinishRecord
+
     now = datetime.now(UTC)
     for rid in ids:
-        writer.finish(api_rows=[], request={
-            "b_id": rid, "b_status": "succeeded", "b_result": "notes", "b_error": None, "b_failure_reason": None,
-            "b_stop_reason": "end_turn", "b_tier_used": "haiku", "b_model": "m", "b_worker": "test",
-            "b_started_at": now, "b_finished_at": now}, reply_to=None)
+        writer.finish(api_rows=[], request=FinishRecord(
+            request_id=rid, status=RequestStatus.SUCCEEDED, result="notes", stop_reason="end_turn",
+            tier_used="haiku", model="m", worker="test", started_at=now, finished_at=now), reply_to=None)
     writer.close()
     assert _scalar(db, "SELECT count(*) FROM job_steps WHERE step = 'write'") == 1
     # drain the researchers' own messages (already finished: re-announced, not run) and the writer's is lost

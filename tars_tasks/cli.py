@@ -18,7 +18,7 @@ from tars_tasks.errors import ConfigurationError, TarsError
 PLUGIN_COMMANDS = {
     "loadgen": "loadgen.cli:loadgen",
     "fleet": "tars_tasks.fleet_cli:fleet",
-    "mock-llm": "workers.mock_llm.cli:mock_llm",
+    "mock-llm": "loadgen.mock_llm.cli:mock_llm",
     "metrics": "tars_tasks.metrics_cli:metrics",
     "dead-letter": "tars_tasks.dead_letter_cli:dead_letter",
     "flower": "tars_tasks.flower_cli:flower",

@@ -57,9 +57,9 @@ def default_state_dir() -> Path:
 
 
 def mock_llm_available() -> bool:
-    """The mock LLM server is optional: started only where ``workers.mock_llm`` exists."""
+    """The mock LLM server is optional: started only where ``loadgen.mock_llm`` exists."""
     try:
-        return find_spec("workers.mock_llm") is not None
+        return find_spec("loadgen.mock_llm") is not None
     except (ImportError, ValueError):
         return False
 
@@ -115,7 +115,7 @@ def plan_fleet(
     if mock_llm is None:
         mock_llm = mock_llm_available()
     elif mock_llm and not mock_llm_available():
-        raise ConfigurationError("the mock LLM server (workers.mock_llm) is not installed")
+        raise ConfigurationError("the mock LLM server (loadgen.mock_llm) is not installed")
 
     specs: list[ProcessSpec] = []
     loopback = LOCAL_HOST if host in ("0.0.0.0", "") else host

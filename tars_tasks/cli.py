@@ -128,20 +128,22 @@ def db_upgrade(revision: str) -> None:
     """Create or migrate the schema."""
     import migrations
     from config.settings import get_settings
+    from tars_tasks.db.engine import get_engine
     from tars_tasks.embedded import database_path
 
     settings = get_settings()
     url = settings.database_url
     migrations.upgrade(url, revision)
-    click.echo(f"database {database_path(settings)} at revision {migrations.current(url)}")
+    click.echo(f"database {database_path(settings)} at revision {migrations.current(get_engine(url))}")
 
 
 @db.command("current")
 def db_current() -> None:
     import migrations
     from config.settings import get_settings
+    from tars_tasks.db.engine import get_engine
 
-    click.echo(migrations.current(get_settings().database_url) or "(empty)")
+    click.echo(migrations.current(get_engine(get_settings().database_url)) or "(empty)")
 
 
 @db.command("downgrade")

@@ -77,7 +77,8 @@ def test_every_module_is_in_exactly_one_layer():
 def test_the_facade_imports_only_the_floor_eagerly():
     """``tars_tasks/__init__.py``: module-level imports of errors and schemas only (not the app)."""
     tree = ast.parse((ROOT / "tars_tasks" / "__init__.py").read_text())
-    eager = {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith(PACKAGES)}
+    eager = {n.module for n in tree.body
+             if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith(PACKAGES)}
     assert eager <= {"tars_tasks.errors", "tars_tasks.schemas"}, eager
 
 

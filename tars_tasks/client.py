@@ -140,7 +140,7 @@ class TarsClient:
         model = (("system", system), ("messages", messages), ("max_tokens", max_tokens),
                  ("temperature", temperature), ("stop", stop), ("response_format", response_format),
                  ("metadata", metadata))
-        spec = {name: value for name, value in given if value is not REQUIRED}
+        spec: dict[str, Any] = {name: value for name, value in given if value is not REQUIRED}
         spec.update((name, value) for name, value in model if value is not None)
         return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]
 

@@ -50,7 +50,7 @@ def test_a_users_typed_code_gets_exactly_its_mistakes_reported(tmp_path):
     path = tmp_path / "user_code.py"
     path.write_text(USER_CODE)
     res = _mypy("--follow-imports=silent", str(path))
-    flagged = {int(m.group(1)) for m in re.finditer(rf"{re.escape(str(path))}:(\d+): error", res.stdout)}
+    flagged = {int(m.group(1)) for m in re.finditer(r"user_code\.py:(\d+): error", res.stdout)}
     expected = {i for i, line in enumerate(USER_CODE.splitlines(), 1) if line.endswith("# BAD")}
     assert flagged == expected, res.stdout
 

@@ -12,8 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 EMBEDDED_BROKER_URL = "memory://"
 
@@ -242,6 +242,31 @@ class Settings(BaseSettings):
         return None
 
 
+def describe_settings_error(exc: Exception) -> str:
+    """One line naming the ``TARS_*`` setting that is wrong and why (never its value: it may be a secret)."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    if not errors:
+        return f"invalid settings: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    first = errors[0]
+    loc = ".".join(str(x) for x in first.get("loc") or ())
+    msg = str(first.get("msg") or "invalid").removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if loc:
+        return f"invalid setting TARS_{loc.upper()}: {msg}{more}"
+    return f"invalid settings: {msg}{more}"
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """This process's settings, read once from the environment.
+
+    A bad ``TARS_*`` value is a one-line :class:`~tars_tasks.errors.ConfigurationError` naming
+    the setting, raised here — where the settings are first needed — and not at import time.
+    ``Settings(...)`` itself still raises pydantic's ``ValidationError``.
+    """
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as exc:
+        from tars_tasks.errors import ConfigurationError  # the floor layer: imports nothing of TARS
+
+        raise ConfigurationError(describe_settings_error(exc)) from None

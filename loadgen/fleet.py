@@ -2,14 +2,14 @@
 and stops) or external (already running; reached through ``TARS_BROKER_URL``).
 
 Local workers are started with :func:`workers.start.worker_argv`, the one command line of a
-sub-agent pool, and stopped with SIGTERM (warm shutdown) — only the processes started here.
+sub-agent pool, and stopped with SIGTERM (warm shutdown) — only the processes started here —
+by :mod:`tars_tasks.supervisor`, as ``tars fleet up`` and the tests start and stop theirs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,8 +21,8 @@ from typing import Any, Literal, Protocol
 import psutil
 
 from config.keys import TIERS
+from tars_tasks import supervisor
 from tars_tasks.errors import LoadgenError
-from tars_tasks.fleet import child_setup
 
 FleetMode = Literal["auto", "embedded", "local", "external"]
 READY_TIMEOUT_S = 60.0
@@ -112,9 +112,7 @@ class LocalFleet:
                 argv = worker_argv(tiers=list(TIERS), concurrency=self.concurrency, pool=self.pool, name=name,
                                    loglevel="INFO", events=False)
                 log = self.log_dir / f"{self.name_prefix}{i}.log"
-                with log.open("wb") as fh:
-                    proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                            preexec_fn=child_setup)
+                proc = supervisor.start(argv, env=env, log_path=log)
                 self._procs.append(_Proc(name=name, proc=proc, log=log))
             for p in self._procs:
                 self._wait_ready(p)
@@ -143,15 +141,7 @@ class LocalFleet:
                 + (f"; catalog overrides {dict(self.catalog_overrides)}" if self.catalog_overrides else ""))
 
     def stop(self) -> None:
-        for p in self._procs:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in self._procs:
-            try:
-                p.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.proc.wait(10)
+        supervisor.stop([p.proc for p in self._procs], grace_s=STOP_TIMEOUT_S)
         self._procs.clear()
 
 

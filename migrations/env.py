@@ -1,13 +1,16 @@
+"""Alembic's environment. It imports nothing of the application (see :mod:`migrations`):
+migrations are written by hand, and tests/unit/test_schema_matches_models.py checks that the
+migrated schema is the one ``tars_tasks/db/models.py`` describes."""
+
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import pool
 
-from tars_tasks.db.engine import normalise_url
-from tars_tasks.db.models import Base
+from config.urls import normalise_url
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = None
 
 
 def run_migrations_offline() -> None:

@@ -1,16 +1,18 @@
 """TARS fleet: LLM agent work as a Celery worker fleet.
 
-``celery -A tars_tasks worker -Q tars.haiku`` finds :data:`app` here.
+``celery -A tars_tasks worker -Q tars.haiku`` finds :data:`app` here. Importing this package
+builds no Celery app and reads no setting: :data:`app` is built when first asked for
+(:func:`tars_tasks.celery_app.get_app`), the default client on the first :func:`submit`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tars_tasks.celery_app import app
 from tars_tasks.errors import (
     BrokerUnavailable,
+    ConfigurationError,
     DatabaseUnavailable,
     InvalidRequest,
     Overloaded,
@@ -20,8 +22,14 @@ from tars_tasks.errors import (
 )
 from tars_tasks.schemas import REQUIRED
 
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from tars_tasks.client import RequestHandle, TarsClient
+
 __all__ = [
     "BrokerUnavailable",
+    "ConfigurationError",
     "DatabaseUnavailable",
     "InvalidRequest",
     "Overloaded",
@@ -35,18 +43,24 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "TarsClient":
         from tars_tasks.client import TarsClient
 
         return TarsClient
-    raise AttributeError(name)
+    if name == "app":
+        from tars_tasks.celery_app import get_app
+
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_default_client = None
+app: Celery  # resolved by __getattr__ (built on first use)
+
+_default_client: TarsClient | None = None
 
 
-def _client():
+def _client() -> TarsClient:
     global _default_client
     if _default_client is None:
         from tars_tasks.client import TarsClient
@@ -65,7 +79,7 @@ def submit(
     tier: str | None = None,
     run_id: str | None = None,
     **fields: Any,
-):
+) -> RequestHandle:
     """Submit one request with this process's default :class:`TarsClient`; returns its handle.
 
     Accepts and refuses exactly what :meth:`TarsClient.submit` does (see ``RequestSpec``): the
@@ -75,6 +89,6 @@ def submit(
                             idempotency_key=idempotency_key, tier=tier, run_id=run_id, **fields)
 
 
-def submit_many(requests: Iterable[Any], *, run_id: str | None = None):
+def submit_many(requests: Iterable[Any], *, run_id: str | None = None) -> list[RequestHandle]:
     """Validate all, then record and queue all, with this process's default client."""
     return _client().submit_many(requests, run_id=run_id)

@@ -82,7 +82,7 @@ class QueueDepthGauge:
 
 
 def redis_depth_reader(settings: Settings) -> Callable[[], dict[str, int]]:
-    from tars_tasks.status import queue_depths
+    from tars_tasks.broker.depths import queue_depths
 
     def read() -> dict[str, int]:
         by_tier = queue_depths(settings, timeout_s=settings.client_timeout_s)

@@ -20,6 +20,9 @@ model call that really happened is recorded as its own ``api_calls`` row.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from celery import Celery
 
 from config.keys import (
@@ -40,7 +43,7 @@ from tars_tasks.redis_client import broker_transport_bounds
 #: that second was most of a request's life. Measured: baseline C=1 at 72% of Little's bound.
 EMBEDDED_POLLING_INTERVAL_S = 0.005
 
-__all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "celery_config", "make_app", "redis_priority"]
+__all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "celery_config", "get_app", "make_app", "redis_priority"]
 
 
 
@@ -100,4 +103,28 @@ def make_app(settings: Settings | None = None, *, producer: bool = False) -> Cel
     return celery
 
 
-app = make_app()
+_app: Celery | None = None
+_app_lock = threading.Lock()
+
+
+def get_app() -> Celery:
+    """This process's Celery app (the one ``celery -A tars_tasks`` runs), built on first use.
+
+    Importing this module (or :mod:`tars_tasks`) builds nothing and reads no setting: a bad
+    ``TARS_*`` value surfaces here, as a one-line :class:`~tars_tasks.errors.ConfigurationError`,
+    in the command that needs the app — not in ``tars --help``.
+    """
+    global _app
+    if _app is None:
+        with _app_lock:
+            if _app is None:
+                _app = make_app()
+    return _app
+
+
+def __getattr__(name: str) -> Any:
+    # ``from tars_tasks.celery_app import app`` and Celery's ``-A tars_tasks`` still work: the
+    # attribute is resolved (and the app built) when it is first asked for.
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import select
@@ -31,6 +31,10 @@ from tars_tasks.errors import BrokerUnavailable, RequestNotFound, ResultTimeout
 from tars_tasks.notify import CompletionListener, LocalListener, RedisListener
 from tars_tasks.redis_client import get_redis
 from tars_tasks.schemas import REQUIRED, RequestSpec
+
+if TYPE_CHECKING:
+    from tars_tasks.jobs.handle import JobHandle
+    from tars_tasks.jobs.store import JobStore, JobView
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,7 @@ class TarsClient:
         )
         self.producer_id = uuid.uuid4().hex
         self._listener: CompletionListener | None = None
-        self._jobs = None
+        self._jobs: JobStore | None = None
 
     # --- submit --------------------------------------------------------------------------------
 
@@ -142,7 +146,7 @@ class TarsClient:
         model = (("system", system), ("messages", messages), ("max_tokens", max_tokens),
                  ("temperature", temperature), ("stop", stop), ("response_format", response_format),
                  ("metadata", metadata))
-        spec = {name: value for name, value in given if value is not REQUIRED}
+        spec: dict[str, Any] = {name: value for name, value in given if value is not REQUIRED}
         spec.update((name, value) for name, value in model if value is not None)
         return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]
 
@@ -167,7 +171,7 @@ class TarsClient:
     # --- jobs (tars_tasks.jobs, docs/JOBS.md) ------------------------------------------------
 
     @property
-    def jobs(self):
+    def jobs(self) -> JobStore:
         if self._jobs is None:
             from tars_tasks.jobs.store import JobStore
 
@@ -177,7 +181,7 @@ class TarsClient:
 
     def submit_job(self, *, template: str | Mapping[str, Any], input: Mapping[str, Any],
                    priority: int | str = "normal", tenant: str = "default", idempotency_key: str | None = None,
-                   run_id: str | None = None):
+                   run_id: str | None = None) -> JobHandle:
         """Validate a job (its template against the catalog, its input against the template), record it
         with its first steps and queue them; returns a :class:`~tars_tasks.jobs.handle.JobHandle`.
         Priority and tenant apply to every step. Bad input is :class:`InvalidRequest` before any write."""
@@ -191,16 +195,16 @@ class TarsClient:
                                idempotency_key=idempotency_key, reply_to=channel, run_id=run_id)
         return JobHandle(id=sub.id, created=sub.created, client=self)
 
-    def get_job(self, job_id: str):
+    def get_job(self, job_id: str) -> JobView:
         """The job's status, steps, critical path and rolled-up tokens and cost (:class:`JobView`)."""
         return self.jobs.get(job_id)
 
-    def wait_job(self, job_id: str, *, timeout: float | None = None, poll_interval_s: float = 2.0):
+    def wait_job(self, job_id: str, *, timeout: float | None = None, poll_interval_s: float = 2.0) -> JobView:
         from tars_tasks.jobs.handle import wait_job
 
         return wait_job(self, job_id, timeout=timeout, poll_interval_s=poll_interval_s)
 
-    def cancel_job(self, job_id: str):
+    def cancel_job(self, job_id: str) -> JobView:
         """Stop the job: its queued steps are not run; what running steps spend is still recorded."""
         return self.jobs.cancel(job_id)
 

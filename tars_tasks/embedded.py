@@ -128,6 +128,7 @@ def ensure_schema(settings: Settings) -> None:
     from sqlalchemy.engine import make_url
 
     import migrations
+    from tars_tasks.db.engine import get_engine
 
     if settings.embedded:
         url = make_url(settings.database_url)
@@ -135,7 +136,7 @@ def ensure_schema(settings: Settings) -> None:
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         migrations.upgrade(settings.database_url)
         return
-    current, head = migrations.current(settings.database_url), migrations.head()
+    current, head = migrations.current(get_engine(settings.database_url, settings=settings)), migrations.head()
     if current is None:
         raise ConfigurationError(f"database {database_path(settings)} has no TARS schema: run `tars db upgrade`")
     if current != head:

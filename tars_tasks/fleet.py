@@ -11,6 +11,8 @@ its own, so a stop reaches the whole group and nothing is left behind:
 * a runner killed outright: every child was started with ``PR_SET_PDEATHSIG`` (Linux), so
   the kernel sends it SIGTERM when the runner dies.
 
+Starting and stopping are :mod:`tars_tasks.supervisor`'s, shared with loadgen and the tests.
+
 The runner writes ``fleet.json`` (pids, commands, logs, ports) to its state directory;
 ``tars fleet status`` and ``tars fleet down`` read it.
 """
@@ -18,7 +20,6 @@ The runner writes ``fleet.json`` (pids, commands, logs, ports) to its state dire
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -34,8 +35,11 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from config.keys import TIERS
-from tars_tasks import topology
+from tars_tasks import supervisor, topology
 from tars_tasks.errors import ConfigurationError, TarsError
+from tars_tasks.supervisor import child_setup  # re-exported: tars_tasks.fleet.child_setup
+
+__all__ = ["FleetError", "FleetProcess", "LocalFleet", "ProcessSpec", "child_setup", "plan_fleet"]
 
 STATE_FILE = "fleet.json"
 DEFAULT_READY_TIMEOUT_S = 90.0
@@ -57,9 +61,9 @@ def default_state_dir() -> Path:
 
 
 def mock_llm_available() -> bool:
-    """The mock LLM server is optional: started only where ``workers.mock_llm`` exists."""
+    """The mock LLM server is optional: started only where ``loadgen.mock_llm`` exists."""
     try:
-        return find_spec("workers.mock_llm") is not None
+        return find_spec("loadgen.mock_llm") is not None
     except (ImportError, ValueError):
         return False
 
@@ -115,7 +119,7 @@ def plan_fleet(
     if mock_llm is None:
         mock_llm = mock_llm_available()
     elif mock_llm and not mock_llm_available():
-        raise ConfigurationError("the mock LLM server (workers.mock_llm) is not installed")
+        raise ConfigurationError("the mock LLM server (loadgen.mock_llm) is not installed")
 
     specs: list[ProcessSpec] = []
     loopback = LOCAL_HOST if host in ("0.0.0.0", "") else host
@@ -192,24 +196,6 @@ def _parse_tcp(ready: str) -> tuple[str, int]:
 # --- processes -----------------------------------------------------------------------------
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """New session (own process group); SIGTERM from the kernel if the runner dies.
-
-    Every process TARS starts for someone else — ``tars fleet up``, loadgen's local fleet, the
-    tests' workers — is started with this, so none of them outlives the process that started
-    it (a killed test run or load run left workers consuming the next run's queues).
-    Linux's PDEATHSIG fires when the *thread* that started the child ends: start long-lived
-    children from a thread that lives as long as they should.
-    """
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class FleetProcess:
     spec: ProcessSpec
@@ -217,14 +203,13 @@ class FleetProcess:
     proc: subprocess.Popen | None = None
     ready: bool = False
     exit_code: int | None = None
-    _log_fh: object | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return supervisor.alive(self.proc)
 
     def log_tail(self, n_chars: int = 3000) -> str:
         try:
@@ -248,10 +233,8 @@ class FleetProcess:
         return self.ready
 
     def signal_group(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)  # the child leads its own group (setsid)
+        if self.proc is not None:
+            supervisor.signal_group(self.proc, sig)  # the child leads its own group (setsid)
 
 
 class LocalFleet:
@@ -298,12 +281,8 @@ class LocalFleet:
         self.started_at = time.time()
         try:
             for fp in self.processes:
-                fh = fp.log_path.open("ab")
-                fp._log_fh = fh
-                fp.proc = subprocess.Popen(
-                    list(fp.spec.argv), cwd=self.cwd, env=self.env_for(fp.spec), stdin=subprocess.DEVNULL, stdout=fh,
-                    stderr=subprocess.STDOUT, preexec_fn=child_setup,
-                )
+                fp.proc = supervisor.start(fp.spec.argv, cwd=self.cwd, env=self.env_for(fp.spec),
+                                           log_path=fp.log_path, append=True)
                 self.echo(f"started {fp.spec.name} (pid {fp.pid}): {' '.join(fp.spec.argv)}")
         except BaseException:
             self.stop()
@@ -371,36 +350,27 @@ class LocalFleet:
         self._stopping = True
         workers = [fp for fp in self.processes if fp.spec.tier is not None]
         others = [fp for fp in self.processes if fp.spec.tier is None]
+        by_proc = {id(fp.proc): fp for fp in self.processes if fp.proc is not None}
+
+        def on_kill(proc: subprocess.Popen) -> None:
+            fp = by_proc[id(proc)]
+            self.echo(f"{fp.spec.name} still running after its {fp.spec.stop_timeout_s:.0f}s grace: SIGKILL")
+
         for group in (workers, list(reversed(others))):
-            for fp in group:
-                if fp.alive():
-                    fp.signal_group(signal.SIGTERM)
-            # one deadline per group: N workers in warm shutdown together take one grace, not N
-            deadline = time.monotonic() + max((fp.spec.stop_timeout_s for fp in group), default=0.0)
-            for fp in group:
-                self._reap(fp, deadline=deadline)
-        for fp in self.processes:
-            fp.signal_group(signal.SIGKILL)  # leftovers of a group whose leader already exited
-            if fp._log_fh is not None:
-                fp._log_fh.close()
-                fp._log_fh = None
+            started = [fp for fp in group if fp.proc is not None]
+            # one grace per group: N workers in warm shutdown together take one grace, not N
+            grace_s = max((fp.spec.stop_timeout_s for fp in started), default=0.0)
+            codes = supervisor.stop([fp.proc for fp in started if fp.proc is not None], grace_s=grace_s,
+                                    term_group=True, on_kill=on_kill)
+            for fp, code in zip(started, codes, strict=True):
+                fp.exit_code = code
+                self.echo(f"stopped {fp.spec.name} (exit code {fp.exit_code})")
         self._clear_state()
         return self.exit_codes()
 
     def kill(self) -> None:
         for fp in self.processes:
             fp.signal_group(signal.SIGKILL)
-
-    def _reap(self, fp: FleetProcess, *, deadline: float) -> None:
-        if fp.proc is None:
-            return
-        try:
-            fp.exit_code = fp.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.echo(f"{fp.spec.name} still running after its {fp.spec.stop_timeout_s:.0f}s grace: SIGKILL")
-            fp.signal_group(signal.SIGKILL)
-            fp.exit_code = fp.proc.wait(10)
-        self.echo(f"stopped {fp.spec.name} (exit code {fp.exit_code})")
 
     def exit_codes(self) -> dict[str, int | None]:
         return {fp.spec.name: (fp.proc.poll() if fp.proc else None) for fp in self.processes}

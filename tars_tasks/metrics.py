@@ -172,7 +172,7 @@ class FleetCollector(Collector):
         yield from (requests, api, cost, tokens, wait, waited, unknown)
 
     def _redis_metrics(self) -> Iterator[Metric]:
-        from tars_tasks.status import queue_depths
+        from tars_tasks.broker.depths import queue_depths
 
         depth = GaugeMetricFamily("tars_queue_depth", "Messages waiting, by tier and TARS priority (9 first).",
                                   labels=["tier", "priority"])

@@ -22,7 +22,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from config.catalog import Catalog
-from config.keys import TIERS
+from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS
 from config.request_limits import (
     MESSAGE_ROLES,
     MESSAGES_MAX,
@@ -38,7 +38,6 @@ from config.request_limits import (
     TEMPERATURE_MIN,
     USER_ID_MAX_CHARS,
 )
-from tars_tasks.celery_app import PRIORITY_MAX, PRIORITY_MIN
 from tars_tasks.db.models import Request
 from tars_tasks.errors import InvalidRequest, excerpt, type_name
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, lease_prefix, priority_list, queue_for_tier
+from config.keys import TIERS, lease_prefix, queue_for_tier
 from config.pricing import TOKEN_CLASSES
 from config.settings import Settings
+from tars_tasks.broker.depths import queue_depths  # re-exported: status.queue_depths
 from tars_tasks.codes import OUTCOMES_UNKNOWN
 from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import ApiCall, Request
@@ -38,23 +39,6 @@ class FleetStatus:
         return {"queue_depth": self.queue_depth, "workers": self.workers, "requests": self.requests,
                 "breakers": self.breakers, "worker_health": self.worker_health,
                 "billed_unknown": self.billed_unknown, "usage": self.usage}
-
-
-def queue_depths(settings: Settings, *, timeout_s: float | None = None) -> dict[str, dict[int, int]]:
-    """Messages waiting per tier and TARS priority, read from the *broker* (never the fleet-state
-    Redis, which may be another server: reading it there switched admission control off)."""
-    url = settings.broker_redis_url
-    if not url:
-        return {t: {} for t in TIERS}
-    r = get_redis(url, settings=settings, timeout_s=timeout_s)
-    pipe = r.pipeline(transaction=False)
-    keys = [(t, p) for t in TIERS for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1)]
-    for t, p in keys:
-        pipe.llen(priority_list(queue_for_tier(t), p))
-    out: dict[str, dict[int, int]] = {t: {} for t in TIERS}
-    for (t, p), n in zip(keys, pipe.execute(), strict=True):
-        out[t][p] = int(n)
-    return out
 
 
 def workers_by_tier(celery_app, *, timeout: float = 1.0) -> dict[str, list[str]]:

@@ -13,7 +13,6 @@ Under pytest-xdist (``scripts/test`` runs ``-n``), worker ``gwN`` uses the datab
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 
-from tars_tasks.fleet import child_setup
+from tars_tasks import supervisor
 from tests.helpers import ROOT, WorkerProcess, make_settings
 
 PG_ADMIN_URL = os.environ.get("TARS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -140,9 +139,7 @@ def start_worker(fleet_env, tmp_path) -> Iterator:
                            loglevel="INFO", events=events)
         argv[0] = sys.executable
         log_path = tmp_path / f"worker-{len(started)}.log"
-        with log_path.open("wb") as fh:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
-                                    preexec_fn=child_setup)
+        proc = supervisor.start(argv, cwd=ROOT, env=full_env, log_path=log_path)
         wp = WorkerProcess(proc=proc, log_path=log_path, name=name)
         started.append(wp)
         if wait:

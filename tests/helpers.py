@@ -1,4 +1,8 @@
-"""Helpers for tests: settings from a fleet environment, worker processes, producer processes."""
+"""Helpers for tests: settings from a fleet environment, worker processes, producer processes.
+
+Worker processes are started and stopped by :mod:`tars_tasks.supervisor` (own session, gone
+when the test run dies, SIGTERM then SIGKILL), like ``tars fleet up``'s and loadgen's.
+"""
 
 from __future__ import annotations
 
@@ -52,14 +56,11 @@ class WorkerProcess:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        """SIGTERM (warm shutdown), SIGKILL after ``timeout``; nothing of its group survives."""
+        from tars_tasks import supervisor
+
+        (code,) = supervisor.stop([self.proc], grace_s=timeout)
+        return code
 
 
 def run_producer_script(code: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -276,12 +276,12 @@ class LostRequestReconciler:
         from sqlalchemy import exists, select
 
         from config.keys import UNACKED_KEY, reconcile_lock_key
+        from tars_tasks.broker.depths import queue_depths
         from tars_tasks.codes import AttemptOutcome, RequestStatus
         from tars_tasks.db.engine import get_engine
         from tars_tasks.db.models import ApiCall, Request
         from tars_tasks.publish import publish_request
         from tars_tasks.redis_client import get_redis
-        from tars_tasks.status import queue_depths
 
         s = self.settings
         r = get_redis(s.broker_redis_url)

@@ -33,6 +33,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from config.settings import Settings, get_settings
+from config.urls import normalise_url  # re-exported: tars_tasks.db.engine.normalise_url
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,6 @@ def _until_silent_for(gen, silence_s: float):
             state = gen.send(ready)
     except StopIteration as stop:
         return stop.value
-
-
-def normalise_url(url: str) -> str:
-    """``postgres://`` and ``postgresql://`` become ``postgresql+psycopg://`` (psycopg 3)."""
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://") :]
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
-    return url
 
 
 class BoundedConnection(psycopg.Connection):

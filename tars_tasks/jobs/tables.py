@@ -74,5 +74,5 @@ class JobStep(Base):
     revision: Mapped[int] = mapped_column(Integer)
     request_id: Mapped[str] = mapped_column(String(36))
     #: The fan-out item this instance works on (JSON), None for a step that is not fanned out.
-    item_value: Mapped[Any] = mapped_column(JSON(none_as_null=True))
+    item_value: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

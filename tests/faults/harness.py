@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from tars_tasks.fleet import child_setup
+from tars_tasks.supervisor import child_setup
 from tests.helpers import ROOT, WorkerProcess, make_settings
 
 

@@ -17,6 +17,7 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import text
 
+from tars_tasks import supervisor
 from tests.helpers import ROOT
 from tests.helpers import free_port as helpers_free_port
 
@@ -126,9 +127,7 @@ def ops_fleet(pg_url: str, redis_url: str, tmp_path_factory) -> Iterator[Running
     argv = [sys.executable, "-m", "tars_tasks.cli", "fleet", "up", "--workers", "1", "--concurrency", "50",
             "--no-mock-llm", "--flower-port", str(flower_port), "--metrics-port", str(metrics_port),
             "--stop-timeout-s", "30"]
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+    proc = supervisor.start(argv, cwd=ROOT, env={**os.environ, **env}, log_path=log_path)
     fleet = RunningFleet(proc=proc, env=env, state_dir=state_dir, log_path=log_path, flower_port=flower_port,
                          metrics_port=metrics_port)
     try:

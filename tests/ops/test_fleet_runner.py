@@ -50,7 +50,7 @@ def test_a_runner_killed_with_sigkill_takes_its_workers_down_with_it(fleet_env, 
 
 
 def test_route_to_mock_llm_sends_every_model_call_of_the_local_fleet_to_the_mock_server(fleet_env, tmp_path, db):
-    pytest.importorskip("workers.mock_llm")
+    pytest.importorskip("loadgen.mock_llm")
     from sqlalchemy import text
 
     from tars_tasks.client import TarsClient

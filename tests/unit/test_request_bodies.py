@@ -8,8 +8,8 @@ import json
 
 from config.catalog import ModelSpec
 from config.request_limits import JSON_INSTRUCTION
-from workers.mock_llm.cache import PromptCache
-from workers.mock_llm.wire import Segment
+from loadgen.mock_llm.cache import PromptCache
+from loadgen.mock_llm.wire import Segment
 from workers.providers.anthropic import messages_body
 from workers.providers.openai import chat_body
 from workers.providers.request import ModelRequest

@@ -1,4 +1,4 @@
-"""``tars mock-llm``: run the mock provider on 127.0.0.1 (see :mod:`workers.mock_llm.server`)."""
+"""``tars mock-llm``: run the mock provider on 127.0.0.1 (see :mod:`loadgen.mock_llm.server`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import click
 
-from workers.mock_llm.server import MockConfig, serve
+from loadgen.mock_llm.server import MockConfig, serve
 
 
 @click.command("mock-llm")

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from workers.mock_llm.cache import CacheUsage
-from workers.mock_llm.wire import Parsed
+from loadgen.mock_llm.cache import CacheUsage
+from loadgen.mock_llm.wire import Parsed
 
 WORDS = ("the", "fleet", "answers", "each", "request", "in", "full", "and", "counts", "tokens")
 #: Words per streamed text delta.

@@ -14,18 +14,18 @@ Behaviour (all settable at start and at run time with ``POST /_mock/config``):
   ``limit_status``) and ``Retry-After`` / ``retry-after-ms``;
 * optional API key check (``expected_key``): a wrong key gets 401, with OpenAI's habit of
   echoing a masked key, so redaction is tested against the real thing;
-* each API's request shape checked as the real API checks it (:mod:`workers.mock_llm.wire`:
+* each API's request shape checked as the real API checks it (:mod:`loadgen.mock_llm.wire`:
   unknown fields, ``max_tokens`` required by Anthropic, no ``system`` role in its messages,
   OpenAI's JSON mode needing the word "JSON", ...), so a client sending the wrong shape fails here;
 * the request honoured: ``system`` (a string or text blocks) counted as input, ``max_tokens`` /
   ``max_completion_tokens`` capping the answer (stop reason ``max_tokens`` / ``length``), stop
   sequences ending it, JSON mode answering one JSON object;
-* a prompt cache (:mod:`workers.mock_llm.cache`): Anthropic ``cache_control`` breakpoints write
+* a prompt cache (:mod:`loadgen.mock_llm.cache`): Anthropic ``cache_control`` breakpoints write
   and read the cache, OpenAI prefixes of 1024+ tokens are cached automatically, so usage comes
   back by token class (input, cache writes 5-minute/1-hour, cache reads, output) and the
   counters keep each class apart (``input_tokens`` is the input not cached);
 * streaming (``stream: true``): server-sent events in each API's own format
-  (:mod:`workers.mock_llm.answers`), usage included, so the official SDKs' streaming helpers work.
+  (:mod:`loadgen.mock_llm.answers`), usage included, so the official SDKs' streaming helpers work.
 
 Endpoints: ``POST /v1/messages``, ``POST /v1/chat/completions``, ``GET /_mock/stats``,
 ``GET /_mock/requests`` (the last bodies received, newest last: what a client really sent),
@@ -50,7 +50,7 @@ from typing import Any
 from aiohttp import web
 
 from config.catalog import LatencyProfile
-from workers.mock_llm.answers import (
+from loadgen.mock_llm.answers import (
     Answer,
     anthropic_events,
     anthropic_message,
@@ -59,8 +59,8 @@ from workers.mock_llm.answers import (
     openai_completion,
     sse,
 )
-from workers.mock_llm.cache import CacheUsage, PromptCache
-from workers.mock_llm.wire import WireError, parse_anthropic, parse_openai
+from loadgen.mock_llm.cache import CacheUsage, PromptCache
+from loadgen.mock_llm.wire import WireError, parse_anthropic, parse_openai
 
 PROTOCOL_ANTHROPIC = "anthropic"
 PROTOCOL_OPENAI = "openai"
@@ -103,7 +103,7 @@ class MockConfig:
     #: If set, requests must carry exactly this key (x-api-key / Bearer), else 401.
     expected_key: str | None = None
     seed: int | None = None
-    #: The prompt cache (see :mod:`workers.mock_llm.cache`): on/off, the shortest prefix cached
+    #: The prompt cache (see :mod:`loadgen.mock_llm.cache`): on/off, the shortest prefix cached
     #: (tokens), and the lifetimes of a default (5-minute) and a 1-hour entry, in seconds.
     prompt_cache: bool = True
     cache_min_tokens: int = 1024
@@ -357,7 +357,7 @@ class MockLLM:
 
     async def _stream(self, req: web.Request, protocol: str, model: str, answer: Answer, *,
                       include_usage: bool) -> web.StreamResponse:
-        """The answer as server-sent events in the API's own format (see :mod:`workers.mock_llm.answers`)."""
+        """The answer as server-sent events in the API's own format (see :mod:`loadgen.mock_llm.answers`)."""
         rid = f"req_{uuid.uuid4().hex[:24]}"
         resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
                                            "cache-control": "no-cache",

@@ -11,7 +11,7 @@
   one as ``prompt_tokens_details.cached_tokens`` (part of ``prompt_tokens``). No writes are billed.
 
 Tokens are the mock's estimate (four characters each) of the prompt text as joined by
-:attr:`workers.mock_llm.wire.Parsed.text`, so prefix and whole agree. Entries expire after their
+:attr:`loadgen.mock_llm.wire.Parsed.text`, so prefix and whole agree. Entries expire after their
 lifetime; at most ``max_entries`` are kept (oldest dropped first).
 """
 
@@ -22,7 +22,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from workers.mock_llm.wire import Segment
+from loadgen.mock_llm.wire import Segment
 
 OPENAI_CACHE_STEP_TOKENS = 128
 

@@ -1,0 +1,28 @@
+"""Queue depths: messages waiting per tier and TARS priority, read from the broker's own lists.
+
+Core, not operations: admission control (producer side), the lost-request reconciler (worker
+side) and ``tars status`` (operations) all read them.
+"""
+
+from __future__ import annotations
+
+from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, priority_list, queue_for_tier
+from config.settings import Settings
+from tars_tasks.redis_client import get_redis
+
+
+def queue_depths(settings: Settings, *, timeout_s: float | None = None) -> dict[str, dict[int, int]]:
+    """Messages waiting per tier and TARS priority, read from the *broker* (never the fleet-state
+    Redis, which may be another server: reading it there switched admission control off)."""
+    url = settings.broker_redis_url
+    if not url:
+        return {t: {} for t in TIERS}
+    r = get_redis(url, settings=settings, timeout_s=timeout_s)
+    pipe = r.pipeline(transaction=False)
+    keys = [(t, p) for t in TIERS for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1)]
+    for t, p in keys:
+        pipe.llen(priority_list(queue_for_tier(t), p))
+    out: dict[str, dict[int, int]] = {t: {} for t in TIERS}
+    for (t, p), n in zip(keys, pipe.execute(), strict=True):
+        out[t][p] = int(n)
+    return out

@@ -35,20 +35,19 @@ class InMemoryRateLimiter:
 
     def acquire(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                 deadline_s: float | None = None) -> float:
-        req_s, tok_s = self._intervals(limits)
-        tat = self._tat.setdefault((provider, model), [0.0, 0.0])
         now = self._clock()
-        start = max(now, *tat)
-        if deadline_s is not None and start > deadline_s:
-            raise TimeoutError(f"no {provider}:{model} capacity within the deadline (next slot in {start - now:.1f}s)")
-        tat[0], tat[1] = start + req_s, start + tokens * tok_s
-        self.acquired.append((provider, model, tokens))
-        if start > now:
-            self._sleep(start - now)
-        return start - now
+        ticket = self._book(provider=provider, model=model, limits=limits, tokens=tokens, deadline_s=deadline_s)
+        if ticket.due > now:
+            self._sleep(ticket.due - now)
+        return ticket.due - now
 
     def reserve(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                 deadline_s: float | None = None) -> Ticket:
+        return self._book(provider=provider, model=model, limits=limits, tokens=tokens, deadline_s=deadline_s)
+
+    def _book(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
+              deadline_s: float | None) -> Ticket:
+        """Take the next slot on this limiter's clock (acquire and reserve both book through here)."""
         req_s, tok_s = self._intervals(limits)
         tat = self._tat.setdefault((provider, model), [0.0, 0.0])
         now = self._clock()

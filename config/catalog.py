@@ -108,6 +108,11 @@ class ModelSpec(BaseModel):
     accepts_temperature: bool = True
     latency: LatencyProfile = LatencyProfile()
     failure_rate: float = Field(default=0.01, ge=0, le=1)
+    #: Response cache (tars_tasks/cache.py): seconds an answer of this tier stays cached (0: this
+    #: tier's answers are never cached) ...
+    cache_ttl_s: float = Field(default=3600, ge=0)
+    #: ... and whether tenants share them (False: each tenant sees only its own answers).
+    cache_shared: bool = False
 
     @model_validator(mode="before")
     @classmethod

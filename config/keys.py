@@ -151,3 +151,41 @@ def tenant_limit_prefix(namespace: str) -> str:
 def tenant_ratelimit_key(namespace: str, tenant: str, tier: str | None = None) -> str:
     """GCRA state (same fields as :func:`ratelimit_key`) of a tenant's limit, or of its limit on one tier."""
     return f"{tenant_limit_prefix(namespace)}{tenant}" + (f":{tier}" if tier else "")
+
+
+# --- cost controls (issue 11): response cache, fleet mode, budgets -----------------------------
+
+
+def cache_entry_key(namespace: str, model: str, digest: str) -> str:
+    """One cached answer: ``model`` answered the canonical request ``digest`` (its scope inside)."""
+    return f"{namespace}:cache:e:{model}:{digest}"
+
+
+def cache_index_key(namespace: str) -> str:
+    """Sorted set of every cache entry key by last use (the explicit size bound trims its oldest)."""
+    return f"{namespace}:cache:index"
+
+
+def cache_stats_key(namespace: str) -> str:
+    """Hash of cache counters: hits, misses, fills, evictions."""
+    return f"{namespace}:cache:stats"
+
+
+def fleet_mode_key(namespace: str) -> str:
+    """Hash: the fleet's degradation mode, since when, its transition number, the last signals."""
+    return f"{namespace}:fleetmode"
+
+
+def fleet_mode_lock_key(namespace: str) -> str:
+    """Held by the one process re-deciding the mode (others read the hash)."""
+    return f"{namespace}:fleetmode:lock"
+
+
+def budget_key(namespace: str, tenant: str, period: str) -> str:
+    """Hash of one tenant's budget in one period (``day:2026-12-02``, ``month:2026-12``)."""
+    return f"{namespace}:budget:{tenant}:{period}"
+
+
+def budget_limits_key(namespace: str) -> str:
+    """Hash: ``TENANT:day`` / ``TENANT:month`` -> limit in micro-dollars."""
+    return f"{namespace}:budget:limits"

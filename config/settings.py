@@ -163,6 +163,28 @@ class Settings(BaseSettings):
     #: (a producer that died between reserving and publishing does not hold room forever).
     admission_reservation_ttl_s: float = Field(default=30.0, gt=0)
 
+    # --- cost controls: response cache, fleet mode (tars_tasks/cache.py, tars_tasks/fleetmode.py) --
+    #: Redis of the exact response cache. None: no cache. Give it an instance of its own with
+    #: ``maxmemory`` and ``maxmemory-policy allkeys-lru`` (docker-compose's ``redis-cache``): the
+    #: broker's instance runs ``noeviction`` and must never be filled by cache entries. Whatever the
+    #: instance, TARS bounds the cache itself (``cache_max_entries`` x ``cache_max_entry_bytes``).
+    cache_url: str | None = None
+    #: The explicit bound TARS enforces on the cache: at most this many entries (least recently
+    #: used trimmed first, in the same Redis script that adds one) ...
+    cache_max_entries: int = Field(default=100_000, ge=1)
+    #: ... each at most this many bytes (a larger answer is not cached).
+    cache_max_entry_bytes: int = Field(default=65_536, ge=256)
+    #: Seconds a producer waits for the cache; a cache that does not answer is a miss, never an error.
+    cache_timeout_s: float = Field(default=0.5, gt=0)
+    #: The fleet mode is re-decided at most this often (by one process at a time, under a lock),
+    #: and a producer re-reads it at most this often.
+    mode_interval_s: float = Field(default=1.0, gt=0)
+    #: Hysteresis: a mode is left downward only when load falls below its trigger minus this margin
+    #: (60% -> leave high load below 50%; 85% -> leave critical below 75%) ...
+    mode_leave_margin: float = Field(default=0.10, ge=0, lt=0.6)
+    #: ... and only after the mode has lasted at least this long (upward moves are immediate).
+    mode_min_dwell_s: float = Field(default=10.0, ge=0)
+
     # --- simulated provider overrides (benchmarks, tests) -----------------------------------
     #: "uniform:LOW_MS:HIGH_MS" or "fixed:MS"; replaces every tier's latency profile.
     sim_latency: str | None = None

@@ -64,6 +64,12 @@ class RequestResult:
     cache_read_tokens: int = 0
     #: The producer's own labels, as submitted.
     metadata: dict[str, str] | None = None
+    #: How it was answered: ``exact`` (the response cache, at submit) or ``model``; None until it succeeded.
+    answered_by: str | None = None
+    #: What a cache hit saved (the cost of the call that filled the entry); $0 for a model answer.
+    saved_usd: Decimal = Decimal(0)
+    #: The fleet's degradation mode when the request was admitted.
+    served_mode: str | None = None
 
     @property
     def done(self) -> bool:
@@ -133,6 +139,7 @@ class TarsClient:
         stop: str | Sequence[str] | None = None,
         response_format: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        cache: bool | None = None,
         **unknown: Any,
     ) -> RequestHandle:
         """Validate, record and queue one request (the fields are :class:`RequestSpec`'s).
@@ -145,7 +152,7 @@ class TarsClient:
                  ("idempotency_key", idempotency_key), ("tier", tier))
         model = (("system", system), ("messages", messages), ("max_tokens", max_tokens),
                  ("temperature", temperature), ("stop", stop), ("response_format", response_format),
-                 ("metadata", metadata))
+                 ("metadata", metadata), ("cache", cache))
         spec: dict[str, Any] = {name: value for name, value in given if value is not REQUIRED}
         spec.update((name, value) for name, value in model if value is not None)
         return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]

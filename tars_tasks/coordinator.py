@@ -34,6 +34,8 @@ from config.keys import queue_for_tier
 from config.settings import Settings
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
+from tars_tasks.cache import ANSWERED_EXACT, ResponseCache
+from tars_tasks.cache_lookup import CacheLookup, CacheVerdict
 from tars_tasks.codes import FailureReason, RequestStatus
 from tars_tasks.db.models import Request, Run
 from tars_tasks.db.upsert import insert_for
@@ -62,6 +64,14 @@ class _Planned:
     id: str
     #: The tier routing asked for; differs from ``route.tier`` when degradation moved it.
     requested_tier: str
+    #: The fleet mode the request was admitted under (``requests.served_mode``).
+    mode: str | None = None
+    #: The response cache's verdict (None: not looked up yet).
+    cache: CacheVerdict | None = None
+
+    @property
+    def hit(self) -> bool:
+        return self.cache is not None and self.cache.hit is not None
 
 
 class Coordinator:
@@ -81,6 +91,8 @@ class Coordinator:
                                        timeout_s=settings.client_timeout_s),
                 namespace=settings.namespace, limit=settings.max_queue_depth,
                 ttl_s=settings.admission_reservation_ttl_s)
+        self.cache_lookup = CacheLookup(cache=ResponseCache.for_settings(settings), catalog=catalog)
+        self._notifier = None
 
     def plan(self, requests: Iterable[RequestSpec | Mapping[str, Any]], *, run_id: str | None = None) -> list[_Planned]:
         """Validate and route every request and check ``run_id`` names a run; raise
@@ -140,20 +152,63 @@ class Coordinator:
                        reply_to: str | None = None) -> list[Submission]:
         """Admit, record and queue requests :meth:`plan` validated (its ``run_id`` checked there)."""
         planned = self.admit(planned)
-        reservations = self._reserve(planned)
+        planned = self.answer_from_cache(planned)
+        queued = [p for p in planned if not p.hit]  # a cache hit is recorded answered, never queued
+        reservations = self._reserve(queued)
         try:
             created, existing = self._record(planned, run_id=run_id)
-            self._enqueue([p for p in planned if p.id in created], reply_to=reply_to)
+            self._enqueue([p for p in queued if p.id in created], reply_to=reply_to)
         finally:
             self._release(reservations)
+        self._announce([p for p in planned if p.hit and p.id in created], reply_to=reply_to)
         out = []
         for p in planned:
             if p.id in created:
-                out.append(Submission(id=p.id, tier=p.route.tier, priority=p.spec.priority, created=True))
+                tier = p.cache.hit.tier if p.hit else p.route.tier
+                out.append(Submission(id=p.id, tier=tier, priority=p.spec.priority, created=True))
             else:
                 rid, tier, prio = existing[(p.spec.tenant, p.spec.idempotency_key)]
                 out.append(Submission(id=rid, tier=tier, priority=prio, created=False))
         return out
+
+    # --- the response cache (tars_tasks/cache.py) ----------------------------------------------
+
+    def answer_from_cache(self, planned: list[_Planned]) -> list[_Planned]:
+        """Every planned request with its cache verdict (digest, and the answer if one is cached)."""
+        items = [(p.route.tier, p.spec.tenant, request_columns(p.spec, catalog=self.catalog), p.spec.cache)
+                 for p in planned]
+        verdicts = self.cache_lookup.look_up(items)
+        return [replace(p, cache=v) for p, v in zip(planned, verdicts, strict=True)]
+
+    def _cost_columns(self, p: _Planned, *, now: datetime) -> dict[str, Any]:
+        """The cost-control columns of a request row; a cache hit's row is finished here."""
+        cols: dict[str, Any] = {"served_mode": p.mode, "cache_digest": p.cache.digest if p.cache else None,
+                                # every row of one INSERT has the same keys
+                                "result": None, "stop_reason": None, "tier_used": None, "model": None,
+                                "answered_by": None, "saved_usd": 0, "started_at": None, "finished_at": None}
+        if p.hit:
+            hit = p.cache.hit
+            cols.update(status=RequestStatus.SUCCEEDED, result=hit.text, stop_reason=hit.stop_reason,
+                        tier_used=hit.tier, model=hit.model, answered_by=ANSWERED_EXACT, saved_usd=hit.cost_usd,
+                        started_at=now, finished_at=now)
+        return cols
+
+    def _announce(self, planned: Sequence[_Planned], *, reply_to: str | None) -> None:
+        """Completion notices for the requests answered at submit (as a worker sends for its own)."""
+        if not planned or not reply_to:
+            return
+        if self._notifier is None:
+            from tars_tasks.notify import LocalNotifier, RedisNotifier
+
+            url = self.settings.shared_redis_url
+            if url:
+                from tars_tasks.redis_client import get_redis
+
+                self._notifier = RedisNotifier(get_redis(url, settings=self.settings,
+                                                         timeout_s=self.settings.client_timeout_s))
+            else:
+                self._notifier = LocalNotifier()
+        self._notifier.publish({reply_to: [(p.id, str(RequestStatus.SUCCEEDED)) for p in planned]})
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -207,6 +262,7 @@ class Coordinator:
                     "status": RequestStatus.QUEUED,
                     "run_id": run_id,
                     "submitted_at": now,
+                    **self._cost_columns(p, now=now),
                 }
             )
         try:

@@ -43,7 +43,7 @@ from tars_tasks.errors import InvalidRequest, excerpt, type_name
 
 PRIORITY_NAMES: dict[str, int] = {"low": 0, "normal": 5, "high": 9}
 FIELDS: tuple[str, ...] = ("role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
-                           "max_tokens", "temperature", "stop", "response_format", "metadata")
+                           "max_tokens", "temperature", "stop", "response_format", "metadata", "cache")
 #: The fields that describe the model request itself (the rest route and identify it).
 MODEL_FIELDS: tuple[str, ...] = ("system", "messages", "max_tokens", "temperature", "stop", "response_format",
                                  "metadata")
@@ -123,6 +123,10 @@ class RequestSpec(BaseModel):
       the request and returned with its result. Only ``metadata["user_id"]`` reaches the
       provider, as the end-user id (Anthropic ``metadata.user_id``, OpenAI ``safety_identifier``):
       1-64 ASCII letters, digits, ``.``, ``_``, ``:``, ``-`` (an opaque id, never a name).
+    * ``cache``: ``None`` (default), ``True`` or ``False`` (a bool, nothing else). The exact response
+      cache answers a request it has seen before (same model, canonical request and scope) at
+      submit: by default only a request that does not sample (``temperature`` 0); ``True`` lets a
+      sampled one be served and fill it too; ``False`` never touches the cache.
 
     The texts a producer gives (``prompt``, ``system``, every message) together are at most
     ``TARS_MAX_PROMPT_CHARS`` characters (the role's default system prompt is not counted).
@@ -156,6 +160,9 @@ class RequestSpec(BaseModel):
     stop: tuple[str, ...] | None = None
     response_format: str | None = None
     metadata: dict[str, str] | None = None
+    #: The response cache (tars_tasks/cache.py): None = the default (served from cache when not
+    #: sampled), False = never from cache and never filling it, True = also when sampled.
+    cache: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -380,6 +387,12 @@ def _metadata(value: Any) -> dict[str, str] | None:
     return out
 
 
+def _cache(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise _invalid("cache", f"cache must be true, false or None, got {type_name(value)} {excerpt(value)}")
+
+
 def parse_priority(value: Any) -> int:
     """``"low" | "normal" | "high"`` (any case), ``"0"``..``"9"`` or an ``int`` 0..9 (9 is served first)."""
     names = "/".join(PRIORITY_NAMES)
@@ -441,6 +454,7 @@ def _check_fields(data: Any) -> dict[str, Any]:
         "stop": _stop(data.get("stop")),
         "response_format": _response_format(data.get("response_format")),
         "metadata": _metadata(data.get("metadata")),
+        "cache": _cache(data.get("cache")),
     }
 
 

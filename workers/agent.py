@@ -146,11 +146,12 @@ class SubAgent:
                                 error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
         request = row.model_request()
+        hints = {"cache_digest": row.cache_digest} if row.cache_digest else None
         if verdict == SUSPICION_SUSPECT:
-            result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker)
+            result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker, hints=hints)
         else:
             with self.gate.shared():
-                result = self.call_model(request_id=row.id, tier=tier, request=request, worker=worker)
+                result = self.call_model(request_id=row.id, tier=tier, request=request, worker=worker, hints=hints)
         self._finish(FinishRecord(request_id=row.id, status=result.status, tier_used=result.tier_used,
                                   model=result.model, worker=worker, started_at=started, result=result.text,
                                   error=result.error, failure_reason=result.failure_reason,
@@ -158,9 +159,10 @@ class SubAgent:
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
 
-    def call_model(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
+    def call_model(self, *, request_id: str, tier: str, request: ModelRequest, worker: str,
+                   hints: dict[str, Any] | None = None) -> CallOutcome:
         """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
-        return self.caller.call(request_id=request_id, tier=tier, request=request, worker=worker)
+        return self.caller.call(request_id=request_id, tier=tier, request=request, worker=worker, hints=hints)
 
     def _finish(self, finish: FinishRecord, *, api_rows: list[AttemptRecord], reply_to: str | None) -> None:
         self.writer.finish(api_rows=api_rows, request=finish, reply_to=reply_to)
@@ -234,14 +236,15 @@ class SubAgent:
             return SUSPICION_SUSPECT
         return SUSPICION_NONE
 
-    def _call_alone(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
+    def _call_alone(self, *, request_id: str, tier: str, request: ModelRequest, worker: str,
+                    hints: dict[str, Any] | None = None) -> CallOutcome:
         key = quarantine_key(self.settings.namespace, request_id)
         with self.gate.alone():
             try:
                 self.redis.set(key, worker, ex=DELIVERY_COUNTER_TTL_S)
             except redis.RedisError as exc:
                 log.warning("request %s: quarantine mark not set (%s)", request_id, exc)
-            result = self.call_model(request_id=request_id, tier=tier, request=request, worker=worker)
+            result = self.call_model(request_id=request_id, tier=tier, request=request, worker=worker, hints=hints)
             try:
                 self.redis.delete(key)
             except redis.RedisError as exc:

@@ -43,6 +43,7 @@ from config.catalog import Catalog, LatencyProfile, ModelSpec
 from config.settings import Settings
 from workers.breaker import FleetBreaker
 from workers.callpath.breaker_step import BreakerStep
+from workers.callpath.cache_step import CacheFillStep
 from workers.callpath.context import ERROR_MAX_CHARS, Call, CallOutcome
 from workers.callpath.cost_step import CostStep
 from workers.callpath.fallback_step import FallbackStep
@@ -92,6 +93,9 @@ class ModelCaller:
                 failure_threshold=settings.breaker_failure_threshold, cooldown_s=settings.breaker_cooldown_s,
             )
         self._recorder = RecorderStep(writer=writer)
+        from tars_tasks.cache import ResponseCache
+
+        self.cache = ResponseCache.for_settings(settings, timeout_s=settings.redis_socket_timeout_s)
         self.path = CallPath(self.default_steps())
 
     def default_steps(self) -> list[CallStep]:
@@ -102,6 +106,7 @@ class ModelCaller:
         """
         s = self.settings
         steps: list[CallStep | None] = [
+            CacheFillStep(cache=self.cache) if self.cache is not None else None,  # a success's answer, cached
             FallbackStep(policy=s.breaker_open_policy),            # open breaker: the cheaper tier, or wait
             RetryStep(initial_s=s.retry_backoff_initial_s,          # tenacity: which failures, how long
                       max_s=s.retry_backoff_max_s),

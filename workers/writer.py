@@ -115,6 +115,7 @@ def _finish_stmt():
             worker=bindparam("b_worker"),
             started_at=bindparam("b_started_at"),
             finished_at=bindparam("b_finished_at"),
+            answered_by=bindparam("b_answered_by"),
         )
     )
 
@@ -124,7 +125,9 @@ def _finish_params(f: FinishRecord) -> dict[str, Any]:
     return {"b_id": f.request_id, "b_status": str(f.status), "b_result": f.result, "b_error": storable(f.error),
             "b_failure_reason": None if f.failure_reason is None else str(f.failure_reason),
             "b_stop_reason": f.stop_reason, "b_tier_used": f.tier_used, "b_model": f.model, "b_worker": f.worker,
-            "b_started_at": f.started_at, "b_finished_at": f.finished_at}
+            "b_started_at": f.started_at, "b_finished_at": f.finished_at,
+            # a worker's answer is the model's (a cache hit is finished at submit, never here)
+            "b_answered_by": "model" if f.status == RequestStatus.SUCCEEDED else None}
 
 
 def _totals_stmt():

@@ -112,6 +112,16 @@ class Request(Base):
     cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
+    #: How it was answered: ``exact`` (the response cache, at submit), ``model`` (a provider call);
+    #: None until it succeeded.
+    answered_by: Mapped[str | None] = mapped_column(String(20))
+    #: What a cache hit saved: the cost of the call that filled the entry ($0 for a model answer).
+    saved_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0), server_default="0")
+    #: The fleet's degradation mode when the request was admitted (tars_tasks/fleetmode.py).
+    served_mode: Mapped[str | None] = mapped_column(String(20))
+    #: The response cache's digest of the canonical request and its scope (None: not cacheable);
+    #: the worker fills ``cache:<model>:<digest>`` with the answer (tars_tasks/cache.py).
+    cache_digest: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -153,6 +163,27 @@ class ApiCall(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ModeChange(Base):
+    """One transition of the fleet's degradation mode (tars_tasks/fleetmode.py): when, from, to,
+    why, and the signals it was decided from. ``seq`` is the transition's number in Redis, so a
+    transition recorded twice (two producers racing to write it) is one row."""
+
+    __tablename__ = "mode_changes"
+    __table_args__ = (
+        UniqueConstraint("namespace", "seq", name="uq_mode_changes_namespace_seq"),
+        Index("ix_mode_changes_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    from_mode: Mapped[str] = mapped_column(String(20))
+    to_mode: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text)
+    signals: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seq: Mapped[int] = mapped_column(Integer)
+    namespace: Mapped[str] = mapped_column(String(100))
 
 
 class DeadLetter(Base):

@@ -13,7 +13,7 @@ import redis as redis_lib
 from sqlalchemy import func, select, text
 
 from config.catalog import DEFAULT_CATALOG_PATH
-from tars_tasks.cache import ResponseCache, CachedAnswer
+from tars_tasks.cache import CachedAnswer, ResponseCache
 from tars_tasks.db.models import ApiCall
 from tests.helpers import make_settings
 

@@ -1,14 +1,17 @@
 """Admission control and graceful degradation, decided by the coordinator before a write.
 
-Load is measured per tier as queued messages / ``max_queue_depth`` (the seed's "load > 60%,
-> 85%" triggers). Modes per tier:
+The mode is the **fleet's** (:mod:`tars_tasks.fleetmode`: one mode in Redis for every producer,
+decided with hysteresis from queue depths, limiter backlog and breaker states, every transition
+a ``mode_changes`` row). What each mode does to a request:
 
-* ``optimal``  — below ``degrade_high_load_at``: requests go where routing sends them;
-* ``high_load`` — requests below high priority (9) move to the tier's fallback tier
-  (sonnet → haiku, opus → sonnet) when that tier is less loaded; the row keeps the tier that
-  was asked for (``tier_requested``) and the worker records the one that ran (``tier_used``);
-* ``critical`` — as high load, and low-priority requests (< normal) are refused;
-* full — a tier at ``max_queue_depth`` refuses everything, so queues stay bounded.
+* ``optimal`` — requests go where routing sends them;
+* ``high_load`` — requests below high priority (9) move from sonnet/opus to the tier's cheaper
+  ``fallback`` tier (sonnet → haiku, opus → sonnet); the row keeps the tier that was asked for
+  (``tier_requested``) and the one it was queued for (``tier_queued``);
+* ``critical`` — as high load, requests are answered from the response cache where it can (the
+  cheaper tier's answer too), and low-priority requests (< normal) that the cache cannot answer
+  are refused (the coordinator raises after its cache lookup, before any write);
+* full — a tier at ``max_queue_depth`` refuses everything, so queues stay bounded (per tier).
 
 Refusals raise :class:`~tars_tasks.errors.Overloaded` with a ``retry_after_s`` hint, before
 anything is recorded or queued. The embedded fleet (no Redis) always runs ``optimal``.
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from config.catalog import Catalog
 from config.keys import TIERS
@@ -31,6 +35,8 @@ PRIORITY_HIGH = 9
 PRIORITY_NORMAL = 5
 #: What a refused producer is told to wait before trying again.
 RETRY_AFTER_S = 1.0
+#: The tiers high load and critical mode move below-high-priority work away from.
+DEGRADABLE_TIERS: tuple[str, ...] = ("sonnet", "opus")
 
 
 class Mode(StrEnum):
@@ -45,6 +51,8 @@ class Decision:
     tier: str
     mode: Mode
     degraded_from: str | None = None
+    #: Critical mode, low priority: admitted only if the response cache answers it.
+    cache_or_refuse: bool = False
 
 
 def mode_for(load: float, *, settings: Settings) -> Mode:
@@ -92,46 +100,55 @@ def redis_depth_reader(settings: Settings) -> Callable[[], dict[str, int]]:
 
 
 class Admission:
-    def __init__(self, *, settings: Settings, catalog: Catalog, gauge: QueueDepthGauge | None) -> None:
+    def __init__(self, *, settings: Settings, catalog: Catalog, gauge: QueueDepthGauge | None,
+                 mode: Callable[[], Mode] | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.gauge = gauge if settings.max_queue_depth > 0 else None
+        #: The fleet's mode now (None: always optimal, the embedded fleet).
+        self.mode = mode
+        self.mode_source: Any = None
 
     @classmethod
-    def for_settings(cls, *, settings: Settings, catalog: Catalog) -> Admission:
+    def for_settings(cls, *, settings: Settings, catalog: Catalog, engine: Any = None) -> Admission:
+        from tars_tasks.fleetmode import FleetModeSource
+
         gauge = None
         if settings.broker_redis_url and settings.max_queue_depth > 0:
             gauge = QueueDepthGauge(read_depths=redis_depth_reader(settings),
                                     interval_s=settings.admission_sample_interval_ms / 1000)
-        return cls(settings=settings, catalog=catalog, gauge=gauge)
+        source = FleetModeSource.for_settings(settings=settings, catalog=catalog, engine=engine)
+        mode = (lambda: Mode(source.current().mode)) if source is not None else None
+        adm = cls(settings=settings, catalog=catalog, gauge=gauge, mode=mode)
+        adm.mode_source = source
+        return adm
+
+    def fleet_mode(self) -> Mode:
+        return self.mode() if self.mode is not None else Mode.OPTIMAL
 
     def decide_many(self, requests: list[tuple[str, int]]) -> list[Decision]:
-        """Decide (tier, priority) pairs of one submit call; refuse the call if any is refused."""
-        if self.gauge is None:
-            return [Decision(tier=t, mode=Mode.OPTIMAL) for t, _ in requests]
-        depths = self.gauge.depths()
+        """Decide (tier, priority) pairs of one submit call under the fleet's mode; refuse the call
+        if a tier is full. Low priority in critical mode is marked ``cache_or_refuse``."""
+        mode = self.fleet_mode()
+        depths = self.gauge.depths() if self.gauge is not None else {}
         pending = dict.fromkeys(TIERS, 0)
         limit = self.settings.max_queue_depth
         out = []
         for tier, priority in requests:
-            def load(t: str) -> float:
-                return (depths.get(t, 0) + pending[t]) / limit
-
-            mode = mode_for(load(tier), settings=self.settings)
             chosen, degraded_from = tier, None
-            if mode is not Mode.OPTIMAL and priority < PRIORITY_HIGH:
+            if mode is not Mode.OPTIMAL and priority < PRIORITY_HIGH and tier in DEGRADABLE_TIERS:
                 fallback = self.catalog.spec(tier).fallback
-                if fallback and load(fallback) < load(tier) and load(fallback) < 1.0:
+                if fallback:
                     chosen, degraded_from = fallback, tier
-            chosen_mode = mode_for(load(chosen), settings=self.settings)
-            if chosen_mode is Mode.FULL or (chosen_mode is Mode.CRITICAL and priority < PRIORITY_NORMAL):
+            if self.gauge is not None and depths.get(chosen, 0) + pending[chosen] >= limit:
                 raise Overloaded(
-                    f"tier {chosen!r} is {chosen_mode.value} ({depths.get(chosen, 0) + pending[chosen]} queued, "
+                    f"tier {chosen!r} is full ({depths.get(chosen, 0) + pending[chosen]} queued, "
                     f"limit {limit}); retry in {RETRY_AFTER_S:.0f}s",
                     retry_after_s=RETRY_AFTER_S,
                 )
             pending[chosen] += 1
-            out.append(Decision(tier=chosen, mode=mode, degraded_from=degraded_from))
+            out.append(Decision(tier=chosen, mode=mode, degraded_from=degraded_from,
+                                cache_or_refuse=mode is Mode.CRITICAL and priority < PRIORITY_NORMAL))
         return out
 
     def admitted(self, decisions: list[Decision]) -> None:

@@ -68,6 +68,8 @@ class _Planned:
     mode: str | None = None
     #: The response cache's verdict (None: not looked up yet).
     cache: CacheVerdict | None = None
+    #: Critical mode, low priority: refused (Overloaded) unless the cache answers it.
+    cache_or_refuse: bool = False
 
     @property
     def hit(self) -> bool:
@@ -81,7 +83,7 @@ class Coordinator:
         self.catalog = catalog
         self.celery_app = celery_app
         self.engine = engine
-        self.admission = admission or Admission.for_settings(settings=settings, catalog=catalog)
+        self.admission = admission or Admission.for_settings(settings=settings, catalog=catalog, engine=engine)
         self.bound = bound
         if bound is None and settings.broker_redis_url and settings.max_queue_depth > 0:
             from tars_tasks.redis_client import get_redis
@@ -135,7 +137,7 @@ class Coordinator:
             if d.tier != p.route.tier:
                 p = replace(p, route=Route(tier=d.tier, queue=queue_for_tier(d.tier),
                                            model=self.catalog.spec(d.tier).model))
-            out.append(p)
+            out.append(replace(p, mode=str(d.mode), cache_or_refuse=d.cache_or_refuse))
         self.admission.admitted(decisions)
         return out
 
@@ -153,6 +155,7 @@ class Coordinator:
         """Admit, record and queue requests :meth:`plan` validated (its ``run_id`` checked there)."""
         planned = self.admit(planned)
         planned = self.answer_from_cache(planned)
+        self._refuse_uncached(planned)
         queued = [p for p in planned if not p.hit]  # a cache hit is recorded answered, never queued
         reservations = self._reserve(queued)
         try:
@@ -177,8 +180,21 @@ class Coordinator:
         """Every planned request with its cache verdict (digest, and the answer if one is cached)."""
         items = [(p.route.tier, p.spec.tenant, request_columns(p.spec, catalog=self.catalog), p.spec.cache)
                  for p in planned]
-        verdicts = self.cache_lookup.look_up(items)
+        # critical mode: the cheaper tier's cached answer will do too
+        also = [[t for t in (self.catalog.spec(p.route.tier).fallback,) if t] if p.mode == "critical" else []
+                for p in planned]
+        verdicts = self.cache_lookup.look_up(items, also_tiers=also)
         return [replace(p, cache=v) for p, v in zip(planned, verdicts, strict=True)]
+
+    def _refuse_uncached(self, planned: Sequence[_Planned]) -> None:
+        """Critical mode: a low-priority request the cache could not answer refuses the call."""
+        refused = [p for p in planned if p.cache_or_refuse and not p.hit]
+        if refused:
+            from tars_tasks.admission import RETRY_AFTER_S
+
+            raise Overloaded(f"the fleet is in critical mode: {len(refused)} low-priority request(s) (priority "
+                             f"< normal) not answerable from cache are refused; retry in {RETRY_AFTER_S:.0f}s",
+                             retry_after_s=RETRY_AFTER_S)
 
     def _cost_columns(self, p: _Planned, *, now: datetime) -> dict[str, Any]:
         """The cost-control columns of a request row; a cache hit's row is finished here."""

@@ -1,0 +1,103 @@
+"""The fleet mode across processes: several producer processes see one mode sequence, every
+transition is one ``mode_changes`` row, and every request records the mode it was admitted under
+(high load moves below-high priority off sonnet/opus; critical refuses uncached low priority)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import text
+
+from config.keys import priority_list, queue_for_tier
+from tars_tasks.errors import Overloaded
+from tests.helpers import make_settings, start_producer_script
+
+pytestmark = pytest.mark.integration
+
+WATCHER = r"""
+import json, sys, time
+from config.catalog import load_catalog
+from config.settings import Settings
+from tars_tasks.db.engine import get_engine
+from tars_tasks.fleetmode import FleetModeSource
+s = Settings()
+src = FleetModeSource.for_settings(settings=s, catalog=load_catalog(), engine=get_engine(s.database_url))
+deadline = time.monotonic() + float(sys.argv[1])
+seen = []
+while time.monotonic() < deadline:
+    v = src.current()
+    if not seen or seen[-1] != [v.seq, str(v.mode)]:
+        seen.append([v.seq, str(v.mode)])
+    time.sleep(0.01)
+print(json.dumps(seen))
+"""
+
+
+def _env(fleet_env: dict[str, str]) -> dict[str, str]:
+    return {**fleet_env, "TARS_MAX_QUEUE_DEPTH": "100", "TARS_MODE_INTERVAL_S": "0.05",
+            "TARS_MODE_MIN_DWELL_S": "0.5"}
+
+
+def _fill(r: redis_lib.Redis, n: int) -> None:
+    """Make the haiku queue hold ``n`` messages (nothing consumes them: no workers)."""
+    key = priority_list(queue_for_tier("haiku"), 5)
+    r.delete(key)
+    if n:
+        r.rpush(key, *[b"{}"] * n)
+
+
+def test_several_producer_processes_see_one_mode_sequence_and_each_transition_is_one_row(fleet_env, db, redis):
+    env = _env(fleet_env)
+    procs = [start_producer_script(WATCHER, env, args=["9"]) for _ in range(3)]
+    time.sleep(1.5)
+    for n in (70, 90, 40, 10, 90, 0):  # high load, critical, (held), optimal, critical, optimal
+        _fill(redis, n)
+        time.sleep(1.2)
+    outs = [p.communicate(timeout=60) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    seen = [json.loads(out) for out, _ in outs]
+    by_seq: dict[int, set[str]] = {}
+    for s in seen:
+        assert [seq for seq, _ in s] == sorted(seq for seq, _ in s)  # never back in time
+        for seq, mode in s:
+            by_seq.setdefault(seq, set()).add(mode)
+    assert all(len(modes) == 1 for modes in by_seq.values()), by_seq  # one mode per transition number
+    with db.connect() as conn:
+        rows = conn.execute(text("SELECT seq, from_mode, to_mode, reason, signals FROM mode_changes "
+                                 "WHERE namespace = :ns ORDER BY seq"), {"ns": env["TARS_NAMESPACE"]}).all()
+    assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+    assert len(rows) >= 4
+    assert all(a.to_mode == b.from_mode for a, b in zip(rows, rows[1:], strict=False))
+    assert {by_seq[r.seq].pop() for r in rows if r.seq in by_seq} <= {r.to_mode for r in rows}
+    assert "critical" in {r.to_mode for r in rows} and all(r.reason and "queue_load" in r.signals for r in rows)
+
+
+def test_every_request_records_the_mode_it_was_admitted_under_and_the_mode_degrades_it(fleet_env, db, redis):
+    from tars_tasks.client import TarsClient
+
+    env = _env(fleet_env)
+    with TarsClient(settings=make_settings(env)) as tars:
+        calm = tars.submit(role="analyst", prompt="calm", priority="low")
+        _fill(redis, 70)
+        time.sleep(0.1)
+        busy_normal = tars.submit(role="analyst", prompt="busy", tier="sonnet")
+        busy_high = tars.submit(role="analyst", prompt="busy", tier="opus", priority="high")
+        busy_opus = tars.submit(role="analyst", prompt="busy", tier="opus", priority=3)
+        _fill(redis, 88)
+        time.sleep(0.1)
+        tars.submit(role="analyst", prompt="critical", priority=5)
+        with pytest.raises(Overloaded, match="critical"):
+            tars.submit(role="analyst", prompt="critical and low", priority="low")
+    with db.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT id, served_mode, tier_requested, tier_queued, prompt, "
+                                                   "priority FROM requests"))}
+    assert rows[calm.id].served_mode == "optimal"
+    assert (rows[busy_normal.id].served_mode, rows[busy_normal.id].tier_queued) == ("high_load", "haiku")
+    assert (rows[busy_high.id].tier_requested, rows[busy_high.id].tier_queued) == ("opus", "opus")
+    assert rows[busy_opus.id].tier_queued == "sonnet"
+    assert {r.served_mode for r in rows.values() if r.prompt == "critical"} == {"critical"}
+    assert not [r for r in rows.values() if r.prompt == "critical and low"]  # refused: nothing written

@@ -101,3 +101,33 @@ def test_every_request_records_the_mode_it_was_admitted_under_and_the_mode_degra
     assert rows[busy_opus.id].tier_queued == "sonnet"
     assert {r.served_mode for r in rows.values() if r.prompt == "critical"} == {"critical"}
     assert not [r for r in rows.values() if r.prompt == "critical and low"]  # refused: nothing written
+
+
+def test_in_critical_mode_a_low_priority_request_is_answered_from_cache_even_the_cheaper_tiers(fleet_env, db,
+                                                                                              redis):
+    from decimal import Decimal
+
+    from tars_tasks.cache import CachedAnswer
+    from tars_tasks.client import TarsClient
+    from tars_tasks.schemas import request_columns, validate_spec
+
+    env = {**_env(fleet_env), "TARS_CACHE_URL": fleet_env["TARS_BROKER_URL"]}
+    with TarsClient(settings=make_settings(env)) as tars:
+        co = tars.coordinator
+        spec = validate_spec({"role": "analyst", "prompt": "cached", "tier": "sonnet", "temperature": 0},
+                             catalog=tars.catalog, max_prompt_chars=10_000)
+        cols = request_columns(spec, catalog=tars.catalog)
+        digest = co.cache_lookup.digest_for(tier="haiku", tenant="default", columns=cols, opt=None)
+        cache = co.cache_lookup.cache
+        cache.put(key=cache.key(model=tars.catalog.spec("haiku").model, digest=digest),
+                  answer=CachedAnswer(text="from haiku", stop_reason="end_turn", model=tars.catalog.spec("haiku").model,
+                                      tier="haiku", cost_usd=Decimal("0.0002"), source_request_id="x"), ttl_s=60)
+        _fill(redis, 90)
+        time.sleep(0.1)
+        h = tars.submit(role="analyst", prompt="cached", tier="sonnet", temperature=0, priority="low")
+        got = tars.get(h.id)
+        with pytest.raises(Overloaded):
+            tars.submit(role="analyst", prompt="not cached", tier="sonnet", temperature=0, priority="low")
+    assert (got.status, got.answered_by, got.result, got.served_mode) == ("succeeded", "exact", "from haiku",
+                                                                          "critical")
+    assert got.saved_usd == Decimal("0.0002") and got.tier_used == "haiku"

@@ -184,6 +184,14 @@ class Settings(BaseSettings):
     mode_leave_margin: float = Field(default=0.10, ge=0, lt=0.6)
     #: ... and only after the mode has lasted at least this long (upward moves are immediate).
     mode_min_dwell_s: float = Field(default=10.0, ge=0)
+    #: Budgets (tars_tasks/budgets.py): at this share of a tenant's budget spent or reserved, its
+    #: work moves from sonnet/opus to the cheaper tier; at 1.0 submits raise BudgetExceeded.
+    budget_soft_fraction: float = Field(default=0.80, gt=0, le=1)
+    #: Budgets on (needs the fleet-state Redis); a tenant with no limit set is not tracked.
+    budgets_enabled: bool = True
+    #: A budget reservation not settled within this long (its worker died) is charged at its worst
+    #: case. Longer than any call with its retries (the tiers' retry budgets are 60-240 s).
+    budget_reservation_lease_s: float = Field(default=600.0, gt=0)
 
     # --- simulated provider overrides (benchmarks, tests) -----------------------------------
     #: "uniform:LOW_MS:HIGH_MS" or "fixed:MS"; replaces every tier's latency profile.

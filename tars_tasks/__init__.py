@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tars_tasks.errors import (
     BrokerUnavailable,
+    BudgetExceeded,
     ConfigurationError,
     DatabaseUnavailable,
     InvalidRequest,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BrokerUnavailable",
+    "BudgetExceeded",
     "ConfigurationError",
     "DatabaseUnavailable",
     "InvalidRequest",

@@ -74,6 +74,9 @@ class FailureReason(StrEnum):
     UNWRITABLE = "unwritable"
     # a budget step's (cost control): the call did not fit what was left
     BUDGET_EXCEEDED = "budget_exceeded"
+    # the tenant's budget (tars_tasks/budgets.py) had no room for the call's worst case: queued work
+    # that met a spent budget
+    BUDGET = "budget"
     # the producer's: its publish raised (the row was marked failed, the producer was told)
     ENQUEUE_FAILED = "enqueue failed"
 

@@ -34,12 +34,20 @@ from config.keys import queue_for_tier
 from config.settings import Settings
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
+from tars_tasks.budgets import Budgets
 from tars_tasks.cache import ANSWERED_EXACT, ResponseCache
 from tars_tasks.cache_lookup import CacheLookup, CacheVerdict
 from tars_tasks.codes import FailureReason, RequestStatus
 from tars_tasks.db.models import Request, Run
 from tars_tasks.db.upsert import insert_for
-from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded, excerpt
+from tars_tasks.errors import (
+    BrokerUnavailable,
+    BudgetExceeded,
+    DatabaseUnavailable,
+    InvalidRequest,
+    Overloaded,
+    excerpt,
+)
 from tars_tasks.publish import publish_request
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import RequestSpec, request_columns, validate_requests, validate_run_id, validate_spec
@@ -70,6 +78,8 @@ class _Planned:
     cache: CacheVerdict | None = None
     #: Critical mode, low priority: refused (Overloaded) unless the cache answers it.
     cache_or_refuse: bool = False
+    #: The tenant's spent budget period (refused with BudgetExceeded unless the cache answers it).
+    over_budget: str | None = None
 
     @property
     def hit(self) -> bool:
@@ -94,6 +104,8 @@ class Coordinator:
                 namespace=settings.namespace, limit=settings.max_queue_depth,
                 ttl_s=settings.admission_reservation_ttl_s)
         self.cache_lookup = CacheLookup(cache=ResponseCache.for_settings(settings), catalog=catalog)
+        self.budgets = (Budgets.for_settings(settings, timeout_s=settings.client_timeout_s)
+                        if settings.budgets_enabled else None)
         self._notifier = None
 
     def plan(self, requests: Iterable[RequestSpec | Mapping[str, Any]], *, run_id: str | None = None) -> list[_Planned]:
@@ -154,6 +166,7 @@ class Coordinator:
                        reply_to: str | None = None) -> list[Submission]:
         """Admit, record and queue requests :meth:`plan` validated (its ``run_id`` checked there)."""
         planned = self.admit(planned)
+        planned = self.apply_budgets(planned)
         planned = self.answer_from_cache(planned)
         self._refuse_uncached(planned)
         queued = [p for p in planned if not p.hit]  # a cache hit is recorded answered, never queued
@@ -186,8 +199,43 @@ class Coordinator:
         verdicts = self.cache_lookup.look_up(items, also_tiers=also)
         return [replace(p, cache=v) for p, v in zip(planned, verdicts, strict=True)]
 
+    def apply_budgets(self, planned: list[_Planned]) -> list[_Planned]:
+        """Tenants' budgets (tars_tasks/budgets.py): past ``budget_soft_fraction`` a tenant's work moves
+        from sonnet/opus to the cheaper tier; spent, it is refused (after the cache had its say). An
+        unreadable budget state refuses nothing here (the worker's budget step still reserves)."""
+        if self.budgets is None:
+            return planned
+        used: dict[str, tuple[float, str]] = {}
+        try:
+            for tenant in {p.spec.tenant for p in planned}:
+                states = self.budgets.state(tenant)
+                worst = max(states, key=lambda st: st.used_fraction)
+                used[tenant] = (worst.used_fraction, worst.period)
+        except redis.RedisError as exc:
+            log.warning("budget state unreadable (%s); the workers' budget step still applies", exc)
+            return planned
+        out = []
+        for p in planned:
+            fraction, period = used.get(p.spec.tenant, (0.0, ""))
+            if fraction >= 1.0:
+                p = replace(p, over_budget=period)
+            elif fraction >= self.settings.budget_soft_fraction and p.route.tier in ("sonnet", "opus"):
+                cheaper = self.catalog.spec(p.route.tier).fallback
+                if cheaper:
+                    p = replace(p, route=Route(tier=cheaper, queue=queue_for_tier(cheaper),
+                                               model=self.catalog.spec(cheaper).model))
+            out.append(p)
+        return out
+
     def _refuse_uncached(self, planned: Sequence[_Planned]) -> None:
-        """Critical mode: a low-priority request the cache could not answer refuses the call."""
+        """A tenant's spent budget, or critical mode for low priority: a request the cache could not
+        answer refuses the whole call (nothing is written)."""
+        spent = [p for p in planned if p.over_budget and not p.hit]
+        if spent:
+            p = spent[0]
+            raise BudgetExceeded(f"tenant {p.spec.tenant!r} has spent its {p.over_budget} budget; "
+                                 f"{len(spent)} request(s) refused, nothing was recorded",
+                                 tenant=p.spec.tenant, period=p.over_budget)
         refused = [p for p in planned if p.cache_or_refuse and not p.hit]
         if refused:
             from tars_tasks.admission import RETRY_AFTER_S

@@ -76,6 +76,16 @@ class Overloaded(TarsError):
         self.retry_after_s = retry_after_s
 
 
+class BudgetExceeded(TarsError):
+    """The tenant's budget for a period is spent (settled plus reserved): nothing was recorded or
+    queued. ``tenant`` and ``period`` (``day:YYYY-MM-DD`` / ``month:YYYY-MM``) name it."""
+
+    def __init__(self, message: str, *, tenant: str, period: str) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.period = period
+
+
 class BrokerUnavailable(TarsError):
     """The request could not be queued (broker unreachable). It was recorded as failed."""
 

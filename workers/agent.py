@@ -146,7 +146,7 @@ class SubAgent:
                                 error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
         request = row.model_request()
-        hints = {"cache_digest": row.cache_digest} if row.cache_digest else None
+        hints = {"tenant": row.tenant, **({"cache_digest": row.cache_digest} if row.cache_digest else {})}
         if verdict == SUSPICION_SUSPECT:
             result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker, hints=hints)
         else:

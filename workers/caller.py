@@ -43,6 +43,7 @@ from config.catalog import Catalog, LatencyProfile, ModelSpec
 from config.settings import Settings
 from workers.breaker import FleetBreaker
 from workers.callpath.breaker_step import BreakerStep
+from workers.callpath.budget_step import BudgetStep
 from workers.callpath.cache_step import CacheFillStep
 from workers.callpath.context import ERROR_MAX_CHARS, Call, CallOutcome
 from workers.callpath.cost_step import CostStep
@@ -96,6 +97,11 @@ class ModelCaller:
         from tars_tasks.cache import ResponseCache
 
         self.cache = ResponseCache.for_settings(settings, timeout_s=settings.redis_socket_timeout_s)
+        from tars_tasks.budgets import Budgets
+
+        self.budgets = (Budgets(redis_client=redis_client, namespace=settings.namespace,
+                                lease_s=settings.budget_reservation_lease_s)
+                        if redis_client is not None and settings.budgets_enabled else None)
         self.path = CallPath(self.default_steps())
 
     def default_steps(self) -> list[CallStep]:
@@ -107,6 +113,7 @@ class ModelCaller:
         s = self.settings
         steps: list[CallStep | None] = [
             CacheFillStep(cache=self.cache) if self.cache is not None else None,  # a success's answer, cached
+            BudgetStep(budgets=self.budgets) if self.budgets is not None else None,  # reserve worst case, settle
             FallbackStep(policy=s.breaker_open_policy),            # open breaker: the cheaper tier, or wait
             RetryStep(initial_s=s.retry_backoff_initial_s,          # tenacity: which failures, how long
                       max_s=s.retry_backoff_max_s),

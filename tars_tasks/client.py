@@ -64,6 +64,8 @@ class RequestResult:
     cache_read_tokens: int = 0
     #: The producer's own labels, as submitted.
     metadata: dict[str, str] | None = None
+    #: Why a failed request failed, as a code (``tars_tasks.codes.FailureReason``: ``budget``, ``poison``, ...).
+    failure_reason: str | None = None
     #: How it was answered: ``exact`` (the response cache, at submit) or ``model``; None until it succeeded.
     answered_by: str | None = None
     #: What a cache hit saved (the cost of the call that filled the entry); $0 for a model answer.

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import redis
@@ -50,7 +51,14 @@ from tars_tasks.errors import (
 )
 from tars_tasks.publish import publish_request
 from tars_tasks.routing import Route, route
-from tars_tasks.schemas import RequestSpec, request_columns, validate_requests, validate_run_id, validate_spec
+from tars_tasks.schemas import (
+    RequestSpec,
+    given_chars,
+    request_columns,
+    validate_requests,
+    validate_run_id,
+    validate_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,32 +208,47 @@ class Coordinator:
         return [replace(p, cache=v) for p, v in zip(planned, verdicts, strict=True)]
 
     def apply_budgets(self, planned: list[_Planned]) -> list[_Planned]:
-        """Tenants' budgets (tars_tasks/budgets.py): past ``budget_soft_fraction`` a tenant's work moves
-        from sonnet/opus to the cheaper tier; spent, it is refused (after the cache had its say). An
-        unreadable budget state refuses nothing here (the worker's budget step still reserves)."""
+        """Tenants' budgets (tars_tasks/budgets.py): past ``budget_soft_fraction`` (spent + reserved) a
+        tenant's work moves from sonnet/opus to the cheaper tier; a request is refused (after the cache
+        had its say) when its period is used up, or when what is already *settled* leaves no room for
+        its worst case (it could never be called this period). An unreadable budget state refuses
+        nothing here (the worker's budget step still reserves)."""
         if self.budgets is None:
             return planned
-        used: dict[str, tuple[float, str]] = {}
+        states = {}
         try:
             for tenant in {p.spec.tenant for p in planned}:
-                states = self.budgets.state(tenant)
-                worst = max(states, key=lambda st: st.used_fraction)
-                used[tenant] = (worst.used_fraction, worst.period)
+                states[tenant] = [st for st in self.budgets.state(tenant) if st.limit_usd is not None]
         except redis.RedisError as exc:
             log.warning("budget state unreadable (%s); the workers' budget step still applies", exc)
             return planned
         out = []
         for p in planned:
-            fraction, period = used.get(p.spec.tenant, (0.0, ""))
-            if fraction >= 1.0:
-                p = replace(p, over_budget=period)
-            elif fraction >= self.settings.budget_soft_fraction and p.route.tier in ("sonnet", "opus"):
+            limited = states.get(p.spec.tenant) or []
+            if not limited:
+                out.append(p)
+                continue
+            used = max(st.used_fraction for st in limited)
+            if used >= self.settings.budget_soft_fraction and p.route.tier in ("sonnet", "opus"):
                 cheaper = self.catalog.spec(p.route.tier).fallback
                 if cheaper:
                     p = replace(p, route=Route(tier=cheaper, queue=queue_for_tier(cheaper),
                                                model=self.catalog.spec(cheaper).model))
+            worst = self._worst_case(p)
+            for st in limited:
+                if st.used_fraction >= 1.0 or st.spent_usd + worst > st.limit_usd:
+                    p = replace(p, over_budget=st.period)
+                    break
             out.append(p)
         return out
+
+    def _worst_case(self, p: _Planned) -> Decimal:
+        """A request's most on its tier: its input (about four characters a token) and its output limit."""
+        spec = self.catalog.spec(p.route.tier)
+        cols = request_columns(p.spec, catalog=self.catalog)
+        input_tokens = max(1, -(-given_chars(cols) // 4))
+        output = max(1, min(cols.get("max_tokens") or spec.output_tokens[1], spec.max_output_tokens))
+        return spec.cost_usd(input_tokens=input_tokens, output_tokens=output)
 
     def _refuse_uncached(self, planned: Sequence[_Planned]) -> None:
         """A tenant's spent budget, or critical mode for low priority: a request the cache could not

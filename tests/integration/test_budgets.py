@@ -1,0 +1,97 @@
+"""Budgets with real workers, Redis and Postgres: several workers never spend a tenant's budget
+beyond what its reservations covered, queued work that meets a spent budget fails ``budget``,
+new submits raise ``BudgetExceeded`` with nothing written, and a worker killed between reserving
+and settling leaves the budget consistent (nothing left reserved, nothing under-counted)."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import text
+
+from tars_tasks.budgets import Budgets
+from tars_tasks.errors import BudgetExceeded
+from tests.helpers import make_settings
+
+pytestmark = pytest.mark.integration
+
+
+def _budgets(env, **kw) -> Budgets:
+    from tars_tasks.redis_client import get_redis
+
+    s = make_settings(env)
+    return Budgets(redis_client=get_redis(s.shared_redis_url, settings=s), namespace=s.namespace,
+                   lease_s=kw.get("lease_s", s.budget_reservation_lease_s))
+
+
+def _spent_by_tenant(db, tenant: str) -> Decimal:
+    with db.connect() as conn:
+        return conn.execute(text("SELECT coalesce(sum(a.cost_usd), 0) FROM api_calls a JOIN requests r "
+                                 "ON r.id = a.request_id WHERE r.tenant = :t"), {"t": tenant}).scalar_one()
+
+
+def test_several_workers_never_spend_a_budget_beyond_its_reservations(fleet_env, start_worker, db):
+    from tars_tasks.client import TarsClient
+
+    env = {**fleet_env, "TARS_SIM_LATENCY": "uniform:50:150"}
+    limit = Decimal("0.05")
+    b = _budgets(env)
+    b.set_limit(tenant="acme", period="day", usd=limit)
+    for _ in range(3):
+        start_worker(tiers=["haiku"], concurrency=20, env=env)
+    with TarsClient(settings=make_settings(env)) as tars:
+        # each haiku call costs about $0.0005-0.002 and reserves its worst case: ~0.05/0.0024 fit at once
+        handles = tars.submit_many([{"role": "researcher", "prompt": f"question {i} " + "words " * 200,
+                                     "tenant": "acme", "max_tokens": 400} for i in range(120)])
+        results = tars.wait_many([h.id for h in handles], timeout=120)
+        other = tars.submit(role="researcher", prompt="someone else", tenant="globex").wait(timeout=60)
+        with pytest.raises(BudgetExceeded) as info:
+            for _ in range(50):  # the last settles bring it to the limit's edge, then past the soft share
+                tars.submit(role="researcher", prompt="more", tenant="acme", max_tokens=400).wait(timeout=60)
+    assert info.value.tenant == "acme" and info.value.period.startswith("day:")
+    statuses = [(r.status, r.failure_reason) for r in results]
+    ok = statuses.count(("succeeded", None))
+    refused = statuses.count(("failed", "budget"))
+    assert ok + refused == 120 and ok > 0 and refused > 0
+    assert other.status == "succeeded"  # another tenant is not limited
+    real = _spent_by_tenant(db, "acme")
+    day = b.state("acme")[0]
+    assert day.reserved_usd == 0  # every reservation settled
+    assert day.spent_usd == real  # the budget's spend is the bill
+    # never beyond the limit: every call was sent inside a granted worst-case reservation
+    assert real <= limit, (real, limit)
+    with db.connect() as conn:
+        refused_rows = conn.execute(text("SELECT count(*) FROM requests r WHERE failure_reason = 'budget' AND "
+                                         "EXISTS (SELECT 1 FROM api_calls a WHERE a.request_id = r.id)")).scalar_one()
+    assert refused_rows == 0  # refused before any attempt: nothing billed
+
+
+def test_a_worker_killed_between_reserving_and_settling_leaves_the_budget_consistent(fleet_env, start_worker, db):
+    from tars_tasks.client import TarsClient
+
+    env = {**fleet_env, "TARS_SIM_LATENCY": "fixed:3000", "TARS_BUDGET_RESERVATION_LEASE_S": "4"}
+    b = _budgets(env, lease_s=4)
+    b.set_limit(tenant="acme", period="month", usd=Decimal("100"))
+    victim = start_worker(tiers=["haiku"], concurrency=20, env=env)
+    with TarsClient(settings=make_settings(env)) as tars:
+        handles = tars.submit_many([{"role": "researcher", "prompt": f"q{i}", "tenant": "acme"} for i in range(10)])
+        deadline = time.monotonic() + 30
+        while b.state("acme")[1].reserved_usd == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reserved_at_kill = b.state("acme")[1].reserved_usd
+        assert reserved_at_kill > 0
+        victim.kill()  # SIGKILL mid call: reserved, never settled
+        start_worker(tiers=["haiku"], concurrency=20, env={**env, "TARS_SIM_LATENCY": "uniform:20:60"})
+        results = tars.wait_many([h.id for h in handles], timeout=120)
+    assert [r.status for r in results] == ["succeeded"] * 10
+    deadline = time.monotonic() + 30
+    while b.state("acme")[1].reserved_usd != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the dead worker's leases expire; the next script charges them
+    month = b.state("acme")[1]
+    billed = _spent_by_tenant(db, "acme")  # includes the killed attempts' estimates ("outcome unknown")
+    assert month.reserved_usd == 0
+    assert month.expired >= 1
+    assert month.spent_usd >= billed  # never under-counted
+    assert month.spent_usd <= billed + reserved_at_kill  # over by at most what the dead worker had reserved

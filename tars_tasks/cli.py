@@ -39,6 +39,12 @@ def _metrics() -> click.Command:
     return metrics
 
 
+def _budget() -> click.Command:
+    from tars_tasks.budget_cli import budget
+
+    return budget
+
+
 def _dead_letter() -> click.Command:
     from tars_tasks.dead_letter_cli import dead_letter
 
@@ -62,6 +68,7 @@ def _job() -> click.Command:
 #: are real ``from ... import`` statements, so the layering contract sees them, and an
 #: ImportError is a bug that surfaces — a command never silently disappears.
 COMMAND_GROUPS: dict[str, Callable[[], click.Command]] = {
+    "budget": _budget,
     "dead-letter": _dead_letter,
     "fleet": _fleet,
     "flower": _flower,
@@ -318,6 +325,25 @@ def status(as_json: bool) -> None:
                        f"{u['cache_write_1h_tokens']:,}", f"{u['cache_read_tokens']:,}", f"{u['output_tokens']:,}",
                        f"${Decimal(u['cost_usd']):.6f}")
         console.print(ut)
+    if st.fleet_mode:
+        fm = st.fleet_mode
+        sig = ", ".join(f"{k} {v:.2f}" for k, v in sorted((fm.get("signals") or {}).items()))
+        console.print(f"Fleet mode: {fm['mode']} (transition {fm['transition']}; signals: {sig or 'none yet'})")
+    if st.budgets:
+        bt = Table(title="Budgets (USD; reserved = in flight, worst case)")
+        for col in ("tenant", "period", "limit", "spent", "reserved", "used", "expired reservations"):
+            bt.add_column(col, justify="left" if col in ("tenant", "period") else "right")
+        for tenant, periods in sorted(st.budgets.items()):
+            for p in periods:
+                if p["limit_usd"] is None:
+                    continue
+                bt.add_row(tenant, p["period"], p["limit_usd"], p["spent_usd"], p["reserved_usd"],
+                           f"{p['used']:.1%}", str(p["expired"]))
+        console.print(bt)
+    cache = st.cache or {}
+    if cache.get("answered_by"):
+        by = ", ".join(f"{k} {v:,}" for k, v in sorted(cache["answered_by"].items()))
+        console.print(f"Answered by: {by}; the response cache saved ${cache['saved_usd']}")
     unknown = st.billed_unknown or {}
     if unknown.get("attempts"):
         console.print(f"Attempts billed, outcome unknown: {unknown['attempts']} "

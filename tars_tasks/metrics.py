@@ -170,9 +170,50 @@ class FleetCollector(Collector):
             unknown.add_metric([tier, "attempts"], n)
             unknown.add_metric([tier, "cost_usd"], float(usd))
         yield from (requests, api, cost, tokens, wait, waited, unknown)
+        yield from self._cost_control_metrics()
+
+    def _cost_control_metrics(self) -> Iterator[Metric]:
+        from tars_tasks.status import cache_summary
+
+        cache = cache_summary(self.settings)
+        answered = GaugeMetricFamily("tars_requests_answered", "Succeeded requests by how they were answered "
+                                     "(exact: the response cache at submit; model: a provider call).", labels=["by"])
+        for by, n in sorted(cache["answered_by"].items()):
+            answered.add_metric([by], n)
+        saved = CounterMetricFamily("tars_cache_saved_usd", "Dollars the response cache saved (the cost of the "
+                                    "calls that filled the entries it answered from).")
+        saved.add_metric([], float(cache["saved_usd"]))
+        yield from (answered, saved)
+
+    def _mode_budget_metrics(self) -> Iterator[Metric]:
+        from tars_tasks.status import budget_states, fleet_mode
+
+        if not self.settings.shared_redis_url:
+            return
+        mode = fleet_mode(self.settings)
+        gauge = GaugeMetricFamily("tars_fleet_mode", "1 for the fleet's current degradation mode.", labels=["mode"])
+        for m in ("optimal", "high_load", "critical"):
+            gauge.add_metric([m], 1.0 if mode.get("mode") == m else 0.0)
+        signals = GaugeMetricFamily("tars_fleet_mode_signal", "The signals the mode was last decided from.",
+                                    labels=["signal"])
+        for k, v in sorted((mode.get("signals") or {}).items()):
+            signals.add_metric([k], float(v))
+        yield from (gauge, signals)
+        budget = GaugeMetricFamily("tars_budget_usd", "Tenants' budgets: limit, spent (settled) and reserved "
+                                   "(in flight, worst case), per period kind.", labels=["tenant", "period", "measure"])
+        for tenant, periods in sorted(budget_states(self.settings).items()):
+            for p in periods:
+                kind = p["period"].split(":", 1)[0]
+                if p["limit_usd"] is None:
+                    continue
+                for measure in ("limit_usd", "spent_usd", "reserved_usd"):
+                    budget.add_metric([tenant, kind, measure.removesuffix("_usd")], float(p[measure]))
+        yield budget
 
     def _redis_metrics(self) -> Iterator[Metric]:
         from tars_tasks.broker.depths import queue_depths
+
+        yield from self._mode_budget_metrics()
 
         depth = GaugeMetricFamily("tars_queue_depth", "Messages waiting, by tier and TARS priority (9 first).",
                                   labels=["tier", "priority"])

@@ -569,6 +569,11 @@ def _iterate(requests: Iterable[Any]) -> Iterator[Any]:
     yield from it
 
 
+def validate_tenant(tenant: Any) -> str:
+    """A tenant name as ``submit`` accepts it (1-100 ASCII letters, digits, '.', '_', '-')."""
+    return _pattern("tenant", tenant, _TENANT_RE, TENANT_MAX_CHARS, "ASCII letters, digits, '.', '_', '-'")
+
+
 def validate_run_id(run_id: Any) -> str | None:
     """``None`` or a well-formed run id (1-36 ASCII letters, digits, '.', '_', ':', '-'); whether the
     run exists is checked against ``runs`` by the coordinator."""

@@ -34,11 +34,18 @@ class FleetStatus:
     billed_unknown: dict[str, Any] = field(default_factory=dict)
     #: tier -> attempts, tokens by billing class and dollars of every api_calls row
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the fleet's degradation mode (tars_tasks/fleetmode.py): mode, since, transition, signals
+    fleet_mode: dict[str, Any] = field(default_factory=dict)
+    #: tenant -> its budget periods (limit, spent, reserved, expired reservations, share used)
+    budgets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: requests by how they were answered, dollars the cache saved, the cache's own counters
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"queue_depth": self.queue_depth, "workers": self.workers, "requests": self.requests,
                 "breakers": self.breakers, "worker_health": self.worker_health,
-                "billed_unknown": self.billed_unknown, "usage": self.usage}
+                "billed_unknown": self.billed_unknown, "usage": self.usage, "fleet_mode": self.fleet_mode,
+                "budgets": self.budgets, "cache": self.cache}
 
 
 def workers_by_tier(celery_app, *, timeout: float = 1.0) -> dict[str, list[str]]:
@@ -117,6 +124,47 @@ def usage_by_class(settings: Settings) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items()))
 
 
+def fleet_mode(settings: Settings) -> dict[str, Any]:
+    """The fleet's mode as stored in Redis (as of the last decision any process made)."""
+    url = settings.shared_redis_url
+    if not url:
+        return {}
+    from tars_tasks.fleetmode import ModeBook
+
+    view = ModeBook(redis_client=get_redis(url, settings=settings), namespace=settings.namespace,
+                    settings=settings).read()
+    return {"mode": str(view.mode), "transition": view.seq, "since_ms": view.since_ms, "signals": view.signals}
+
+
+def budget_states(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """Tenant -> the state of each budget period, for every tenant with a limit."""
+    from tars_tasks.budgets import Budgets
+
+    b = Budgets.for_settings(settings)
+    if b is None:
+        return {}
+    return {t: [st.as_dict() for st in b.state(t)] for t in b.tenants()}
+
+
+def cache_summary(settings: Settings) -> dict[str, Any]:
+    """Requests by ``answered_by``, dollars saved, and the response cache's counters (if it has one)."""
+    t = Request.__table__.c
+    with get_engine(settings.database_url).connect() as conn:
+        rows = conn.execute(select(t.answered_by, func.count(), func.coalesce(func.sum(t.saved_usd), 0))
+                            .where(t.answered_by.is_not(None)).group_by(t.answered_by)).all()
+    out: dict[str, Any] = {"answered_by": {a: int(n) for a, n, _ in rows},
+                           "saved_usd": str(sum((Decimal(s) for _, _, s in rows), Decimal(0)))}
+    from tars_tasks.cache import ResponseCache
+
+    cache = ResponseCache.for_settings(settings)
+    if cache is not None:
+        try:
+            out["store"] = cache.stats()
+        except Exception as exc:  # the cache is an optimisation: say so, do not fail the status
+            out["store"] = {"error": str(exc)}
+    return out
+
+
 def fleet_status(settings: Settings, celery_app) -> FleetStatus:
     return FleetStatus(
         queue_depth=queue_depths(settings),
@@ -126,4 +174,7 @@ def fleet_status(settings: Settings, celery_app) -> FleetStatus:
         worker_health=worker_health(settings),
         billed_unknown=billed_unknown(settings),
         usage=usage_by_class(settings),
+        fleet_mode=fleet_mode(settings),
+        budgets=budget_states(settings),
+        cache=cache_summary(settings),
     )

@@ -95,3 +95,40 @@ def test_a_worker_killed_between_reserving_and_settling_leaves_the_budget_consis
     assert month.expired >= 1
     assert month.spent_usd >= billed  # never under-counted
     assert month.spent_usd <= billed + reserved_at_kill  # over by at most what the dead worker had reserved
+
+
+def test_budget_set_and_show_and_the_budget_in_status_and_metrics(fleet_env, db, redis):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env = {**os.environ, **fleet_env}
+
+    def tars(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "tars_tasks.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert (out.returncode == 0) == ok, out.stderr
+        return out
+
+    tars("budget", "set", "acme", "--day", "2.5", "--month", "40")
+    bad = tars("budget", "set", "acme", "--day", "-1", ok=False)
+    assert bad.returncode == 2 and "--day" in bad.stderr and len(bad.stderr.strip().splitlines()[-1]) < 200
+    b = _budgets(fleet_env)
+    b.reserve(tenant="acme", reservation_id="r1", usd=Decimal("0.5"))
+    b.settle(tenant="acme", reservation_id="r1", usd=Decimal("0.25"))
+    shown = json.loads(tars("budget", "show", "--json").stdout)
+    day, month = shown["acme"]
+    assert (day["limit_usd"], day["spent_usd"], day["reserved_usd"]) == ("2.5", "0.25", "0")
+    assert month["limit_usd"] == "40" and day["used"] == 0.1
+    status = json.loads(tars("status", "--json").stdout)
+    assert status["budgets"]["acme"][0]["spent_usd"] == "0.25"
+    assert status["fleet_mode"] == {} or status["fleet_mode"]["mode"] == "optimal"
+    assert "saved_usd" in status["cache"]
+    metrics = tars("metrics", "show").stdout
+    assert 'tars_budget_usd{measure="spent",period="day",tenant="acme"} 0.25' in metrics
+    assert 'tars_budget_usd{measure="limit",period="month",tenant="acme"} 40.0' in metrics
+    tars("budget", "set", "acme", "--clear")
+    assert json.loads(tars("budget", "show", "--json").stdout) == {}

@@ -91,13 +91,15 @@ redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 #: ARGV: tenant, amount (nano), reservation id, lease ms, day ttl s, month ttl s.
 #: Returns {1, 'ok'|'unlimited'} or {0, period, used nano, limit nano}.
 RESERVE_LUA = _PURGE + """
-local lim = {day = redis.call('HGET', KEYS[1], ARGV[1] .. ':day'), month = redis.call('HGET', KEYS[1], ARGV[1] .. ':month')}
+local lim = {day = redis.call('HGET', KEYS[1], ARGV[1] .. ':day'),
+             month = redis.call('HGET', KEYS[1], ARGV[1] .. ':month')}
 if not lim.day and not lim.month then return {1, 'unlimited'} end
 local amount = tonumber(ARGV[2])
 local hashes = {day = KEYS[2], month = KEYS[3]}
 for _, p in ipairs({'day', 'month'}) do
   if lim[p] then
-    local used = tonumber(redis.call('HGET', hashes[p], 'spent') or '0') + tonumber(redis.call('HGET', hashes[p], 'reserved') or '0')
+    local used = tonumber(redis.call('HGET', hashes[p], 'spent') or '0')
+                 + tonumber(redis.call('HGET', hashes[p], 'reserved') or '0')
     if used + amount > tonumber(lim[p]) then return {0, p, used, tonumber(lim[p])} end
   end
 end

@@ -81,7 +81,8 @@ def db(pg_url: str):
 
     engine = get_engine(pg_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
+                          "RESTART IDENTITY CASCADE"))
     return engine
 
 

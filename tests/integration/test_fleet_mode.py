@@ -4,6 +4,7 @@ transition is one ``mode_changes`` row, and every request records the mode it wa
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -57,7 +58,7 @@ def test_several_producer_processes_see_one_mode_sequence_and_each_transition_is
         _fill(redis, n)
         time.sleep(1.2)
     outs = [p.communicate(timeout=60) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     seen = [json.loads(out) for out, _ in outs]
     by_seq: dict[int, set[str]] = {}
@@ -71,7 +72,7 @@ def test_several_producer_processes_see_one_mode_sequence_and_each_transition_is
                                  "WHERE namespace = :ns ORDER BY seq"), {"ns": env["TARS_NAMESPACE"]}).all()
     assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
     assert len(rows) >= 4
-    assert all(a.to_mode == b.from_mode for a, b in zip(rows, rows[1:], strict=False))
+    assert all(a.to_mode == b.from_mode for a, b in itertools.pairwise(rows))
     assert {by_seq[r.seq].pop() for r in rows if r.seq in by_seq} <= {r.to_mode for r in rows}
     assert "critical" in {r.to_mode for r in rows} and all(r.reason and "queue_load" in r.signals for r in rows)
 

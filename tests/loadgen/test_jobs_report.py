@@ -24,7 +24,8 @@ def test_the_multi_agent_scenario_runs_jobs_and_its_figures_add_up(pg_url, redis
     r.flushdb()
     engine = get_engine(pg_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
+                          "RESTART IDENTITY CASCADE"))
     env = {"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url, "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
            "TARS_SIM_LATENCY": "uniform:50:200", "TARS_SIM_FAILURE_RATE": "0.05", "TARS_TASK_EVENTS": "false"}
     sc = get_scenario("multi-agent").with_overrides(count=16, concurrency=8, workers=3, worker_concurrency=20,

@@ -42,7 +42,8 @@ def session(pg_url, redis_url, tmp_path_factory):
     r = redis_lib.Redis.from_url(redis_url)
     r.flushdb()
     with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
+                          "RESTART IDENTITY CASCADE"))
     env = {"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url, "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
            "TARS_SIM_LATENCY": "uniform:50:150", "TARS_SIM_FAILURE_RATE": "0.15", "TARS_TASK_EVENTS": "false",
            "TARS_RATELIMIT_WINDOW_S": "1"}

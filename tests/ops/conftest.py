@@ -100,7 +100,8 @@ def ops_fleet(pg_url: str, redis_url: str, tmp_path_factory) -> Iterator[Running
     r = redis_lib.Redis.from_url(redis_url)
     r.flushdb()
     with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
+                          "RESTART IDENTITY CASCADE"))
     tmp = tmp_path_factory.mktemp("fleet")
     state_dir = tmp / "state"
     flower_port, metrics_port = free_port(), free_port()

@@ -3,6 +3,8 @@ lower threshold, a minimum dwell), one numbered sequence of transitions whoever 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from config.settings import Settings
@@ -36,7 +38,7 @@ def test_the_modes_are_entered_at_the_seeds_triggers(book):
 
 def test_a_load_oscillating_around_a_trigger_changes_the_mode_once_not_on_every_swing(book):
     loads = [0.58, 0.62] * 100  # +-2% around the 60% trigger, one sample a second for 200 s
-    flaps_without_hysteresis = sum(1 for a, b in zip(loads, loads[1:], strict=False)
+    flaps_without_hysteresis = sum(1 for a, b in itertools.pairwise(loads)
                                    if mode_for(a, settings=SETTINGS) != mode_for(b, settings=SETTINGS))
     assert flaps_without_hysteresis == 199  # what the per-producer rule did
     assert _run(book, loads) == [(1_001_000, FleetMode.HIGH_LOAD)]
@@ -72,7 +74,7 @@ def test_every_decider_shares_one_numbered_sequence_of_transitions(redis):
             t += 400
     log = books[0].transitions()
     assert [tr.seq for tr in log] == list(range(1, len(log) + 1))
-    assert all(a.to_mode == b.from_mode for a, b in zip(log, log[1:], strict=False))
+    assert all(a.to_mode == b.from_mode for a, b in itertools.pairwise(log))
     assert books[1].read().mode == log[-1].to_mode and books[2].read().seq == len(log)
 
 

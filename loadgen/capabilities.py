@@ -15,6 +15,8 @@ CAPABILITY_TEXT = {
                          "cheaper tier than requested)",
     "admission_control": "admission control (refusing requests with Overloaded)",
     "worker_processes": "several worker processes",
+    "response_cache": "exact response cache (tars_tasks/cache.py; answers at submit, needs TARS_CACHE_URL)",
+    "budgets": "tenant budgets (tars_tasks/budgets.py; refusals with BudgetExceeded or failure reason budget)",
 }
 
 
@@ -32,6 +34,8 @@ def probe() -> dict[str, bool]:
         "degradation_modes": _has("tars_tasks.degradation") or _has("tars_tasks.admission"),
         "admission_control": _has("tars_tasks.admission"),
         "worker_processes": True,
+        "response_cache": _has("tars_tasks.cache"),
+        "budgets": _has("tars_tasks.budgets"),
     }
 
 
@@ -44,6 +48,11 @@ def exercised(name: str, aggregates: dict[str, Any], *, fleet_processes: int | N
         return aggregates["fallbacks"]["count"] > 0
     if name == "worker_processes":
         return (fleet_processes or 0) > 1 or aggregates["workers"]["count"] > 1
+    cc = aggregates.get("cost_controls") or {}
+    if name == "response_cache":
+        return (cc.get("answered_by") or {}).get("exact", 0) > 0
+    if name == "budgets":
+        return (cc.get("budget") or {}).get("refused", 0) > 0
     return False
 
 

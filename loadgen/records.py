@@ -82,6 +82,12 @@ class DbRow:
     calls: list[CallRow] = field(default_factory=list)
     #: ``requests.failure_reason`` (None: not failed, or a row written before the column)
     failure_reason: str | None = None
+    #: cost controls: how it was answered (exact / model), what a cache hit saved, the fleet mode
+    #: it was admitted under, its tenant
+    answered_by: str | None = None
+    saved_usd: Decimal = Decimal(0)
+    served_mode: str | None = None
+    tenant: str | None = None
 
     def set_calls(self, calls: list[CallRow]) -> None:
         """The request's attempts, and the per-request sums over them."""
@@ -124,16 +130,22 @@ class RequestRecord:
     #: left out of every population so no request is counted twice.
     sampled: bool = True
     calls: list[CallRow] = field(default_factory=list)
+    #: cost controls (see :class:`DbRow`)
+    answered_by: str | None = None
+    saved_usd: Decimal = Decimal(0)
+    served_mode: str | None = None
+    tenant: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["cost_usd"] = str(self.cost_usd)
+        d["saved_usd"] = str(self.saved_usd)
         d["calls"] = [c.as_json() for c in self.calls]
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RequestRecord:
-        return cls(**{**d, "cost_usd": Decimal(str(d["cost_usd"])),
+        return cls(**{**d, "cost_usd": Decimal(str(d["cost_usd"])), "saved_usd": Decimal(str(d.get("saved_usd", 0))),
                       "calls": [CallRow.from_json(c) for c in d.get("calls", [])]})
 
 
@@ -206,4 +218,5 @@ def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: 
         tier_requested=row.tier_requested, tier_used=row.tier_used, worker=row.worker, attempts=row.attempts,
         api_calls=row.api_calls, input_tokens=row.input_tokens, output_tokens=row.output_tokens,
         cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
-        done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls))
+        done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls),
+        answered_by=row.answered_by, saved_usd=row.saved_usd, served_mode=row.served_mode, tenant=row.tenant)

@@ -440,6 +440,15 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
 # --- document --------------------------------------------------------------------------------------
 
 
+def _cost_section(step: StepResult) -> list[str]:
+    fig = step.aggregates.get("cost_controls")
+    if not fig:
+        return []
+    from loadgen.costcontrols import report_lines
+
+    return report_lines(fig)
+
+
 def _jobs_section(step: StepResult) -> list[str]:
     fig = step.aggregates.get("jobs")
     if not fig:
@@ -591,7 +600,7 @@ def render_markdown(session: Session, *, plots: dict[str, str] | None = None, co
         else:
             s = r.steps[0]
             L += ["**Configuration:**", "", *configuration(s), "", "**Results:**", "", population_caption(s), "",
-                  *results_table(s), "", *_jobs_section(s),
+                  *results_table(s), "", *_jobs_section(s), *_cost_section(s),
                   "**What bound the run** (ceilings over the same population):", "",
                   *ceilings_table(s), "", *resources_table(s), "", "**Analysis:**", ""]
             prev = previous_closed if s.drive["kind"] == "closed" and previous_closed is not None and (

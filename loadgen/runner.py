@@ -249,6 +249,13 @@ class Runner:
                 f"the {len(fleet.pids())} worker process(es) of the fleet (and their children), not the generator"
                 if fleet.pids() else "none reachable from this host")
         agg["resources"] = samplers.summarise(samples, after=drive.window[0], processes=what)
+        from loadgen import costcontrols
+
+        changes = store.mode_changes(self.engine, namespace=self.settings.namespace, until=drive.ended_at)
+        agg["cost_controls"] = costcontrols.figures(records, mode_changes=changes, start=drive.started_at,
+                                                    end=drive.ended_at, budget_usd=sc.budget_usd,
+                                                    tenant=self._tenant(sc, run_id))
+        agg["cost_controls"]["file"] = costcontrols.write_mode_changes(self.out_dir, run_id, changes)
         missing = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes, present=self.present)
         agg["not_exercised"] = list(missing)
         agg["invalid_reasons"].extend(f"the mechanism under test did not act — {m}" for m in missing)
@@ -274,8 +281,26 @@ class Runner:
         return StepResult(run_id=run_id, scenario=sc.name, label=label, level=level, config=config, drive=info,
                           aggregates=agg, records=records)
 
+    @staticmethod
+    def _tenant(sc: Scenario, run_id: str) -> str:
+        """A budget scenario runs as a tenant of its own (the budget is per loadgen run)."""
+        return f"run-{run_id}" if sc.budget_usd is not None else "loadgen"
+
+    def _set_budget(self, sc: Scenario, run_id: str) -> None:
+        if sc.budget_usd is None:
+            return
+        from decimal import Decimal
+
+        from tars_tasks.budgets import Budgets
+
+        budgets = Budgets.for_settings(self.settings)
+        if budgets is not None:
+            budgets.set_limit(tenant=self._tenant(sc, run_id), period="day", usd=Decimal(str(sc.budget_usd)))
+
     def _drive(self, sc: Scenario, *, client, run_id: str) -> DriveResult:
-        factory = RequestMix(roles=sc.roles, seed=sc.seed)
+        self._set_budget(sc, run_id)
+        factory = RequestMix(roles=sc.roles, seed=sc.seed, tenant=self._tenant(sc, run_id),
+                             prompt_pool=sc.prompt_pool, zipf_s=sc.zipf_s, temperature=sc.temperature)
         common = {"producer": client, "factory": factory, "warmup_s": sc.warmup_s, "run_id": run_id,
                   "drain_timeout_s": sc.drain_timeout_s, "clock": RunClock(),
                   "on_progress": self.progress.update if self.progress is not None else None}

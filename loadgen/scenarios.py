@@ -57,6 +57,14 @@ class Scenario:
     #: ``concurrency`` in flight; ``reject_share`` of them get one rejection from their validator.
     job_template: str | None = None
     reject_share: float = 0.3
+    #: Repeated prompts (the response cache): draw each request's prompt from this many distinct ones,
+    #: Zipf-distributed with exponent ``zipf_s`` (None: every prompt is new).
+    prompt_pool: int | None = None
+    zipf_s: float = 1.1
+    #: The requests' temperature (None: the role's default; 0 makes them cacheable).
+    temperature: float | None = None
+    #: A budget (USD per day) for the run's own tenant (``run-<run id>``), set before the run starts.
+    budget_usd: float | None = None
 
     def with_overrides(self, **kw: Any) -> Scenario:
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -106,6 +114,11 @@ class Scenario:
             out.append(f"sample interval must be > 0 s, got {self.sample_interval_s:g}")
         if not self.drain_timeout_s >= 0 or self.max_in_flight < 1:
             out.append("drain timeout must be >= 0 s and max in flight >= 1")
+        if self.prompt_pool is not None and (self.prompt_pool < 1 or not self.zipf_s > 0):
+            out.append(f"a prompt pool needs >= 1 prompts and a Zipf exponent > 0, got {self.prompt_pool} and "
+                       f"{self.zipf_s:g}")
+        if self.budget_usd is not None and not self.budget_usd >= 0:
+            out.append(f"budget must be >= 0 USD, got {self.budget_usd:g}")
         if not self.roles or any(not w >= 0 for w in self.roles.values()) or sum(self.roles.values()) <= 0:
             out.append(f"bad role mix {dict(self.roles)!r}")
         return out
@@ -126,7 +139,8 @@ class RequestMix:
     """Request *i* of a run: a role drawn (seeded) from the mix and a prompt of fixed size."""
 
     def __init__(self, *, roles: Mapping[str, float], seed: int, prompt_chars: int = PROMPT_CHARS,
-                 tenant: str = "loadgen") -> None:
+                 tenant: str = "loadgen", prompt_pool: int | None = None, zipf_s: float = 1.1,
+                 temperature: float | None = None) -> None:
         if not roles or any(w < 0 for w in roles.values()) or sum(roles.values()) <= 0:
             raise LoadgenError(f"bad role mix {dict(roles)!r}")
         self.roles = list(roles)
@@ -135,10 +149,26 @@ class RequestMix:
         self.tenant = tenant
         body = "Summarise the findings, list the risks and propose the next three steps. "
         self._body = (body * (prompt_chars // len(body) + 1))[:prompt_chars]
+        self.prompt_pool = prompt_pool
+        self.temperature = temperature
+        if prompt_pool is not None:  # Zipf: prompt k (1-based) has weight 1 / k^s
+            acc, self._cum = 0.0, []
+            for k in range(1, prompt_pool + 1):
+                acc += 1.0 / k ** zipf_s
+                self._cum.append(acc)
 
     def __call__(self, i: int) -> dict[str, Any]:
-        role = random.Random(self.seed * 1_000_003 + i).choices(self.roles, self.weights)[0]
-        return {"role": role, "prompt": f"[{i}] {self._body}", "tenant": self.tenant}
+        rng = random.Random(self.seed * 1_000_003 + i)
+        role = rng.choices(self.roles, self.weights)[0]
+        if self.prompt_pool is None:
+            out: dict[str, Any] = {"role": role, "prompt": f"[{i}] {self._body}", "tenant": self.tenant}
+        else:  # the same prompt is the same request only with the same role: draw both from the rank
+            k = rng.choices(range(self.prompt_pool), cum_weights=self._cum)[0]
+            role = random.Random(self.seed * 7_919 + k).choices(self.roles, self.weights)[0]
+            out = {"role": role, "prompt": f"[s{self.seed}p{k}] {self._body}", "tenant": self.tenant}
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        return out
 
 
 #: Rate limits far above any load this machine can offer: the c1000/c2000 presets measure the
@@ -173,6 +203,15 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
     _P("overload-150", "Overload at 150 concurrent", concurrency=150, duration_s=30, warmup_s=3,
        requires=("degradation_modes", "admission_control"),
        description="Beyond capacity: what degrades, what fails, what is refused."),
+    _P("cache", "Response cache — Zipf-repeated prompts", concurrency=20, duration_s=20, warmup_s=2,
+       prompt_pool=200, zipf_s=1.1, temperature=0.0, requires=("response_cache",),
+       description="Prompts drawn from 200 distinct ones with Zipf(1.1) popularity at temperature 0: the exact "
+                   "response cache's hit rate, hit vs model latency and the dollars it saved (needs "
+                   "TARS_CACHE_URL)."),
+    _P("budget", "Budget — a tenant crosses its budget mid-run", concurrency=20, duration_s=20, warmup_s=2,
+       budget_usd=0.05, requires=("budgets",),
+       description="The run's own tenant gets a $0.05 daily budget: past 80% its sonnet work moves to haiku, spent "
+                   "its queued work fails `budget` and new submits raise BudgetExceeded; spend against the limit."),
     _P("scaling", "Horizontal scaling — 1, 5, 10 worker processes", kind="sweep", axis="workers",
        levels=(1, 5, 10), concurrency=100, duration_s=15, warmup_s=3, worker_concurrency=50,
        requires=("worker_processes",),

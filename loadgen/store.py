@@ -51,7 +51,8 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     t = _req.c
     cols = [t.id, t.status, t.error, t.failure_reason, t.tier_requested, t.tier_used, t.worker, t.attempts,
             t.input_tokens,
-            t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at]
+            t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at, t.answered_by, t.saved_usd,
+            t.served_mode, t.tenant]
     rows: dict[str, DbRow] = {}
     calls: dict[str, list[CallRow]] = defaultdict(list)
     with engine.connect() as conn:
@@ -61,7 +62,9 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                tier_used=r.tier_used, worker=r.worker, attempts=r.attempts or 0,
                                input_tokens=r.input_tokens or 0, output_tokens=r.output_tokens or 0,
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
-                               started_at=epoch(r.started_at), finished_at=epoch(r.finished_at))
+                               started_at=epoch(r.started_at), finished_at=epoch(r.finished_at),
+                               answered_by=r.answered_by, saved_usd=Decimal(str(r.saved_usd or 0)),
+                               served_mode=r.served_mode, tenant=r.tenant)
         a = _api.c
         q = (select(a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
                     a.ratelimit_wait_ms, a.attempt, a.cache_write_tokens, a.cache_write_1h_tokens, a.cache_read_tokens)
@@ -80,6 +83,18 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
         if row is not None:
             row.set_calls(cs)
     return rows
+
+
+def mode_changes(engine: Engine, *, namespace: str, until: float) -> list[dict[str, Any]]:
+    """The fleet's mode transitions (``mode_changes``) up to ``until`` (epoch s), oldest first."""
+    from tars_tasks.db.models import ModeChange
+
+    m = ModeChange.__table__.c
+    q = (select(m.seq, m.at, m.from_mode, m.to_mode, m.reason, m.signals)
+         .where(m.namespace == namespace, m.at <= datetime.fromtimestamp(until, UTC)).order_by(m.seq))
+    with engine.connect() as conn:
+        return [{"seq": r.seq, "at": epoch(r.at), "from": r.from_mode, "to": r.to_mode, "reason": r.reason,
+                 "signals": r.signals} for r in conn.execute(q)]
 
 
 def call_outcomes(engine: Engine, *, run_id: str) -> dict[str, int]:

@@ -199,7 +199,7 @@ def _result_dict(r) -> dict:
     for k, v in d.items():
         if hasattr(v, "isoformat"):
             d[k] = v.isoformat()
-        elif k == "cost_usd":
+        elif k in ("cost_usd", "saved_usd"):
             d[k] = str(v)
     return d
 

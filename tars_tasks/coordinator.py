@@ -211,8 +211,8 @@ class Coordinator:
         """Tenants' budgets (tars_tasks/budgets.py): past ``budget_soft_fraction`` (spent + reserved) a
         tenant's work moves from sonnet/opus to the cheaper tier; a request is refused (after the cache
         had its say) when its period is used up, or when what is already *settled* leaves no room for
-        its worst case (it could never be called this period). An unreadable budget state refuses
-        nothing here (the worker's budget step still reserves)."""
+        its worst case (it could never be called this period). An unreadable budget state is
+        :class:`BrokerUnavailable` (nothing is written), like any Redis error of a submit."""
         if self.budgets is None:
             return planned
         states = {}
@@ -220,8 +220,7 @@ class Coordinator:
             for tenant in {p.spec.tenant for p in planned}:
                 states[tenant] = [st for st in self.budgets.state(tenant) if st.limit_usd is not None]
         except redis.RedisError as exc:
-            log.warning("budget state unreadable (%s); the workers' budget step still applies", exc)
-            return planned
+            raise BrokerUnavailable(f"fleet state unavailable (reading budgets): {exc}; nothing was recorded") from exc
         out = []
         for p in planned:
             limited = states.get(p.spec.tenant) or []

@@ -217,8 +217,8 @@ def measure_signals(*, settings: Settings, catalog: Catalog, broker: redis.Redis
 
 class FleetModeSource:
     """A process's view of the fleet mode: re-decided (measure, then the script) at most every
-    ``mode_interval_s``, transitions written to ``mode_changes``. Redis trouble keeps the last
-    mode known (``optimal`` if none): degradation never refuses a submit by itself."""
+    ``mode_interval_s``, transitions written to ``mode_changes``. A Redis error is raised (the
+    coordinator's submit turns it into ``BrokerUnavailable`` with nothing written)."""
 
     def __init__(self, *, settings: Settings, catalog: Catalog, book: ModeBook,
                  measure: Callable[[], dict[str, float]], engine: Any = None,
@@ -253,11 +253,9 @@ class FleetModeSource:
             if now - self._at < self.settings.mode_interval_s:
                 return self._view
             self._at = now
-        try:
-            view, changed = self.book.decide(self.measure())
-        except (redis.RedisError, OSError) as exc:
-            log.warning("fleet mode not re-decided (%s); keeping %s", exc, self._view.mode)
-            return self._view
+        # a Redis error propagates: the producer's submit is BrokerUnavailable (in bounded time),
+        # as for any broker operation of a submit
+        view, changed = self.book.decide(self.measure())
         with self._lock:
             self._view = view
         if changed:

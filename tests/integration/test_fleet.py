@@ -314,7 +314,8 @@ def test_admission_degrades_then_refuses_against_real_queue_depths(fleet_env, re
     from tars_tasks.client import TarsClient
     from tars_tasks.errors import Overloaded
 
-    settings = make_settings(fleet_env, max_queue_depth=10, admission_sample_interval_ms=0)
+    # the fleet mode (tars_tasks/fleetmode.py) re-decided on every submit: 6 of 10 queued is high load
+    settings = make_settings(fleet_env, max_queue_depth=10, admission_sample_interval_ms=0, mode_interval_s=0.001)
     with TarsClient(settings=settings) as client:
         first = client.submit_many([{"role": "engineer", "prompt": f"s{i}"} for i in range(6)])
         assert {h.tier for h in first} == {"sonnet"}

@@ -333,3 +333,94 @@ def check_jobs(md: str, directory: Path, run_doc: dict[str, Any], problems: list
     if len(per) != len(f["workers"]):
         problems.append(f"jobs: {len(per)} worker rows, recomputed {len(f['workers'])}")
     return checked
+
+
+# --- cost controls (cache, modes, budgets; the overload-150 phases table) ----------------------------
+
+
+def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
+    """The cost-control section recomputed from ``requests-<run>.jsonl`` and ``mode-changes-<run>.jsonl``
+    (every sampled request of the run; a request's phase is the one it was sent in)."""
+    rows = [json.loads(x) for x in (directory / run_doc["records_file"]).read_text().splitlines() if x.strip()]
+    changes = [json.loads(x) for x in (directory / run_doc["aggregates"]["cost_controls"]["file"]).read_text()
+               .splitlines() if x.strip()]
+    drive = run_doc["drive"]
+    start, end = drive["started_at"], drive["ended_at"]
+    rs = [r for r in rows if r.get("sampled", True)]
+    ok = [r for r in rs if r["status"] == "succeeded"]
+    hits = [r for r in ok if r.get("answered_by") == "exact"]
+    lat = lambda group: [(r["done_at"] - r["origin"]) * 1000 for r in group if r["done_at"] is not None]  # noqa: E731
+    f: dict[str, Any] = {"succeeded": len(ok), "hits": len(hits), "hit_rate": len(hits) / len(ok) if ok else None,
+                         "lat_hit": lat(hits), "lat_model": lat([r for r in ok if r.get("answered_by") != "exact"]),
+                         "spent": sum(Decimal(r["cost_usd"]) for r in rows),
+                         "saved": sum(Decimal(r.get("saved_usd", "0")) for r in rows),
+                         "modes": Counter(r.get("served_mode") or "none" for r in rs if r["submitted_at"] is not None),
+                         "budget": sum(1 for r in rs if r["reason"] in ("submit_error:BudgetExceeded", "budget"))}
+    mode, cuts = "optimal", []
+    for c in sorted(changes, key=lambda c: c["seq"]):
+        if c["at"] <= start:
+            mode = c["to"]
+        elif c["at"] < end:
+            cuts.append((c["at"], c["to"]))
+    bounds = [start] + [a for a, _ in cuts] + [end]
+    modes = [mode] + [m for _, m in cuts]
+    phases = []
+    for a, b, m in zip(bounds, bounds[1:], modes, strict=False):
+        if b <= a:
+            continue
+        sent = [r for r in rs if a <= r["origin"] < b]
+        sent_ok = [r for r in sent if r["status"] == "succeeded"]
+        done_ok = [r for r in ok if r["done_at"] is not None and a <= r["done_at"] < b]
+        phases.append({"start": a - start, "dur": b - a, "mode": m, "n": len(sent), "tp": len(done_ok) / (b - a),
+                       "err": sum(1 for r in sent if r["status"] == "failed") / len(sent) if sent else None,
+                       "hit": sum(1 for r in sent_ok if r.get("answered_by") == "exact") / len(sent_ok)
+                       if sent_ok else None})
+    f["phases"] = phases
+    return f
+
+
+def check_cost(md: str, directory: Path, run_doc: dict[str, Any], problems: list[str]) -> int:
+    """Every figure of a run's cost-control section against :func:`cost_figures`."""
+    f = cost_figures(directory, run_doc)
+    marker = f"Raw rows: `{run_doc['aggregates']['cost_controls']['file']}`"
+    section = md.split(marker, 1)[0].rsplit("**Cost controls**", 1)[1]
+    rows = {r[0]: r[1] for r in markdown_table(section, "| Metric | Value |")}
+    checked = 0
+
+    def eq(cell: str, index: int, value, what: str, scale: float = 1.0) -> None:
+        nonlocal checked
+        nums = numbers(cell)
+        ok = ("—" in cell) if value is None else (len(nums) > index and close(nums[index], value, scale=scale))
+        if not ok:
+            problems.append(f"cost controls {what}: {cell!r} vs recomputed {value}")
+        checked += 1
+
+    hits = rows["Answered from the response cache (exact)"]
+    eq(hits, 0, f["hits"], "hits")
+    eq(hits, 1, f["succeeded"], "succeeded")
+    eq(hits.split("hit rate", 1)[1], 0, f["hit_rate"], "hit rate", 100)
+    for key, vals in (("Latency, cache hits", f["lat_hit"]), ("Latency, model answers", f["lat_model"])):
+        if vals:
+            eq(rows[key], 0, float(np.mean(vals)), f"{key} avg")
+            eq(rows[key], 1, nearest_rank(vals, 50), f"{key} p50")
+    eq(rows["Spent (every api_calls row)"], 0, f["spent"], "spent")
+    eq(rows["Saved by the cache (the calls not made)"], 0, f["saved"], "saved")
+    printed = dict(re.findall(r"(\w+) (\d+)", rows["Admitted under mode"]))
+    if {k: int(v) for k, v in printed.items()} != dict(f["modes"]):
+        problems.append(f"cost controls modes: {printed} vs recomputed {dict(f['modes'])}")
+    checked += 1
+    if "Refused for the budget" in rows:
+        eq(rows["Refused for the budget"], 0, f["budget"], "budget refusals")
+    table = markdown_table(section, "| Phase |")
+    if len(table) != len(f["phases"]):
+        problems.append(f"cost controls: {len(table)} phases, recomputed {len(f['phases'])}")
+    for row, p in zip(table, f["phases"], strict=False):
+        eq(row[1], 0, p["start"], "phase start")
+        eq(row[2], 0, p["dur"], "phase duration")
+        if row[3] != p["mode"]:
+            problems.append(f"cost controls phase mode {row[3]} vs {p['mode']}")
+        eq(row[4], 0, p["n"], "phase requests")
+        eq(row[5], 0, p["tp"], "phase throughput")
+        eq(row[6], 0, p["err"], "phase error rate", 100)
+        eq(row[8], 0, p["hit"], "phase cache hit rate", 100)
+    return checked

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.loadgen.recompute import Run, ceiling_rows, check_jobs, close, load, markdown_table, numbers, table_rows
+from tests.loadgen.recompute import Run, ceiling_rows, check_cost, check_jobs, close, load, markdown_table, numbers, table_rows
 
 TARS = str(Path(sys.executable).with_name("tars"))
 CEILING_NAMES = {"concurrency", "offered rate", "rate limits", "worker slots"}
@@ -168,6 +168,8 @@ def check_report(directory: Path) -> dict[str, int]:
         for run_doc in sc["runs"]:
             if run_doc["aggregates"].get("jobs"):
                 checked += check_jobs(md, directory, run_doc, problems)
+            if run_doc["aggregates"].get("cost_controls") and not sc["sweep"]:
+                checked += check_cost(md, directory, run_doc, problems)
     # the executive summary's table: one row per run
     for row in markdown_table(md, "| Run | Load | Population |"):
         run = next(r for r in runs if r.label == row[0])

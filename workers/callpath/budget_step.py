@@ -12,12 +12,14 @@ retry policy's), per docs/ARCHITECTURE.md, "A budget reserve/settle step":
 
 A worker killed in between never settles: the reservation's lease expires and the next script for
 the tenant charges it at its worst case (see :mod:`tars_tasks.budgets`). The fleet-state Redis
-unreachable at reserve time fails the call ``fleet_state_unavailable`` (no call outside the budget).
+unreachable at reserve time is retried with backoff within the call's retry budget, then the call
+fails ``fleet_state_unavailable`` (no call is made outside the budget).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from decimal import Decimal
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: The hint the sub-agent sets from ``requests.tenant``.
 HINT_TENANT = "tenant"
+#: Backoff while the budget's Redis cannot be reached (bounded by the call's retry budget).
+RETRY_INITIAL_S = 0.1
+RETRY_MAX_S = 2.0
 
 
 class BudgetStep(CallStep):
@@ -62,12 +67,20 @@ class BudgetStep(CallStep):
             return
         st = call.state_of(self)
         st.update(tenant=tenant, id=f"{call.request_id}:{uuid.uuid4().hex[:12]}", reserved=False)
-        try:
-            error = self._reserve(call, self.worst_case(call, call.requested))
-        except redis.RedisError as exc:
-            call.give_up(reason=FailureReason.FLEET_STATE_UNAVAILABLE,
-                         error=f"{FailureReason.FLEET_STATE_UNAVAILABLE}: budget state unreachable: {exc}")
-            return
+        delay = RETRY_INITIAL_S
+        while True:  # an unreachable Redis is retried with backoff inside the call's budget, as the limiter does
+            try:
+                error = self._reserve(call, self.worst_case(call, call.requested))
+                break
+            except redis.RedisError as exc:
+                if time.monotonic() + delay > call.deadline:
+                    call.give_up(reason=FailureReason.FLEET_STATE_UNAVAILABLE,
+                                 error=f"{FailureReason.FLEET_STATE_UNAVAILABLE}: budget state unreachable: {exc}")
+                    return
+                log.warning("request %s: budget state unreachable (%s); retrying in %.2fs", call.request_id, exc,
+                            delay)
+                call.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
         if error is not None:
             call.give_up(reason=FailureReason.BUDGET, error=error)
 

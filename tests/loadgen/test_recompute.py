@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.loadgen.recompute import Run, ceiling_rows, check_cost, check_jobs, close, load, markdown_table, numbers, table_rows
+from tests.loadgen.recompute import (
+    Run,
+    ceiling_rows,
+    check_cost,
+    check_jobs,
+    close,
+    load,
+    markdown_table,
+    numbers,
+    table_rows,
+)
 
 TARS = str(Path(sys.executable).with_name("tars"))
 CEILING_NAMES = {"concurrency", "offered rate", "rate limits", "worker slots"}

@@ -204,8 +204,8 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        requires=("degradation_modes", "admission_control"),
        description="Beyond capacity: what degrades, what fails, what is refused."),
     _P("cache", "Response cache — Zipf-repeated prompts", concurrency=20, duration_s=20, warmup_s=2,
-       prompt_pool=200, zipf_s=1.1, temperature=0.0, requires=("response_cache",),
-       description="Prompts drawn from 200 distinct ones with Zipf(1.1) popularity at temperature 0: the exact "
+       prompt_pool=1000, zipf_s=1.1, temperature=0.0, requires=("response_cache",),
+       description="Prompts drawn from 1000 distinct ones with Zipf(1.1) popularity at temperature 0: the exact "
                    "response cache's hit rate, hit vs model latency and the dollars it saved (needs "
                    "TARS_CACHE_URL)."),
     _P("budget", "Budget — a tenant crosses its budget mid-run", concurrency=20, duration_s=20, warmup_s=2,

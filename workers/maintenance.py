@@ -19,7 +19,9 @@ that path: the BRPOP's own timeout reply counts as an event, so "no events" neve
 Measured here: messages held by a SIGKILLed gevent worker stayed in ``unacked`` indefinitely
 while another worker sat idle. This loop calls the same restore on a timer; kombu's Redis
 mutex keeps concurrent restores by several workers from duplicating anything. It is the
-fallback for messages with no lease owner (taken by a stock worker).
+fallback for messages with no lease owner (taken by a stock worker). It also restores the
+messages this process gave up when its broker connection broke while Redis was away
+(:func:`tars_tasks.broker.leases.restore_abandoned`).
 
 :class:`LeaseKeeper` and :class:`LeaseSweeper` repair the hour a hard-killed worker's requests
 waited under the default visibility timeout (see :mod:`tars_tasks.broker.leases`): every worker
@@ -44,6 +46,18 @@ from tars_tasks.broker import leases
 log = logging.getLogger(__name__)
 
 
+def running_tags() -> set[str]:
+    """Delivery tags of the tasks this worker process is running now (Celery's worker state)."""
+    from celery.worker import state
+
+    tags = set()
+    for req in list(state.active_requests):
+        tag = getattr(getattr(req, "_message", None), "delivery_tag", None)
+        if tag is not None:
+            tags.add(str(tag))
+    return tags
+
+
 class UnackedRestorer:
     def __init__(self, *, celery_app, interval_s: float) -> None:
         self.app = celery_app
@@ -51,6 +65,7 @@ class UnackedRestorer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sweeps = 0
+        self.restored_abandoned = 0
 
     def start(self) -> UnackedRestorer:
         if not str(self.app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
@@ -66,7 +81,12 @@ class UnackedRestorer:
                 if conn is None:
                     conn = self.app.connection_for_write()
                     conn.ensure_connection(max_retries=1)
-                conn.default_channel.qos.restore_visible(num=None, interval=1)
+                channel = conn.default_channel
+                channel.qos.restore_visible(num=None, interval=1)
+                n = leases.restore_abandoned(channel, running=running_tags())
+                if n:
+                    log.warning("restored %d message(s) this worker had to give up while the broker was away", n)
+                self.restored_abandoned += n
                 self.sweeps += 1
             except Exception as exc:
                 log.warning("unacked-message sweep failed (%s); retrying in %.0fs", exc, self.interval_s)

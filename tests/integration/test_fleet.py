@@ -423,6 +423,7 @@ def _pings(redis_lib, url: str) -> bool:
 
 def test_a_redis_restart_with_work_queued_and_running_loses_nothing(fleet_env, start_worker, private_redis, db):
     from tars_tasks.client import TarsClient
+    from tars_tasks.errors import ResultTimeout
 
     env = {**fleet_env, "TARS_BROKER_URL": private_redis.url, "TARS_VISIBILITY_TIMEOUT_S": "5",
            "TARS_SIM_LATENCY": "uniform:300:800", "TARS_REQUEUE_LOST_AFTER_S": "5", "TARS_RECONCILE_INTERVAL_S": "1"}
@@ -433,9 +434,12 @@ def test_a_redis_restart_with_work_queued_and_running_loses_nothing(fleet_env, s
 
         _wait_until(lambda: _finished(db) >= 10, timeout=60)
         private_redis.restart()
-        results = client.wait_many([h.id for h in handles], timeout=180)
-    assert {r.status for r in results} == {"succeeded"}, fleet_snapshot(
-        db=db, redis_url=private_redis.url, namespace=env["TARS_NAMESPACE"], workers=[worker])
+        try:
+            results = client.wait_many([h.id for h in handles], timeout=180)
+        except ResultTimeout as exc:
+            raise AssertionError(f"{exc}\n" + fleet_snapshot(
+                db=db, redis_url=private_redis.url, namespace=env["TARS_NAMESPACE"], workers=[worker])) from exc
+    assert {r.status for r in results} == {"succeeded"}
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == 80
 

@@ -35,7 +35,7 @@ def phases(mode_changes: Sequence[dict[str, Any]], *, start: float, end: float) 
     """The run cut at each transition: ``[{start, end, mode}]`` (the mode in force at ``start`` first)."""
     mode = "optimal"
     cuts: list[tuple[float, str]] = []
-    for mc in sorted(mode_changes, key=lambda m: m["seq"]):
+    for mc in sorted(mode_changes, key=lambda m: (m["at"], m["seq"])):
         if mc["at"] <= start:
             mode = mc["to"]
         elif mc["at"] < end:

@@ -91,7 +91,7 @@ def mode_changes(engine: Engine, *, namespace: str, until: float) -> list[dict[s
 
     m = ModeChange.__table__.c
     q = (select(m.seq, m.at, m.from_mode, m.to_mode, m.reason, m.signals)
-         .where(m.namespace == namespace, m.at <= datetime.fromtimestamp(until, UTC)).order_by(m.seq))
+         .where(m.namespace == namespace, m.at <= datetime.fromtimestamp(until, UTC)).order_by(m.at, m.seq))
     with engine.connect() as conn:
         return [{"seq": r.seq, "at": epoch(r.at), "from": r.from_mode, "to": r.to_mode, "reason": r.reason,
                  "signals": r.signals} for r in conn.execute(q)]

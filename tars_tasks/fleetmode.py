@@ -21,7 +21,7 @@ process may run it with what it measured, at most every ``mode_interval_s``; the
 the rule to the mode stored there, so two processes can never disagree about the mode or make one
 transition twice. Each transition gets a number (``seq``) and goes on a short log in Redis; the
 process whose call made it writes the ``mode_changes`` rows of the log it has not seen written
-(``ON CONFLICT (namespace, seq) DO NOTHING``), so a process that died before writing its row
+(``ON CONFLICT (namespace, seq, at) DO NOTHING``), so a process that died before writing its row
 has it written by the next transition.
 """
 
@@ -259,7 +259,7 @@ class FleetModeSource:
         with self._lock:
             self._view = view
         if changed:
-            log.warning("fleet mode is now %s (transition %d)", view.mode, view.seq)
+            log.info("fleet mode is now %s (transition %d)", view.mode, view.seq)
             self.record_transitions()
         return view
 
@@ -279,7 +279,7 @@ class FleetModeSource:
                 return 0
             with self.engine.begin() as conn:
                 stmt = insert_for(conn, ModeChange.__table__).on_conflict_do_nothing(
-                    index_elements=["namespace", "seq"])
+                    index_elements=["namespace", "seq", "at"])
                 conn.execute(stmt, rows)
             return len(rows)
         except Exception as exc:  # the next transition writes the log again

@@ -81,6 +81,10 @@ def _start_maintenance(sender=None, **_kw) -> None:
     _maintenance.append(UnackedRestorer(celery_app=app_, interval_s=settings.unacked_restore_interval_s).start())
     _maintenance.append(LeaseSweeper(celery_app=app_, settings=settings).start())
     _maintenance.append(LostRequestReconciler(celery_app=app_, settings=settings).start())
+    from config.catalog import load_catalog
+    from workers.maintenance import FleetModeKeeper
+
+    _maintenance.append(FleetModeKeeper(settings=settings, catalog=load_catalog(settings.catalog_path)).start())
 
 
 @signals.worker_shutdown.connect

@@ -358,3 +358,36 @@ class LostRequestReconciler:
                                 priority=row.priority, reply_to=None)
         self.requeued += len(lost)
         return len(lost)
+
+
+class FleetModeKeeper:
+    """Re-decides the fleet's degradation mode every ``mode_interval_s`` from this worker too
+    (tars_tasks/fleetmode.py), so the mode follows the load down when producers stop submitting
+    (a drain, a quiet night) and its transitions are recorded then, not at the next submit. The
+    decision is one script in Redis: any number of workers and producers agree."""
+
+    def __init__(self, *, settings, catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._stop = threading.Event()
+
+    def start(self) -> FleetModeKeeper:
+        if self.settings.shared_redis_url is None:
+            return self
+        threading.Thread(target=self._run, name="tars-fleet-mode", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from tars_tasks.db.engine import get_engine
+        from tars_tasks.fleetmode import FleetModeSource
+
+        source = FleetModeSource.for_settings(settings=self.settings, catalog=self.catalog,
+                                              engine=get_engine(self.settings.database_url))
+        while source is not None and not self._stop.wait(self.settings.mode_interval_s):
+            try:
+                source.current()
+            except Exception as exc:
+                log.warning("fleet mode not re-decided (%s)", exc)

@@ -31,7 +31,7 @@ def upgrade() -> None:
         sa.Column("signals", sa.JSON, nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("namespace", sa.String(100), nullable=False),
-        sa.UniqueConstraint("namespace", "seq", name="uq_mode_changes_namespace_seq"),
+        sa.UniqueConstraint("namespace", "seq", "at", name="uq_mode_changes_transition"),
     )
     op.create_index("ix_mode_changes_at", "mode_changes", ["at"])
 

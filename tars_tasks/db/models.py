@@ -167,12 +167,13 @@ class ApiCall(Base):
 
 class ModeChange(Base):
     """One transition of the fleet's degradation mode (tars_tasks/fleetmode.py): when, from, to,
-    why, and the signals it was decided from. ``seq`` is the transition's number in Redis, so a
-    transition recorded twice (two producers racing to write it) is one row."""
+    why, and the signals it was decided from. ``seq`` is the transition's number in Redis and ``at``
+    Redis's time of it, so a transition recorded twice (two processes writing the log) is one row,
+    and a Redis that lost the mode (numbering from 1 again) does not collide with older rows."""
 
     __tablename__ = "mode_changes"
     __table_args__ = (
-        UniqueConstraint("namespace", "seq", name="uq_mode_changes_namespace_seq"),
+        UniqueConstraint("namespace", "seq", "at", name="uq_mode_changes_transition"),
         Index("ix_mode_changes_at", "at"),
     )
 

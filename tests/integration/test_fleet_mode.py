@@ -150,3 +150,23 @@ def test_in_critical_mode_a_low_priority_request_is_answered_from_cache_even_the
     assert (got.status, got.answered_by, got.result, got.served_mode) == ("succeeded", "exact", "from haiku",
                                                                           "critical")
     assert got.saved_usd == Decimal("0.0002") and got.tier_used == "haiku"
+
+
+def test_a_redis_that_lost_the_mode_numbers_again_from_one_and_its_transitions_still_get_rows(fleet_env, db,
+                                                                                                redis):
+    from config.catalog import load_catalog
+    from tars_tasks.fleetmode import FleetModeSource, ModeBook
+
+    settings = make_settings(_env(fleet_env))
+    loads = iter([0.9, 0.9])
+    book = ModeBook(redis_client=redis, namespace=settings.namespace, settings=settings)
+    src = FleetModeSource(settings=settings, catalog=load_catalog(), book=book, engine=db,
+                          measure=lambda: {"queue_load": next(loads)}, clock=iter(range(0, 1000, 10)).__next__)
+    assert src.current().seq == 1
+    redis.delete(book.key, book.log_key)  # Redis lost the mode (restart without persistence, a flush)
+    time.sleep(0.01)
+    assert src.current().seq == 1  # numbered from 1 again
+    with db.connect() as conn:
+        rows = conn.execute(text("SELECT seq, to_mode FROM mode_changes WHERE namespace = :ns ORDER BY at"),
+                            {"ns": settings.namespace}).all()
+    assert [(r.seq, r.to_mode) for r in rows] == [(1, "critical"), (1, "critical")]

@@ -357,7 +357,7 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
                          "modes": Counter(r.get("served_mode") or "none" for r in rs if r["submitted_at"] is not None),
                          "budget": sum(1 for r in rs if r["reason"] in ("submit_error:BudgetExceeded", "budget"))}
     mode, cuts = "optimal", []
-    for c in sorted(changes, key=lambda c: c["seq"]):
+    for c in sorted(changes, key=lambda c: (c["at"], c["seq"])):
         if c["at"] <= start:
             mode = c["to"]
         elif c["at"] < end:

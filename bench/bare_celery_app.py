@@ -22,3 +22,21 @@ app.conf.update(
 @app.task(name="bare.noop")
 def noop(i: int = 0) -> None:
     return None
+
+
+_done = None
+
+
+@app.task(name="bare.sleep")
+def sleep_then_done(token: str, seconds: float) -> None:
+    """The closed loop's baseline: the seed's model time as a sleep, then one LPUSH so the
+    producer knows (bare Celery has no result backend here, as the fleet has none)."""
+    global _done
+    import time
+
+    import redis
+
+    time.sleep(seconds)  # gevent-patched in the worker: a cooperative sleep, like an HTTP wait
+    if _done is None:
+        _done = redis.Redis.from_url(os.environ.get("BARE_BROKER_URL", "redis://127.0.0.1:6379/10"))
+    _done.lpush("bare:done", token)

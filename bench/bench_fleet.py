@@ -10,6 +10,14 @@
 3. closed loop with the seed's latency (uniform 0.5-2.5 s, no injected failures): keep C in
    flight for a steady window; throughput as % of Little's bound (C / mean model latency
    measured from the api_calls rows of the window), and p99 end-to-end minus p99 model latency.
+4. bare Celery closed loop at each C: a task that sleeps the same U(0.5, 2.5) s (gevent) and
+   LPUSHes its token; the producer BRPOPs and sends the next — the same shape as (3).
+5. For every part: CPU seconds per request (per task) of each process group — the producer
+   (this process), the worker processes, redis-server, the Postgres backends of the bench
+   database — and worker RSS in the middle of each closed-loop window; memory per in-flight
+   request is the slope of worker RSS against C. ``--soak S``: S seconds at C = 1,000, worker RSS
+   every 10 s, slope after the first minute (MB/min). ``--profile DIR``: py-spy records one
+   worker during the pipeline drain (a speedscope file per run).
 
 Everything runs against 127.0.0.1 and is bounded. Results print as JSON (``--out`` to save).
 """
@@ -23,12 +31,16 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meters import CpuMeter, postgres_backends, redis_pid, rss_bytes, slope, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +86,35 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+REDIS_ADMIN = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+
+
+def _meter(procs: list[subprocess.Popen], *, db_name: str | None = None) -> CpuMeter:
+    groups = {"producer": lambda: [os.getpid()],
+              "workers": lambda: [pid for p in procs for pid in tree(p.pid)],
+              "redis": lambda: [pid] if (pid := redis_pid(REDIS_ADMIN)) else []}
+    if db_name:
+        groups["postgres"] = postgres_backends(PG_ADMIN, db_name)
+    return CpuMeter(groups)
+
+
+def _per(cpu: dict[str, float], n: int) -> dict[str, float]:
+    """CPU milliseconds per request (per task) of each group, and their sum."""
+    out = {k: 1000 * v / n for k, v in cpu.items()} if n else {k: 0.0 for k in cpu}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _worker_rss_mid(procs: list[subprocess.Popen], at_s: float, into: dict) -> threading.Timer:
+    def sample() -> None:
+        into["worker_rss_bytes"] = rss_bytes([pid for p in procs for pid in tree(p.pid)])
+
+    t = threading.Timer(at_s, sample)
+    t.daemon = True
+    t.start()
+    return t
+
+
 def _queue_len(r: redis.Redis, queue: str) -> int:
     pipe = r.pipeline()
     pipe.llen(queue)
@@ -100,6 +141,7 @@ with app.producer_or_acquire() as p:
                      "-c", str(concurrency), "-n", f"bare{i}@%h", "--without-mingle", "--without-gossip",
                      "-l", "INFO"], {**env, "PYTHONPATH": str(ROOT / "bench")}, logs[i])
              for i in range(processes)]
+    meter = _meter(procs).start()
     try:
         t0 = None
         while True:
@@ -111,9 +153,82 @@ with app.producer_or_acquire() as p:
                 t1 = now
                 break
             time.sleep(0.01)
+        cpu = meter.stop()
     finally:
         _stop(procs)
-    return {"tasks": backlog, "seconds": t1 - t0, "tasks_per_s": backlog / (t1 - t0)}
+    return {"tasks": backlog, "seconds": t1 - t0, "tasks_per_s": backlog / (t1 - t0),
+            "cpu_ms_per_task": _per(cpu, backlog)}
+
+
+def bench_bare_closed(*, processes: int, concurrency: int, levels: list[int], duration_s: float, warmup_s: float,
+                      tmp: Path) -> list[dict]:
+    """Bare Celery, closed loop: C sleeps of U(0.5, 2.5) s in flight, each completion sends the next."""
+    import random
+
+    url = "redis://127.0.0.1:6379/10"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    env = {"BARE_BROKER_URL": url, "PYTHONPATH": str(ROOT / "bench")}
+    os.environ["BARE_BROKER_URL"] = url
+    from bare_celery_app import app as bare_app
+
+    logs = [tmp / f"bare-closed-{i}.log" for i in range(processes)]
+    procs = [_start([sys.executable, "-m", "celery", "-A", "bare_celery_app", "worker", "-P", "gevent",
+                     "-c", str(concurrency), "-n", f"bareclosed{i}@%h", "--without-mingle", "--without-gossip",
+                     "-l", "INFO"], env, logs[i]) for i in range(processes)]
+    out = []
+    try:
+        _wait_ready(logs)
+        for c in levels:
+            r.delete("bare:done")
+            rng = random.Random(c)
+            sent: dict[str, tuple[float, float]] = {}
+            done: list[tuple[float, float, float]] = []  # (done at, end to end, sleep)
+            mid: dict = {}
+            with bare_app.producer_or_acquire() as producer:
+                def send(rng=rng, sent=sent, producer=producer) -> None:
+                    token = uuid.uuid4().hex
+                    seconds = rng.uniform(0.5, 2.5)
+                    sent[token] = (time.monotonic(), seconds)
+                    bare_app.send_task("bare.sleep", kwargs={"token": token, "seconds": seconds}, producer=producer)
+
+                meter = _meter(procs).start()
+                begin = time.monotonic()
+                w0, w1 = begin + warmup_s, begin + warmup_s + duration_s
+                timer = _worker_rss_mid(procs, warmup_s + duration_s / 2, mid)
+                for _ in range(c):
+                    send()
+                while time.monotonic() < w1:
+                    got = r.brpop("bare:done", timeout=1)
+                    if got is None:
+                        continue
+                    now = time.monotonic()
+                    t_send, seconds = sent.pop(got[1].decode())
+                    done.append((now, now - t_send, seconds))
+                    send()
+                deadline = time.monotonic() + 10  # drain what is in flight, bounded
+                while sent and time.monotonic() < deadline:
+                    got = r.brpop("bare:done", timeout=1)
+                    if got is not None:
+                        sent.pop(got[1].decode(), None)
+                cpu = meter.stop()
+                timer.cancel()
+            window = [d for d in done if w0 <= d[0] <= w1]
+            e2e, sleeps = [d[1] for d in window], [d[2] for d in window]
+            mean_sleep = statistics.fmean(sleeps)
+            thr = len(window) / duration_s
+            bound = c / mean_sleep
+            out.append({"concurrency": c, "window_s": duration_s, "completed_in_window": len(window),
+                        "throughput_per_s": thr, "mean_model_latency_s": mean_sleep, "littles_bound_per_s": bound,
+                        "pct_of_bound": 100 * thr / bound,
+                        "p99_added_ms": 1000 * (_pct(e2e, 99) - _pct(sleeps, 99)),
+                        "p50_added_ms": 1000 * (_pct(e2e, 50) - _pct(sleeps, 50)),
+                        "cpu_ms_per_task": _per(cpu, len(done)), "worker_rss_bytes": mid.get("worker_rss_bytes"),
+                        "unfinished": len(sent)})
+            print(json.dumps(out[-1]), flush=True)
+    finally:
+        _stop(procs)
+    return out
 
 
 def _unbinding_catalog() -> Path:
@@ -151,7 +266,8 @@ def _start_fleet(env: dict[str, str], *, processes: int, concurrency: int, tmp: 
     return procs, logs
 
 
-def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: int, tmp: Path) -> dict:
+def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: int, tmp: Path,
+                   profile: Path | None = None) -> dict:
     from sqlalchemy import text
 
     from tars_tasks.client import TarsClient
@@ -166,7 +282,16 @@ def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: in
         for i in range(0, backlog, 500):
             chunk = range(i, min(backlog, i + 500))
             client.submit_many([{"role": "researcher", "prompt": f"bench {j}"} for j in chunk])
-        procs, _ = _start_fleet(env, processes=processes, concurrency=concurrency, tmp=tmp, tag="zero")
+        procs, logs = _start_fleet(env, processes=processes, concurrency=concurrency, tmp=tmp, tag="zero")
+        _wait_ready(logs)  # start-up (imports, connections) is not what a request costs
+        meter = _meter(procs, db_name=db_url.rsplit("/", 1)[1]).start()
+        spy = None
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(procs[0].pid),
+                                    "--format", "speedscope", "--rate", "200", "--gil",
+                                    "--output", str(profile / "worker-drain.speedscope.json")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
@@ -175,13 +300,21 @@ def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: in
                 if left == 0:
                     break
                 time.sleep(0.2)
+            cpu = meter.stop()
             with client.engine.connect() as conn:
                 row = conn.execute(text("SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at)), "
                                         "count(*) FILTER (WHERE status='succeeded') FROM requests")).one()
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
             _stop(procs)
     n, span, ok = int(row[0]), float(row[1]), int(row[2])
-    return {"requests": n, "succeeded": ok, "seconds": span, "requests_per_s": n / span}
+    return {"requests": n, "succeeded": ok, "seconds": span, "requests_per_s": n / span,
+            "cpu_ms_per_request": _per(cpu, n)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -216,7 +349,13 @@ def bench_closed_loop(*, db_url: str, processes: int, concurrency: int, levels: 
                                       "(:i, :n, '{}', now())"), {"i": run_id, "n": f"bench-c{c}"})
                 drv = ClosedLoop(producer=client, factory=lambda i: {"role": "researcher", "prompt": f"q{i}"},
                                  concurrency=c, duration_s=duration_s, warmup_s=warmup_s, run_id=run_id)
+                mid: dict = {}
+                meter = _meter(procs, db_name=db_url.rsplit("/", 1)[1]).start()
+                timer = _worker_rss_mid(procs, warmup_s + duration_s / 2, mid)
                 res = drv.run()
+                cpu = meter.stop()
+                timer.cancel()
+                finished = sum(1 for x in res.samples if x.done_at is not None)
                 w0, w1 = res.window
                 done = [s for s in res.samples if s.done_at is not None and w0 <= s.done_at <= w1]
                 e2e = [s.done_at - s.send_start for s in done]
@@ -236,11 +375,85 @@ def bench_closed_loop(*, db_url: str, processes: int, concurrency: int, levels: 
                     "p50_added_ms": 1000 * (_pct(e2e, 50) - _pct(lat, 50)),
                     "failed": sum(1 for s in res.samples if s.status not in (None, "succeeded")),
                     "unfinished": res.unfinished,
+                    "cpu_ms_per_request": _per(cpu, finished), "worker_rss_bytes": mid.get("worker_rss_bytes"),
                 })
                 print(json.dumps(out[-1]), flush=True)
     finally:
         _stop(procs)
     return out
+
+
+def bench_soak(*, db_url: str, processes: int, concurrency: int, c: int, soak_s: float, tmp: Path,
+               settle_s: float = 60.0, every_s: float = 10.0) -> dict:
+    """``c`` in flight for ``soak_s``; worker RSS every ``every_s``; slope after ``settle_s`` (MB/min)."""
+    from loadgen.drivers import ClosedLoop
+    from tars_tasks.client import TarsClient
+    from tests.helpers import make_settings
+
+    redis.Redis.from_url("redis://127.0.0.1:6379/9").flushdb()
+    env = _fleet_env(db_url, TARS_SIM_LATENCY="uniform:500:2500")
+    procs, logs = _start_fleet(env, processes=processes, concurrency=concurrency, tmp=tmp, tag="soak")
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not stop.wait(every_s):
+            samples.append((time.monotonic() - t0, rss_bytes([pid for p in procs for pid in tree(p.pid)])))
+
+    try:
+        _wait_ready(logs)
+        with TarsClient(settings=make_settings(env)) as client:
+            t = threading.Thread(target=sample, daemon=True)
+            t.start()
+            res = ClosedLoop(producer=client, factory=lambda i: {"role": "researcher", "prompt": f"s{i}"},
+                             concurrency=c, duration_s=soak_s, warmup_s=0).run()
+            stop.set()
+    finally:
+        _stop(procs)
+    after = [(x, y) for x, y in samples if x >= settle_s]
+    mb_per_min = slope([x / 60 for x, _ in after], [y / 2**20 for _, y in after])
+    return {"concurrency": c, "seconds": soak_s, "completed": sum(1 for x in res.samples if x.done_at is not None),
+            "rss_samples": [[round(x, 1), y] for x, y in samples], "settle_s": settle_s,
+            "rss_slope_mib_per_min_after_settle": mb_per_min}
+
+
+def memory_per_in_flight(levels: list[dict]) -> float | None:
+    """KiB of worker RSS per request in flight: the slope of RSS against C across the levels."""
+    pts = [(lv["concurrency"], lv["worker_rss_bytes"]) for lv in levels if lv.get("worker_rss_bytes")]
+    if len(pts) < 2:
+        return None
+    return slope([x for x, _ in pts], [y / 1024 for _, y in pts])
+
+
+def ratio_table(result: dict) -> str:
+    """The issue's table: bare Celery against the pipeline, from this one run."""
+    rows = ["| figure | bare Celery | TARS full pipeline | pipeline / bare |", "|---|---|---|---|"]
+    bare, pipe = result.get("bare_celery_noop"), result.get("pipeline_zero_latency")
+    if bare and pipe:
+        rows.append(f"| drain of a {bare['tasks']:,} backlog, zero-latency model | "
+                    f"{bare['tasks_per_s']:,.0f} tasks/s | {pipe['requests_per_s']:,.0f} req/s | "
+                    f"{pipe['requests_per_s'] / bare['tasks_per_s']:.2f}x |")
+        rows.append(f"| CPU per request in that drain (all processes) | {bare['cpu_ms_per_task']['total']:.2f} ms | "
+                    f"{pipe['cpu_ms_per_request']['total']:.2f} ms | "
+                    f"{pipe['cpu_ms_per_request']['total'] / max(bare['cpu_ms_per_task']['total'], 1e-9):.2f}x |")
+    bc = {lv["concurrency"]: lv for lv in result.get("bare_closed_loop", [])}
+    for lv in result.get("closed_loop", []):
+        c, b = lv["concurrency"], bc.get(lv["concurrency"])
+        bare_txt = (f"{b['pct_of_bound']:.1f}% ({b['throughput_per_s']:,.0f}/s), p99 +{b['p99_added_ms']:,.0f} ms"
+                    if b else "not run")
+        rows.append(f"| closed loop C = {c:,}, % of Little's bound | {bare_txt} | {lv['pct_of_bound']:.1f}% "
+                    f"({lv['throughput_per_s']:,.0f}/s), p99 +{lv['p99_added_ms']:,.0f} ms | "
+                    + (f"{lv['throughput_per_s'] / b['throughput_per_s']:.2f}x |" if b else "- |"))
+    mb, mp = result.get("bare_kib_per_in_flight"), result.get("pipeline_kib_per_in_flight")
+    if mb is not None or mp is not None:
+        rows.append(f"| worker RSS per request in flight | {mb:.1f} KiB | {mp:.1f} KiB | - |" if mb is not None
+                    and mp is not None else f"| worker RSS per request in flight | - | {mp or 0:.1f} KiB | - |")
+    if "soak" in result:
+        so = result["soak"]
+        rows.append(f"| soak C = {so['concurrency']:,}, {so['seconds']:.0f} s: RSS slope after "
+                    f"{so['settle_s']:.0f} s | - | {so['rss_slope_mib_per_min_after_settle']:+.2f} MiB/min | - |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -251,7 +464,9 @@ def main() -> None:
     ap.add_argument("--levels", default="100,1000,2000")
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--warmup", type=float, default=8.0)
-    ap.add_argument("--skip", default="", help="comma list of: bare,pipeline,closed")
+    ap.add_argument("--skip", default="", help="comma list of: bare,pipeline,closed,bare-closed")
+    ap.add_argument("--soak", type=float, default=0.0, help="seconds of soak at C = 1,000 (0: none)")
+    ap.add_argument("--profile", type=Path, default=None, help="py-spy one worker of the pipeline drain into DIR")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -266,16 +481,29 @@ def main() -> None:
         print(json.dumps(result["bare_celery_noop"]), flush=True)
     if "pipeline" not in skip:
         result["pipeline_zero_latency"] = bench_pipeline(db_url=db_url, processes=args.processes,
-                                                         concurrency=args.concurrency, backlog=args.backlog, tmp=tmp)
+                                                         concurrency=args.concurrency, backlog=args.backlog, tmp=tmp,
+                                                         profile=args.profile)
         print(json.dumps(result["pipeline_zero_latency"]), flush=True)
         if "bare_celery_noop" in result:
             result["pipeline_to_bare_ratio"] = (result["pipeline_zero_latency"]["requests_per_s"]
                                                 / result["bare_celery_noop"]["tasks_per_s"])
+    levels = [int(x) for x in args.levels.split(",")]
+    if "bare-closed" not in skip:
+        result["bare_closed_loop"] = bench_bare_closed(processes=args.processes, concurrency=args.concurrency,
+                                                       levels=levels, duration_s=args.duration,
+                                                       warmup_s=args.warmup, tmp=tmp)
+        result["bare_kib_per_in_flight"] = memory_per_in_flight(result["bare_closed_loop"])
     if "closed" not in skip:
         result["closed_loop"] = bench_closed_loop(
             db_url=db_url, processes=args.processes, concurrency=args.concurrency,
-            levels=[int(x) for x in args.levels.split(",")], duration_s=args.duration, warmup_s=args.warmup, tmp=tmp)
+            levels=levels, duration_s=args.duration, warmup_s=args.warmup, tmp=tmp)
+        result["pipeline_kib_per_in_flight"] = memory_per_in_flight(result["closed_loop"])
+    if args.soak > 0:
+        result["soak"] = bench_soak(db_url=db_url, processes=args.processes, concurrency=args.concurrency,
+                                    c=1000, soak_s=args.soak, tmp=tmp)
     print(json.dumps(result, indent=2))
+    print()
+    print(ratio_table(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

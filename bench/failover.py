@@ -9,6 +9,11 @@ victim it is SIGKILLed. For every request the victim was calling, the
 recovery time is from the kill to the start of its next attempt on another worker (from the
 ``api_calls`` rows). A round's recovery time is its slowest request's. Prints p50 / p99 / max
 over rounds and over requests, and checks that no request ran twice to success.
+
+``--lost N``: N rounds of a message the broker lost (a worker SIGKILLed between Redis' pop and
+kombu's unacked record loses the message it was just handed; here the request row is recorded and
+its message never sent, which is what such a loss leaves). Recovery time: from the row's
+submission to the start of its first attempt, under the default reconciler settings.
 """
 
 from __future__ import annotations
@@ -53,14 +58,38 @@ def _pct(values: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
 
 
+def _lost_rounds(client, engine, rounds: int) -> list[float]:
+    from sqlalchemy import text
+
+    from tests.faults.harness import wait_until
+
+    waits = []
+    for k in range(rounds):
+        planned = client.coordinator.plan([{"role": "researcher", "prompt": f"lost {k}"}])
+        client.coordinator._record(planned, run_id=None)  # the row, and no message anywhere
+        rid = planned[0].id
+
+        def started(rid=rid):
+            with engine.connect() as conn:
+                return conn.execute(text(
+                    "SELECT extract(epoch FROM min(a.started_at) - r.submitted_at) FROM requests r JOIN api_calls a "
+                    "ON a.request_id = r.id WHERE r.id = :i GROUP BY r.submitted_at"), {"i": rid}).scalar()
+
+        wait_until(lambda: started() is not None, timeout=120, what="the lost request's first attempt")
+        waits.append(float(started()))
+        print(f"lost round {k}: first attempt {waits[-1]:.1f} s after submission", flush=True)
+    return waits
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=12)
     p.add_argument("--requests", type=int, default=250)
     p.add_argument("--redis-db", type=int, default=10)
+    p.add_argument("--lost", type=int, default=0, help="rounds of a message lost between pop and record")
     args = p.parse_args()
-    if args.kills < 1 or args.requests < 10:
-        p.error("--kills >= 1 and --requests >= 10")
+    if args.kills < 0 or args.requests < 10 or args.lost < 0 or args.kills + args.lost < 1:
+        p.error("--kills >= 0, --lost >= 0 (one of them >= 1) and --requests >= 10")
     for k in [k for k in os.environ if k.startswith("TARS_")]:
         del os.environ[k]
     from sqlalchemy import text
@@ -116,9 +145,16 @@ def main() -> int:
                 per_round.append(max(waits))
                 print(f"round {k}: {len(waits)} requests recovered, slowest after {max(waits):.1f} s", flush=True)
                 fleet.workers.remove(victim)
+            lost_waits = _lost_rounds(client, engine, args.lost)
     finally:
         fleet.stop()
         r.flushdb()
+    if lost_waits:
+        print(f"\na lost message (recorded, never delivered), {len(lost_waits)} rounds, default settings: "
+              f"submission to first attempt p50 {statistics.median(lost_waits):.1f} s, "
+              f"p99 {_pct(lost_waits, 99):.1f} s, max {max(lost_waits):.1f} s")
+    if not per_round:
+        return 0
     print(f"\nrecovery after a SIGKILL under default settings, {args.kills} kills, "
           f"{len(per_request)} requests in flight on the victims:")
     print(f"  per kill (slowest request): p50 {statistics.median(per_round):.1f} s, "

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     #: sweeps found in no list and no ``unacked`` entry, was lost (a worker killed between the
     #: broker's pop and kombu's unacked record, a Redis restart; see workers/maintenance.py) and
     #: is published again.
-    requeue_lost_after_s: float = Field(default=10.0, gt=0)
+    requeue_lost_after_s: float = Field(default=5.0, gt=0)
     #: How often one worker of the fleet looks for lost requests.
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     #: After ``max_deliveries - 1`` redeliveries a request runs alone in its worker process; if

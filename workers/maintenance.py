@@ -6,7 +6,7 @@ SIGKILLed between the two, or a Redis restart between them, loses the message al
 happened (seen: ``test_a_redis_restart_with_work_queued_and_running_loses_nothing``, one request
 of 80; ``test_sigkill_of_a_worker_mid_job``, a job's next step published while the killed worker
 sat in BRPOP, 3 runs in 12). The request row is the record, so the fleet can tell: a request
-still ``queued`` after ``requeue_lost_after_s`` (10 s), with no attempt in flight, whose message
+still ``queued`` after ``requeue_lost_after_s`` (5 s), with no attempt in flight, whose message
 two sweeps a few seconds apart found in none of its tier's lists and no ``unacked`` entry, is
 lost — and is published again from its row. The checks make a duplicate unlikely; if one happens
 anyway, the request is still finished once and both calls are on the bill.

@@ -8,6 +8,7 @@ backlog costs round trips, never a blocked Redis; callers use it on rare repair 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from config.keys import PRIORITY_MAX, PRIORITY_MIN, UNACKED_KEY, priority_list, queue_for_tier
@@ -27,11 +28,17 @@ def tier_lists(tiers: Iterable[str]) -> list[str]:
     return out
 
 
+#: A request id as it appears in a message (the task id in kombu's headers; in ``unacked`` the
+#: message is JSON inside JSON, so its quotes are escaped: the id's own characters are not).
+_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def ids_in_broker(client, *, ids: Iterable[str], tiers: Iterable[str]) -> set[str]:
     """The subset of ``ids`` whose message is in one of ``tiers``' lists or held unacked.
 
-    A message carries its request id as its task id, so a byte search of the raw message is
-    exact for uuids (no id is a substring of another)."""
+    A message carries its request id as its task id; every uuid-shaped token of a message is
+    read once (one regex pass, C speed) and looked up in a set, so a search costs the bytes
+    read, not ids x messages."""
     wanted = {i.encode(): i for i in ids}
     found: set[str] = set()
     if not wanted:
@@ -39,10 +46,10 @@ def ids_in_broker(client, *, ids: Iterable[str], tiers: Iterable[str]) -> set[st
 
     def scan(blobs) -> None:
         for blob in blobs:
-            for raw, rid in list(wanted.items()):
-                if raw in blob:
+            for token in _UUID.findall(blob):
+                rid = wanted.pop(token, None)
+                if rid is not None:
                     found.add(rid)
-                    del wanted[raw]
 
     # lists first, then unacked: a message a worker takes meanwhile moves from a list into
     # unacked, so it is seen in one of the two

@@ -227,7 +227,8 @@ class JobStore:
 
         return [{"id": p.id, **request_columns(p.spec, catalog=self.catalog), "tier_requested": p.requested_tier,
                  "tier_queued": p.route.tier, "status": STATUS_QUEUED, "run_id": run_id, "submitted_at": now,
-                 "attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0} for p in planned]
+                 "attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0, "served_mode": p.mode}
+                for p in planned]
 
     # --- submit --------------------------------------------------------------------------------
 
@@ -253,6 +254,12 @@ class JobStore:
             raise InvalidRequest(f"template {t.name!r}: a first step's request is invalid: {exc}",
                                  field=exc.field) from None
         planned = self.coordinator.admit(planned)
+        # the tenant's budget and the fleet's mode apply to a job as to a request: past the soft
+        # threshold its steps move to the cheaper tier; a spent budget (BudgetExceeded) or, in
+        # critical mode, low priority (Overloaded) refuses the job before anything is written
+        planned = self.coordinator.apply_budgets(planned)
+        self.coordinator._refuse_uncached(planned)
+        self._refuse_unaffordable(planned, tenant=head.tenant)
         reservations = self.coordinator._reserve(planned)
         try:
             created = self._record_job(job_id=job_id, template=t, data=data, tenant=head.tenant,
@@ -269,6 +276,29 @@ class JobStore:
         finally:
             self.coordinator._release(reservations)
         return JobSubmission(id=job_id, created=True, steps=len(planned))
+
+    def _refuse_unaffordable(self, planned, *, tenant: str) -> None:
+        """A job starts only if its first steps' worst cases fit together in what the tenant's
+        budget has left (spent and reserved counted): started anyway, its parallel first steps would
+        reserve against each other and the job would fail step by step, $0 each, forever."""
+        import redis
+
+        from tars_tasks.errors import BudgetExceeded
+
+        budgets = self.coordinator.budgets
+        if budgets is None:
+            return
+        try:
+            states = [st for st in budgets.state(tenant) if st.limit_usd is not None]
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"fleet state unavailable (reading budgets): {exc}; nothing was recorded") from exc
+        worst = sum((self.coordinator._worst_case(p) for p in planned), Decimal(0))
+        for st in states:
+            left = st.limit_usd - st.spent_usd - st.reserved_usd
+            if worst > left:
+                raise BudgetExceeded(f"tenant {tenant!r}: its {st.period} budget has {max(left, Decimal(0)):.6f} USD "
+                                     f"left, this job's first steps may cost {worst:.6f}; nothing was recorded",
+                                     tenant=tenant, period=st.period)
 
     def _record_job(self, *, job_id, template, data, tenant, priority, idempotency_key, reply_to, run_id, new,
                     planned) -> str | None:
@@ -427,6 +457,11 @@ class JobStore:
                 planned = self.coordinator.admit(planned)
             except (Overloaded, BrokerUnavailable) as exc:
                 log.info("job %s: successors queued on their own tiers (admission: %s)", job["id"], exc)
+            try:  # the soft budget threshold moves them to the cheaper tier; a spent budget is the call
+                # path's to refuse (the step fails with reason "budget", and the job with it)
+                planned = self.coordinator.apply_budgets(planned)
+            except BrokerUnavailable as exc:
+                log.info("job %s: successors scheduled without a budget check (%s)", job["id"], exc)
             inserted = self._insert_instances(conn, job_id=job["id"], new=result.new, planned=planned,
                                               run_id=job["run_id"], now=_now())
             to_publish.extend((p.id, p.route.tier, p.spec.tenant, p.spec.priority) for p in inserted)

@@ -132,3 +132,52 @@ def test_budget_set_and_show_and_the_budget_in_status_and_metrics(fleet_env, db,
     assert 'tars_budget_usd{measure="limit",period="month",tenant="acme"} 40.0' in metrics
     tars("budget", "set", "acme", "--clear")
     assert json.loads(tars("budget", "show", "--json").stdout) == {}
+
+
+def test_a_tenants_budget_applies_to_every_step_of_its_jobs(fleet_env, start_worker, db):
+    """A job's steps are the tenant's requests: jobs run one after another until the budget no
+    longer fits; a step that no longer fits fails with reason ``budget`` (no attempt, $0) and its
+    job with it; then a new job is refused (BudgetExceeded) before anything is written; the
+    budget's spend equals the jobs' bill and stays within the limit."""
+    from tars_tasks.client import TarsClient
+
+    env = {**fleet_env, "TARS_SIM_LATENCY": "uniform:20:60"}
+    b = _budgets(env)
+    limit = Decimal("0.08")
+    b.set_limit(tenant="acme", period="day", usd=limit)
+    start_worker(tiers=["haiku", "sonnet"], concurrency=20, env=env)
+    ended = []
+    with TarsClient(settings=make_settings(env)) as tars:
+        with pytest.raises(BudgetExceeded):
+            for i in range(100):  # each job: three researchers, a writer, a validator
+                job = tars.submit_job(template="research-write-validate", tenant="acme",
+                                      input={"question": f"q{i} " + "words " * 300, "topics": ["a", "b", "c"]})
+                ended.append(tars.wait_job(job.id, timeout=60))
+        before = _scalar_jobs(db)
+        with pytest.raises(BudgetExceeded):
+            tars.submit_job(template="research-write-validate", tenant="acme",
+                            input={"question": "one more " + "words " * 300, "topics": ["a", "b", "c"]})
+        assert _scalar_jobs(db) == before  # refused: nothing written
+        other = tars.submit_job(template="research-write-validate", tenant="globex",
+                                input={"question": "another tenant", "topics": ["a"]})
+        assert tars.wait_job(other.id, timeout=60).status == "succeeded"
+    assert [j.status for j in ended].count("succeeded") >= 1
+    for j in ended:
+        if j.status != "succeeded":
+            assert j.status == "failed" and "budget" in (j.error or ""), (j.status, j.error)
+    with db.connect() as conn:
+        billed_refusals = conn.execute(text(
+            "SELECT count(*) FROM requests r WHERE r.failure_reason = 'budget' AND "
+            "EXISTS (SELECT 1 FROM api_calls a WHERE a.request_id = r.id)")).scalar_one()
+        unmoded = conn.execute(text("SELECT count(*) FROM requests WHERE served_mode IS NULL")).scalar_one()
+    assert billed_refusals == 0
+    assert unmoded == 0  # every step records the fleet mode it was admitted under
+    day = b.state("acme")[0]
+    assert day.reserved_usd == 0
+    assert day.spent_usd == _spent_by_tenant(db, "acme") <= limit
+
+
+def _scalar_jobs(db) -> tuple[int, int]:
+    with db.connect() as conn:
+        return (conn.execute(text("SELECT count(*) FROM jobs")).scalar_one(),
+                conn.execute(text("SELECT count(*) FROM requests")).scalar_one())

@@ -179,6 +179,18 @@ def test_workers_wait_for_the_migration_and_redis_keeps_every_message(compose_co
     assert "postgres-data" in compose_config["volumes"]
 
 
+def test_the_response_cache_has_its_own_bounded_evicting_redis(compose_config):
+    """The broker's Redis never evicts (queued work); the cache's must, and is bounded."""
+    services = compose_config["services"]
+    cache_cmd = " ".join(services["redis-cache"]["command"])
+    assert "--maxmemory-policy allkeys-lru" in cache_cmd and "--maxmemory" in cache_cmd
+    assert "--requirepass" in cache_cmd
+    for tier in TIERS:
+        env = services[f"worker-{tier}"]["environment"]
+        assert "@redis-cache:6379" in env["TARS_CACHE_URL"]
+        assert "@redis:6379" in env["TARS_BROKER_URL"]
+
+
 def test_no_secret_is_written_in_the_compose_file_itself():
     raw = COMPOSE.read_text()
     for secret in ("change-me", "s3cret"):

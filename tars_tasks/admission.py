@@ -1,7 +1,7 @@
 """Admission control and graceful degradation, decided by the coordinator before a write.
 
-Load is measured per tier as queued messages / ``max_queue_depth`` (the seed's "load > 60%,
-> 85%" triggers). Modes per tier:
+Load is measured per tier as waiting messages (queued or staged for dispatch) /
+``max_queue_depth`` (the seed's "load > 60%, > 85%" triggers). Modes per tier:
 
 * ``optimal``  — below ``degrade_high_load_at``: requests go where routing sends them;
 * ``high_load`` — requests below high priority (9) move to the tier's fallback tier
@@ -82,11 +82,10 @@ class QueueDepthGauge:
 
 
 def redis_depth_reader(settings: Settings) -> Callable[[], dict[str, int]]:
-    from tars_tasks.broker.depths import queue_depths
+    from tars_tasks.broker.depths import waiting_by_tier
 
     def read() -> dict[str, int]:
-        by_tier = queue_depths(settings, timeout_s=settings.client_timeout_s)
-        return {tier: sum(by_prio.values()) for tier, by_prio in by_tier.items()}
+        return waiting_by_tier(settings, timeout_s=settings.client_timeout_s)  # queued + staged
 
     return read
 

@@ -44,6 +44,7 @@ from tars_tasks.messages import MalformedMessage, RunRequestMessage
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
 from workers.caller import CallOutcome, ModelCaller
+from workers.callpath.slot_step import HINT_RESERVED_TOKENS, HINT_SLOT_RESERVED
 from workers.loader import RequestLoader, RequestRow
 from workers.providers import Provider
 from workers.providers.request import ModelRequest
@@ -90,6 +91,9 @@ class SubAgent:
         self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.gate = CallGate()
+        #: A dispatcher's reservation is in the broker's Redis; it stands for the limiter's only when
+        #: the fleet state lives there too (else a staged first attempt acquires as well).
+        self.trust_staged_slots = settings.shared_redis_url == settings.broker_redis_url
 
     def _jobs_hook(self):
         """Jobs schedule their next steps inside the commit that finishes a step (tars_tasks.jobs)."""
@@ -107,12 +111,18 @@ class SubAgent:
 
     # --- the task ------------------------------------------------------------------------------
 
-    def handle(self, *, message: RunRequestMessage, redelivered: bool = False, worker: str | None = None) -> str:
-        """Run one delivery to a terminal, durable verdict. Never raises for the request's sake."""
+    def handle(self, *, message: RunRequestMessage, redelivered: bool = False, worker: str | None = None,
+               reserved_tokens: int | None = None) -> str:
+        """Run one delivery to a terminal, durable verdict. Never raises for the request's sake.
+
+        ``reserved_tokens``: the message came through staging and its dispatcher reserved the first
+        attempt's rate-limit slot for that many tokens (not for a redelivery: its slot was spent)."""
         worker = leases.current_owner() or worker or self.worker_name
         started = _now()
+        hints = ({HINT_SLOT_RESERVED: True, HINT_RESERVED_TOKENS: reserved_tokens}
+                 if reserved_tokens is not None and not redelivered and self.trust_staged_slots else None)
         try:
-            return self._run(message=message, redelivered=redelivered, worker=worker, started=started)
+            return self._run(message=message, redelivered=redelivered, worker=worker, started=started, hints=hints)
         except MalformedMessage as exc:
             self.dead_letter(reason="malformed_message", detail=f"request {message.request_id}: {exc}")
             return DEAD_LETTERED
@@ -125,7 +135,8 @@ class SubAgent:
                                 failure_reason=REASON_INTERNAL), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
 
-    def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime) -> str:
+    def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime,
+             hints: dict[str, Any] | None = None) -> str:
         row = self.loader.get(message.request_id)
         if row is None:
             row = self._adopt(message)
@@ -150,7 +161,7 @@ class SubAgent:
             result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker)
         else:
             with self.gate.shared():
-                result = self.call_model(request_id=row.id, tier=tier, request=request, worker=worker)
+                result = self.call_model(request_id=row.id, tier=tier, request=request, worker=worker, hints=hints)
         self._finish(FinishRecord(request_id=row.id, status=result.status, tier_used=result.tier_used,
                                   model=result.model, worker=worker, started_at=started, result=result.text,
                                   error=result.error, failure_reason=result.failure_reason,
@@ -158,9 +169,10 @@ class SubAgent:
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
 
-    def call_model(self, *, request_id: str, tier: str, request: ModelRequest, worker: str) -> CallOutcome:
+    def call_model(self, *, request_id: str, tier: str, request: ModelRequest, worker: str,
+                   hints: dict[str, Any] | None = None) -> CallOutcome:
         """Breaker → fleet rate limiter → provider, inside the retry loop (see :mod:`workers.caller`)."""
-        return self.caller.call(request_id=request_id, tier=tier, request=request, worker=worker)
+        return self.caller.call(request_id=request_id, tier=tier, request=request, worker=worker, hints=hints)
 
     def _finish(self, finish: FinishRecord, *, api_rows: list[AttemptRecord], reply_to: str | None) -> None:
         self.writer.finish(api_rows=api_rows, request=finish, reply_to=reply_to)

@@ -5,8 +5,10 @@ takes a message with BRPOP and records it as unacked in a *second* round trip; a
 restart between the two loses the message although the pop was persisted (seen in
 ``test_a_redis_restart_with_work_queued_and_running_loses_nothing``: one request of 80 stayed
 ``queued`` forever). The request row is the record, so the fleet can tell: a request still
-``queued`` long after submission, with no attempt row, while its tier's queue is empty and no
-worker holds its message in ``unacked``, is lost — and is published again from its row. The
+``queued`` long after submission, with no attempt row, while its tier's queue and staging are
+empty and no worker holds its message in ``unacked``, is lost — and is staged (or, with
+dispatch off, published) again from its row. A Redis restart without persistence loses staging
+with the queues; the requests come back this way, ``BATCH_MAX`` per sweep. The
 checks make a duplicate unlikely; if one happens anyway, the request is still finished once
 and both calls are on the bill.
 
@@ -275,13 +277,15 @@ class LostRequestReconciler:
         """
         from sqlalchemy import exists, select
 
+        from config.catalog import load_catalog
         from config.keys import UNACKED_KEY, reconcile_lock_key
-        from tars_tasks.broker.depths import queue_depths
+        from tars_tasks.broker.depths import waiting_by_tier
         from tars_tasks.codes import AttemptOutcome, RequestStatus
         from tars_tasks.db.engine import get_engine
         from tars_tasks.db.models import ApiCall, Request
-        from tars_tasks.publish import publish_request
+        from tars_tasks.publish import ToStage, publish_request, stage_requests
         from tars_tasks.redis_client import get_redis
+        from tars_tasks.staging import staged_tokens
 
         s = self.settings
         r = get_redis(s.broker_redis_url)
@@ -291,25 +295,38 @@ class LostRequestReconciler:
         cutoff = datetime.now(UTC) - timedelta(seconds=s.requeue_lost_after_s)
         with get_engine(s.database_url).connect() as conn:
             rows = conn.execute(
-                select(req.id, req.tier_requested, req.tier_queued, req.tenant, req.priority)
+                select(req.id, req.tier_requested, req.tier_queued, req.tenant, req.priority, req.prompt, req.system,
+                       req.messages, req.max_tokens)
                 .where(req.status == RequestStatus.QUEUED, req.submitted_at < cutoff,
                        ~exists().where(api.request_id == req.id, api.outcome == AttemptOutcome.IN_FLIGHT))
                 .limit(self.BATCH_MAX)
             ).all()
         if not rows:
             return 0
-        depths = {tier: sum(by_prio.values()) for tier, by_prio in queue_depths(s).items()}
+        # queued *or staged* (waiting for dispatch): a staged request is not lost, however long it waits
+        depths = waiting_by_tier(s)
         held = b"".join(r.hvals(UNACKED_KEY))
         lost = [row for row in rows
                 if depths.get(row.tier_queued or row.tier_requested, 0) == 0 and row.id.encode() not in held]
         if not lost:
             return 0
-        with self.app.producer_or_acquire() as producer:
-            for row in lost:
-                log.warning("request %s was lost (queued since before %s, in no queue, held by no worker, "
-                            "nothing in flight); publishing it again", row.id, cutoff.isoformat())
-                publish_request(self.app, producer=producer, request_id=row.id,
-                                tier=row.tier_queued or row.tier_requested, tenant=row.tenant,
-                                priority=row.priority, reply_to=None)
+        for row in lost:
+            log.warning("request %s was lost (queued since before %s, in no queue or staging, held by no worker, "
+                        "nothing in flight); %s it again", row.id, cutoff.isoformat(),
+                        "staging" if s.dispatch_enabled else "publishing")
+        if s.dispatch_enabled:
+            catalog = load_catalog(s.catalog_path)
+            stage_requests(self.app, redis_client=r, namespace=s.namespace, requests=[
+                ToStage(request_id=row.id, tier=(tier := row.tier_queued or row.tier_requested), tenant=row.tenant,
+                        priority=row.priority,
+                        tokens=staged_tokens(spec=catalog.spec(tier), prompt=row.prompt, system=row.system,
+                                             messages=row.messages, max_tokens=row.max_tokens))
+                for row in lost])
+        else:
+            with self.app.producer_or_acquire() as producer:
+                for row in lost:
+                    publish_request(self.app, producer=producer, request_id=row.id,
+                                    tier=row.tier_queued or row.tier_requested, tenant=row.tenant,
+                                    priority=row.priority, reply_to=None)
         self.requeued += len(lost)
         return len(lost)

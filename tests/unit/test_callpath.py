@@ -100,7 +100,7 @@ class Trace(CallStep):
 def test_the_default_path_is_composed_in_order_and_a_step_without_redis_is_left_out():
     caller, _, _ = make()
     assert [type(s).__name__ for s in caller.path.steps] == [
-        "FallbackStep", "RetryStep", "BreakerStep", "LimiterStep", "CostStep", "RecorderStep"]
+        "FallbackStep", "RetryStep", "BreakerStep", "ReservedSlotStep", "LimiterStep", "CostStep", "RecorderStep"]
     bare, _, _ = make(limiter=False, breaker=False)
     assert [type(s).__name__ for s in bare.path.steps] == ["FallbackStep", "RetryStep", "CostStep", "RecorderStep"]
 
@@ -231,6 +231,17 @@ def test_a_pre_reserved_first_slot_is_one_step_before_the_limiter():
     plain, _, _ = make()
     call(plain)
     assert len(plain.limiter.acquired) == 1
+
+
+def test_the_default_path_trusts_a_dispatcher_reserved_first_slot_and_acquires_for_the_retry():
+    caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]},
+                               breaker_failure_threshold=9)
+    out = call(caller, hints={"slot_reserved": True, "reserved_tokens": 5000})
+    assert out.status == "succeeded" and provider.calls == ["sonnet", "sonnet"]
+    assert len(caller.limiter.acquired) == 1  # only the retry
+    answered, _, _ = make()
+    assert call(answered, hints={"slot_reserved": True, "reserved_tokens": 5000}).status == "succeeded"
+    assert answered.limiter.acquired == [] and [t for *_, t in answered.limiter.adjusted] == [30 - 5000]
 
 
 # --- the built-in steps' logic on the stand-ins -----------------------------------------------

@@ -140,14 +140,19 @@ if math.max(now, mr, mt) - now > horizon then
   return {0, 'model_limit', string.format('%d', math.max(now, mr, mt) - now), staged0, string.format('%d', now)}
 end
 
+-- The ready-depth cap counts, for an entry of priority P, the ready messages served no later
+-- than it (the Celery lists of priority >= P): a backlog of plain-Celery messages at normal
+-- priority does not keep a staged high-priority entry out of its list.
 local budget = max_moves
+local ahead = {}
 if max_ready >= 0 then
-  local seen, depth = {}, 0
-  for p = 0, 9 do
+  local seen, acc = {}, 0
+  for p = 9, 0, -1 do
     local l = lists[p]
-    if not seen[l] then seen[l] = true; depth = depth + redis.call('LLEN', l) end
+    if not seen[l] then seen[l] = true; acc = acc + redis.call('LLEN', l) end
+    ahead[p] = acc
   end
-  budget = math.min(budget, max_ready - depth)
+  budget = math.min(budget, max_ready - ahead[9])
 end
 if budget <= 0 then
   if model_dirty then save_model() end
@@ -203,6 +208,7 @@ for prio = 9, 0, -1 do
   local ring = prefix .. ':ring:' .. prio
   local dkey = prefix .. ':deficit:' .. prio
   while moved < budget do
+    if max_ready >= 0 and ahead[prio] + moved >= max_ready then reason = 'ready_cap'; break end
     -- Bound one script's run (parking many tenants at once, tiny weights): stop as if the batch
     -- were done, so the caller steps again at once and Redis serves other clients meanwhile.
     guard = guard + 1

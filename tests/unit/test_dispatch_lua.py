@@ -211,6 +211,20 @@ def test_the_ready_depth_cap_counts_every_priority_list_of_the_tier(redis):
     assert len(d.dispatch(tier="haiku", max_moves=3, max_ready=None, now_us=T0_US + 3 * S_US).moved) == 3
 
 
+def test_the_ready_depth_cap_counts_only_messages_served_before_the_entry(redis):
+    """A backlog of plain-Celery messages at normal priority (they never went through staging)
+    does not keep a staged high-priority entry out of its list; it does keep a low one out."""
+    staging, d = _setup(redis)
+    redis.lpush("tars.haiku", *[f"plain-{i}" for i in range(20)])  # TARS 5: the bare list
+    staging.stage(_msgs("a", 3, priority=9) + _msgs("a", 3, priority=0))
+    res = d.dispatch(tier="haiku", max_moves=50, max_ready=2, now_us=T0_US)
+    assert [r.priority for r in res.moved] == [9, 9] and res.reason == "ready_cap"
+    assert redis.llen(celery_list("tars.haiku", 9)) == 2
+    redis.delete("tars.haiku", celery_list("tars.haiku", 9))
+    res = d.dispatch(tier="haiku", max_moves=50, max_ready=3, now_us=T0_US + S_US)
+    assert [r.priority for r in res.moved] == [9, 0, 0]
+
+
 # --- priority ---------------------------------------------------------------------------------------
 
 

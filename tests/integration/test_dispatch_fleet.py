@@ -194,7 +194,7 @@ def test_a_worker_killed_while_requests_wait_in_staging_loses_none_and_runs_none
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM requests")).scalar() == n
         # each request answered once; any second attempt is the killed worker's unknown one
-        answered = conn.execute(text("SELECT request_id, count(*) FROM api_calls WHERE outcome = 'succeeded' "
+        answered = conn.execute(text("SELECT request_id, count(*) FROM api_calls WHERE outcome = 'ok' "
                                      "GROUP BY request_id")).all()
     assert len(answered) == n and {c for _, c in answered} == {1}
 

@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_fleet import _fresh_db, _start, _stop, _wait_ready  # noqa: E402
 
 #: Defaults; ``--redis-url`` / ``--pg-db`` (or TARS_BENCH_REDIS_URL / TARS_BENCH_PG_DB) move them.
-REDIS_URL = os.environ.get("TARS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+_DEFAULT_REDIS_URL = os.environ.get("TARS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = _DEFAULT_REDIS_URL
 PG_DB = os.environ.get("TARS_BENCH_PG_DB", "tars_bench_dispatch")
 SUBMIT_CHUNK = 500
 
@@ -243,6 +244,7 @@ def bench_flood(*, db_url: str, flood: int, small: int, rpm: int, workers: int, 
 
 
 def main() -> None:
+    global REDIS_URL
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["all", "priority", "flood"])
     p.add_argument("--low", type=str, default="600,2000", help="priority: comma list of backlog sizes")
@@ -257,11 +259,10 @@ def main() -> None:
     p.add_argument("--flood-timeout-s", type=float, default=600.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra TARS_* setting")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--redis-url", default=None, help=f"broker Redis (flushed!), default {REDIS_URL}")
+    p.add_argument("--redis-url", default=None, help=f"broker Redis (flushed!), default {_DEFAULT_REDIS_URL}")
     p.add_argument("--pg-db", default=None, help=f"Postgres database (dropped and created), default {PG_DB}")
     args = p.parse_args()
-    global REDIS_URL
-    REDIS_URL = args.redis_url or REDIS_URL
+    REDIS_URL = args.redis_url or _DEFAULT_REDIS_URL
     extra_env = dict(kv.split("=", 1) for kv in args.set)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tars-bench-priority-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,11 @@ def reconcile_lock_key(namespace: str) -> str:
     return f"{namespace}:reconcile:lock"
 
 
+def reconcile_absent_key(namespace: str) -> str:
+    """Hash: request id -> when a reconciler sweep first saw it in no list and no ``unacked``."""
+    return f"{namespace}:reconcile:absent"
+
+
 # --- dispatch staging (workers/dispatch.py, docs/DISPATCH.md) ---------------------------------
 
 

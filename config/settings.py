@@ -61,11 +61,13 @@ class Settings(BaseSettings):
     lease_sweep_interval_s: float = Field(default=1.0, gt=0)
     #: How often surviving workers sweep for messages of dead workers.
     unacked_restore_interval_s: float = 10.0
-    #: A request still ``queued`` after this long, with no attempt, in no queue and held by no
-    #: worker, was lost by the broker (see workers/maintenance.py) and is published again.
-    requeue_lost_after_s: float = Field(default=120.0, gt=0)
+    #: A request still ``queued`` after this long, with no attempt in flight, whose message two
+    #: sweeps found in no list and no ``unacked`` entry, was lost (a worker killed between the
+    #: broker's pop and kombu's unacked record, a Redis restart; see workers/maintenance.py) and
+    #: is published again.
+    requeue_lost_after_s: float = Field(default=10.0, gt=0)
     #: How often one worker of the fleet looks for lost requests.
-    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
     #: After ``max_deliveries - 1`` redeliveries a request runs alone in its worker process; if
     #: the process dies even then, it is failed as poison (a crash's bystanders are not).
     max_deliveries: int = Field(default=5, ge=2)

@@ -102,3 +102,63 @@ def waiting_messages(redis_client, *, tiers=None) -> int:
     counts = [k for t in tiers for k in redis_client.scan_iter(match=f"*:stage:{t}:count", count=1000)]
     staged = sum(int(v or 0) for v in redis_client.mget(counts)) if counts else 0
     return queued + staged
+
+
+def fleet_snapshot(*, db, redis_url: str, namespace: str, workers=(), limit: int = 10) -> str:
+    """What a stuck request looks like, for a failing test's message: every request not yet
+    terminal with its attempts, the tier queues, kombu's unacked entries and their lease owners,
+    the live leases, and the tail of each worker's log. Diagnostics only; asserts nothing."""
+    import json
+
+    import redis as redis_lib
+    from sqlalchemy import text
+
+    from config.keys import UNACKED_KEY, UNACKED_OWNER_KEY, lease_prefix
+
+    lines: list[str] = []
+    with db.connect() as conn:
+        stuck = conn.execute(text(
+            "SELECT id, status, tier_queued AS tier, attempts, submitted_at, started_at FROM requests "
+            "WHERE status NOT IN ('succeeded', 'failed', 'cancelled') ORDER BY submitted_at LIMIT :n"),
+            {"n": limit}).all()
+        lines.append(f"{len(stuck)} request(s) not terminal (first {limit}):")
+        for r in stuck:
+            lines.append(f"  {r.id} {r.status} tier={r.tier} attempts={r.attempts} "
+                         f"submitted={r.submitted_at} started={r.started_at}")
+            for a in conn.execute(text("SELECT attempt, tier, outcome, worker, started_at, finished_at FROM api_calls "
+                                       "WHERE request_id = :r ORDER BY started_at"), {"r": r.id}):
+                lines.append(f"    call {a.attempt} {a.tier} {a.outcome} worker={a.worker} "
+                             f"{a.started_at}→{a.finished_at}")
+        try:
+            jobs = conn.execute(text("SELECT id, status FROM jobs WHERE status = 'running' LIMIT :n"),
+                                {"n": limit}).all()
+        except Exception:
+            jobs = []
+        for j in jobs:
+            lines.append(f"  job {j.id} running:")
+            steps = text("SELECT s.step, s.item, s.revision, r.status, s.request_id FROM job_steps s "
+                         "LEFT JOIN requests r ON r.id = s.request_id WHERE s.job_id = :j ORDER BY s.id")
+            for s in conn.execute(steps, {"j": j.id}):
+                lines.append(f"    step {s.step}[{s.item}]@r{s.revision} {s.status} request={s.request_id}")
+    try:
+        r = redis_lib.Redis.from_url(redis_url, socket_timeout=2)
+        queues = {k.decode(): r.llen(k) for k in r.scan_iter(match="tars.*", count=1000) if r.type(k) == b"list"}
+        lines.append(f"queues: {queues}")
+        unacked = r.hgetall(UNACKED_KEY)
+        owners = r.hgetall(UNACKED_OWNER_KEY)
+        lines.append(f"unacked: {len(unacked)} entries")
+        for tag, raw in list(unacked.items())[:limit]:
+            try:
+                body = json.loads(json.loads(raw)[0])
+                task_id = body.get("headers", {}).get("id")
+            except Exception:
+                task_id = "?"
+            lines.append(f"  {tag.decode()} task={task_id} owner={owners.get(tag, b'-').decode()}")
+        live = [k.decode() for k in r.scan_iter(match=lease_prefix(namespace) + "*", count=1000)]
+        lines.append(f"live leases: {live}")
+    except Exception as exc:  # the snapshot must never hide the failure it describes
+        lines.append(f"(redis unreadable: {exc})")
+    for w in workers:
+        lines.append(f"--- log tail of {w.name} (exit {w.proc.poll()}):")
+        lines.extend(w.log().splitlines()[-15:])
+    return "\n".join(lines)

@@ -144,6 +144,7 @@ class SubAgent:
                 return DEAD_LETTERED
         if row.status in TERMINAL_STATUSES:
             log.info("request %s delivered again but already %s; not running it again", row.id, row.status)
+            self._republish_successors(row.id)
             if message.reply_to:
                 self.notifier.publish({message.reply_to: [(row.id, row.status)]})
             return row.status
@@ -168,6 +169,14 @@ class SubAgent:
                                   stop_reason=result.stop_reason),
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
+
+    def _republish_successors(self, request_id: str) -> None:
+        """A finished job step delivered again: its worker may have died after committing the step's
+        successors and before publishing them (see JobStore.republish_unsent)."""
+        try:
+            self.jobs.republish_unsent(request_id=request_id)
+        except Exception as exc:  # the reconciler remains the fallback
+            log.warning("request %s: could not check its job's unsent steps (%s)", request_id, exc)
 
     def call_model(self, *, request_id: str, tier: str, request: ModelRequest, worker: str,
                    hints: dict[str, Any] | None = None) -> CallOutcome:

@@ -1,16 +1,17 @@
 """Repairs the fleet runs on a timer inside every worker process.
 
 :class:`LostRequestReconciler` repairs requests the broker lost. Kombu's Redis transport
-takes a message with BRPOP and records it as unacked in a *second* round trip; a Redis
-restart between the two loses the message although the pop was persisted (seen in
-``test_a_redis_restart_with_work_queued_and_running_loses_nothing``: one request of 80 stayed
-``queued`` forever). The request row is the record, so the fleet can tell: a request still
-``queued`` long after submission, with no attempt row, while its tier's queue and staging are
-empty and no worker holds its message in ``unacked``, is lost — and is staged (or, with
-dispatch off, published) again from its row. A Redis restart without persistence loses staging
-with the queues; the requests come back this way, ``BATCH_MAX`` per sweep. The
-checks make a duplicate unlikely; if one happens anyway, the request is still finished once
-and both calls are on the bill.
+takes a message with BRPOP and records it as unacked in a *second* round trip; a worker
+SIGKILLed between the two, or a Redis restart between them, loses the message although the pop
+happened (seen: ``test_a_redis_restart_with_work_queued_and_running_loses_nothing``, one request
+of 80; ``test_sigkill_of_a_worker_mid_job``, a job's next step published while the killed worker
+sat in BRPOP, 3 runs in 12). The request row is the record, so the fleet can tell: a request
+still ``queued`` after ``requeue_lost_after_s`` (10 s), with no attempt in flight, whose message
+two sweeps a few seconds apart found in none of its tier's lists, its staging (dispatch,
+docs/DISPATCH.md) and no ``unacked`` entry, is lost — and is staged again from its row (with
+dispatch off: published). A Redis restart without persistence loses staging with the queues; the
+requests come back this way, ``BATCH_MAX`` per sweep. The checks make a duplicate unlikely; if one happens
+anyway, the request is still finished once and both calls are on the bill.
 
 :class:`UnackedRestorer` repairs lost messages of dead workers. With ``acks_late`` on Redis a
 message a worker holds sits in kombu's ``unacked`` hash until it is acked; if the worker is
@@ -20,7 +21,9 @@ that path: the BRPOP's own timeout reply counts as an event, so "no events" neve
 Measured here: messages held by a SIGKILLed gevent worker stayed in ``unacked`` indefinitely
 while another worker sat idle. This loop calls the same restore on a timer; kombu's Redis
 mutex keeps concurrent restores by several workers from duplicating anything. It is the
-fallback for messages with no lease owner (taken by a stock worker).
+fallback for messages with no lease owner (taken by a stock worker). It also restores the
+messages this process gave up when its broker connection broke while Redis was away
+(:func:`tars_tasks.broker.leases.restore_abandoned`).
 
 :class:`LeaseKeeper` and :class:`LeaseSweeper` repair the hour a hard-killed worker's requests
 waited under the default visibility timeout (see :mod:`tars_tasks.broker.leases`): every worker
@@ -45,6 +48,18 @@ from tars_tasks.broker import leases
 log = logging.getLogger(__name__)
 
 
+def running_tags() -> set[str]:
+    """Delivery tags of the tasks this worker process is running now (Celery's worker state)."""
+    from celery.worker import state
+
+    tags = set()
+    for req in list(state.active_requests):
+        tag = getattr(getattr(req, "_message", None), "delivery_tag", None)
+        if tag is not None:
+            tags.add(str(tag))
+    return tags
+
+
 class UnackedRestorer:
     def __init__(self, *, celery_app, interval_s: float) -> None:
         self.app = celery_app
@@ -52,6 +67,7 @@ class UnackedRestorer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sweeps = 0
+        self.restored_abandoned = 0
 
     def start(self) -> UnackedRestorer:
         if not str(self.app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
@@ -67,7 +83,12 @@ class UnackedRestorer:
                 if conn is None:
                     conn = self.app.connection_for_write()
                     conn.ensure_connection(max_retries=1)
-                conn.default_channel.qos.restore_visible(num=None, interval=1)
+                channel = conn.default_channel
+                channel.qos.restore_visible(num=None, interval=1)
+                n = leases.restore_abandoned(channel, running=running_tags())
+                if n:
+                    log.warning("restored %d message(s) this worker had to give up while the broker was away", n)
+                self.restored_abandoned += n
                 self.sweeps += 1
             except Exception as exc:
                 log.warning("unacked-message sweep failed (%s); retrying in %.0fs", exc, self.interval_s)
@@ -244,6 +265,13 @@ class LeaseSweeper:
 class LostRequestReconciler:
     #: At most this many lost requests re-published per sweep.
     BATCH_MAX = 500
+    #: A tier whose lists hold more messages than this is not searched message by message (its
+    #: backlog delays a lost request anyway); it is searched once it has drained below this.
+    SCAN_MAX = 2000
+    #: A request must be seen absent twice, at least this far apart, before it counts as lost: a
+    #: live worker's message is absent from both a list and ``unacked`` only for the moment between
+    #: the broker's pop and kombu's unacked record (one round trip).
+    CONFIRM_S = 2.0
 
     def __init__(self, *, celery_app, settings) -> None:
         self.app = celery_app
@@ -267,30 +295,30 @@ class LostRequestReconciler:
             except Exception as exc:
                 log.warning("lost-request sweep failed (%s)", exc)
 
-    def sweep(self) -> int:
+    def sweep(self, *, now: float | None = None) -> int:
         """One pass (if this worker holds the fleet-wide lock); returns how many were re-published.
 
         Lost: still ``queued`` after ``requeue_lost_after_s``, no attempt in flight (attempts of
-        dead workers were marked ``unknown`` by the lease sweeper), its tier's queue empty and its
-        id in no worker's ``unacked`` entry. A request whose task died without a verdict (acked
-        after an error, in an older version) is found the same way.
+        dead workers were marked ``unknown`` by the lease sweeper), and its message in none of its
+        tier's lists, its staging and no worker's ``unacked`` entry — in two sweeps at least ``CONFIRM_S``
+        apart (first sightings are kept in Redis, so the confirming sweep may run in another
+        worker). A request whose task died without a verdict is found the same way.
         """
         from sqlalchemy import exists, select
 
-        from config.catalog import load_catalog
-        from config.keys import UNACKED_KEY, reconcile_lock_key
+        from config.keys import reconcile_absent_key, reconcile_lock_key
         from tars_tasks.broker.depths import waiting_by_tier
+        from tars_tasks.broker.presence import ids_in_broker
         from tars_tasks.codes import AttemptOutcome, RequestStatus
         from tars_tasks.db.engine import get_engine
         from tars_tasks.db.models import ApiCall, Request
-        from tars_tasks.publish import ToStage, publish_request, stage_requests
         from tars_tasks.redis_client import get_redis
-        from tars_tasks.staging import staged_tokens
 
         s = self.settings
         r = get_redis(s.broker_redis_url)
-        if not r.set(reconcile_lock_key(s.namespace), "1", nx=True, ex=max(1, int(s.reconcile_interval_s))):
+        if not r.set(reconcile_lock_key(s.namespace), "1", nx=True, px=max(100, int(s.reconcile_interval_s * 900))):
             return 0
+        absent_key = reconcile_absent_key(s.namespace)
         req, api = Request.__table__.c, ApiCall.__table__.c
         cutoff = datetime.now(UTC) - timedelta(seconds=s.requeue_lost_after_s)
         with get_engine(s.database_url).connect() as conn:
@@ -299,34 +327,58 @@ class LostRequestReconciler:
                        req.messages, req.max_tokens)
                 .where(req.status == RequestStatus.QUEUED, req.submitted_at < cutoff,
                        ~exists().where(api.request_id == req.id, api.outcome == AttemptOutcome.IN_FLIGHT))
+                .order_by(req.submitted_at)
                 .limit(self.BATCH_MAX)
             ).all()
         if not rows:
+            r.delete(absent_key)
             return 0
-        # queued *or staged* (waiting for dispatch): a staged request is not lost, however long it waits
-        depths = waiting_by_tier(s)
-        held = b"".join(r.hvals(UNACKED_KEY))
-        lost = [row for row in rows
-                if depths.get(row.tier_queued or row.tier_requested, 0) == 0 and row.id.encode() not in held]
+        depths = waiting_by_tier(s)  # queued and staged for dispatch
+        searchable = {t for t, d in depths.items() if d <= self.SCAN_MAX}
+        candidates = [row for row in rows if (row.tier_queued or row.tier_requested) in searchable]
+        present = ids_in_broker(r, ids=[c.id for c in candidates],
+                                tiers={c.tier_queued or c.tier_requested for c in candidates}, namespace=s.namespace)
+        absent = {c.id: c for c in candidates if c.id not in present}
+        now = time.time() if now is None else now
+        seen = {k.decode(): float(v) for k, v in r.hgetall(absent_key).items()}
+        lost = [c for rid, c in absent.items() if rid in seen and now - seen[rid] >= self.CONFIRM_S]
+        pipe = r.pipeline(transaction=False)
+        pipe.delete(absent_key)
+        keep = {rid: seen.get(rid, now) for rid in absent if rid not in {c.id for c in lost}}
+        if keep:
+            pipe.hset(absent_key, mapping={k: repr(v) for k, v in keep.items()})
+            pipe.expire(absent_key, max(60, int(s.requeue_lost_after_s * 10)))
+        pipe.execute()
         if not lost:
             return 0
         for row in lost:
             log.warning("request %s was lost (queued since before %s, in no queue or staging, held by no worker, "
                         "nothing in flight); %s it again", row.id, cutoff.isoformat(),
                         "staging" if s.dispatch_enabled else "publishing")
-        if s.dispatch_enabled:
-            catalog = load_catalog(s.catalog_path)
-            stage_requests(self.app, redis_client=r, namespace=s.namespace, requests=[
-                ToStage(request_id=row.id, tier=(tier := row.tier_queued or row.tier_requested), tenant=row.tenant,
-                        priority=row.priority,
-                        tokens=staged_tokens(spec=catalog.spec(tier), prompt=row.prompt, system=row.system,
-                                             messages=row.messages, max_tokens=row.max_tokens))
-                for row in lost])
-        else:
-            with self.app.producer_or_acquire() as producer:
-                for row in lost:
-                    publish_request(self.app, producer=producer, request_id=row.id,
-                                    tier=row.tier_queued or row.tier_requested, tenant=row.tenant,
-                                    priority=row.priority, reply_to=None)
+        self._send_again(r, lost)
         self.requeued += len(lost)
         return len(lost)
+
+    def _send_again(self, broker_redis, lost) -> None:
+        """Stage the lost requests again (dispatch on: they wait where priority applies), or publish them."""
+        from config.catalog import load_catalog
+        from tars_tasks.publish import ToStage, publish_request, stage_requests
+        from tars_tasks.staging import staged_tokens
+
+        s = self.settings
+        if s.dispatch_enabled:
+            catalog = load_catalog(s.catalog_path)
+            todo = []
+            for row in lost:
+                tier = row.tier_queued or row.tier_requested
+                tokens = staged_tokens(spec=catalog.spec(tier), prompt=row.prompt, system=row.system,
+                                       messages=row.messages, max_tokens=row.max_tokens)
+                todo.append(ToStage(request_id=row.id, tier=tier, tenant=row.tenant, priority=row.priority,
+                                    tokens=tokens))
+            stage_requests(self.app, redis_client=broker_redis, namespace=s.namespace, requests=todo)
+            return
+        with self.app.producer_or_acquire() as producer:
+            for row in lost:
+                publish_request(self.app, producer=producer, request_id=row.id,
+                                tier=row.tier_queued or row.tier_requested, tenant=row.tenant,
+                                priority=row.priority, reply_to=None)

@@ -98,6 +98,43 @@ def restore_dead(channel, tags: list[str]) -> int:
     return restored
 
 
+# --- messages this process gave up while its lease lives on ------------------------------------
+#
+# On a broken broker connection kombu gives back every message the consumer holds
+# (``QoS.restore_unacked``) and Celery drops the tasks it had reserved but not started. With
+# Redis away that give-back fails, and the entries stay in ``unacked`` under *this* process's
+# owner, whose lease is alive again a second later: no lease sweep and no visibility-timeout
+# restore would ever touch them (seen: one request of 80 queued forever after a Redis restart).
+# Such tags are remembered here and restored by this process once Redis answers, except those
+# whose task is still running here (restored once it ends; by then its request is terminal and
+# the redelivery only re-announces it).
+
+_abandoned: set[str] = set()
+
+
+def abandon(tags) -> None:
+    """Remember ``tags`` (delivery tags) as given up by this process's consumer."""
+    with _lock:
+        _abandoned.update(str(t) for t in tags)
+
+
+def abandoned() -> list[str]:
+    with _lock:
+        return sorted(_abandoned)
+
+
+def restore_abandoned(channel, *, running: set[str]) -> int:
+    """Put the messages this process gave up back on their queues (kombu's own restore, one
+    WATCH/MULTI transaction each); tags in ``running`` wait. Returns how many were restored."""
+    todo = [t for t in abandoned() if t not in running]
+    if not todo:
+        return 0
+    restored = restore_dead(channel, todo)
+    with _lock:
+        _abandoned.difference_update(todo)
+    return restored
+
+
 def live_owners(client, *, namespace: str) -> set[str]:
     prefix = lease_prefix(namespace)
     return {_s(k)[len(prefix):] for k in client.scan_iter(match=f"{prefix}*", count=500)}

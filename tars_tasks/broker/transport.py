@@ -11,7 +11,9 @@
    it, in the same pipeline (:data:`config.keys.UNACKED_OWNER_KEY`); the owner keeps a lease key
    alive while it lives, and a live worker restores the messages of owners whose lease expired
    (:mod:`tars_tasks.broker.leases`). Entries with no owner (a stock worker's) still fall back to
-   the visibility timeout.
+   the visibility timeout. Messages this process had to give up while Redis was away (a broken
+   connection's give-back failed) are restored by the process itself once Redis answers
+   (:func:`tars_tasks.broker.leases.restore_abandoned`).
 3. **Half-open connections on the gevent path** (:mod:`tars_tasks.broker.halfopen`): the pub/sub
    health check also runs where Celery's gevent pool drains events.
 """
@@ -38,13 +40,28 @@ class LeasedQoS(kombu_redis.QoS):
         if owner is None:
             return super().append(message, delivery_tag)
         delivery = message.delivery_info
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
-                .hset(self.unacked_key, delivery_tag,
-                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
-                .hset(UNACKED_OWNER_KEY, delivery_tag, owner) \
-                .execute()
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                    .hset(self.unacked_key, delivery_tag,
+                          dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
+                    .hset(UNACKED_OWNER_KEY, delivery_tag, owner) \
+                    .execute()
+        except Exception:  # the record may have been applied with its reply lost: never run here
+            leases.abandon([delivery_tag])
+            raise
         virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_unacked(self, client=None):
+        """Kombu gives back what the consumer holds when its connection breaks; if Redis is away
+        the give-back fails and the entries would stay under this live owner forever."""
+        tags = list(self._delivered)
+        try:
+            return super().restore_unacked(client)
+        except Exception:
+            leases.abandon(tags)
+            self._delivered.clear()
+            raise
 
     def restore_visible(self, start=0, num=10, interval=10):
         """Kombu's visibility-timeout restore, for messages *without* a lease owner only: a message

@@ -315,6 +315,41 @@ class JobStore:
         if notices and self.notifier is not None:
             self.notifier.publish(notices)
 
+    def republish_unsent(self, *, request_id: str) -> int:
+        """Publish the job's step requests that were committed but never sent; returns how many.
+
+        Called when a finished step's message is delivered again. Its worker acks a message only
+        after the commit that finished the step *and* the publish of the successors it queued,
+        so a worker killed in between leaves that message unacked; the lease sweeper hands it to
+        another worker within seconds, and this is where the successors that never reached the
+        broker go out (``queued``, no attempt, in no tier list and no ``unacked`` entry). Without
+        it they waited for the lost-request reconciler (``requeue_lost_after_s``, minutes)."""
+        from sqlalchemy import exists
+
+        from tars_tasks.broker.presence import ids_in_broker
+        from tars_tasks.redis_client import get_redis
+
+        with self.engine.connect() as conn:
+            job_id = conn.execute(select(_steps.c.job_id).where(_steps.c.request_id == request_id)).scalar()
+            if job_id is None:
+                return 0
+            rows = conn.execute(
+                select(_req.c.id, _req.c.tier_queued, _req.c.tier_requested, _req.c.tenant, _req.c.priority)
+                .join(_steps, _steps.c.request_id == _req.c.id)
+                .where(_steps.c.job_id == job_id, _req.c.status == STATUS_QUEUED,
+                       ~exists().where(_api.c.request_id == _req.c.id))).all()
+        if not rows or not self.settings.broker_redis_url:
+            return 0
+        tiers = {r.tier_queued or r.tier_requested for r in rows}
+        present = ids_in_broker(get_redis(self.settings.broker_redis_url, settings=self.settings),
+                                ids=[r.id for r in rows], tiers=tiers)
+        unsent = [(r.id, r.tier_queued or r.tier_requested, r.tenant, r.priority) for r in rows if r.id not in present]
+        for rid, *_ in unsent:
+            log.warning("job %s: step request %s was committed but never published (its worker died in "
+                        "between); publishing it now", job_id, rid)
+        self._publish(unsent)
+        return len(unsent)
+
     def _fail_unsent(self, job_id: str, ids: list[str], *, reason: str) -> None:
         try:
             with self.engine.begin() as conn:

@@ -9,18 +9,20 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
+from tests.helpers import fleet_snapshot
+
 pytestmark = pytest.mark.integration
 
 REJECT = '<<sim-answer:{"valid": false, "problems": ["cite sources"]}>>'
 
 
-def _wait(predicate, *, timeout: float, what: str):
+def _wait(predicate, *, timeout: float, what: str, snapshot=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout}s")
+    raise AssertionError(f"{what} not within {timeout}s" + (f"\n{snapshot()}" if snapshot else ""))
 
 
 def _scalar(db, sql, **params):
@@ -68,7 +70,9 @@ def test_sigkill_of_a_worker_mid_job(fleet_env, start_worker, client, db):
           what="jobs half way")
     workers[0].kill()
     workers.append(start_worker(tiers=["haiku", "sonnet"], concurrency=20, env=env))
-    _wait(lambda: _running(db) == 0, timeout=120, what="every job terminal")
+    _wait(lambda: _running(db) == 0, timeout=120, what="every job terminal",
+          snapshot=lambda: fleet_snapshot(db=db, redis_url=fleet_env["TARS_BROKER_URL"],
+                                          namespace=fleet_env["TARS_NAMESPACE"], workers=workers))
     jobs = client.jobs.get_many([h.id for h in handles])
     assert [j.status for j in jobs] == ["succeeded"] * n, [j.error for j in jobs if not j.ok]
     for i, j in enumerate(jobs):
@@ -119,4 +123,53 @@ def test_a_crash_between_commit_and_publish_is_covered_by_the_reconciler(fleet_e
     j = client.wait_job(job.id, timeout=60)
     assert j.status == "succeeded", j.error
     assert [s.label for s in j.steps] == ["research[0]", "research[1]", "write", "validate"]
+    _check_books(db)
+
+
+DIE_BEFORE_PUBLISH = '''
+import os
+from tars_tasks.jobs import store as _store
+
+_orig = _store.JobStore._publish
+
+
+def _publish(self, requests, *, notices=None):
+    requests = list(requests)
+    if requests:  # the successors are committed; this worker dies before any reaches the broker
+        os._exit(137)
+    return _orig(self, requests, notices=notices)
+
+
+_store.JobStore._publish = _publish
+'''
+
+
+def test_a_worker_killed_between_committing_next_steps_and_publishing_them_under_default_settings(
+        fleet_env, start_worker, client, db, tmp_path):
+    """The kill the SIGKILL test hits now and then, made certain: the worker that finishes the last
+    researcher commits the writer step and dies before publishing it. Its unacked researcher
+    message comes back through the lease sweeper within seconds; the redelivered, already finished
+    step publishes the successor that never reached the broker. The lost-request reconciler (minutes
+    by default) is switched off here, so nothing else can rescue the job."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_BEFORE_PUBLISH)
+    from tests.helpers import ROOT
+
+    no_reconciler = {"TARS_REQUEUE_LOST_AFTER_S": "86400"}
+    doomed = start_worker(tiers=["haiku", "sonnet"], concurrency=10,
+                          env={**no_reconciler, "PYTHONPATH": f"{hook}:{ROOT}"})
+    job = client.submit_job(template="research-write-validate", input={"question": "q", "topics": ["a", "b", "c"]})
+    _wait(lambda: doomed.proc.poll() is not None, timeout=60, what="the hooked worker's death before publish")
+    assert doomed.proc.returncode == 137
+    assert _scalar(db, "SELECT count(*) FROM job_steps WHERE step = 'write'") == 1  # committed, never sent
+    survivor = start_worker(tiers=["haiku", "sonnet"], concurrency=10, env=no_reconciler)
+    _wait(lambda: _running(db) == 0, timeout=90, what="the job terminal",
+          snapshot=lambda: fleet_snapshot(db=db, redis_url=fleet_env["TARS_BROKER_URL"],
+                                          namespace=fleet_env["TARS_NAMESPACE"], workers=[doomed, survivor]))
+    j = client.get_job(job.id)
+    assert j.status == "succeeded", j.error
+    assert sorted(s.label for s in j.steps) == ["research[0]", "research[1]", "research[2]", "validate", "write"]
+    assert "committed but never published" in survivor.log()
+    assert "was lost" not in survivor.log()  # not the reconciler
     _check_books(db)

@@ -235,6 +235,9 @@ def bench_flood(*, db_url: str, flood: int, small: int, rpm: int, workers: int, 
         "small_e2e_median_flood_s": round(statistics.median(_e2e(smalls)), 2),
         "small_e2e_max_flood_s": round(max(_e2e(smalls)), 2),
         "big_finished_before_last_small": sum(1 for r in big_done if r["finished_at"] < last_small),
+        # the same, from the small tenant's submission on (big's calls already in flight then finish meanwhile)
+        "big_finished_after_small_submit_before_last_small": sum(
+            1 for r in big_done if min(x["submitted_at"] for x in smalls) <= r["finished_at"] < last_small),
         "big_finished_at_stop": len(big_done),
         "failed": sum(1 for r in alone + smalls + big_done if r["status"] != "succeeded"),
         "errors": _errors(alone + smalls + big_done),

@@ -82,6 +82,8 @@ class DbRow:
     calls: list[CallRow] = field(default_factory=list)
     #: ``requests.failure_reason`` (None: not failed, or a row written before the column)
     failure_reason: str | None = None
+    priority: int | None = None
+    tenant: str | None = None
 
     def set_calls(self, calls: list[CallRow]) -> None:
         """The request's attempts, and the per-request sums over them."""
@@ -124,6 +126,9 @@ class RequestRecord:
     #: left out of every population so no request is counted twice.
     sampled: bool = True
     calls: list[CallRow] = field(default_factory=list)
+    #: the request's TARS priority and tenant (None: refused before it was recorded)
+    priority: int | None = None
+    tenant: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -206,4 +211,5 @@ def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: 
         tier_requested=row.tier_requested, tier_used=row.tier_used, worker=row.worker, attempts=row.attempts,
         api_calls=row.api_calls, input_tokens=row.input_tokens, output_tokens=row.output_tokens,
         cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
-        done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls))
+        done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls),
+        priority=row.priority, tenant=row.tenant)

@@ -275,7 +275,7 @@ class Runner:
                           aggregates=agg, records=records)
 
     def _drive(self, sc: Scenario, *, client, run_id: str) -> DriveResult:
-        factory = RequestMix(roles=sc.roles, seed=sc.seed)
+        factory = RequestMix(roles=sc.roles, seed=sc.seed, priorities=sc.priorities, tenants=sc.tenants)
         common = {"producer": client, "factory": factory, "warmup_s": sc.warmup_s, "run_id": run_id,
                   "drain_timeout_s": sc.drain_timeout_s, "clock": RunClock(),
                   "on_progress": self.progress.update if self.progress is not None else None}

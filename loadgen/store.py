@@ -51,7 +51,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     t = _req.c
     cols = [t.id, t.status, t.error, t.failure_reason, t.tier_requested, t.tier_used, t.worker, t.attempts,
             t.input_tokens,
-            t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at]
+            t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at, t.priority, t.tenant]
     rows: dict[str, DbRow] = {}
     calls: dict[str, list[CallRow]] = defaultdict(list)
     with engine.connect() as conn:
@@ -61,7 +61,8 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                tier_used=r.tier_used, worker=r.worker, attempts=r.attempts or 0,
                                input_tokens=r.input_tokens or 0, output_tokens=r.output_tokens or 0,
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
-                               started_at=epoch(r.started_at), finished_at=epoch(r.finished_at))
+                               started_at=epoch(r.started_at), finished_at=epoch(r.finished_at),
+                               priority=r.priority, tenant=r.tenant)
         a = _api.c
         q = (select(a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
                     a.ratelimit_wait_ms, a.attempt, a.cache_write_tokens, a.cache_write_1h_tokens, a.cache_read_tokens)

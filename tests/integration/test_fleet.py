@@ -451,12 +451,16 @@ def test_a_message_popped_by_a_worker_that_died_before_recording_it_runs_within_
     SIGKILLed in between (it sits in BRPOP when the message arrives) loses it: here the "worker" is
     a bare BRPOP that then vanishes. Under the default settings the reconciler republishes it."""
     from config.keys import queue_for_tier
+    from tars_tasks.client import TarsClient
 
-    handle = client.submit(role="researcher", prompt="popped and dropped")
+    # published straight to the queue (a dispatched message is there just the same); the
+    # reconciler sends it again through staging
+    with TarsClient(settings=make_settings(fleet_env, dispatch_enabled=False)) as publisher:
+        handle = publisher.submit(role="researcher", prompt="popped and dropped")
     popped = redis.brpop([queue_for_tier("haiku")], timeout=10)
     assert popped is not None and handle.id.encode() in popped[1]
     worker = start_worker(tiers=["haiku"], concurrency=5)  # default requeue_lost_after_s / reconcile_interval_s
-    result = handle.wait(timeout=90)
+    result = client.wait(handle.id, timeout=90)
     assert result.ok, fleet_snapshot(db=db, redis_url=fleet_env["TARS_BROKER_URL"],
                                      namespace=fleet_env["TARS_NAMESPACE"], workers=[worker])
     assert f"request {handle.id} was lost" in worker.log()

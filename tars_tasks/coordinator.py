@@ -44,7 +44,7 @@ from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidReq
 from tars_tasks.publish import ToStage, publish_request, stage_requests
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import RequestSpec, request_columns, validate_requests, validate_run_id, validate_spec
-from tars_tasks.staging import staged_tokens
+from tars_tasks.staging import Staging, staged_tokens
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Coordinator:
             broker_redis = get_redis(settings.broker_redis_url, settings=settings, timeout_s=settings.client_timeout_s)
             if settings.dispatch_enabled:
                 self.staging_redis = broker_redis
+                self._staging = Staging(redis_client=broker_redis, namespace=settings.namespace)
             if needs_bound:
                 self.bound = AdmissionBound(redis_client=broker_redis, namespace=settings.namespace,
                                             limit=settings.max_queue_depth,
@@ -251,7 +252,8 @@ class Coordinator:
         try:
             if self.staging_redis is not None:
                 stage_requests(self.celery_app, redis_client=self.staging_redis, namespace=self.settings.namespace,
-                               requests=[self._to_stage(p, reply_to=reply_to) for p in planned])
+                               requests=[self._to_stage(p, reply_to=reply_to) for p in planned],
+                               staging=self._staging)
             else:
                 with self.celery_app.producer_or_acquire() as producer, producer.batch():
                     for p in planned:

@@ -69,7 +69,7 @@ class ToStage:
 
 
 def stage_requests(celery_app: Celery, *, redis_client: redis.Redis, namespace: str,
-                   requests: Sequence[ToStage]) -> None:
+                   requests: Sequence[ToStage], staging: Staging | None = None) -> None:
     """Stage recorded requests' messages instead of publishing them: one Redis pipeline (the
     stage scripts and, with task events on, Celery's task-sent events). ``redis_client`` must be
     the **broker's** Redis. Raises what the broker raised: the caller decides what a failed
@@ -83,6 +83,6 @@ def stage_requests(celery_app: Celery, *, redis_client: redis.Redis, namespace: 
     messages = [StagedMessage(id=r.request_id, tier=r.tier, priority=r.priority, tenant=r.tenant, tokens=r.tokens,
                               body=m.payload) for r, m in zip(requests, rendered.messages, strict=True)]
     pipe = redis_client.pipeline(transaction=False)
-    Staging(redis_client=redis_client, namespace=namespace).stage(messages, pipeline=pipe)
+    (staging or Staging(redis_client=redis_client, namespace=namespace)).stage(messages, pipeline=pipe)
     rendered.send_other(pipe)
     pipe.execute()

@@ -250,7 +250,10 @@ for prio = 9, 0, -1 do
           if c.tk then reserve(c.tk, start, tokens) end
           d = d - 1; moved = moved + 1
           local n = #out
-          out[n + 1] = string.sub(head, s1 + 1, s2 - 1); out[n + 2] = tenant; out[n + 3] = prio
+          -- the slot, for the worker that takes the message: sent much later, it gives the slot up
+          local eid = string.sub(head, s1 + 1, s2 - 1)
+          redis.call('HSET', prefix .. ':slots', eid, string.format('%d', math.ceil(start)))
+          out[n + 1] = eid; out[n + 2] = tenant; out[n + 3] = prio
           out[n + 4] = tokens; out[n + 5] = string.format('%d', math.ceil(start - now))
           if redis.call('LLEN', q) == 0 then
             redis.call('LPOP', ring); redis.call('HDEL', dkey, tenant)
@@ -274,7 +277,10 @@ for _, s in pairs(states) do
   end
 end
 local staged = staged0
-if moved > 0 then staged = redis.call('DECRBY', KEYS[3], moved) end
+if moved > 0 then
+  staged = redis.call('DECRBY', KEYS[3], moved)
+  redis.call('PEXPIRE', prefix .. ':slots', 3600000)
+end
 if not reason then
   if moved >= budget then
     if budget < max_moves then reason = 'ready_cap' else reason = 'batch' end

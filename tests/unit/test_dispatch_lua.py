@@ -143,8 +143,11 @@ def test_a_moved_message_is_the_staged_body_in_its_prioritys_celery_list_and_its
     assert [(r.id, r.tenant, r.priority, r.tokens, r.slot_us) for r in res.moved] == [("r1", "acme", 2, 77, T0_US)]
     assert res.at_us == T0_US and res.staged == 0 and res.reason == "empty"
     assert redis.lrange(celery_list("tars.haiku", 2), 0, -1) == [b'{"x": 1}']
-    # staging leaves no keys behind but the count
-    assert {k.decode() for k in redis.keys(f"{stage_prefix(NS, 'haiku')}*")} == {f"{stage_prefix(NS, 'haiku')}:count"}
+    # staging leaves no keys behind but the count and the moved messages' slots (for their workers)
+    assert {k.decode() for k in redis.keys(f"{stage_prefix(NS, 'haiku')}*")} == {
+        f"{stage_prefix(NS, 'haiku')}:count", f"{stage_prefix(NS, 'haiku')}:slots"}
+    slots = {k.decode(): int(v) for k, v in redis.hgetall(f"{stage_prefix(NS, 'haiku')}:slots").items()}
+    assert slots == {r.id: r.slot_us for r in res.moved}
 
 
 def test_nothing_moves_when_the_models_next_slot_is_beyond_the_horizon(redis):

@@ -244,6 +244,24 @@ def test_the_default_path_trusts_a_dispatcher_reserved_first_slot_and_acquires_f
     assert answered.limiter.acquired == [] and [t for *_, t in answered.limiter.adjusted] == [30 - 5000]
 
 
+def test_a_dispatched_slot_still_ahead_is_waited_for_and_one_missed_is_given_up_for_a_fresh_one():
+    import time
+
+    ahead, _, sleeps = make()
+    out = call(ahead, hints={"slot_reserved": True, "reserved_tokens": 5000, "slot_at": time.monotonic() + 0.2})
+    assert out.status == "succeeded" and ahead.limiter.acquired == []
+    assert len(sleeps) == 1 and 0.1 < sleeps[0] <= 0.2  # waited for its slot after the row was written
+    missed, _, _ = make()
+    out = call(missed, hints={"slot_reserved": True, "reserved_tokens": 5000, "slot_at": time.monotonic() - 5.0,
+                              "slot_grace_s": 0.1})
+    assert out.status == "succeeded" and len(missed.limiter.acquired) == 1  # 5 s late: a fresh slot
+    assert [t for *_, t in missed.limiter.adjusted][0] == -5000  # the missed slot's tokens given back
+    graced, _, _ = make()
+    out = call(graced, hints={"slot_reserved": True, "reserved_tokens": 5000, "slot_at": time.monotonic() - 0.1,
+                              "slot_grace_s": 0.5})
+    assert out.status == "succeeded" and graced.limiter.acquired == []  # late, but within its grace
+
+
 # --- the built-in steps' logic on the stand-ins -----------------------------------------------
 
 

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     dispatch_enabled: bool = True
     #: A dispatcher moves a message only if its first call's slot is due within this long; the
     #: worker that takes it commits its attempt row meanwhile and sends at the slot.
-    dispatch_horizon_s: float = Field(default=0.25, gt=0, le=5)
+    dispatch_horizon_s: float = Field(default=0.5, gt=0, le=5)
     #: A worker's dispatcher steps at least this often (and at once when a task finishes).
     dispatch_tick_s: float = Field(default=0.02, gt=0, le=5)
 

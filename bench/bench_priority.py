@@ -19,9 +19,10 @@
   once the small tenant's requests are done (the rest of the flood is discarded).
 
 Simulated provider latency uniform 500-2500 ms (the seed's), no injected failures, task events off.
-Redis db 15 and Postgres database ``tars_bench_dispatch`` (created afresh) on 127.0.0.1; every
-wait is bounded. ``--set KEY=VALUE`` passes extra ``TARS_*`` settings to producer and workers
-(e.g. to measure the same experiment with another delivery path). Results print as JSON.
+Redis db 15 (``--redis-url``) and Postgres database ``tars_bench_dispatch`` (``--pg-db``, created
+afresh) on 127.0.0.1; every wait is bounded. ``--set KEY=VALUE`` passes extra ``TARS_*`` settings
+to producer and workers (``--set TARS_DISPATCH_ENABLED=false``: the old path, publish and wait in
+the limiter inside a worker slot). Results print as JSON.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_fleet import _fresh_db, _start, _stop, _wait_ready  # noqa: E402
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
-PG_DB = "tars_bench_dispatch"
+#: Defaults; ``--redis-url`` / ``--pg-db`` (or TARS_BENCH_REDIS_URL / TARS_BENCH_PG_DB) move them.
+_DEFAULT_REDIS_URL = os.environ.get("TARS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = _DEFAULT_REDIS_URL
+PG_DB = os.environ.get("TARS_BENCH_PG_DB", "tars_bench_dispatch")
 SUBMIT_CHUNK = 500
 
 
@@ -178,6 +181,8 @@ def bench_priority(*, db_url: str, low: int, high: int, high_delay_s: float, rpm
     finally:
         fleet.stop()
     first_high = min(r["finished_at"] for r in highs)
+    high_sub = min(r["submitted_at"] for r in highs)
+    ninth_high = sorted(r["finished_at"] for r in highs)[min(8, len(highs) - 1)]
     rate, window_s, calls = _steady_rate(starts)
     limit_per_s = rpm / 60
     e2e = _e2e(highs)
@@ -189,6 +194,8 @@ def bench_priority(*, db_url: str, low: int, high: int, high_delay_s: float, rpm
         "high_queue_wait_median_s": round(statistics.median(
             (r["started_at"] - r["submitted_at"]).total_seconds() for r in highs), 2),
         "low_finished_before_first_high": sum(1 for r in lows if r["finished_at"] < first_high),
+        "low_finished_after_high_submit_before_9th_high": sum(
+            1 for r in lows if high_sub <= r["finished_at"] < ninth_high),
         "low_e2e_median_s": round(statistics.median(_e2e(lows)), 2),
         "steady_calls_per_s": round(rate, 3), "steady_window_s": round(window_s, 1), "steady_calls": calls,
         "limit_per_s": round(limit_per_s, 3), "pct_of_limit": round(100 * rate / limit_per_s, 1),
@@ -228,6 +235,9 @@ def bench_flood(*, db_url: str, flood: int, small: int, rpm: int, workers: int, 
         "small_e2e_median_flood_s": round(statistics.median(_e2e(smalls)), 2),
         "small_e2e_max_flood_s": round(max(_e2e(smalls)), 2),
         "big_finished_before_last_small": sum(1 for r in big_done if r["finished_at"] < last_small),
+        # the same, from the small tenant's submission on (big's calls already in flight then finish meanwhile)
+        "big_finished_after_small_submit_before_last_small": sum(
+            1 for r in big_done if min(x["submitted_at"] for x in smalls) <= r["finished_at"] < last_small),
         "big_finished_at_stop": len(big_done),
         "failed": sum(1 for r in alone + smalls + big_done if r["status"] != "succeeded"),
         "errors": _errors(alone + smalls + big_done),
@@ -237,6 +247,7 @@ def bench_flood(*, db_url: str, flood: int, small: int, rpm: int, workers: int, 
 
 
 def main() -> None:
+    global REDIS_URL
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["all", "priority", "flood"])
     p.add_argument("--low", type=str, default="600,2000", help="priority: comma list of backlog sizes")
@@ -251,11 +262,14 @@ def main() -> None:
     p.add_argument("--flood-timeout-s", type=float, default=600.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra TARS_* setting")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--redis-url", default=None, help=f"broker Redis (flushed!), default {_DEFAULT_REDIS_URL}")
+    p.add_argument("--pg-db", default=None, help=f"Postgres database (dropped and created), default {PG_DB}")
     args = p.parse_args()
+    REDIS_URL = args.redis_url or _DEFAULT_REDIS_URL
     extra_env = dict(kv.split("=", 1) for kv in args.set)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tars-bench-priority-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    db_url = _fresh_db(PG_DB)
+    db_url = _fresh_db(args.pg_db or PG_DB)
     result: dict = {"started": datetime.now().isoformat(timespec="seconds"), "load_avg_at_start": os.getloadavg(),
                     "extra_env": extra_env, "priority": [], "flood": None}
     if args.what in ("all", "priority"):

@@ -123,6 +123,12 @@ def stage_prefix(namespace: str, tier: str) -> str:
     return f"{namespace}:stage:{tier}"
 
 
+def stage_slots_key(namespace: str, tier: str) -> str:
+    """Hash entry id -> the µs (Redis clock) of the slot its dispatcher reserved: the worker that
+    takes the message reads (and deletes) it, and gives a slot it would miss up (docs/DISPATCH.md)."""
+    return f"{stage_prefix(namespace, tier)}:slots"
+
+
 def stage_count_key(namespace: str, tier: str) -> str:
     """Entries staged in a tier, all priorities and tenants (the admission bound reads it)."""
     return f"{stage_prefix(namespace, tier)}:count"

@@ -79,6 +79,20 @@ class Settings(BaseSettings):
     #: Celery task events (what Flower shows). Costs two extra broker messages per task.
     task_events: bool = True
 
+    # --- dispatch: priority and fairness under a binding rate limit (docs/DISPATCH.md) -------
+    #: A TARS producer *stages* its requests' messages (Redis lists per tier, priority and
+    #: tenant) and the workers' dispatchers move them into the Celery queues when the fleet
+    #: limits let their calls go out, in priority order, fair across tenants, with tenant limits.
+    #: Off: producers publish straight to the Celery queues (the worker waits in the limiter).
+    #: Workers always run their dispatcher (an idle one costs one Redis GET per tick), so a fleet
+    #: may switch producers either way at any time; needs a Redis broker (embedded: off).
+    dispatch_enabled: bool = True
+    #: A dispatcher moves a message only if its first call's slot is due within this long; the
+    #: worker that takes it commits its attempt row meanwhile and sends at the slot.
+    dispatch_horizon_s: float = Field(default=0.5, gt=0, le=5)
+    #: A worker's dispatcher steps at least this often (and at once when a task finishes).
+    dispatch_tick_s: float = Field(default=0.02, gt=0, le=5)
+
     # --- worker ---------------------------------------------------------------------------
     worker_concurrency: int = Field(default=500, ge=1)
     worker_pool: str = "gevent"

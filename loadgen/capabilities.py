@@ -41,7 +41,13 @@ def probe() -> dict[str, bool]:
 
 def exercised(name: str, aggregates: dict[str, Any], *, fleet_processes: int | None) -> bool:
     if name == "fleet_rate_limiter":
-        return aggregates["rate_limit"]["requests_waited"] > 0
+        if aggregates["rate_limit"]["requests_waited"] > 0:
+            return True
+        # With dispatch (docs/DISPATCH.md) requests wait in staging, not in the limiter: the limit
+        # acted if it is what bound the run and the run reached it.
+        c = aggregates.get("ceilings") or {}
+        rl = next((it for it in c.get("items", []) if it.get("name") == "rate limits"), None)
+        return bool(rl and c.get("binding") == "rate limits" and (rl.get("ratio") or 0) >= 0.9)
     if name == "admission_control":
         return any(k.startswith("rejected:") for k in aggregates["requests"]["run"]["failures_by_reason"])
     if name == "degradation_modes":

@@ -315,6 +315,9 @@ def compute(
         "invalid_reasons": invalid,
         "retries": _retries(pop),
         "rate_limit": _rate_limit(pop),
+        "by_priority": _breakdown(pop, key=lambda r: r.priority, span=span, ended_at=ended_at),
+        "by_tenant": _breakdown(pop, key=lambda r: r.tenant, span=span, ended_at=ended_at),
+        "priority_held": priority_held(pop, ended_at=ended_at),
         "fallbacks": _fallbacks(pop),
         "cost": _cost(pop),
         "cost_run": _cost(records),
@@ -338,6 +341,39 @@ def _retries(records: Sequence[RequestRecord]) -> dict[str, Any]:
     retried = [r for r in records if r.api_calls > 1]
     return {"api_calls": calls, "retries": sum(r.api_calls - 1 for r in retried), "requests_retried": len(retried),
             "requests_recovered": sum(1 for r in retried if r.status == RequestStatus.SUCCEEDED)}
+
+
+def _breakdown(pop: Sequence[RequestRecord], *, key, span: float, ended_at: float) -> dict[str, Any]:
+    """Per value of ``key`` (a priority, a tenant) over the same population: completions, their
+    share of the span's throughput, and end-to-end latency. Empty when the population has one value."""
+    groups: dict[Any, list[RequestRecord]] = {}
+    for r in pop:
+        groups.setdefault(key(r), []).append(r)
+    if len(groups) < 2:
+        return {}
+    out = {}
+    for k, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        done = [r for r in rs if r.done_at is not None]
+        out[str(k)] = {"requests": len(rs), "completions": len(done),
+                       "succeeded": sum(1 for r in done if r.status == RequestStatus.SUCCEEDED),
+                       "completions_per_s": len(done) / span if span > 0 else 0.0,
+                       "e2e": latency_summary(response_ms(r, ended_at) for r in rs)}
+    return out
+
+
+def priority_held(pop: Sequence[RequestRecord], *, ended_at: float) -> dict[str, Any] | None:
+    """Highest against lowest priority of the population: their median end-to-end and whether the
+    higher one was served faster (None: one priority only, or too few of either)."""
+    prios = sorted({r.priority for r in pop if r.priority is not None})
+    if len(prios) < 2:
+        return None
+    lo, hi = prios[0], prios[-1]
+    p50 = {}
+    for p in (lo, hi):
+        p50[p] = latency_summary(response_ms(r, ended_at) for r in pop if r.priority == p)["p50"]
+    if p50[lo] is None or p50[hi] is None:
+        return None
+    return {"high": hi, "low": lo, "high_p50_ms": p50[hi], "low_p50_ms": p50[lo], "held": p50[hi] < p50[lo]}
 
 
 def _rate_limit(records: Sequence[RequestRecord]) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class DbRow:
     answered_by: str | None = None
     saved_usd: Decimal = Decimal(0)
     served_mode: str | None = None
+    priority: int | None = None
     tenant: str | None = None
 
     def set_calls(self, calls: list[CallRow]) -> None:
@@ -134,6 +135,8 @@ class RequestRecord:
     answered_by: str | None = None
     saved_usd: Decimal = Decimal(0)
     served_mode: str | None = None
+    #: the request's TARS priority (None: refused before it was recorded)
+    priority: int | None = None
     tenant: str | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -219,4 +222,5 @@ def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: 
         api_calls=row.api_calls, input_tokens=row.input_tokens, output_tokens=row.output_tokens,
         cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
         done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls),
-        answered_by=row.answered_by, saved_usd=row.saved_usd, served_mode=row.served_mode, tenant=row.tenant)
+        answered_by=row.answered_by, saved_usd=row.saved_usd, served_mode=row.served_mode,
+        priority=row.priority, tenant=row.tenant)

@@ -400,6 +400,7 @@ def analyse_step(step: StepResult, *, previous: StepResult | None = None) -> lis
         if e2e["avg"]:
             line += f" ({pct(rw['avg'] / e2e['avg'])} of the average response time)"
         out.append(line + "; the waits are shown on their own and are not in the service time.")
+    out += _breakdown_lines(a)
     cost = a["cost"]
     if cost["unknown_outcome_calls"]:
         out.append(f"{cost['unknown_outcome_calls']} attempts ended with their outcome unknown (the worker died or "
@@ -634,3 +635,21 @@ def write_report(session: Session, *, command: str | None = None) -> dict[str, P
     (out / REPORT_JSON).write_text(json.dumps(session_json(session), indent=1, default=str))
     (out / REPORT_MD).write_text(render_markdown(session, plots=plots, command=command))
     return {"markdown": out / REPORT_MD, "json": out / REPORT_JSON, **{k: Path(v) for k, v in plots.items()}}
+
+
+def _breakdown_lines(a: dict) -> list[str]:
+    """Per priority and per tenant: throughput and latency, and whether priority held (runs that mix them)."""
+    out = []
+    for what, key in (("priority", "by_priority"), ("tenant", "by_tenant")):
+        groups = a.get(key) or {}
+        if not groups:
+            continue
+        parts = [f"{what} {k}: {g['completions']} done, {g['completions_per_s']:.2f}/s, e2e p50 "
+                 f"{ms(g['e2e']['p50'])}, p99 {ms(g['e2e']['p99'])}" for k, g in groups.items()]
+        out.append(f"By {what} — " + "; ".join(parts) + ".")
+    held = a.get("priority_held")
+    if held:
+        verdict = "held" if held["held"] else "did NOT hold"
+        out.append(f"Priority {verdict}: priority {held['high']} p50 {ms(held['high_p50_ms'])} against priority "
+                   f"{held['low']} p50 {ms(held['low_p50_ms'])}.")
+    return out

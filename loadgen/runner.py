@@ -300,7 +300,8 @@ class Runner:
     def _drive(self, sc: Scenario, *, client, run_id: str) -> DriveResult:
         self._set_budget(sc, run_id)
         factory = RequestMix(roles=sc.roles, seed=sc.seed, tenant=self._tenant(sc, run_id),
-                             prompt_pool=sc.prompt_pool, zipf_s=sc.zipf_s, temperature=sc.temperature)
+                             prompt_pool=sc.prompt_pool, zipf_s=sc.zipf_s, temperature=sc.temperature,
+                             priorities=sc.priorities, tenants=sc.tenants)
         common = {"producer": client, "factory": factory, "warmup_s": sc.warmup_s, "run_id": run_id,
                   "drain_timeout_s": sc.drain_timeout_s, "clock": RunClock(),
                   "on_progress": self.progress.update if self.progress is not None else None}

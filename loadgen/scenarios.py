@@ -43,6 +43,10 @@ class Scenario:
     workers: int = 1
     worker_concurrency: int = 200
     roles: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_ROLES))
+    #: TARS priority -> share of the requests (None: every request at normal priority, the default).
+    priorities: Mapping[int, float] | None = None
+    #: tenant -> share of the requests (None: every request from tenant ``loadgen``).
+    tenants: Mapping[str, float] | None = None
     sample_interval_s: float = 0.5
     drain_timeout_s: float = 60.0
     max_in_flight: int = 20_000
@@ -140,13 +144,17 @@ class RequestMix:
 
     def __init__(self, *, roles: Mapping[str, float], seed: int, prompt_chars: int = PROMPT_CHARS,
                  tenant: str = "loadgen", prompt_pool: int | None = None, zipf_s: float = 1.1,
-                 temperature: float | None = None) -> None:
-        if not roles or any(w < 0 for w in roles.values()) or sum(roles.values()) <= 0:
-            raise LoadgenError(f"bad role mix {dict(roles)!r}")
+                 temperature: float | None = None, priorities: Mapping[int, float] | None = None,
+                 tenants: Mapping[str, float] | None = None) -> None:
+        for what, mix in (("role", roles), ("priority", priorities or {5: 1.0}), ("tenant", tenants or {tenant: 1})):
+            if not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+                raise LoadgenError(f"bad {what} mix {dict(mix)!r}")
         self.roles = list(roles)
         self.weights = [roles[r] for r in self.roles]
         self.seed = seed
         self.tenant = tenant
+        self.priorities = dict(priorities) if priorities else None
+        self.tenants = dict(tenants) if tenants else None
         body = "Summarise the findings, list the risks and propose the next three steps. "
         self._body = (body * (prompt_chars // len(body) + 1))[:prompt_chars]
         self.prompt_pool = prompt_pool
@@ -168,6 +176,10 @@ class RequestMix:
             out = {"role": role, "prompt": f"[s{self.seed}p{k}] {self._body}", "tenant": self.tenant}
         if self.temperature is not None:
             out["temperature"] = self.temperature
+        if self.priorities:
+            out["priority"] = rng.choices(list(self.priorities), list(self.priorities.values()))[0]
+        if self.tenants:
+            out["tenant"] = rng.choices(list(self.tenants), list(self.tenants.values()))[0]
         return out
 
 
@@ -199,7 +211,10 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        description="Closed loop stepped through concurrency levels; stops at over-saturation."),
     _P("rate-limit", "API rate limiting", concurrency=50, duration_s=30, warmup_s=3,
        catalog_overrides={"rpm": 600}, overrides_required=True, requires=("fleet_rate_limiter",),
-       description="Offered load above a lowered fleet-wide limit (600 requests/min per model)."),
+       priorities={0: 0.8, 9: 0.2}, tenants={"loadgen-a": 0.5, "loadgen-b": 0.5},
+       description="Offered load above a lowered fleet-wide limit (600 requests/min per model); 20% of the "
+                   "requests at high priority (9), the rest low (0), from two tenants: the report shows "
+                   "throughput and latency per priority and per tenant, and whether priority held."),
     _P("overload-150", "Overload at 150 concurrent", concurrency=150, duration_s=30, warmup_s=3,
        requires=("degradation_modes", "admission_control"),
        description="Beyond capacity: what degrades, what fails, what is refused."),

@@ -52,7 +52,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     cols = [t.id, t.status, t.error, t.failure_reason, t.tier_requested, t.tier_used, t.worker, t.attempts,
             t.input_tokens,
             t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at, t.answered_by, t.saved_usd,
-            t.served_mode, t.tenant]
+            t.served_mode, t.priority, t.tenant]
     rows: dict[str, DbRow] = {}
     calls: dict[str, list[CallRow]] = defaultdict(list)
     with engine.connect() as conn:
@@ -64,7 +64,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
                                started_at=epoch(r.started_at), finished_at=epoch(r.finished_at),
                                answered_by=r.answered_by, saved_usd=Decimal(str(r.saved_usd or 0)),
-                               served_mode=r.served_mode, tenant=r.tenant)
+                               served_mode=r.served_mode, priority=r.priority, tenant=r.tenant)
         a = _api.c
         q = (select(a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
                     a.ratelimit_wait_ms, a.attempt, a.cache_write_tokens, a.cache_write_1h_tokens, a.cache_read_tokens)

@@ -1,8 +1,9 @@
 """Admission control and graceful degradation, decided by the coordinator before a write.
 
 The mode is the **fleet's** (:mod:`tars_tasks.fleetmode`: one mode in Redis for every producer,
-decided with hysteresis from queue depths, limiter backlog and breaker states, every transition
-a ``mode_changes`` row). What each mode does to a request:
+decided with hysteresis from queue depths — waiting messages, queued or staged for dispatch, over
+``max_queue_depth`` —, limiter backlog and breaker states, every transition a ``mode_changes``
+row). What each mode does to a request:
 
 * ``optimal`` — requests go where routing sends them;
 * ``high_load`` — requests below high priority (9) move from sonnet/opus to the tier's cheaper
@@ -90,11 +91,10 @@ class QueueDepthGauge:
 
 
 def redis_depth_reader(settings: Settings) -> Callable[[], dict[str, int]]:
-    from tars_tasks.broker.depths import queue_depths
+    from tars_tasks.broker.depths import waiting_by_tier
 
     def read() -> dict[str, int]:
-        by_tier = queue_depths(settings, timeout_s=settings.client_timeout_s)
-        return {tier: sum(by_prio.values()) for tier, by_prio in by_tier.items()}
+        return waiting_by_tier(settings, timeout_s=settings.client_timeout_s)  # queued + staged
 
     return read
 

@@ -284,12 +284,31 @@ def status(as_json: bool) -> None:
         for p in prios:
             qt.add_column(f"p{p}", justify="right")
         qt.add_column("total", justify="right")
+        qt.add_column("staged", justify="right")
         qt.add_column("workers")
         for tier in TIERS:
             depth = st.queue_depth.get(tier, {})
-            qt.add_row(tier, *[str(depth.get(p, 0)) for p in prios], str(sum(depth.values())),
+            staged = sum(n for by_tenant in st.staged.get(tier, {}).values() for n in by_tenant.values())
+            qt.add_row(tier, *[str(depth.get(p, 0)) for p in prios], str(sum(depth.values())), str(staged),
                        ", ".join(st.workers.get(tier, [])) or "-")
         console.print(qt)
+        if any(st.staged.values()):
+            stt = Table(title="Staged for dispatch (waiting where priority and tenant fairness apply)")
+            for col in ("tier", "priority", "tenant", "staged"):
+                stt.add_column(col, justify="right" if col == "staged" else "left")
+            for tier in TIERS:
+                for prio, by_tenant in sorted(st.staged.get(tier, {}).items(), reverse=True):
+                    for tenant, n in sorted(by_tenant.items()):
+                        stt.add_row(tier, str(prio), tenant, str(n))
+            console.print(stt)
+    if st.tenants:
+        tt = Table(title="Tenants (fair-share weight; own RPM/TPM limits, 0 = none; * = every other tenant)")
+        for col in ("tenant", "weight", "rpm", "tpm", "per tier"):
+            tt.add_column(col, justify="left" if col in ("tenant", "per tier") else "right")
+        for name, t in st.tenants.items():
+            per_tier = ", ".join(f"{tier}: {lim['rpm']} rpm / {lim['tpm']} tpm" for tier, lim in t["tiers"].items())
+            tt.add_row(name, f"{t['weight']:g}", str(t["rpm"]), str(t["tpm"]), per_tier or "-")
+        console.print(tt)
     rt = Table(title="Requests")
     rt.add_column("status")
     rt.add_column("count", justify="right")

@@ -8,8 +8,11 @@ Order of operations for every request:
    ``max_queue_depth`` holds fleet-wide however many producers submit
    (:mod:`tars_tasks.broker.bound`; refused: :class:`Overloaded`, nothing written);
 3. record the request row (status ``queued``) in the database;
-4. publish it to its tier's queue with its priority, then release the reservation.
-If publishing fails, the recorded rows are marked ``failed`` (``failure_reason`` "enqueue
+4. stage it (``dispatch_enabled``, the default: it waits in staging, where priority and
+   per-tenant fairness and limits apply, until a worker's dispatcher moves it into its tier's
+   queue; docs/DISPATCH.md) or publish it to its tier's queue with its priority; then release
+   the reservation.
+If staging or publishing fails, the recorded rows are marked ``failed`` (``failure_reason`` "enqueue
 failed") and :class:`BrokerUnavailable` is raised: a producer is never left believing a dropped
 request is queued. Any broker error before the rows are written — Redis down, or not answering
 within ``client_timeout_s`` — is :class:`BrokerUnavailable` too, with nothing written.
@@ -49,7 +52,7 @@ from tars_tasks.errors import (
     Overloaded,
     excerpt,
 )
-from tars_tasks.publish import publish_request
+from tars_tasks.publish import ToStage, publish_request, stage_requests
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import (
     RequestSpec,
@@ -59,6 +62,7 @@ from tars_tasks.schemas import (
     validate_run_id,
     validate_spec,
 )
+from tars_tasks.staging import Staging, staged_tokens
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +107,20 @@ class Coordinator:
         self.engine = engine
         self.admission = admission or Admission.for_settings(settings=settings, catalog=catalog, engine=engine)
         self.bound = bound
-        if bound is None and settings.broker_redis_url and settings.max_queue_depth > 0:
+        #: The broker's Redis when requests are staged (dispatch), else None (published).
+        self.staging_redis: redis.Redis | None = None
+        needs_bound = bound is None and settings.max_queue_depth > 0
+        if settings.broker_redis_url and (settings.dispatch_enabled or needs_bound):
             from tars_tasks.redis_client import get_redis
 
-            self.bound = AdmissionBound(
-                redis_client=get_redis(settings.broker_redis_url, settings=settings,
-                                       timeout_s=settings.client_timeout_s),
-                namespace=settings.namespace, limit=settings.max_queue_depth,
-                ttl_s=settings.admission_reservation_ttl_s)
+            broker_redis = get_redis(settings.broker_redis_url, settings=settings, timeout_s=settings.client_timeout_s)
+            if settings.dispatch_enabled:
+                self.staging_redis = broker_redis
+                self._staging = Staging(redis_client=broker_redis, namespace=settings.namespace)
+            if needs_bound:
+                self.bound = AdmissionBound(redis_client=broker_redis, namespace=settings.namespace,
+                                            limit=settings.max_queue_depth,
+                                            ttl_s=settings.admission_reservation_ttl_s)
         self.cache_lookup = CacheLookup(cache=ResponseCache.for_settings(settings), catalog=catalog)
         self.budgets = (Budgets.for_settings(settings, timeout_s=settings.client_timeout_s)
                         if settings.budgets_enabled else None)
@@ -382,16 +392,28 @@ class Coordinator:
         if not planned:
             return
         try:
-            with self.celery_app.producer_or_acquire() as producer, producer.batch():
-                for p in planned:
-                    publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
-                                    tenant=p.spec.tenant, priority=p.spec.priority, reply_to=reply_to)
+            if self.staging_redis is not None:
+                stage_requests(self.celery_app, redis_client=self.staging_redis, namespace=self.settings.namespace,
+                               requests=[self._to_stage(p, reply_to=reply_to) for p in planned],
+                               staging=self._staging)
+            else:
+                with self.celery_app.producer_or_acquire() as producer, producer.batch():
+                    for p in planned:
+                        publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
+                                        tenant=p.spec.tenant, priority=p.spec.priority, reply_to=reply_to)
         except Exception as exc:
             self._fail_unsent([p.id for p in planned], error=f"{FailureReason.ENQUEUE_FAILED}: {exc}")
             raise BrokerUnavailable(
                 f"broker unavailable; {len(planned)} request(s) could not be queued "
                 f"and are recorded as failed: {exc}"
             ) from exc
+
+    def _to_stage(self, p: _Planned, *, reply_to: str | None) -> ToStage:
+        cols = request_columns(p.spec, catalog=self.catalog)
+        tokens = staged_tokens(spec=self.catalog.spec(p.route.tier), prompt=cols["prompt"], system=cols["system"],
+                               messages=cols["messages"], max_tokens=cols["max_tokens"])
+        return ToStage(request_id=p.id, tier=p.route.tier, tenant=p.spec.tenant, priority=p.spec.priority,
+                       tokens=tokens, reply_to=reply_to)
 
     def _fail_unsent(self, ids: list[str], *, error: str) -> None:
         if not ids:

@@ -3,7 +3,8 @@ kept in Redis, every transition a ``mode_changes`` row.
 
 **Signals** (each a fraction; the mode follows the largest, ``load``):
 
-* ``queue_load`` — the fullest tier's queued messages / ``max_queue_depth`` (the broker's lists);
+* ``queue_load`` — the fullest tier's waiting messages (its broker lists plus its staged
+  messages) / ``max_queue_depth``;
 * ``limiter_backlog`` — how far ahead the fleet rate limiter's slots are booked, the most booked
   (provider, model), as a fraction of ``ratelimit_max_wait_s`` (a limiter that binds books ahead;
   one that does not has no backlog);
@@ -179,12 +180,15 @@ def measure_signals(*, settings: Settings, catalog: Catalog, broker: redis.Redis
     signals: dict[str, float] = {"queue_load": 0.0, "limiter_backlog": 0.0, "breakers_open": 0.0,
                                  "budget_burn": 0.0}
     if broker is not None and settings.max_queue_depth > 0:
+        from config.keys import stage_count_key
+
         pipe = broker.pipeline(transaction=False)
         for t in TIERS:
             for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1):
                 pipe.llen(priority_list(queue_for_tier(t), p))
-        n = PRIORITY_MAX - PRIORITY_MIN + 1
-        lens = [int(x) for x in pipe.execute()]
+            pipe.get(stage_count_key(settings.namespace, t))  # waiting in staging for dispatch
+        n = PRIORITY_MAX - PRIORITY_MIN + 2
+        lens = [int(x or 0) for x in pipe.execute()]
         depths = [sum(lens[i * n:(i + 1) * n]) for i in range(len(TIERS))]
         signals["queue_load"] = round(max(depths) / settings.max_queue_depth, 4)
     if state is not None:

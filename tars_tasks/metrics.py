@@ -221,6 +221,28 @@ class FleetCollector(Collector):
             for prio, n in sorted(by_prio.items()):
                 depth.add_metric([tier, str(prio)], n)
         yield depth
+        from tars_tasks.status import staged_by_tier, tenant_table
+
+        staged = GaugeMetricFamily("tars_staged", "Messages staged for dispatch (waiting where priority and tenant "
+                                   "fairness apply), by tier, TARS priority and tenant.",
+                                   labels=["tier", "priority", "tenant"])
+        for tier, by_prio in sorted(staged_by_tier(self.settings).items()):
+            for prio, by_tenant in sorted(by_prio.items()):
+                for tenant, n in sorted(by_tenant.items()):
+                    staged.add_metric([tier, str(prio), tenant], n)
+        yield staged
+        weight = GaugeMetricFamily("tars_tenant_weight", "A tenant's fair-share weight (\"*\": every other tenant).",
+                                   labels=["tenant"])
+        limit = GaugeMetricFamily("tars_tenant_limit", "A tenant's own rate limit (0 = none), over all tiers "
+                                  "(tier=\"all\") or on one tier.", labels=["tenant", "tier", "kind"])
+        for name, t in tenant_table(self.settings).items():
+            weight.add_metric([name], float(t["weight"]))
+            limit.add_metric([name, "all", "rpm"], t["rpm"])
+            limit.add_metric([name, "all", "tpm"], t["tpm"])
+            for tier, lim in t["tiers"].items():
+                limit.add_metric([name, tier, "rpm"], lim["rpm"])
+                limit.add_metric([name, tier, "tpm"], lim["tpm"])
+        yield from (weight, limit)
         from tars_tasks.status import worker_health
 
         healthy = GaugeMetricFamily("tars_worker_writer_healthy",

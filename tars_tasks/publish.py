@@ -1,11 +1,23 @@
-"""Publishing one request's task message: the only place that knows how it goes on the wire."""
+"""Publishing one request's task message: the only place that knows how it goes on the wire.
+
+Two ways on: :func:`publish_request` sends it to its tier's Celery queue; :func:`stage_requests`
+renders the same messages (byte for byte, plus the :data:`~tars_tasks.staging.STAGED_HEADER`)
+and puts them in staging, from where a worker's dispatcher moves them into the Celery queue when
+the fleet-wide limits let their calls go out (``docs/DISPATCH.md``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
 from celery import Celery
 
 from config.keys import TASK_RUN_REQUEST, kombu_priority, queue_for_tier
 from tars_tasks.messages import RunRequestMessage
+from tars_tasks.render import capture_lpush
+from tars_tasks.staging import STAGED_HEADER, StagedMessage, Staging
 
 
 def publish_request(
@@ -17,12 +29,15 @@ def publish_request(
     tenant: str,
     priority: int,
     reply_to: str | None,
+    staged_tokens: int | None = None,
 ) -> None:
     """Send ``tars.run_request`` for a recorded request; the task id is the request id.
 
     The message carries only what the worker uses (see :mod:`tars_tasks.messages`); the prompt,
     tenant and priority stay in Postgres (``priority`` still sets the broker priority).
     ``argsrepr``/``kwargsrepr`` are set so that events show the id, nothing more.
+    ``staged_tokens``: the message is rendered for staging; the header says what its first
+    attempt's slot reserves at dispatch.
     """
     queue = queue_for_tier(tier)
     message = RunRequestMessage(request_id=request_id, tier=tier, reply_to=reply_to)
@@ -36,4 +51,38 @@ def publish_request(
         producer=producer,
         argsrepr="()",
         kwargsrepr=message.kwargsrepr(),
+        headers=None if staged_tokens is None else {STAGED_HEADER: staged_tokens},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ToStage:
+    """One recorded request to stage, and the tokens its first attempt reserves
+    (:func:`tars_tasks.staging.staged_tokens`)."""
+
+    request_id: str
+    tier: str
+    tenant: str
+    priority: int
+    tokens: int
+    reply_to: str | None = None
+
+
+def stage_requests(celery_app: Celery, *, redis_client: redis.Redis, namespace: str,
+                   requests: Sequence[ToStage], staging: Staging | None = None) -> None:
+    """Stage recorded requests' messages instead of publishing them: one Redis pipeline (the
+    stage scripts and, with task events on, Celery's task-sent events). ``redis_client`` must be
+    the **broker's** Redis. Raises what the broker raised: the caller decides what a failed
+    staging means for its requests (the coordinator: "enqueue failed", as for a failed publish)."""
+    if not requests:
+        return
+    with celery_app.producer_or_acquire() as producer, capture_lpush(producer) as rendered:
+        for r in requests:
+            publish_request(celery_app, producer=producer, request_id=r.request_id, tier=r.tier, tenant=r.tenant,
+                            priority=r.priority, reply_to=r.reply_to, staged_tokens=r.tokens)
+    messages = [StagedMessage(id=r.request_id, tier=r.tier, priority=r.priority, tenant=r.tenant, tokens=r.tokens,
+                              body=m.payload) for r, m in zip(requests, rendered.messages, strict=True)]
+    pipe = redis_client.pipeline(transaction=False)
+    (staging or Staging(redis_client=redis_client, namespace=namespace)).stage(messages, pipeline=pipe)
+    rendered.send_other(pipe)
+    pipe.execute()

@@ -1,4 +1,5 @@
-"""Fleet status: queue depth per tier and priority, workers online per tier, requests by status."""
+"""Fleet status: queue depth per tier and priority (and what is staged for dispatch, per
+priority and tenant), the tenants' weights and limits, workers online per tier, requests by status."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from tars_tasks.redis_client import get_redis
 class FleetStatus:
     #: tier -> TARS priority -> messages waiting
     queue_depth: dict[str, dict[int, int]] = field(default_factory=dict)
+    #: tier -> TARS priority -> tenant -> messages staged for dispatch (docs/DISPATCH.md)
+    staged: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
+    #: the tenants' fair-share weights and RPM/TPM limits (config/tenants.py; "*" = the defaults)
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: tier -> worker node names online
     workers: dict[str, list[str]] = field(default_factory=dict)
     #: status -> count
@@ -42,7 +47,8 @@ class FleetStatus:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"queue_depth": self.queue_depth, "workers": self.workers, "requests": self.requests,
+        return {"queue_depth": self.queue_depth, "staged": self.staged, "tenants": self.tenants,
+                "workers": self.workers, "requests": self.requests,
                 "breakers": self.breakers, "worker_health": self.worker_health,
                 "billed_unknown": self.billed_unknown, "usage": self.usage, "fleet_mode": self.fleet_mode,
                 "budgets": self.budgets, "cache": self.cache}
@@ -165,9 +171,35 @@ def cache_summary(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def staged_by_tier(settings: Settings) -> dict[str, dict[int, dict[str, int]]]:
+    """Tier -> TARS priority -> tenant -> messages staged (waiting for a dispatcher), from the broker."""
+    from tars_tasks.staging import Staging
+
+    url = settings.broker_redis_url
+    if not url:
+        return {}
+    staging = Staging(redis_client=get_redis(url, settings=settings), namespace=settings.namespace)
+    return {t: staging.staged_by_priority(tier=t) for t in TIERS}
+
+
+def tenant_table(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Tenant -> weight, rpm, tpm (0 = none) and per-tier limits; ``"*"`` is every other tenant."""
+    from config.tenants import load_tenants
+
+    cfg = load_tenants(settings.tenants_path)
+
+    def row(spec) -> dict[str, Any]:
+        return {"weight": spec.weight, "rpm": spec.rpm, "tpm": spec.tpm,
+                "tiers": {t: {"rpm": lim.rpm, "tpm": lim.tpm} for t, lim in sorted(spec.tiers.items())}}
+
+    return {"*": row(cfg.defaults), **{name: row(spec) for name, spec in sorted(cfg.tenants.items())}}
+
+
 def fleet_status(settings: Settings, celery_app) -> FleetStatus:
     return FleetStatus(
         queue_depth=queue_depths(settings),
+        staged=staged_by_tier(settings),
+        tenants=tenant_table(settings),
         workers=workers_by_tier(celery_app) if settings.shared_redis_url else {},
         requests=requests_by_status(settings),
         breakers=breaker_states(settings),

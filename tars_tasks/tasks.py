@@ -35,8 +35,18 @@ def run_request(self, *args, **kwargs) -> str:
         agent.dead_letter(reason="malformed_message", detail=f"task id {req.id}: {exc}",
                           queue=info.get("routing_key"))
         return DEAD_LETTERED
-    redelivered = bool(info.get("redelivered")) or bool((req.headers or {}).get("redelivered"))
-    return agent.handle(message=message, redelivered=redelivered, worker=f"{req.hostname}")
+    headers = req.headers or {}
+    redelivered = bool(info.get("redelivered")) or bool(headers.get("redelivered"))
+    return agent.handle(message=message, redelivered=redelivered, worker=f"{req.hostname}",
+                        reserved_tokens=_staged_tokens(headers))
+
+
+def _staged_tokens(headers: dict) -> int | None:
+    """The tokens a staged message's dispatcher reserved for its first attempt (its header), if any."""
+    from tars_tasks.staging import STAGED_HEADER
+
+    value = headers.get(STAGED_HEADER)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @inspect_command(name="tars_health")
@@ -85,6 +95,32 @@ def _start_maintenance(sender=None, **_kw) -> None:
     from workers.maintenance import FleetModeKeeper
 
     _maintenance.append(FleetModeKeeper(settings=settings, catalog=load_catalog(settings.catalog_path)).start())
+    _start_dispatcher(sender, settings)
+
+
+_dispatchers: list = []
+
+
+def _start_dispatcher(consumer, settings) -> None:
+    """This worker's dispatcher (docs/DISPATCH.md): staged messages of its tiers into their queues."""
+    from workers.dispatch import start_for_worker
+
+    if consumer is None or getattr(consumer, "pool", None) is None:
+        return
+    try:
+        loop = start_for_worker(consumer=consumer, settings=settings)
+    except Exception:
+        log.exception("dispatcher not started; staged requests wait for another worker's")
+        return
+    if loop is not None:
+        _dispatchers.append(loop)
+        _maintenance.append(loop)
+
+
+@signals.task_postrun.connect
+def _slot_freed(**_kw) -> None:
+    for loop in _dispatchers:  # a freed slot is refilled at once, not at the next tick
+        loop.wake()
 
 
 @signals.worker_shutdown.connect

@@ -88,6 +88,22 @@ def free_port(*, low: int, high: int) -> int:
     raise RuntimeError(f"no free port in {low}-{high}")
 
 
+def waiting_messages(redis_client, *, tiers=None) -> int:
+    """Messages waiting in the broker: in the tiers' Celery queue lists plus staged for dispatch
+    (every namespace's staged counts: tests own their Redis database)."""
+    from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, priority_list, queue_for_tier
+
+    tiers = list(tiers or TIERS)
+    pipe = redis_client.pipeline(transaction=False)
+    for t in tiers:
+        for p in range(PRIORITY_MIN, PRIORITY_MAX + 1):
+            pipe.llen(priority_list(queue_for_tier(t), p))
+    queued = sum(pipe.execute())
+    counts = [k for t in tiers for k in redis_client.scan_iter(match=f"*:stage:{t}:count", count=1000)]
+    staged = sum(int(v or 0) for v in redis_client.mget(counts)) if counts else 0
+    return queued + staged
+
+
 def fleet_snapshot(*, db, redis_url: str, namespace: str, workers=(), limit: int = 10) -> str:
     """What a stuck request looks like, for a failing test's message: every request not yet
     terminal with its attempts, the tier queues, kombu's unacked entries and their lease owners,

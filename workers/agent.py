@@ -32,7 +32,7 @@ from typing import Any
 import redis
 
 from config.catalog import Catalog, ModelSpec, load_catalog
-from config.keys import deliveries_key, quarantine_key
+from config.keys import deliveries_key, quarantine_key, stage_slots_key
 from config.settings import Settings, get_settings
 from tars_tasks.broker import leases
 from tars_tasks.codes import TERMINAL_STATUSES, FailureReason, RequestStatus
@@ -44,6 +44,7 @@ from tars_tasks.messages import MalformedMessage, RunRequestMessage
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
 from workers.caller import CallOutcome, ModelCaller
+from workers.callpath.slot_step import HINT_RESERVED_TOKENS, HINT_SLOT_AT, HINT_SLOT_GRACE_S, HINT_SLOT_RESERVED
 from workers.loader import RequestLoader, RequestRow
 from workers.providers import Provider
 from workers.providers.request import ModelRequest
@@ -60,6 +61,8 @@ REASON_POISON = FailureReason.POISON
 REASON_INTERNAL = FailureReason.INTERNAL_ERROR
 #: What :meth:`SubAgent.handle` returns for a message it dead-lettered.
 DEAD_LETTERED = "dead_lettered"
+#: A dispatched slot is used if the send is at most this share of the limiter's window late.
+DISPATCHED_SLOT_TOLERANCE_SHARE = 0.01
 #: Verdicts on a redelivered request (see :mod:`workers.quarantine`).
 SUSPICION_NONE, SUSPICION_SUSPECT, SUSPICION_POISON = "none", "suspect", "poison"
 
@@ -90,6 +93,9 @@ class SubAgent:
         self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.gate = CallGate()
+        #: A dispatcher's reservation is in the broker's Redis; it stands for the limiter's only when
+        #: the fleet state lives there too (else a staged first attempt acquires as well).
+        self.trust_staged_slots = settings.shared_redis_url == settings.broker_redis_url
 
     def _jobs_hook(self):
         """Jobs schedule their next steps inside the commit that finishes a step (tars_tasks.jobs)."""
@@ -107,12 +113,20 @@ class SubAgent:
 
     # --- the task ------------------------------------------------------------------------------
 
-    def handle(self, *, message: RunRequestMessage, redelivered: bool = False, worker: str | None = None) -> str:
-        """Run one delivery to a terminal, durable verdict. Never raises for the request's sake."""
+    def handle(self, *, message: RunRequestMessage, redelivered: bool = False, worker: str | None = None,
+               reserved_tokens: int | None = None) -> str:
+        """Run one delivery to a terminal, durable verdict. Never raises for the request's sake.
+
+        ``reserved_tokens``: the message came through staging and its dispatcher reserved the first
+        attempt's rate-limit slot for that many tokens (not for a redelivery: its slot was spent)."""
         worker = leases.current_owner() or worker or self.worker_name
         started = _now()
+        hints = None
+        if reserved_tokens is not None and not redelivered and self.trust_staged_slots:
+            hints = {HINT_SLOT_RESERVED: True, HINT_RESERVED_TOKENS: reserved_tokens,
+                     **self._reserved_slot(message)}
         try:
-            return self._run(message=message, redelivered=redelivered, worker=worker, started=started)
+            return self._run(message=message, redelivered=redelivered, worker=worker, started=started, hints=hints)
         except MalformedMessage as exc:
             self.dead_letter(reason="malformed_message", detail=f"request {message.request_id}: {exc}")
             return DEAD_LETTERED
@@ -125,7 +139,36 @@ class SubAgent:
                                 failure_reason=REASON_INTERNAL), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
 
-    def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime) -> str:
+    def _reserved_slot(self, message: RunRequestMessage) -> dict[str, Any]:
+        """When the slot the dispatcher reserved for this message was, as ``time.monotonic()`` here
+        (``{HINT_SLOT_AT: ...}``; empty if unknown): the limiter step gives a slot it would miss by
+        more than its tolerance up and takes a fresh one (a call sent late crowds a window)."""
+        if self.redis is None or message.tier is None:
+            return {}
+        key = stage_slots_key(self.settings.namespace, message.tier)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(key, message.request_id)
+            pipe.hdel(key, message.request_id)
+            pipe.time()
+            slot_us, _, (sec, usec) = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("request %s: its reserved slot's time is unreadable (%s); trusting the slot",
+                        message.request_id, exc)
+            return {}
+        if slot_us is None:
+            return {}
+        late_s = (int(sec) * 1_000_000 + int(usec) - int(slot_us)) / 1_000_000
+        # A dispatched slot may be used later than the limiter's own tolerance (the message still
+        # has a BRPOP, its row's read and its in_flight commit to go): up to 1% of the window, which
+        # puts at most 1% more calls in a window, inside the 2% ratelimit_utilisation 0.98 leaves.
+        limiter = self.caller.limiter
+        own = getattr(limiter, "late_tolerance_s", 0.05)
+        grace = max(0.0, DISPATCHED_SLOT_TOLERANCE_SHARE * self.settings.ratelimit_window_s - own)
+        return {HINT_SLOT_AT: time.monotonic() - late_s, HINT_SLOT_GRACE_S: grace}
+
+    def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime,
+             hints: dict[str, Any] | None = None) -> str:
         row = self.loader.get(message.request_id)
         if row is None:
             row = self._adopt(message)

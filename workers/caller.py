@@ -5,6 +5,7 @@ run by the one loop of :class:`workers.callpath.path.CallPath`):
     fallback          — while a tier's breaker is open: its cheaper fallback tier (or wait)
     retry policy      — tenacity; transient errors only; Retry-After honoured; attempts and time capped
     circuit breaker   — refuse at once if the model is known sick (fleet-wide)
+    reserved slot     — a staged request's first attempt: its dispatcher reserved the slot already
     rate limiter      — wait for fleet-wide RPM + TPM capacity (a sleep, recorded)
     cost accounting   — the input estimate before the call, every token class at its price after
     attempt recorder  — the api_calls row written ``in_flight`` before the call ...
@@ -52,6 +53,7 @@ from workers.callpath.limiter_step import LimiterStep
 from workers.callpath.path import CallPath, CallStep
 from workers.callpath.recorder_step import RecorderStep, RowSink
 from workers.callpath.retry_step import RetryStep
+from workers.callpath.slot_step import ReservedSlotStep
 from workers.providers import Provider, get_provider
 from workers.providers.request import ModelRequest
 from workers.ratelimit import FleetRateLimiter
@@ -118,6 +120,7 @@ class ModelCaller:
             RetryStep(initial_s=s.retry_backoff_initial_s,          # tenacity: which failures, how long
                       max_s=s.retry_backoff_max_s),
             BreakerStep(breaker=self.breaker, cache_s=s.breaker_cache_s) if self.breaker is not None else None,
+            ReservedSlotStep() if self.limiter is not None else None,  # a staged first attempt: slot reserved
             LimiterStep(limiter=self.limiter) if self.limiter is not None else None,
             CostStep(),                                              # estimate before, exact after
             self._recorder,                                          # in_flight row before, completed after

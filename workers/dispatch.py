@@ -35,34 +35,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis
 
 from config.catalog import Catalog, ModelSpec
 from config.keys import (
-    TIERS,
     queue_for_tier,
     ratelimit_key,
     stage_count_key,
-    stage_parked_key,
     stage_prefix,
-    stage_queue_key,
-    stage_ring_key,
     tenant_config_key,
     tenant_limit_prefix,
 )
 from config.tenants import TenantConfig
 from tars_tasks.errors import InvalidRequest
+from tars_tasks.staging import (  # noqa: F401 - the producer's half, re-exported for the worker side and tests
+    PRIORITIES,
+    STAGE_BATCH_MAX,
+    STAGE_LUA,
+    STAGED_HEADER,
+    StagedMessage,
+    Staging,
+    staged_tokens,
+)
 
 log = logging.getLogger(__name__)
 
 _US_PER_S = 1_000_000
-PRIORITIES: tuple[int, ...] = tuple(range(10))  # TARS priorities, 9 served first
-
-#: Entries a single stage call sends in one script (larger batches are split).
-STAGE_BATCH_MAX = 500
 #: A dispatcher moves a message only if its reserved slot is due within this horizon.
 DEFAULT_HORIZON_S = 0.05
 #: A dispatcher loop ticks at least this often when it has nothing better to wait for.
@@ -89,31 +90,11 @@ def celery_list(queue: str, priority: int) -> str:
 
 
 def estimated_tokens(*, spec: ModelSpec, prompt: str) -> int:
-    """Tokens a first attempt reserves: the caller's own estimate (prompt + the most output)."""
-    from workers.providers.http import estimate_tokens
-
-    return estimate_tokens(prompt) + spec.output_tokens[1]
+    """Tokens a first attempt of a bare prompt reserves (:func:`tars_tasks.staging.staged_tokens`)."""
+    return staged_tokens(spec=spec, prompt=prompt)
 
 
 # --- the scripts ---------------------------------------------------------------------------------
-
-#: KEYS[1] = the tier's staged count. ARGV[1] = the tier's staging prefix, then 5 per entry:
-#: TARS priority, tenant, estimated tokens, id, message. Entries are appended (FIFO per list);
-#: a tenant joins the tail of its priority's ring when its list was empty.
-#: Returns the tier's staged count after the call.
-STAGE_LUA = """
-local prefix = ARGV[1]
-local n = 0
-for i = 2, #ARGV, 5 do
-  local prio, tenant = ARGV[i], ARGV[i + 1]
-  local entry = ARGV[i + 2] .. '|' .. ARGV[i + 3] .. '|' .. ARGV[i + 4]
-  if redis.call('RPUSH', prefix .. ':q:' .. prio .. ':' .. tenant, entry) == 1 then
-    redis.call('RPUSH', prefix .. ':ring:' .. prio, tenant)
-  end
-  n = n + 1
-end
-return redis.call('INCRBY', KEYS[1], n)
-"""
 
 #: KEYS[1] = the model's limiter hash (workers/ratelimit.py), KEYS[2] = the tenant config hash,
 #: KEYS[3] = the tier's staged count.
@@ -159,14 +140,19 @@ if math.max(now, mr, mt) - now > horizon then
   return {0, 'model_limit', string.format('%d', math.max(now, mr, mt) - now), staged0, string.format('%d', now)}
 end
 
+-- The ready-depth cap counts, for an entry of priority P, the ready messages served no later
+-- than it (the Celery lists of priority >= P): a backlog of plain-Celery messages at normal
+-- priority does not keep a staged high-priority entry out of its list.
 local budget = max_moves
+local ahead = {}
 if max_ready >= 0 then
-  local seen, depth = {}, 0
-  for p = 0, 9 do
+  local seen, acc = {}, 0
+  for p = 9, 0, -1 do
     local l = lists[p]
-    if not seen[l] then seen[l] = true; depth = depth + redis.call('LLEN', l) end
+    if not seen[l] then seen[l] = true; acc = acc + redis.call('LLEN', l) end
+    ahead[p] = acc
   end
-  budget = math.min(budget, max_ready - depth)
+  budget = math.min(budget, max_ready - ahead[9])
 end
 if budget <= 0 then
   if model_dirty then save_model() end
@@ -222,6 +208,7 @@ for prio = 9, 0, -1 do
   local ring = prefix .. ':ring:' .. prio
   local dkey = prefix .. ':deficit:' .. prio
   while moved < budget do
+    if max_ready >= 0 and ahead[prio] + moved >= max_ready then reason = 'ready_cap'; break end
     -- Bound one script's run (parking many tenants at once, tiny weights): stop as if the batch
     -- were done, so the caller steps again at once and Redis serves other clients meanwhile.
     guard = guard + 1
@@ -263,7 +250,10 @@ for prio = 9, 0, -1 do
           if c.tk then reserve(c.tk, start, tokens) end
           d = d - 1; moved = moved + 1
           local n = #out
-          out[n + 1] = string.sub(head, s1 + 1, s2 - 1); out[n + 2] = tenant; out[n + 3] = prio
+          -- the slot, for the worker that takes the message: sent much later, it gives the slot up
+          local eid = string.sub(head, s1 + 1, s2 - 1)
+          redis.call('HSET', prefix .. ':slots', eid, string.format('%d', math.ceil(start)))
+          out[n + 1] = eid; out[n + 2] = tenant; out[n + 3] = prio
           out[n + 4] = tokens; out[n + 5] = string.format('%d', math.ceil(start - now))
           if redis.call('LLEN', q) == 0 then
             redis.call('LPOP', ring); redis.call('HDEL', dkey, tenant)
@@ -287,7 +277,10 @@ for _, s in pairs(states) do
   end
 end
 local staged = staged0
-if moved > 0 then staged = redis.call('DECRBY', KEYS[3], moved) end
+if moved > 0 then
+  staged = redis.call('DECRBY', KEYS[3], moved)
+  redis.call('PEXPIRE', prefix .. ':slots', 3600000)
+end
 if not reason then
   if moved >= budget then
     if budget < max_moves then reason = 'ready_cap' else reason = 'batch' end
@@ -301,94 +294,6 @@ local reply = {moved, reason, string.format('%d', wait), staged, string.format('
 for i = 1, #out do reply[#reply + 1] = out[i] end
 return reply
 """
-
-
-# --- producer side -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StagedMessage:
-    """One ready-to-run Celery message waiting for dispatch.
-
-    ``body`` is the exact string kombu's Redis transport would LPUSH into the Celery queue list
-    (opaque here); ``id`` names the entry in dispatch results (the request/task id);
-    ``tokens`` is the first attempt's estimate (:func:`estimated_tokens`).
-    """
-
-    id: str
-    tier: str
-    priority: int
-    tenant: str
-    tokens: int
-    body: str
-
-    def check(self) -> None:
-        if self.tier not in TIERS:
-            raise InvalidRequest(f"unknown tier {self.tier!r}", field="tier")
-        if self.priority not in PRIORITIES:
-            raise InvalidRequest(f"priority {self.priority!r} is out of range 0..9", field="priority")
-        if not self.tenant or any(not (c.isalnum() or c in "._-") for c in self.tenant):
-            raise InvalidRequest(f"tenant {self.tenant!r}: letters, digits, '.', '_', '-' only", field="tenant")
-        if "|" in self.id or not self.id:
-            raise InvalidRequest(f"entry id {self.id!r} must be non-empty and contain no '|'", field="id")
-        if not isinstance(self.tokens, int) or self.tokens < 0:
-            raise InvalidRequest(f"tokens {self.tokens!r} must be a non-negative integer", field="tokens")
-
-
-class Staging:
-    """The producer's side: put ready messages in staging (instead of LPUSHing them to Celery)."""
-
-    def __init__(self, *, redis_client: redis.Redis, namespace: str) -> None:
-        self.redis = redis_client
-        self.namespace = namespace
-        self._script = redis_client.register_script(STAGE_LUA)
-
-    def stage(self, messages: Iterable[StagedMessage], *, pipeline: redis.client.Pipeline | None = None) -> None:
-        """Append ``messages`` to staging, atomically per tier and per ``STAGE_BATCH_MAX`` entries.
-
-        Validates every entry first (one bad entry stages nothing). With ``pipeline`` the script
-        calls are queued on it (the caller executes it, e.g. with its other writes); otherwise
-        they run at once, in one pipeline. Raises redis errors as they are: the caller decides
-        what a failed staging means for its requests (today: "enqueue failed").
-        """
-        by_tier: dict[str, list[StagedMessage]] = {}
-        for m in messages:
-            m.check()
-            by_tier.setdefault(m.tier, []).append(m)
-        if not by_tier:
-            return
-        pipe = pipeline if pipeline is not None else self.redis.pipeline(transaction=False)
-        for tier, entries in by_tier.items():
-            prefix = stage_prefix(self.namespace, tier)
-            for i in range(0, len(entries), STAGE_BATCH_MAX):
-                args: list[str | int] = [prefix]
-                for m in entries[i : i + STAGE_BATCH_MAX]:
-                    args += [m.priority, m.tenant, m.tokens, m.id, m.body]
-                self._script(keys=[stage_count_key(self.namespace, tier)], args=args, client=pipe)
-        if pipeline is None:
-            pipe.execute()
-
-    def staged_count(self, *, tier: str) -> int:
-        """Entries staged in ``tier`` (all priorities, all tenants): the fleet-wide admission bound's input."""
-        return int(self.redis.get(stage_count_key(self.namespace, tier)) or 0)
-
-    def staged_by_priority(self, *, tier: str) -> dict[int, dict[str, int]]:
-        """TARS priority -> tenant -> entries staged (for ``tars status`` and metrics)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for p in PRIORITIES:
-            pipe.lrange(stage_ring_key(self.namespace, tier, p), 0, -1)
-        pipe.zrange(stage_parked_key(self.namespace, tier), 0, -1)
-        *rings, parked = pipe.execute()
-        by_prio = {p: {t.decode() for t in ring} for p, ring in zip(PRIORITIES, rings, strict=True)}
-        for member in parked:
-            p, _, t = member.decode().partition(":")
-            by_prio[int(p)].add(t)
-        tenants = [sorted(by_prio[p]) for p in PRIORITIES]
-        for p, ts in zip(PRIORITIES, tenants, strict=True):
-            for t in ts:
-                pipe.llen(stage_queue_key(self.namespace, tier, p, t))
-        lens = iter(pipe.execute())
-        return {p: {t: int(next(lens)) for t in ts} for p, ts in zip(PRIORITIES, tenants, strict=True) if ts}
 
 
 # --- worker side ---------------------------------------------------------------------------------
@@ -594,3 +499,63 @@ class DispatchLoop:
             if sleep_s > 0:
                 self._wake.wait(sleep_s)
                 self._wake.clear()
+
+
+# --- in a worker ---------------------------------------------------------------------------------
+
+#: Pools whose tasks run in the worker's own process (its limiter's deferred corrections ride along).
+_IN_PROCESS_POOLS = ("gevent", "eventlet", "threads", "solo")
+
+
+def consumed_tiers(consumer) -> list[str]:
+    """The tiers whose queues a Celery consumer consumes (``tars.{tier}``), highest tier first."""
+    from config.keys import TIERS
+
+    names = set(consumer.app.amqp.queues.consume_from or consumer.app.amqp.queues)
+    return [t for t in reversed(TIERS) if queue_for_tier(t) in names]
+
+
+def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
+    """Start this worker process's dispatcher for the tiers it consumes (at ``worker_ready``).
+
+    Its free slots are the pool's concurrency less the requests the worker holds (prefetched or
+    running): a worker pulls from staging only what it can start now. Needs a Redis broker
+    (staging lives there); returns None otherwise.
+    """
+    from celery.worker import state
+
+    from config.catalog import load_catalog
+    from config.tenants import load_tenants
+    from tars_tasks.redis_client import get_redis
+
+    if settings.broker_redis_url is None:
+        return None
+    tiers = consumed_tiers(consumer)
+    if not tiers:
+        return None
+    concurrency = int(getattr(consumer.pool, "limit", None) or settings.worker_concurrency)
+    pool = type(consumer.pool).__module__
+    limiter = None
+    if any(p in pool for p in _IN_PROCESS_POOLS):
+        from workers.agent import get_agent
+
+        caller = get_agent().caller
+        catalog = caller.catalog
+        if settings.shared_redis_url == settings.broker_redis_url:  # one limiter state: the same hash
+            limiter = caller.limiter
+    else:
+        catalog = load_catalog(settings.catalog_path).with_overrides(provider=settings.provider_override,
+                                                                     base_url=settings.provider_base_url)
+    # Without a fleet limiter the dispatcher does not pace either (a vanishing window: no limit binds).
+    window = LimitWindow(window_s=settings.ratelimit_window_s if settings.ratelimit_enabled else 1e-9,
+                         utilisation=settings.ratelimit_utilisation)
+    dispatcher = Dispatcher(redis_client=get_redis(settings.broker_redis_url), namespace=settings.namespace,
+                            catalog=catalog, tenants=load_tenants(settings.tenants_path), limits=window,
+                            horizon_s=settings.dispatch_horizon_s, limiter=limiter)
+
+    def free_slots() -> int:
+        return concurrency - len(state.reserved_requests)
+
+    log.info("dispatcher for %s (%d slots, horizon %.3fs)", ", ".join(tiers), concurrency, dispatcher.horizon_s)
+    return DispatchLoop(dispatcher=dispatcher, tiers=tiers, free_slots=free_slots,
+                        tick_s=settings.dispatch_tick_s).start()

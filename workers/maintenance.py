@@ -7,8 +7,10 @@ happened (seen: ``test_a_redis_restart_with_work_queued_and_running_loses_nothin
 of 80; ``test_sigkill_of_a_worker_mid_job``, a job's next step published while the killed worker
 sat in BRPOP, 3 runs in 12). The request row is the record, so the fleet can tell: a request
 still ``queued`` after ``requeue_lost_after_s`` (5 s), with no attempt in flight, whose message
-two sweeps a few seconds apart found in none of its tier's lists and no ``unacked`` entry, is
-lost — and is published again from its row. The checks make a duplicate unlikely; if one happens
+two sweeps a few seconds apart found in none of its tier's lists, its staging (dispatch,
+docs/DISPATCH.md) and no ``unacked`` entry, is lost — and is staged again from its row (with
+dispatch off: published). A Redis restart without persistence loses staging with the queues; the
+requests come back this way, ``BATCH_MAX`` per sweep. The checks make a duplicate unlikely; if one happens
 anyway, the request is still finished once and both calls are on the bill.
 
 :class:`UnackedRestorer` repairs lost messages of dead workers. With ``acks_late`` on Redis a
@@ -298,19 +300,18 @@ class LostRequestReconciler:
 
         Lost: still ``queued`` after ``requeue_lost_after_s``, no attempt in flight (attempts of
         dead workers were marked ``unknown`` by the lease sweeper), and its message in none of its
-        tier's lists and no worker's ``unacked`` entry — in two sweeps at least ``CONFIRM_S``
+        tier's lists, its staging and no worker's ``unacked`` entry — in two sweeps at least ``CONFIRM_S``
         apart (first sightings are kept in Redis, so the confirming sweep may run in another
         worker). A request whose task died without a verdict is found the same way.
         """
         from sqlalchemy import exists, select
 
         from config.keys import reconcile_absent_key, reconcile_lock_key
-        from tars_tasks.broker.depths import queue_depths
+        from tars_tasks.broker.depths import waiting_by_tier
         from tars_tasks.broker.presence import ids_in_broker
         from tars_tasks.codes import AttemptOutcome, RequestStatus
         from tars_tasks.db.engine import get_engine
         from tars_tasks.db.models import ApiCall, Request
-        from tars_tasks.publish import publish_request
         from tars_tasks.redis_client import get_redis
 
         s = self.settings
@@ -322,7 +323,8 @@ class LostRequestReconciler:
         cutoff = datetime.now(UTC) - timedelta(seconds=s.requeue_lost_after_s)
         with get_engine(s.database_url).connect() as conn:
             rows = conn.execute(
-                select(req.id, req.tier_requested, req.tier_queued, req.tenant, req.priority)
+                select(req.id, req.tier_requested, req.tier_queued, req.tenant, req.priority, req.prompt, req.system,
+                       req.messages, req.max_tokens)
                 .where(req.status == RequestStatus.QUEUED, req.submitted_at < cutoff,
                        ~exists().where(api.request_id == req.id, api.outcome == AttemptOutcome.IN_FLIGHT))
                 .order_by(req.submitted_at)
@@ -331,11 +333,11 @@ class LostRequestReconciler:
         if not rows:
             r.delete(absent_key)
             return 0
-        depths = {tier: sum(by_prio.values()) for tier, by_prio in queue_depths(s).items()}
+        depths = waiting_by_tier(s)  # queued and staged for dispatch
         searchable = {t for t, d in depths.items() if d <= self.SCAN_MAX}
         candidates = [row for row in rows if (row.tier_queued or row.tier_requested) in searchable]
         present = ids_in_broker(r, ids=[c.id for c in candidates],
-                                tiers={c.tier_queued or c.tier_requested for c in candidates})
+                                tiers={c.tier_queued or c.tier_requested for c in candidates}, namespace=s.namespace)
         absent = {c.id: c for c in candidates if c.id not in present}
         now = time.time() if now is None else now
         seen = {k.decode(): float(v) for k, v in r.hgetall(absent_key).items()}
@@ -349,15 +351,37 @@ class LostRequestReconciler:
         pipe.execute()
         if not lost:
             return 0
+        for row in lost:
+            log.warning("request %s was lost (queued since before %s, in no queue or staging, held by no worker, "
+                        "nothing in flight); %s it again", row.id, cutoff.isoformat(),
+                        "staging" if s.dispatch_enabled else "publishing")
+        self._send_again(r, lost)
+        self.requeued += len(lost)
+        return len(lost)
+
+    def _send_again(self, broker_redis, lost) -> None:
+        """Stage the lost requests again (dispatch on: they wait where priority applies), or publish them."""
+        from config.catalog import load_catalog
+        from tars_tasks.publish import ToStage, publish_request, stage_requests
+        from tars_tasks.staging import staged_tokens
+
+        s = self.settings
+        if s.dispatch_enabled:
+            catalog = load_catalog(s.catalog_path)
+            todo = []
+            for row in lost:
+                tier = row.tier_queued or row.tier_requested
+                tokens = staged_tokens(spec=catalog.spec(tier), prompt=row.prompt, system=row.system,
+                                       messages=row.messages, max_tokens=row.max_tokens)
+                todo.append(ToStage(request_id=row.id, tier=tier, tenant=row.tenant, priority=row.priority,
+                                    tokens=tokens))
+            stage_requests(self.app, redis_client=broker_redis, namespace=s.namespace, requests=todo)
+            return
         with self.app.producer_or_acquire() as producer:
             for row in lost:
-                log.warning("request %s was lost (queued since before %s, in no queue, held by no worker, "
-                            "nothing in flight); publishing it again", row.id, cutoff.isoformat())
                 publish_request(self.app, producer=producer, request_id=row.id,
                                 tier=row.tier_queued or row.tier_requested, tenant=row.tenant,
                                 priority=row.priority, reply_to=None)
-        self.requeued += len(lost)
-        return len(lost)
 
 
 class FleetModeKeeper:

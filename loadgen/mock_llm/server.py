@@ -169,12 +169,17 @@ class Stats:
 
     def reset(self) -> None:
         self.per_second: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
+        #: requests per end user (``metadata.user_id`` / ``user``) per model per second
+        self.per_user: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
         self.in_flight = 0
         self.max_in_flight = 0
         self.started_at = time.time()
 
     def count(self, *, model: str, key: str, n: int = 1, at: float | None = None) -> None:
         self.per_second[model][int(at if at is not None else time.time())][key] += n
+
+    def count_user(self, *, model: str, user: str, at: float) -> None:
+        self.per_user[user][model][int(at)] += 1
 
     def as_dict(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
@@ -183,7 +188,9 @@ class Stats:
             for c in secs.values():
                 total.update(c)
             models[model] = {"per_second": {str(s): dict(c) for s, c in sorted(secs.items())}, "total": dict(total)}
-        return {"models": models, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+        users = {u: {m: {str(sec): n for sec, n in sorted(c.items())} for m, c in by_model.items()}
+                 for u, by_model in self.per_user.items()}
+        return {"models": models, "users": users, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                 "started_at": self.started_at, "now": time.time()}
 
 
@@ -278,6 +285,8 @@ class MockLLM:
             parsed = parse_anthropic(body) if protocol == PROTOCOL_ANTHROPIC else parse_openai(body)
         except WireError as exc:
             return self._fail(protocol, model, exc.status, exc.kind, str(exc), code=exc.code)
+        if parsed.end_user:
+            stats.count_user(model=model, user=parsed.end_user, at=arrived)
         key = _key_of(req, protocol)
         if not key:
             return self._fail(protocol, model, 401, "authentication_error", "no API key given")

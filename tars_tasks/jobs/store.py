@@ -372,7 +372,7 @@ class JobStore:
             return 0
         tiers = {r.tier_queued or r.tier_requested for r in rows}
         present = ids_in_broker(get_redis(self.settings.broker_redis_url, settings=self.settings),
-                                ids=[r.id for r in rows], tiers=tiers)
+                                ids=[r.id for r in rows], tiers=tiers, namespace=self.settings.namespace)
         unsent = [(r.id, r.tier_queued or r.tier_requested, r.tenant, r.priority) for r in rows if r.id not in present]
         for rid, *_ in unsent:
             log.warning("job %s: step request %s was committed but never published (its worker died in "

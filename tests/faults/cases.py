@@ -416,13 +416,10 @@ CASES: dict[str, Callable[[CaseContext, int], Audit]] = {
 # --- helpers ------------------------------------------------------------------------------------------
 
 def _queued_messages(r: redis_lib.Redis) -> int:
-    from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS, priority_list, queue_for_tier
+    """Queued in a Celery list or staged for dispatch."""
+    from tests.helpers import waiting_messages
 
-    pipe = r.pipeline(transaction=False)
-    for t in TIERS:
-        for p in range(PRIORITY_MIN, PRIORITY_MAX + 1):
-            pipe.llen(priority_list(queue_for_tier(t), p))
-    return sum(pipe.execute())
+    return waiting_messages(r)
 
 
 def _dead_letters(engine: Engine) -> int:

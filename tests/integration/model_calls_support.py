@@ -65,6 +65,11 @@ class MockServer:
         secs = self.stats()["models"].get(model, {}).get("per_second", {})
         return {int(s): int(c.get(key, 0)) for s, c in secs.items()}
 
+    def per_second_of_user(self, user: str, model: str) -> dict[int, int]:
+        """Requests per wall-clock second the mock got from one end user (``metadata.user_id``)."""
+        secs = self.stats().get("users", {}).get(user, {}).get(model, {})
+        return {int(sec): int(n) for sec, n in secs.items()}
+
     def total(self, model: str, key: str = "requests") -> int:
         return int(self.stats()["models"].get(model, {}).get("total", {}).get(key, 0))
 

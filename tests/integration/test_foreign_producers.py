@@ -14,20 +14,24 @@ from tests.helpers import make_settings
 pytestmark = pytest.mark.integration
 
 
-def test_a_plain_celery_message_without_priority_runs_at_normal_priority(fleet_env, start_worker, client, db):
+@pytest.mark.parametrize("dispatch", [False, True], ids=["published", "staged"])
+def test_a_plain_celery_message_without_priority_runs_at_normal_priority(fleet_env, start_worker, db, dispatch):
     from celery import Celery
+
+    from tars_tasks.client import TarsClient
 
     # A backlog before any worker: TARS high and low requests, and plain-Celery messages that say
     # nothing about priority (a stock app with stock transport options), interleaved.
     stock = Celery("someone-else", broker=fleet_env["TARS_BROKER_URL"])
     plain = []
-    for i in range(15):
-        client.submit(role="researcher", prompt=f"low {i}", priority="low")
-        rid = str(uuid.uuid4())
-        stock.send_task("tars.run_request", kwargs={"role": "researcher", "prompt": f"plain {i}"}, task_id=rid,
-                        queue="tars.haiku")
-        plain.append(rid)
-        client.submit(role="researcher", prompt=f"high {i}", priority="high")
+    with TarsClient(settings=make_settings(fleet_env, dispatch_enabled=dispatch)) as client:
+        for i in range(15):
+            client.submit(role="researcher", prompt=f"low {i}", priority="low")
+            rid = str(uuid.uuid4())
+            stock.send_task("tars.run_request", kwargs={"role": "researcher", "prompt": f"plain {i}"}, task_id=rid,
+                            queue="tars.haiku")
+            plain.append(rid)
+            client.submit(role="researcher", prompt=f"high {i}", priority="high")
     start_worker(tiers=["haiku"], concurrency=1, env={"TARS_SIM_LATENCY": "fixed:5"})
     from tests.faults.harness import wait_terminal
 
@@ -37,8 +41,15 @@ def test_a_plain_celery_message_without_priority_runs_at_normal_priority(fleet_e
     with db.connect() as conn:
         order = conn.execute(text("SELECT priority FROM requests ORDER BY started_at")).scalars().all()
     assert len(order) == 45
-    # high first, then the plain ones at normal priority (5), then low
-    assert order[:15] == [9] * 15 and order[15:30] == [5] * 15 and order[30:] == [0] * 15
+    if not dispatch:
+        # high first, then the plain ones at normal priority (5), then low
+        assert order[:15] == [9] * 15 and order[15:30] == [5] * 15 and order[30:] == [0] * 15
+    else:
+        # Plain-Celery messages never go through staging: they sit in the Celery list and a worker
+        # takes them as they come (a full worker dispatches nothing). The staged TARS requests still
+        # run in priority order among themselves.
+        tars = [p for p in order if p != 5]
+        assert tars == [9] * 15 + [0] * 15
 
 
 class _SilentServer:

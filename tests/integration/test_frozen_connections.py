@@ -29,7 +29,7 @@ import redis as redis_lib
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from tests.helpers import ROOT, make_settings
+from tests.helpers import ROOT, make_settings, waiting_messages
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -266,11 +266,11 @@ def test_a_producer_submitting_to_a_frozen_postgres_gets_database_unavailable_an
     settings = _db_settings(fleet_env, TARS_DATABASE_URL=_via(fleet_env["TARS_DATABASE_URL"], pg_proxy, 5432))
     with TarsClient(settings=settings) as client:
         warm = client.submit(role="researcher", prompt="before the freeze")
-        queued = redis.llen("tars.haiku") + sum(redis.llen(f"tars.haiku:{p}") for p in range(1, 10))
+        queued = waiting_messages(redis, tiers=["haiku"])
         pg_proxy.freeze()
         call = _Call(lambda: client.submit(role="researcher", prompt="during the freeze")).wait(60)
         assert isinstance(call.error, DatabaseUnavailable), repr(call.error)
-        assert redis.llen("tars.haiku") + sum(redis.llen(f"tars.haiku:{p}") for p in range(1, 10)) == queued
+        assert waiting_messages(redis, tiers=["haiku"]) == queued
         pg_proxy.restore()
         after = client.submit(role="researcher", prompt="after the freeze")  # a new connection, same client
     with db.connect() as conn:

@@ -16,9 +16,20 @@ pytestmark = pytest.mark.integration
 SECRET = "the launch code is 0000-TOP-SECRET"
 
 
-def test_a_task_message_carries_the_request_id_and_routing_fields_but_not_the_prompt(client, redis):
-    handle = client.submit(role="researcher", prompt=SECRET, tenant="acme")
-    raw = redis.lrange("tars.haiku", 0, -1)
+@pytest.mark.parametrize("dispatch", [True, False], ids=["staged", "published"])
+def test_a_task_message_carries_the_request_id_and_routing_fields_but_not_the_prompt(fleet_env, redis, dispatch):
+    from config.keys import stage_queue_key
+    from tars_tasks.client import TarsClient
+
+    with TarsClient(settings=make_settings(fleet_env, dispatch_enabled=dispatch)) as client:
+        handle = client.submit(role="researcher", prompt=SECRET, tenant="acme")
+    if dispatch:  # a staged entry is "tokens|id|message": the message is what kombu would push
+        entries = redis.lrange(stage_queue_key(fleet_env["TARS_NAMESPACE"], "haiku", 5, "acme"), 0, -1)
+        assert len(entries) == 1 and SECRET not in entries[0].decode()
+        raw = [entries[0].split(b"|", 2)[2]]
+        assert redis.lrange("tars.haiku", 0, -1) == []
+    else:
+        raw = redis.lrange("tars.haiku", 0, -1)
     assert len(raw) == 1
     envelope = json.loads(raw[0])
     body = json.loads(base64.b64decode(envelope["body"]))

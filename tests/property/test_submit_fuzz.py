@@ -41,7 +41,7 @@ from config.catalog import load_catalog
 from config.keys import TIERS, priority_list, queue_for_tier
 from tars_tasks.db.models import Request, Run
 from tars_tasks.errors import InvalidRequest
-from tests.helpers import make_settings
+from tests.helpers import make_settings, waiting_messages
 
 CATALOG = load_catalog()
 ROLES: dict[str, str] = dict(CATALOG.roles)
@@ -288,10 +288,7 @@ class Harness:
     def _snapshot(self) -> tuple[int, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(text("SELECT count(*) FROM requests")).scalar_one()
-        pipe = self.redis.pipeline(transaction=False)
-        for k in QUEUE_KEYS:
-            pipe.llen(k)
-        return rows, sum(pipe.execute())
+        return rows, waiting_messages(self.redis)  # queued or staged for dispatch
 
     def _rows(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         t = Request.__table__.c

@@ -100,7 +100,7 @@ class Trace(CallStep):
 def test_the_default_path_is_composed_in_order_and_a_step_without_redis_is_left_out():
     caller, _, _ = make()
     assert [type(s).__name__ for s in caller.path.steps] == [
-        "FallbackStep", "RetryStep", "BreakerStep", "LimiterStep", "CostStep", "RecorderStep"]
+        "FallbackStep", "RetryStep", "BreakerStep", "ReservedSlotStep", "LimiterStep", "CostStep", "RecorderStep"]
     bare, _, _ = make(limiter=False, breaker=False)
     assert [type(s).__name__ for s in bare.path.steps] == ["FallbackStep", "RetryStep", "CostStep", "RecorderStep"]
 
@@ -231,6 +231,35 @@ def test_a_pre_reserved_first_slot_is_one_step_before_the_limiter():
     plain, _, _ = make()
     call(plain)
     assert len(plain.limiter.acquired) == 1
+
+
+def test_the_default_path_trusts_a_dispatcher_reserved_first_slot_and_acquires_for_the_retry():
+    caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]},
+                               breaker_failure_threshold=9)
+    out = call(caller, hints={"slot_reserved": True, "reserved_tokens": 5000})
+    assert out.status == "succeeded" and provider.calls == ["sonnet", "sonnet"]
+    assert len(caller.limiter.acquired) == 1  # only the retry
+    answered, _, _ = make()
+    assert call(answered, hints={"slot_reserved": True, "reserved_tokens": 5000}).status == "succeeded"
+    assert answered.limiter.acquired == [] and [t for *_, t in answered.limiter.adjusted] == [30 - 5000]
+
+
+def test_a_dispatched_slot_still_ahead_is_waited_for_and_one_missed_is_given_up_for_a_fresh_one():
+    import time
+
+    ahead, _, sleeps = make()
+    out = call(ahead, hints={"slot_reserved": True, "reserved_tokens": 5000, "slot_at": time.monotonic() + 0.2})
+    assert out.status == "succeeded" and ahead.limiter.acquired == []
+    assert len(sleeps) == 1 and 0.1 < sleeps[0] <= 0.2  # waited for its slot after the row was written
+    missed, _, _ = make()
+    out = call(missed, hints={"slot_reserved": True, "reserved_tokens": 5000, "slot_at": time.monotonic() - 5.0,
+                              "slot_grace_s": 0.1})
+    assert out.status == "succeeded" and len(missed.limiter.acquired) == 1  # 5 s late: a fresh slot
+    assert next(t for *_, t in missed.limiter.adjusted) == -5000  # the missed slot's tokens given back
+    graced, _, _ = make()
+    out = call(graced, hints={"slot_reserved": True, "reserved_tokens": 5000, "slot_at": time.monotonic() - 0.1,
+                              "slot_grace_s": 0.5})
+    assert out.status == "succeeded" and graced.limiter.acquired == []  # late, but within its grace
 
 
 # --- the built-in steps' logic on the stand-ins -----------------------------------------------

@@ -143,8 +143,11 @@ def test_a_moved_message_is_the_staged_body_in_its_prioritys_celery_list_and_its
     assert [(r.id, r.tenant, r.priority, r.tokens, r.slot_us) for r in res.moved] == [("r1", "acme", 2, 77, T0_US)]
     assert res.at_us == T0_US and res.staged == 0 and res.reason == "empty"
     assert redis.lrange(celery_list("tars.haiku", 2), 0, -1) == [b'{"x": 1}']
-    # staging leaves no keys behind but the count
-    assert {k.decode() for k in redis.keys(f"{stage_prefix(NS, 'haiku')}*")} == {f"{stage_prefix(NS, 'haiku')}:count"}
+    # staging leaves no keys behind but the count and the moved messages' slots (for their workers)
+    assert {k.decode() for k in redis.keys(f"{stage_prefix(NS, 'haiku')}*")} == {
+        f"{stage_prefix(NS, 'haiku')}:count", f"{stage_prefix(NS, 'haiku')}:slots"}
+    slots = {k.decode(): int(v) for k, v in redis.hgetall(f"{stage_prefix(NS, 'haiku')}:slots").items()}
+    assert slots == {r.id: r.slot_us for r in res.moved}
 
 
 def test_nothing_moves_when_the_models_next_slot_is_beyond_the_horizon(redis):
@@ -209,6 +212,20 @@ def test_the_ready_depth_cap_counts_every_priority_list_of_the_tier(redis):
     redis.delete(celery_list("tars.haiku", 7))
     assert len(d.dispatch(tier="haiku", max_moves=50, max_ready=8, now_us=T0_US + 2 * S_US).moved) == 2
     assert len(d.dispatch(tier="haiku", max_moves=3, max_ready=None, now_us=T0_US + 3 * S_US).moved) == 3
+
+
+def test_the_ready_depth_cap_counts_only_messages_served_before_the_entry(redis):
+    """A backlog of plain-Celery messages at normal priority (they never went through staging)
+    does not keep a staged high-priority entry out of its list; it does keep a low one out."""
+    staging, d = _setup(redis)
+    redis.lpush("tars.haiku", *[f"plain-{i}" for i in range(20)])  # TARS 5: the bare list
+    staging.stage(_msgs("a", 3, priority=9) + _msgs("a", 3, priority=0))
+    res = d.dispatch(tier="haiku", max_moves=50, max_ready=2, now_us=T0_US)
+    assert [r.priority for r in res.moved] == [9, 9] and res.reason == "ready_cap"
+    assert redis.llen(celery_list("tars.haiku", 9)) == 2
+    redis.delete("tars.haiku", celery_list("tars.haiku", 9))
+    res = d.dispatch(tier="haiku", max_moves=50, max_ready=3, now_us=T0_US + S_US)
+    assert [r.priority for r in res.moved] == [9, 0, 0]
 
 
 # --- priority ---------------------------------------------------------------------------------------

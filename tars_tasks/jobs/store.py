@@ -54,7 +54,7 @@ from tars_tasks.jobs.tables import (
     JobStep,
 )
 from tars_tasks.jobs.template import Template, check_input, parse_template, resolve
-from tars_tasks.publish import publish_request
+from tars_tasks.publish import ToStage, publish_request, stage_requests
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class JobStore:
             if created is not None:
                 return JobSubmission(id=created, created=False, steps=0)
             try:
-                self._publish([(p.id, p.route.tier, p.spec.tenant, p.spec.priority) for p in planned])
+                self._publish([self.coordinator._to_stage(p, reply_to=None) for p in planned])
             except Exception as exc:
                 self._fail_unsent(job_id, [p.id for p in planned], reason=f"{ENQUEUE_FAILED}: {exc}")
                 raise BrokerUnavailable(f"broker unavailable; job {job_id} could not be queued and is recorded as "
@@ -335,13 +335,20 @@ class JobStore:
                      [r for r in rows if r["id"] in fresh])
         return [p for p in planned if p.id in fresh]
 
-    def _publish(self, requests: Iterable[tuple[str, str, str, int]], *, notices=None) -> None:
+    def _publish(self, requests: Iterable[ToStage], *, notices=None) -> None:
+        """Send step requests the way the coordinator sends requests: staged for dispatch (priority
+        and tenant order under a binding limit, docs/DISPATCH.md), or with dispatch off published."""
         requests = list(requests)
         if requests:
-            with self.celery_app.producer_or_acquire() as producer, producer.batch():
-                for rid, tier, tenant, prio in requests:
-                    publish_request(self.celery_app, producer=producer, request_id=rid, tier=tier, tenant=tenant,
-                                    priority=prio, reply_to=None)
+            c = self.coordinator
+            if c.staging_redis is not None:
+                stage_requests(self.celery_app, redis_client=c.staging_redis, namespace=self.settings.namespace,
+                               requests=requests, staging=c._staging)
+            else:
+                with self.celery_app.producer_or_acquire() as producer, producer.batch():
+                    for r in requests:
+                        publish_request(self.celery_app, producer=producer, request_id=r.request_id, tier=r.tier,
+                                        tenant=r.tenant, priority=r.priority, reply_to=None)
         if notices and self.notifier is not None:
             self.notifier.publish(notices)
 
@@ -352,7 +359,7 @@ class JobStore:
         after the commit that finished the step *and* the publish of the successors it queued,
         so a worker killed in between leaves that message unacked; the lease sweeper hands it to
         another worker within seconds, and this is where the successors that never reached the
-        broker go out (``queued``, no attempt, in no tier list and no ``unacked`` entry). Without
+        broker go out (``queued``, no attempt, in no staging, tier list or ``unacked`` entry). Without
         it they waited for the lost-request reconciler (``requeue_lost_after_s``, minutes)."""
         from sqlalchemy import exists
 
@@ -364,7 +371,8 @@ class JobStore:
             if job_id is None:
                 return 0
             rows = conn.execute(
-                select(_req.c.id, _req.c.tier_queued, _req.c.tier_requested, _req.c.tenant, _req.c.priority)
+                select(_req.c.id, _req.c.tier_queued, _req.c.tier_requested, _req.c.tenant, _req.c.priority,
+                       _req.c.prompt, _req.c.system, _req.c.messages, _req.c.max_tokens)
                 .join(_steps, _steps.c.request_id == _req.c.id)
                 .where(_steps.c.job_id == job_id, _req.c.status == STATUS_QUEUED,
                        ~exists().where(_api.c.request_id == _req.c.id))).all()
@@ -373,8 +381,14 @@ class JobStore:
         tiers = {r.tier_queued or r.tier_requested for r in rows}
         present = ids_in_broker(get_redis(self.settings.broker_redis_url, settings=self.settings),
                                 ids=[r.id for r in rows], tiers=tiers, namespace=self.settings.namespace)
-        unsent = [(r.id, r.tier_queued or r.tier_requested, r.tenant, r.priority) for r in rows if r.id not in present]
-        for rid, *_ in unsent:
+        from tars_tasks.staging import staged_tokens
+
+        unsent = [ToStage(request_id=r.id, tier=(tier := r.tier_queued or r.tier_requested), tenant=r.tenant,
+                          priority=r.priority,
+                          tokens=staged_tokens(spec=self.catalog.spec(tier), prompt=r.prompt, system=r.system,
+                                               messages=r.messages, max_tokens=r.max_tokens))
+                  for r in rows if r.id not in present]
+        for rid in [u.request_id for u in unsent]:
             log.warning("job %s: step request %s was committed but never published (its worker died in "
                         "between); publishing it now", job_id, rid)
         self._publish(unsent)
@@ -403,7 +417,7 @@ class JobStore:
             return None
         jobs = conn.execute(select(_jobs).where(_jobs.c.id.in_(job_ids)).order_by(_jobs.c.id)
                             .with_for_update()).mappings().all()
-        to_publish: list[tuple[str, str, str, int]] = []
+        to_publish: list[ToStage] = []
         notices: dict[str, list[tuple[str, str]]] = {}
         ended = self._ended = []
         for job in jobs:
@@ -464,7 +478,7 @@ class JobStore:
                 log.info("job %s: successors scheduled without a budget check (%s)", job["id"], exc)
             inserted = self._insert_instances(conn, job_id=job["id"], new=result.new, planned=planned,
                                               run_id=job["run_id"], now=_now())
-            to_publish.extend((p.id, p.route.tier, p.spec.tenant, p.spec.priority) for p in inserted)
+            to_publish.extend(self.coordinator._to_stage(p, reply_to=None) for p in inserted)
         if result.verdict is not None:
             return self._end(conn, job["id"], result.verdict)
         return None

@@ -147,3 +147,22 @@ def test_cancel_stops_queued_steps_and_records_what_was_spent(start_worker, clie
     cancelled = [s for s in j.steps if s.failure_reason == "cancelled"]
     assert len(cancelled) == 3 and sum(s.attempts == 0 for s in cancelled) >= 2  # the running one is billed
     assert j.attempts >= 1 and j.cost_usd == _api_sum(db, job.id) > 0
+
+
+def test_job_steps_wait_in_staging_like_any_request(fleet_env, start_worker, client, redis, db):
+    """Every step is an ordinary request: with dispatch on it is staged (priority and tenant order
+    under a binding limit), not pushed past the others into the Celery list."""
+    from config.keys import queue_for_tier, stage_count_key
+
+    job = client.submit_job(template="research-write-validate", input={"question": "q", "topics": ["a", "b", "c"]},
+                            priority="high", tenant="acme")
+    ns = fleet_env["TARS_NAMESPACE"]
+    assert int(redis.get(stage_count_key(ns, "haiku")) or 0) == 3  # the three researchers
+    assert redis.llen(queue_for_tier("haiku")) == 0
+    start_worker(tiers=["haiku", "sonnet"], concurrency=10)
+    j = client.wait_job(job.id, timeout=60)
+    assert j.status == "succeeded", j.error
+    for tier in ("haiku", "sonnet"):
+        assert int(redis.get(stage_count_key(ns, tier)) or 0) == 0  # the writer and validator drained too
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM requests WHERE status <> 'succeeded'")).scalar() == 0

@@ -190,7 +190,9 @@ class SubAgent:
                                 error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
         request = row.model_request()
-        hints = {"tenant": row.tenant, **({"cache_digest": row.cache_digest} if row.cache_digest else {})}
+        # the dispatcher's slot (if any) and what the budget and cache steps need
+        hints = {**(hints or {}), "tenant": row.tenant,
+                 **({"cache_digest": row.cache_digest} if row.cache_digest else {})}
         if verdict == SUSPICION_SUSPECT:
             result = self._call_alone(request_id=row.id, tier=tier, request=request, worker=worker, hints=hints)
         else:

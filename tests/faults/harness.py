@@ -110,6 +110,7 @@ def audit(engine: Engine, *, case: str, ids: Iterable[str]) -> Audit:
 
 
 def pending_count(engine: Engine, ids: list[str]) -> int:
+    ids = sorted(set(ids))  # one id listed twice would never count as done twice
     with engine.connect() as conn:
         done = conn.execute(text("SELECT count(*) FROM requests WHERE id = ANY(:ids) AND status <> 'queued'"),
                             {"ids": ids}).scalar()

@@ -32,12 +32,13 @@ def test_a_plain_celery_message_without_priority_runs_at_normal_priority(fleet_e
                             queue="tars.haiku")
             plain.append(rid)
             client.submit(role="researcher", prompt=f"high {i}", priority="high")
+    with db.connect() as conn:  # the TARS requests, read before a worker adopts any plain one
+        ids = conn.execute(text("SELECT id FROM requests WHERE role = 'researcher'")).scalars().all()
+    assert len(ids) == 30
     start_worker(tiers=["haiku"], concurrency=1, env={"TARS_SIM_LATENCY": "fixed:5"})
     from tests.faults.harness import wait_terminal
 
-    with db.connect() as conn:
-        ids = conn.execute(text("SELECT id FROM requests WHERE role = 'researcher'")).scalars().all()
-    assert wait_terminal(db, [*ids, *plain], timeout=120)
+    assert wait_terminal(db, sorted({*ids, *plain}), timeout=120)
     with db.connect() as conn:
         order = conn.execute(text("SELECT priority FROM requests ORDER BY started_at")).scalars().all()
     assert len(order) == 45

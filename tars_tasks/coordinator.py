@@ -225,12 +225,7 @@ class Coordinator:
         :class:`BrokerUnavailable` (nothing is written), like any Redis error of a submit."""
         if self.budgets is None:
             return planned
-        states = {}
-        try:
-            for tenant in {p.spec.tenant for p in planned}:
-                states[tenant] = [st for st in self.budgets.state(tenant) if st.limit_usd is not None]
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"fleet state unavailable (reading budgets): {exc}; nothing was recorded") from exc
+        states = {tenant: self.limited_periods(tenant) for tenant in {p.spec.tenant for p in planned}}
         out = []
         for p in planned:
             limited = states.get(p.spec.tenant) or []
@@ -250,6 +245,16 @@ class Coordinator:
                     break
             out.append(p)
         return out
+
+    def limited_periods(self, tenant: str) -> list:
+        """The tenant's budget periods that have a limit (none without budgets); an unreadable
+        budget state is :class:`BrokerUnavailable` (nothing is written)."""
+        if self.budgets is None:
+            return []
+        try:
+            return [st for st in self.budgets.state(tenant) if st.limit_usd is not None]
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"fleet state unavailable (reading budgets): {exc}; nothing was recorded") from exc
 
     def _worst_case(self, p: _Planned) -> Decimal:
         """A request's most on its tier: its input (about four characters a token) and its output limit."""

@@ -22,7 +22,7 @@ import pytest
 import redis as redis_lib
 
 from tars_tasks import supervisor
-from tests.helpers import ROOT, WorkerProcess, make_settings
+from tests.helpers import ROOT, WorkerProcess, empty_tables, make_settings
 
 PG_ADMIN_URL = os.environ.get("TARS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("TARS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -75,14 +75,11 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def db(pg_url: str):
     """The test database's engine, emptied before the test."""
-    from sqlalchemy import text
 
     from tars_tasks.db.engine import get_engine
 
     engine = get_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
-                          "RESTART IDENTITY CASCADE"))
+    empty_tables(engine)
     return engine
 
 

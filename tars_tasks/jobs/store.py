@@ -281,17 +281,11 @@ class JobStore:
         """A job starts only if its first steps' worst cases fit together in what the tenant's
         budget has left (spent and reserved counted): started anyway, its parallel first steps would
         reserve against each other and the job would fail step by step, $0 each, forever."""
-        import redis
-
         from tars_tasks.errors import BudgetExceeded
 
-        budgets = self.coordinator.budgets
-        if budgets is None:
+        states = self.coordinator.limited_periods(tenant)
+        if not states:
             return
-        try:
-            states = [st for st in budgets.state(tenant) if st.limit_usd is not None]
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"fleet state unavailable (reading budgets): {exc}; nothing was recorded") from exc
         worst = sum((self.coordinator._worst_case(p) for p in planned), Decimal(0))
         for st in states:
             left = st.limit_usd - st.spent_usd - st.reserved_usd

@@ -10,13 +10,12 @@ import uuid
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import text
 
 from loadgen.report import write_report
 from loadgen.runner import Runner
 from loadgen.scenarios import PRESETS, Scenario
 from tars_tasks.db.engine import get_engine
-from tests.helpers import make_settings
+from tests.helpers import empty_tables, make_settings
 from tests.loadgen.test_recompute import check_report
 
 pytestmark = pytest.mark.integration
@@ -35,9 +34,7 @@ SCENARIOS = [
 def session(pg_url, redis_url, tmp_path_factory):
     r = redis_lib.Redis.from_url(redis_url)
     r.flushdb()
-    with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
-                          "RESTART IDENTITY CASCADE"))
+    empty_tables(get_engine(pg_url))
     env = {"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url, "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
            "TARS_CACHE_URL": redis_url, "TARS_SIM_LATENCY": "uniform:50:150", "TARS_SIM_FAILURE_RATE": "0",
            "TARS_TASK_EVENTS": "false", "TARS_MAX_QUEUE_DEPTH": "40", "TARS_MODE_INTERVAL_S": "0.1",

@@ -13,7 +13,7 @@ from loadgen.report import write_report
 from loadgen.runner import Runner
 from loadgen.scenarios import get_scenario
 from tars_tasks.db.engine import get_engine
-from tests.helpers import make_settings
+from tests.helpers import empty_tables, make_settings
 from tests.loadgen.test_recompute import check_report
 
 pytestmark = pytest.mark.integration
@@ -23,9 +23,7 @@ def test_the_multi_agent_scenario_runs_jobs_and_its_figures_add_up(pg_url, redis
     r = redis_lib.Redis.from_url(redis_url)
     r.flushdb()
     engine = get_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
-                          "RESTART IDENTITY CASCADE"))
+    empty_tables(engine)
     env = {"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url, "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
            "TARS_SIM_LATENCY": "uniform:50:200", "TARS_SIM_FAILURE_RATE": "0.05", "TARS_TASK_EVENTS": "false"}
     sc = get_scenario("multi-agent").with_overrides(count=16, concurrency=8, workers=3, worker_concurrency=20,

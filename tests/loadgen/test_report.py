@@ -12,13 +12,12 @@ import uuid
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import text
 
 from loadgen.report import write_report
 from loadgen.runner import Runner
 from loadgen.scenarios import Scenario
 from tars_tasks.db.engine import get_engine
-from tests.helpers import ROOT, make_settings
+from tests.helpers import ROOT, empty_tables, make_settings
 from tests.loadgen.test_recompute import check_report
 
 pytestmark = pytest.mark.integration
@@ -41,9 +40,7 @@ SCENARIOS = [
 def session(pg_url, redis_url, tmp_path_factory):
     r = redis_lib.Redis.from_url(redis_url)
     r.flushdb()
-    with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
-                          "RESTART IDENTITY CASCADE"))
+    empty_tables(get_engine(pg_url))
     env = {"TARS_BROKER_URL": redis_url, "TARS_DATABASE_URL": pg_url, "TARS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
            "TARS_SIM_LATENCY": "uniform:50:150", "TARS_SIM_FAILURE_RATE": "0.15", "TARS_TASK_EVENTS": "false",
            "TARS_RATELIMIT_WINDOW_S": "1"}

@@ -15,10 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 import redis as redis_lib
-from sqlalchemy import text
 
 from tars_tasks import supervisor
-from tests.helpers import ROOT
+from tests.helpers import ROOT, empty_tables
 from tests.helpers import free_port as helpers_free_port
 
 FLOWER_USER = "operator"
@@ -99,9 +98,7 @@ def ops_fleet(pg_url: str, redis_url: str, tmp_path_factory) -> Iterator[Running
 
     r = redis_lib.Redis.from_url(redis_url)
     r.flushdb()
-    with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes "
-                          "RESTART IDENTITY CASCADE"))
+    empty_tables(get_engine(pg_url))
     tmp = tmp_path_factory.mktemp("fleet")
     state_dir = tmp / "state"
     flower_port, metrics_port = free_port(), free_port()

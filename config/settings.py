@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     mode_leave_margin: float = Field(default=0.10, ge=0, lt=0.6)
     #: ... and only after the mode has lasted at least this long (upward moves are immediate).
     mode_min_dwell_s: float = Field(default=10.0, ge=0)
+    #: Workers apply the fleet mode to work queued before it changed: in high load and critical,
+    #: a queued sonnet/opus request below high priority runs on the cheaper tier.
+    mode_apply_queued: bool = True
     #: Budgets (tars_tasks/budgets.py): at this share of a tenant's budget spent or reserved, its
     #: work moves from sonnet/opus to the cheaper tier; at 1.0 submits raise BudgetExceeded.
     budget_soft_fraction: float = Field(default=0.80, gt=0, le=1)
@@ -286,6 +289,15 @@ class Settings(BaseSettings):
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return self.broker_url
         return None
+
+    @property
+    def ratelimit_redis_url(self) -> str | None:
+        """Where the fleet rate limiter's state lives: with dispatch on a Redis broker, the broker's
+        Redis (a dispatcher reserves a moved message's slot in the script that moves it, so the
+        limiter's hashes must sit beside staging); otherwise the fleet state's Redis."""
+        if self.dispatch_enabled and self.broker_redis_url is not None:
+            return self.broker_redis_url
+        return self.shared_redis_url
 
 
 def describe_settings_error(exc: Exception) -> str:

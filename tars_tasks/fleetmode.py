@@ -9,7 +9,9 @@ kept in Redis, every transition a ``mode_changes`` row.
   (provider, model), as a fraction of ``ratelimit_max_wait_s`` (a limiter that binds books ahead;
   one that does not has no backlog);
 * ``breakers_open`` — the fraction of tiers whose fleet breaker is open or half-open;
-* ``budget_burn`` — reserved for budgets (0 until they exist).
+* ``budget_burn`` — the fleet's budgets as a whole: what the tenants with a limit have spent or
+  reserved this period over the sum of their limits (:meth:`tars_tasks.budgets.Budgets.fleet_burn`;
+  one tenant's own budget is enforced for that tenant alone, by its soft threshold and limit).
 
 **Modes and hysteresis.** ``optimal`` → ``high_load`` at ``degrade_high_load_at`` (60%) →
 ``critical`` at ``degrade_critical_at`` (85%). Moving up is immediate; moving down needs the load
@@ -173,8 +175,9 @@ class ModeBook:
 
 
 def measure_signals(*, settings: Settings, catalog: Catalog, broker: redis.Redis | None,
-                    state: redis.Redis | None) -> dict[str, float]:
-    """The signals the mode follows, read from the broker's lists and the fleet-state hashes."""
+                    state: redis.Redis | None, limiter: redis.Redis | None = None) -> dict[str, float]:
+    """The signals the mode follows, read from the broker's lists, the limiter's hashes (in
+    ``limiter``, default ``state``: see ``Settings.ratelimit_redis_url``) and the fleet-state hashes."""
     from config.keys import PRIORITY_MAX, PRIORITY_MIN, priority_list, queue_for_tier
 
     signals: dict[str, float] = {"queue_load": 0.0, "limiter_backlog": 0.0, "breakers_open": 0.0,
@@ -194,10 +197,25 @@ def measure_signals(*, settings: Settings, catalog: Catalog, broker: redis.Redis
     if state is not None:
         cat = catalog.with_overrides(provider=settings.provider_override, base_url=settings.provider_base_url)
         specs = [cat.spec(t) for t in TIERS if t in cat.tiers]
-        pipe = state.pipeline(transaction=False)
+        lim = limiter if limiter is not None else state
+        pipe = lim.pipeline(transaction=False)
         pipe.time()
         for spec in specs:
             pipe.hmget(ratelimit_key(settings.namespace, spec.provider, spec.model), "r", "t")
+        try:
+            booked_res = pipe.execute()
+        except redis.RedisError as exc:
+            if lim is state:
+                raise
+            # the limiter's hashes sit in the broker's Redis (dispatch): unreachable, its backlog is
+            # unknown — the submit's own broker write reports the broker, not the mode's measurement
+            log.debug("limiter backlog unreadable (%s); counted as none", exc)
+            booked_res = [(0, 0), *([(None, None)] * len(specs))]
+        sec, usec = booked_res[0]
+        lim_now_us = int(sec) * 1_000_000 + int(usec)
+        pipe = state.pipeline(transaction=False)
+        pipe.time()
+        for spec in specs:
             pipe.hmget(breaker_key(settings.namespace, spec.provider, spec.model), "state", "open_until",
                        "probe_until")
         res = pipe.execute()
@@ -205,10 +223,10 @@ def measure_signals(*, settings: Settings, catalog: Catalog, broker: redis.Redis
         now_us = int(sec) * 1_000_000 + int(usec)
         backlog, open_n = 0.0, 0
         for i in range(len(specs)):
-            r, t = res[1 + 2 * i]
-            booked = max(int(r or 0), int(t or 0)) - now_us
+            r, t = booked_res[1 + i]
+            booked = max(int(r or 0), int(t or 0)) - lim_now_us
             backlog = max(backlog, booked / 1e6 / settings.ratelimit_max_wait_s)
-            state_, open_until, probe_until = res[2 + 2 * i]
+            state_, open_until, probe_until = res[1 + i]
             st = (state_ or b"closed").decode()
             # refusing calls until its cooldown ends, or letting only a live probe through
             if (st == "open" and int(open_until or 0) > now_us) or (st == "half_open"
@@ -216,7 +234,36 @@ def measure_signals(*, settings: Settings, catalog: Catalog, broker: redis.Redis
                 open_n += 1
         signals["limiter_backlog"] = round(max(0.0, backlog), 4)
         signals["breakers_open"] = round(open_n / len(specs), 4) if specs else 0.0
+        if settings.budgets_enabled:
+            from tars_tasks.budgets import Budgets
+
+            burn = Budgets(redis_client=state, namespace=settings.namespace).fleet_burn()
+            signals["budget_burn"] = round(min(burn, 10.0), 4)
     return signals
+
+
+class ModeReader:
+    """A process's read-only view of the stored mode, read at most every ``interval_s`` (workers
+    apply it to work queued before a transition). A Redis error keeps the last view."""
+
+    def __init__(self, *, book: ModeBook, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.book = book
+        self.interval_s = interval_s
+        self.clock = clock
+        self._mode = FleetMode.OPTIMAL
+        self._at = float("-inf")
+        self._lock = threading.Lock()
+
+    def mode(self) -> FleetMode:
+        with self._lock:  # one reader at a time: the others wait for its answer, not the stale one
+            now = self.clock()
+            if now - self._at >= self.interval_s:
+                try:
+                    self._mode = self.book.read().mode
+                except redis.RedisError as exc:
+                    log.debug("fleet mode unreadable (%s); keeping %s", exc, self._mode)
+                self._at = now
+            return self._mode
 
 
 class FleetModeSource:
@@ -247,9 +294,13 @@ class FleetModeSource:
         state = get_redis(url, settings=settings, timeout_s=settings.client_timeout_s)
         broker = (get_redis(settings.broker_redis_url, settings=settings, timeout_s=settings.client_timeout_s)
                   if settings.broker_redis_url else None)
+        lim_url = settings.ratelimit_redis_url
+        limiter = (get_redis(lim_url, settings=settings, timeout_s=settings.client_timeout_s)
+                   if lim_url and lim_url != url else state)
         book = ModeBook(redis_client=state, namespace=settings.namespace, settings=settings)
         return cls(settings=settings, catalog=catalog, book=book, engine=engine,
-                   measure=lambda: measure_signals(settings=settings, catalog=catalog, broker=broker, state=state))
+                   measure=lambda: measure_signals(settings=settings, catalog=catalog, broker=broker, state=state,
+                                                   limiter=limiter))
 
     def current(self) -> ModeView:
         now = self.clock()

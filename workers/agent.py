@@ -90,12 +90,22 @@ class SubAgent:
         )
         self.loader = RequestLoader(engine=self.engine, batch_max=settings.writer_batch_max,
                                     linger_ms=settings.writer_linger_ms, retry_max_s=settings.writer_retry_max_s)
-        self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis)
+        limiter_url = settings.ratelimit_redis_url
+        self.caller = ModelCaller(settings=settings, catalog=catalog, writer=self.writer, redis_client=self.redis,
+                                  limiter_redis=get_redis(limiter_url) if limiter_url and limiter_url != redis_url
+                                  else None)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.gate = CallGate()
+        #: The fleet mode, read every ``mode_interval_s``, applied to work queued before a transition.
+        self.mode_reader = None
+        if self.redis is not None and settings.mode_apply_queued:
+            from tars_tasks.fleetmode import ModeBook, ModeReader
+
+            self.mode_reader = ModeReader(book=ModeBook(redis_client=self.redis, namespace=settings.namespace,
+                                                        settings=settings), interval_s=settings.mode_interval_s)
         #: A dispatcher's reservation is in the broker's Redis; it stands for the limiter's only when
-        #: the fleet state lives there too (else a staged first attempt acquires as well).
-        self.trust_staged_slots = settings.shared_redis_url == settings.broker_redis_url
+        #: the limiter's state lives there too (it does whenever dispatch is on: settings.ratelimit_redis_url).
+        self.trust_staged_slots = settings.ratelimit_redis_url == settings.broker_redis_url
 
     def _jobs_hook(self):
         """Jobs schedule their next steps inside the commit that finishes a step (tars_tasks.jobs)."""
@@ -189,6 +199,9 @@ class SubAgent:
                                 model=self.catalog.spec(tier).model, worker=worker, started_at=started,
                                 error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
+        tier, served_mode = self._apply_fleet_mode(row, tier)
+        if served_mode is not None:
+            hints = None  # the dispatcher reserved the queued tier's slot, not the cheaper tier's
         request = row.model_request()
         # the dispatcher's slot (if any) and what the budget and cache steps need
         hints = {**(hints or {}), "tenant": row.tenant,
@@ -201,9 +214,29 @@ class SubAgent:
         self._finish(FinishRecord(request_id=row.id, status=result.status, tier_used=result.tier_used,
                                   model=result.model, worker=worker, started_at=started, result=result.text,
                                   error=result.error, failure_reason=result.failure_reason,
-                                  stop_reason=result.stop_reason),
+                                  stop_reason=result.stop_reason, served_mode=served_mode),
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
+
+    def _apply_fleet_mode(self, row: RequestRow, tier: str) -> tuple[str, str | None]:
+        """Work queued before the fleet went to high load or critical is served as it would be
+        admitted now: below high priority, on sonnet/opus, not already moved (by admission, a
+        budget's soft threshold) — it runs on the tier's cheaper fallback, and the row's
+        ``served_mode`` becomes the mode that moved it. (tier, None) when nothing changes."""
+        from tars_tasks.admission import DEGRADABLE_TIERS, PRIORITY_HIGH
+        from tars_tasks.fleetmode import FleetMode
+
+        if (self.mode_reader is None or row.priority >= PRIORITY_HIGH or tier not in DEGRADABLE_TIERS
+                or tier != row.tier_requested):
+            return tier, None
+        fallback = self.catalog.spec(tier).fallback
+        if not fallback:
+            return tier, None
+        mode = self.mode_reader.mode()
+        if mode is FleetMode.OPTIMAL:
+            return tier, None
+        log.info("request %s: fleet mode %s; served on %s instead of %s", row.id, mode, fallback, tier)
+        return fallback, str(mode)
 
     def _republish_successors(self, request_id: str) -> None:
         """A finished job step delivered again: its worker may have died after committing the step's

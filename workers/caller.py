@@ -42,6 +42,7 @@ import redis
 
 from config.catalog import Catalog, LatencyProfile, ModelSpec
 from config.settings import Settings
+from config.tenants import load_tenants
 from workers.breaker import FleetBreaker
 from workers.callpath.breaker_step import BreakerStep
 from workers.callpath.budget_step import BudgetStep
@@ -77,6 +78,7 @@ class ModelCaller:
         sleep: Callable[[float], None] = time.sleep,
         limiter: Any = None,
         breaker: Any = None,
+        limiter_redis: redis.Redis | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog.with_overrides(provider=settings.provider_override,
@@ -85,9 +87,10 @@ class ModelCaller:
         self._providers: dict[str, Provider] = {}
         self.limiter = limiter
         self.breaker = breaker
-        if limiter is None and redis_client is not None and settings.ratelimit_enabled:
+        limiter_redis = limiter_redis if limiter_redis is not None else redis_client
+        if limiter is None and limiter_redis is not None and settings.ratelimit_enabled:
             self.limiter = FleetRateLimiter(
-                redis_client=redis_client, namespace=settings.namespace, window_s=settings.ratelimit_window_s,
+                redis_client=limiter_redis, namespace=settings.namespace, window_s=settings.ratelimit_window_s,
                 utilisation=settings.ratelimit_utilisation, max_wait_s=settings.ratelimit_max_wait_s, sleep=sleep,
             )
         if breaker is None and redis_client is not None and settings.breaker_enabled:
@@ -95,6 +98,7 @@ class ModelCaller:
                 redis_client=redis_client, namespace=settings.namespace,
                 failure_threshold=settings.breaker_failure_threshold, cooldown_s=settings.breaker_cooldown_s,
             )
+        self.tenants = load_tenants(settings.tenants_path)
         self._recorder = RecorderStep(writer=writer)
         from tars_tasks.cache import ResponseCache
 
@@ -121,7 +125,8 @@ class ModelCaller:
                       max_s=s.retry_backoff_max_s),
             BreakerStep(breaker=self.breaker, cache_s=s.breaker_cache_s) if self.breaker is not None else None,
             ReservedSlotStep() if self.limiter is not None else None,  # a staged first attempt: slot reserved
-            LimiterStep(limiter=self.limiter) if self.limiter is not None else None,
+            LimiterStep(limiter=self.limiter, tenants=self.tenants,  # model + tenant limits, one script
+                        namespace=s.namespace) if self.limiter is not None else None,
             CostStep(),                                              # estimate before, exact after
             self._recorder,                                          # in_flight row before, completed after
         ]

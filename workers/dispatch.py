@@ -409,13 +409,12 @@ class Dispatcher:
         return DispatchResult(moved=moved, reason=reason, wait_s=wait_us / _US_PER_S, staged=staged, at_us=at_us)
 
     def _take_credit(self, key: str) -> int:
-        pending = getattr(self.limiter, "_pending_tokens", None)
-        return int(pending.pop(key, 0)) if pending is not None else 0
+        take = getattr(self.limiter, "take_pending", None)
+        return int(take(key)) if take is not None else 0
 
     def _give_back_credit(self, key: str, credit: int) -> None:
-        pending = getattr(self.limiter, "_pending_tokens", None)
-        if credit and pending is not None:
-            pending[key] = pending.get(key, 0) + credit
+        if credit and self.limiter is not None:
+            self.limiter.return_pending(key, credit)  # type: ignore[attr-defined]
 
 
 def _s(v: bytes | str) -> str:
@@ -541,7 +540,7 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
 
         caller = get_agent().caller
         catalog = caller.catalog
-        if settings.shared_redis_url == settings.broker_redis_url:  # one limiter state: the same hash
+        if settings.ratelimit_redis_url == settings.broker_redis_url:  # one limiter state: the same hash
             limiter = caller.limiter
     else:
         catalog = load_catalog(settings.catalog_path).with_overrides(provider=settings.provider_override,

@@ -44,35 +44,64 @@ _US_PER_S = 1_000_000
 #: the slot up and asks again: sent late, it would crowd the next window past the limit.
 LATE_TOLERANCE_S = 0.05
 
-#: KEYS[1] = the limiter hash. ARGV: mode ("acquire" | "adjust"), request cost, token cost
-#: (may be negative in "adjust"), µs per request, µs per token, max wait µs, now µs ("" = TIME),
-#: token correction of earlier calls applied first (deferred :meth:`adjust_tokens`).
-#: Returns {granted (0/1), wait µs}.
+#: A deferred token correction not carried by a reservation within this long is sent on its own
+#: (with the next correction): a process whose first attempts all hold a dispatcher's slot, or a
+#: prefork child whose dispatcher runs in another process, reserves rarely itself.
+PENDING_FLUSH_S = 1.0
+
+#: KEYS: the model's limiter hash, then the hashes of further limits the same call must fit
+#: (a tenant's own, a tenant's on one tier: :func:`config.keys.tenant_ratelimit_key`).
+#: ARGV: 1 mode ("acquire" | "adjust"), 2 request cost, 3 token cost (may be negative in
+#: "adjust"), 4 max wait µs, 5 now µs ("" = TIME), then per key: µs per request (0 = no request
+#: limit of this kind), µs per token (0 = none), token correction of earlier calls applied first
+#: (deferred :meth:`FleetRateLimiter.adjust_tokens`).
+#: Returns {granted (0/1), wait µs}. A slot is the latest of every key's next slot; all advance.
 LIMITER_LUA = """
 local now
-if ARGV[7] ~= '' then now = tonumber(ARGV[7]) else
+if ARGV[5] ~= '' then now = tonumber(ARGV[5]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
-local rtat = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
-local ttat = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
-local tok_us = tonumber(ARGV[3]) * tonumber(ARGV[5])
-local credit = tonumber(ARGV[8] or '0')
-if credit ~= 0 then ttat = math.max(ttat + credit * tonumber(ARGV[5]), now) end
+local reqs, toks = tonumber(ARGV[2]), tonumber(ARGV[3])
+local st = {}
+for i = 1, #KEYS do
+  local b = 5 + 3 * (i - 1)
+  local v = redis.call('HMGET', KEYS[i], 'r', 't')
+  local s = {r = tonumber(v[1] or '0'), t = tonumber(v[2] or '0'),
+             ri = tonumber(ARGV[b + 1]), ti = tonumber(ARGV[b + 2]), dirty = false}
+  local credit = tonumber(ARGV[b + 3] or '0')
+  if credit ~= 0 and s.ti > 0 then s.t = math.max(s.t + credit * s.ti, now); s.dirty = true end
+  st[i] = s
+end
+local function save()
+  for i = 1, #KEYS do
+    local s = st[i]
+    if s.dirty then
+      redis.call('HSET', KEYS[i], 'r', string.format('%d', s.r), 't', string.format('%d', s.t))
+      redis.call('PEXPIRE', KEYS[i], math.ceil((math.max(s.r, s.t) - now) / 1000) + 60000)
+    end
+  end
+end
 if ARGV[1] == 'adjust' then
-  ttat = math.max(ttat + tok_us, now)
-  redis.call('HSET', KEYS[1], 't', string.format('%d', ttat))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(rtat, ttat) - now) / 1000) + 60000)
+  if toks ~= 0 then
+    for i = 1, #KEYS do
+      local s = st[i]
+      if s.ti > 0 then s.t = math.max(s.t + toks * s.ti, now); s.dirty = true end
+    end
+  end
+  save()
   return {1, 0}
 end
-local start = math.max(now, rtat, ttat)
+local start = now
+for i = 1, #KEYS do start = math.max(start, st[i].r, st[i].t) end
 local wait = start - now
-if wait > tonumber(ARGV[6]) then return {0, string.format('%d', wait)} end
-rtat = start + tonumber(ARGV[2]) * tonumber(ARGV[4])
-ttat = start + tok_us
-redis.call('HSET', KEYS[1], 'r', string.format('%d', rtat), 't', string.format('%d', ttat))
-redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(rtat, ttat) - now) / 1000) + 60000)
+if wait > tonumber(ARGV[4]) then save(); return {0, string.format('%d', wait)} end
+for i = 1, #KEYS do
+  local s = st[i]
+  if s.ri > 0 then s.r = start + reqs * s.ri; s.dirty = true end
+  if s.ti > 0 then s.t = start + toks * s.ti; s.dirty = true end
+end
+save()
 return {1, string.format('%d', wait)}
 """
-
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -92,9 +121,15 @@ class LimitSpec:
     tpm: int
 
     def intervals_us(self, *, window_s: float, utilisation: float) -> tuple[float, float]:
-        """µs of the window each request and each token uses up."""
+        """µs of the window each request and each token uses up (0: no limit of that kind)."""
         window_us = window_s * _US_PER_S
-        return window_us / (self.rpm * utilisation), window_us / (self.tpm * utilisation)
+        return (window_us / (self.rpm * utilisation) if self.rpm > 0 else 0.0,
+                window_us / (self.tpm * utilisation) if self.tpm > 0 else 0.0)
+
+
+#: A further limit a call must fit besides its model's: (Redis key, limits), e.g. a tenant's own
+#: (:func:`config.keys.tenant_ratelimit_key`). A 0 in its limits means none of that kind.
+ExtraLimit = tuple[str, LimitSpec]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +141,16 @@ class Ticket:
     limits: LimitSpec
     tokens: int
     due: float
+    #: The further limits reserved with the model's (given back with it when the slot is missed).
+    also: tuple[ExtraLimit, ...] = ()
 
 
 class FleetRateLimiter:
-    """Shared RPM+TPM limiter. ``acquire`` blocks (cooperatively) until the call may go out."""
+    """Shared RPM+TPM limiter. ``acquire`` blocks (cooperatively) until the call may go out.
+
+    Every method takes ``also``: further limits (:data:`ExtraLimit`) the same call must fit, in the
+    same script and the same slot — a tenant's own RPM/TPM on top of the model's. A tenant at its
+    limit therefore waits without taking the model's capacity, and its retries count against it."""
 
     def __init__(
         self,
@@ -121,6 +162,7 @@ class FleetRateLimiter:
         max_wait_s: float = 30.0,
         late_tolerance_s: float = LATE_TOLERANCE_S,
         sleep: Callable[[float], None] = time.sleep,
+        pending_flush_s: float = PENDING_FLUSH_S,
     ) -> None:
         self.redis = redis_client
         self.late_tolerance_s = late_tolerance_s
@@ -129,38 +171,98 @@ class FleetRateLimiter:
         self.window_s = window_s
         self.utilisation = utilisation
         self.max_wait_s = max_wait_s
+        self.pending_flush_s = pending_flush_s
         self._sleep = sleep
         self._script = redis_client.register_script(LIMITER_LUA)
-        #: Token corrections not yet sent, per key: they ride along with the next reservation,
-        #: so reconciling usage costs no round trip of its own.
+        #: Token corrections not yet sent, per key: they ride along with the next reservation of
+        #: that key (or a dispatcher's step, :meth:`take_pending`), so reconciling usage costs no
+        #: round trip of its own; one not carried within ``pending_flush_s`` is sent by itself.
         self._pending_tokens: dict[str, int] = {}
+        self._pending_limits: dict[str, LimitSpec] = {}
+        self._pending_since: float | None = None
 
     def key(self, *, provider: str, model: str) -> str:
         return ratelimit_key(self.namespace, provider, model)
 
+    # --- deferred corrections --------------------------------------------------------------------
+
+    def take_pending(self, key: str) -> int:
+        """The deferred token correction of ``key``, handed to a caller that sends it (a dispatcher)."""
+        return self._pending_tokens.pop(key, 0)
+
+    def return_pending(self, key: str, tokens: int) -> None:
+        """Give back what :meth:`take_pending` handed out but could not send."""
+        if tokens:
+            self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
+            self._pending_since = self._pending_since or time.monotonic()
+
+    def _defer(self, key: str, limits: LimitSpec, tokens: int) -> None:
+        self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
+        self._pending_limits[key] = limits
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+
+    def flush_pending(self, *, force: bool = False) -> None:
+        """Send the deferred corrections in one script call if the oldest is ``pending_flush_s``
+        old (or ``force``). An unreachable Redis keeps them for the next try."""
+        if self._pending_since is None:
+            return
+        if not force and time.monotonic() - self._pending_since < self.pending_flush_s:
+            return
+        pending = {k: v for k, v in self._pending_tokens.items() if v}
+        self._pending_tokens.clear()
+        self._pending_since = None
+        if not pending:
+            return
+        keys = list(pending)
+        args: list[str | int] = ["adjust", 0, 0, "0", ""]
+        for k in keys:
+            req_us, tok_us = self._pending_limits.get(k, LimitSpec(rpm=0, tpm=0)).intervals_us(
+                window_s=self.window_s, utilisation=self.utilisation)
+            args += [repr(req_us), repr(tok_us), pending[k]]
+        try:
+            self._script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            log.debug("deferred token corrections not sent (%s); kept for the next try", exc)
+            for k, v in pending.items():
+                self.return_pending(k, v)
+
+    def _args(self, keys_limits: list[tuple[str, LimitSpec]], *, mode: str, requests: int, tokens: int,
+              wait_cap_us: float, now_us: int | None) -> tuple[list[str], list[str | int], dict[str, int]]:
+        keys: list[str] = []
+        args: list[str | int] = [mode, requests, tokens, repr(wait_cap_us), "" if now_us is None else str(now_us)]
+        credits: dict[str, int] = {}
+        for k, lim in keys_limits:
+            req_us, tok_us = lim.intervals_us(window_s=self.window_s, utilisation=self.utilisation)
+            credit = self._pending_tokens.pop(k, 0)
+            if credit:
+                credits[k] = credit
+            keys.append(k)
+            args += [repr(req_us), repr(tok_us), credit]
+        return keys, args, credits
+
+    # --- reserving ------------------------------------------------------------------------------
+
     def try_reserve(
         self, *, provider: str, model: str, limits: LimitSpec, tokens: int, requests: int = 1,
-        max_wait_s: float | None = None, now_us: int | None = None,
+        max_wait_s: float | None = None, now_us: int | None = None, also: tuple[ExtraLimit, ...] = (),
     ) -> Grant:
         """One round trip: reserve a slot at most ``max_wait_s`` ahead, or learn the wait."""
-        req_us, tok_us = limits.intervals_us(window_s=self.window_s, utilisation=self.utilisation)
         wait_cap_us = (self.max_wait_s if max_wait_s is None else max_wait_s) * _US_PER_S
-        key = self.key(provider=provider, model=model)
-        credit = self._pending_tokens.pop(key, 0)
+        keys, args, credits = self._args([(self.key(provider=provider, model=model), limits), *also],
+                                         mode="acquire", requests=requests, tokens=tokens,
+                                         wait_cap_us=wait_cap_us, now_us=now_us)
         try:
-            granted, wait_us = self._script(
-                keys=[key],
-                args=["acquire", requests, tokens, repr(req_us), repr(tok_us), repr(wait_cap_us),
-                      "" if now_us is None else str(now_us), credit],
-            )
+            granted, wait_us = self._script(keys=keys, args=args)
         except BaseException:
-            if credit:
-                self._pending_tokens[key] = self._pending_tokens.get(key, 0) + credit
+            for k, v in credits.items():
+                self.return_pending(k, v)
             raise
         return Grant(granted=bool(int(granted)), wait_s=int(wait_us) / _US_PER_S)
 
     def reserve(
-        self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None
+        self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None,
+        also: tuple[ExtraLimit, ...] = (),
     ) -> Ticket:
         """Reserve the next slot without waiting for it: the caller may do its own work (commit
         the attempt row) while the slot comes due, then :meth:`wait_for` it.
@@ -169,15 +271,16 @@ class FleetRateLimiter:
         after ``deadline_s`` (a ``time.monotonic()`` value).
         """
         while True:
-            grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens)
+            grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens, also=also)
             now = time.monotonic()
             if deadline_s is not None and now + grant.wait_s > deadline_s:
                 if grant.granted:  # give the slot back; a later caller may use it
-                    self.adjust_tokens(provider=provider, model=model, limits=limits, tokens=-tokens)
+                    self.adjust_tokens(provider=provider, model=model, limits=limits, tokens=-tokens, also=also)
                 raise TimeoutError(f"no {provider}:{model} capacity within the deadline "
                                    f"(next slot in {grant.wait_s:.1f}s)")
             if grant.granted:
-                return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=now + grant.wait_s)
+                return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=now + grant.wait_s,
+                              also=also)
             # Too far out to reserve: sleep until the slot is within reach, then ask again.
             self._sleep(max(grant.wait_s - self.max_wait_s, 0.001))
 
@@ -191,12 +294,13 @@ class FleetRateLimiter:
         if time.monotonic() - ticket.due > self.late_tolerance_s:
             self.late_slots += 1
             self.adjust_tokens(provider=ticket.provider, model=ticket.model, limits=ticket.limits,
-                               tokens=-ticket.tokens, defer=True)
+                               tokens=-ticket.tokens, defer=True, also=ticket.also)
             raise SlotMissed(f"{ticket.provider}:{ticket.model} slot missed by "
                              f"{time.monotonic() - ticket.due:.3f}s")
 
     def acquire(
-        self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None
+        self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None,
+        also: tuple[ExtraLimit, ...] = (),
     ) -> float:
         """Wait until a call of ``tokens`` tokens may be sent; return the seconds waited.
 
@@ -206,7 +310,7 @@ class FleetRateLimiter:
         t0 = time.monotonic()
         while True:
             ticket = self.reserve(provider=provider, model=model, limits=limits, tokens=tokens,
-                                  deadline_s=deadline_s)
+                                  deadline_s=deadline_s, also=also)
             try:
                 self.wait_for(ticket)
             except SlotMissed:
@@ -214,20 +318,26 @@ class FleetRateLimiter:
             return time.monotonic() - t0
 
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                      now_us: int | None = None, defer: bool = False) -> None:
+                      now_us: int | None = None, defer: bool = False, also: tuple[ExtraLimit, ...] = ()) -> None:
         """Charge (``tokens`` > 0) or refund (< 0) tokens after the call, once usage is known.
-        ``defer``: send it with this process's next reservation for the model instead of now."""
+        ``defer``: send it with this process's next reservation of the same keys instead of now
+        (at the latest ``pending_flush_s`` later, with the next correction)."""
         if tokens == 0:
             return
+        keys_limits = [(self.key(provider=provider, model=model), limits), *also]
         if defer:
-            key = self.key(provider=provider, model=model)
-            self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
+            for k, lim in keys_limits:
+                self._defer(k, lim, tokens)
+            self.flush_pending()
             return
-        req_us, tok_us = limits.intervals_us(window_s=self.window_s, utilisation=self.utilisation)
-        self._script(
-            keys=[self.key(provider=provider, model=model)],
-            args=["adjust", 0, tokens, repr(req_us), repr(tok_us), "0", "" if now_us is None else str(now_us)],
-        )
+        keys, args, credits = self._args(keys_limits, mode="adjust", requests=0, tokens=tokens,
+                                         wait_cap_us=0, now_us=now_us)
+        try:
+            self._script(keys=keys, args=args)
+        except BaseException:
+            for k, v in credits.items():
+                self.return_pending(k, v)
+            raise
 
     def reset(self, *, provider: str, model: str) -> None:
         self.redis.delete(self.key(provider=provider, model=model))

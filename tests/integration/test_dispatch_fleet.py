@@ -135,6 +135,40 @@ def test_weights_share_a_binding_limit_between_tenants_in_their_ratio(fleet_env,
     assert 80 <= gold <= 100, f"gold got {gold} of the first 120 (3:1 would be 90)"
 
 
+def test_a_tenants_retries_count_against_its_own_limit_as_the_provider_counts_them(
+        fleet_env, tmp_path, mock_llm, start_worker, db):  # noqa: F811
+    """A provider failing 40% of calls makes the fleet retry: every call it sees from tenant
+    ``capped`` — first attempts (dispatched) and retries (acquired in the worker) alike — counts
+    against capped's 30 calls per window. Before: retries took only the model's limit, and capped's
+    windows held its first attempts' 30 plus the retries."""
+    from tars_tasks.client import TarsClient
+
+    mock = mock_llm("--latency", "uniform:10:40", "--error-rate", "0.4", "--seed", "7")
+    catalog = write_catalog(tmp_path / "catalog.toml", haiku={"rpm": 600, "tpm": 10_000_000, "retry_budget_s": 120,
+                                                               "max_attempts": 8})
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text("[tenants.capped]\nrpm = 30\n")
+    env = {**fleet_env, "TARS_CATALOG_PATH": str(catalog), "TARS_PROVIDER_BASE_URL": mock.url,
+           "ANTHROPIC_API_KEY": FAKE_ANTHROPIC_KEY, "TARS_RATELIMIT_WINDOW_S": str(WINDOW_S),
+           "TARS_TENANTS_PATH": str(tenants), "TARS_RETRY_BACKOFF_INITIAL_S": "0.05",
+           "TARS_RETRY_BACKOFF_MAX_S": "0.2", "TARS_BREAKER_ENABLED": "false"}
+    fleet_env.update(env)
+    for _ in range(2):
+        start_worker(tiers=["haiku"], concurrency=40)
+    n = 60
+    with TarsClient(settings=make_settings(env)) as client:
+        handles = client.submit_many([{"role": "researcher", "prompt": f"capped {i}", "tenant": "capped",
+                                       "metadata": {"user_id": "capped"}} for i in range(n)])
+        results = client.wait_many([h.id for h in handles], timeout=240)
+    assert all(r.done for r in results)
+    capped = mock.per_second_of_user("capped", MODELS["haiku"])
+    with db.connect() as conn:
+        attempts = conn.execute(text("SELECT count(*) FROM api_calls")).scalar_one()
+    assert sum(capped.values()) == attempts > n  # the mock saw every attempt, retries among them
+    windows = window_counts(capped, window_s=WINDOW_S)
+    assert max(windows) <= 30, f"a {WINDOW_S}s window saw {max(windows)} of capped's calls: {capped}"
+
+
 def test_a_tenants_own_limit_is_never_exceeded_as_the_provider_counts_and_others_flow(
         fleet_env, tmp_path, mock_llm, start_worker, db):  # noqa: F811
     """Tenant ``capped`` may make 30 calls per window (tenants file), the model 600: the mock never

@@ -103,3 +103,63 @@ def test_a_429_storm_is_backed_off_as_told_and_every_request_ends_terminal(
             if a["http_status"] == 429]
     assert gaps and min(gaps) >= 0.95  # Retry-After: 1 honoured before every retry
     assert sum(r["attempts"] for r in requests) == len(rows)  # every attempt counted on its request
+
+
+@pytest.fixture
+def state_redis(tmp_path):
+    """A second Redis of the test's own, for the fleet state apart from the broker (TARS_REDIS_URL)."""
+    import shutil
+    import socket
+    import subprocess
+
+    import redis as redis_lib
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping():
+                break
+        except redis_lib.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    yield url
+    proc.kill()
+    proc.wait(10)
+
+
+def test_with_the_fleet_state_apart_from_the_broker_staged_first_attempts_are_paced_once(
+        fleet_env, tmp_path, mock_llm, start_worker, db, state_redis):  # noqa: F811
+    """TARS_REDIS_URL apart from the broker: the limiter's hashes live beside staging (the broker's
+    Redis), so a dispatched first attempt's slot stands and is not taken a second time in another
+    Redis (before: every staged first attempt acquired again — paced twice, waits recorded on most)."""
+    import redis as redis_lib
+
+    from tars_tasks.client import TarsClient
+
+    mock = mock_llm("--latency", "uniform:10:40")
+    env = {**_env(fleet_env, tmp_path, mock, haiku={"rpm": FLEET_RPM, "tpm": 10_000_000, "retry_budget_s": 60}),
+           "TARS_REDIS_URL": state_redis}
+    for _ in range(2):
+        start_worker(tiers=["haiku"], concurrency=40, env=env)
+    n = int(FLEET_RPM * 0.8)
+    with TarsClient(settings=make_settings(env)) as client:
+        handles = client.submit_many([{"role": "researcher", "prompt": f"question {i}"} for i in range(n)])
+        results = client.wait_many([h.id for h in handles], timeout=120)
+    assert [r.status for r in results].count("succeeded") == n
+    per_second = mock.per_second(MODELS["haiku"])
+    assert sum(per_second.values()) == n
+    assert max(window_counts(per_second, window_s=WINDOW_S)) <= FLEET_RPM
+    rows = api_rows(db)
+    assert sum(1 for r in rows if float(r["ratelimit_wait_ms"]) > 0) < n / 10  # one pacing: the dispatcher's
+    ns = env["TARS_NAMESPACE"]
+    assert not list(redis_lib.Redis.from_url(state_redis).scan_iter(f"{ns}:ratelimit:*"))  # no second limiter state

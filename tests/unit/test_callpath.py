@@ -426,3 +426,31 @@ def test_the_loop_names_no_step():
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     assert not names & {"BreakerStep", "LimiterStep", "RetryStep", "FallbackStep", "CostStep", "RecorderStep",
                         "breaker", "limiter", "writer"}
+
+
+def test_retries_and_fallbacks_take_the_tenants_own_limits_too(tmp_path):
+    """A tenant's limits bind every call the provider sees from it: the retry of a dispatched first
+    attempt (whose slot the dispatcher took for model and tenant) reserves the tenant's limit and its
+    limit on the tier; a call to the fallback tier reserves the tenant's limit on that tier."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text("[tenants.acme]\nrpm = 60\n[tenants.acme.tiers.sonnet]\nrpm = 6\n"
+                       "[tenants.acme.tiers.haiku]\ntpm = 6000\n")
+    caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]},
+                               breaker_failure_threshold=9, tenants_path=tenants)
+    out = call(caller, hints={"slot_reserved": True, "reserved_tokens": 5000, "tenant": "acme"})
+    assert out.status == "succeeded" and provider.calls == ["sonnet", "sonnet"]
+    keys = {k for scope, k in caller.limiter._tat if scope == ""}
+    assert keys == {"tars:tlimit:acme", "tars:tlimit:acme:sonnet"}
+    # sonnet at 6 RPM for acme: the next acme call on sonnet waits 10 s, another tenant's does not
+    assert caller.limiter._tat[("", "tars:tlimit:acme:sonnet")][0] == pytest.approx(
+        caller.limiter._tat[("", "tars:tlimit:acme")][0] - 1.0 + 10.0)
+
+    fell, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)] * 2}, tenants_path=tenants,
+                             breaker_failure_threshold=2, breaker_open_policy="fallback")
+    out = call(fell, hints={"tenant": "acme"})
+    assert out.status == "succeeded" and provider.calls[-1] == "haiku"
+    assert ("", "tars:tlimit:acme:haiku") in fell.limiter._tat
+
+    other, _, _ = make(tenants_path=tenants)
+    call(other, hints={"tenant": "someone-else"})  # no limits of its own: the model's only
+    assert {k for scope, k in other.limiter._tat if scope == ""} == set()

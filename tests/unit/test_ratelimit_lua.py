@@ -146,3 +146,62 @@ def test_a_reserved_slot_lets_the_caller_work_while_it_comes_due(redis):
     assert lim.late_slots == 1
     # the missed slot's tokens ride back with the next reservation; its request slot stays spent
     assert lim._pending_tokens == {lim.key(provider="p", model="m"): -5}
+
+
+# --- further limits in the same script (a tenant's own, on top of the model's) ------------------
+
+
+def test_a_further_limit_takes_the_later_slot_and_both_advance(limiter):
+    """A tenant limited to 6 RPM on a 60 RPM model: its calls are 10 s apart, and each one also
+    takes a model slot (another tenant's next call comes after it)."""
+    tenant = (("unit:tlimit:acme", LimitSpec(rpm=6, tpm=0)),)
+    waits = [limiter.try_reserve(provider="p", model="m", limits=LimitSpec(rpm=60, tpm=10**9), tokens=1,
+                                 now_us=T0_US, also=tenant, max_wait_s=1e6).wait_s for _ in range(3)]
+    assert waits == [0.0, 10.0, 20.0]
+    # the model's own schedule advanced with each of them: the next untenanted call is 1 s after the last
+    assert _reserve(limiter, limits=LimitSpec(rpm=60, tpm=10**9), max_wait_s=1e6).wait_s == pytest.approx(21.0)
+
+
+def test_a_further_limit_without_a_request_limit_paces_tokens_only(limiter, redis):
+    tenant = (("unit:tlimit:t", LimitSpec(rpm=0, tpm=600)),)  # 10 tokens a second
+    got = [limiter.try_reserve(provider="p", model="m", limits=LimitSpec(rpm=6000, tpm=10**9), tokens=50,
+                               now_us=T0_US, also=tenant).wait_s for _ in range(3)]
+    assert got == [0.0, 5.0, 10.0]
+    assert redis.hget("unit:tlimit:t", "r") in (None, b"0")  # no request schedule kept for it
+
+
+def test_a_correction_applies_to_every_limit_of_the_call(limiter):
+    model, tenant = LimitSpec(rpm=10_000, tpm=6_000), (("unit:tlimit:c", LimitSpec(rpm=0, tpm=600)),)
+    limiter.try_reserve(provider="p", model="m", limits=model, tokens=60, now_us=T0_US, also=tenant)
+    # reserved 60 tokens, used 30: the tenant's next slot moves from 6 s to 3 s
+    limiter.adjust_tokens(provider="p", model="m", limits=model, tokens=-30, now_us=T0_US, also=tenant)
+    nxt = limiter.try_reserve(provider="p", model="m", limits=model, tokens=1, now_us=T0_US, also=tenant)
+    assert nxt.wait_s == pytest.approx(3.0)
+
+
+def test_a_deferred_correction_no_reservation_carries_is_sent_on_its_own_after_the_flush_delay(redis):
+    """A prefork child whose first attempts all hold a dispatcher's slot never reserves itself: its
+    corrections must still reach Redis (before: they waited for a reservation that never came)."""
+    import time
+
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit-flush", window_s=60.0, pending_flush_s=0.2)
+    limits = LimitSpec(rpm=10_000, tpm=6_000)
+    key = lim.key(provider="p", model="m")
+    lim.try_reserve(provider="p", model="m", limits=limits, tokens=600)
+    before = int(redis.hget(key, "t"))
+    lim.adjust_tokens(provider="p", model="m", limits=limits, tokens=-300, defer=True)
+    assert int(redis.hget(key, "t")) == before  # deferred
+    time.sleep(0.25)
+    lim.adjust_tokens(provider="p", model="m", limits=limits, tokens=-100, defer=True)  # the next correction
+    assert int(redis.hget(key, "t")) == pytest.approx(before - 400 * 10_000, abs=2)  # both sent, 10 ms a token
+    assert lim._pending_tokens == {}
+
+
+def test_a_dispatcher_takes_and_returns_a_workers_pending_correction(redis):
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit-take", window_s=60.0)
+    limits = LimitSpec(rpm=10_000, tpm=6_000)
+    key = lim.key(provider="p", model="m")
+    lim.adjust_tokens(provider="p", model="m", limits=limits, tokens=-7, defer=True)
+    assert lim.take_pending(key) == -7 and lim.take_pending(key) == 0
+    lim.return_pending(key, -7)
+    assert lim.take_pending(key) == -7

@@ -11,6 +11,11 @@ attempt fails :class:`FleetStateUnavailable` (no call is ever made without the f
 slot a step before this one already holds (``attempt.slot_held``, e.g. reserved by the
 dispatcher, with ``attempt.reserved_tokens`` its tokens) is not acquired again; its tokens are
 still corrected to the real usage.
+
+A tenant's own limits (``TARS_TENANTS_PATH``: its RPM/TPM, and on the attempt's tier) are taken in
+the same script and the same slot as the model's, for every attempt this step acquires — retries
+and fallbacks as much as first attempts — and corrected with it after the answer, so the tenant's
+limit counts every call the provider sees from it.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from typing import Any, Protocol, TypeVar
 
 import redis
 
+from config.keys import tenant_ratelimit_key
+from config.tenants import TenantConfig
 from tars_tasks.errors import FleetStateUnavailable, RateLimited
 from workers.callpath.context import Attempt, Call
 from workers.callpath.path import CallStep
-from workers.ratelimit import LimitSpec, SlotMissed, Ticket
+from workers.ratelimit import ExtraLimit, LimitSpec, SlotMissed, Ticket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,17 +48,36 @@ class Limiter(Protocol):
     late_tolerance_s: float
 
     def acquire(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                deadline_s: float | None = None) -> float: ...
+                deadline_s: float | None = None, also: tuple[ExtraLimit, ...] = ()) -> float: ...
     def reserve(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                deadline_s: float | None = None) -> Ticket: ...
+                deadline_s: float | None = None, also: tuple[ExtraLimit, ...] = ()) -> Ticket: ...
     def wait_for(self, ticket: Ticket) -> None: ...
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                      defer: bool = False) -> None: ...
+                      defer: bool = False, also: tuple[ExtraLimit, ...] = ()) -> None: ...
 
 
 class LimiterStep(CallStep):
-    def __init__(self, *, limiter: Limiter) -> None:
+    def __init__(self, *, limiter: Limiter, tenants: TenantConfig | None = None, namespace: str = "tars") -> None:
         self.limiter = limiter
+        self.tenants = tenants or TenantConfig()
+        self.namespace = namespace
+
+    def tenant_limits(self, call: Call, attempt: Attempt) -> tuple[ExtraLimit, ...]:
+        """The tenant's own limits that this attempt's call must also fit (the same keys and
+        limits the dispatcher reserves: ``workers/dispatch.py``)."""
+        tenant = call.hints.get("tenant")
+        if not tenant:
+            return ()
+        spec = self.tenants.spec(str(tenant))
+        tier = attempt.spec.tier
+        out: list[ExtraLimit] = []
+        if spec.limited:
+            out.append((tenant_ratelimit_key(self.namespace, str(tenant)), LimitSpec(rpm=spec.rpm, tpm=spec.tpm)))
+        on_tier = spec.tiers.get(tier)
+        if on_tier is not None and on_tier.limited:
+            out.append((tenant_ratelimit_key(self.namespace, str(tenant), tier),
+                        LimitSpec(rpm=on_tier.rpm, tpm=on_tier.tpm)))
+        return tuple(out)
 
     def before_attempt(self, call: Call, attempt: Attempt) -> None:
         if attempt.slot_held:
@@ -59,7 +85,7 @@ class LimiterStep(CallStep):
         t0 = time.monotonic()
         ticket = self._fleet_state(call, attempt, lambda spec: self.limiter.reserve(
             provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-            tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline))
+            tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline, also=self.tenant_limits(call, attempt)))
         # the time the limiter makes this attempt wait: its slot's distance (the commit runs meanwhile)
         attempt.waited_s += max(ticket.due, t0) - t0
         attempt.ticket, attempt.slot_held, attempt.slot_at = ticket, True, ticket.due
@@ -80,7 +106,8 @@ class LimiterStep(CallStep):
             # tokens back; the request slot is spent (only lowers the rate).
             spec = attempt.spec
             self.limiter.adjust_tokens(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-                                       tokens=-_reserved(call, attempt), defer=True)
+                                       tokens=-_reserved(call, attempt), defer=True,
+                                       also=self.tenant_limits(call, attempt))
         attempt.slot_held, attempt.slot_at, attempt.reserved_tokens = False, None, None
         attempt.waited_s += self._acquire(call, attempt)  # raises: recorded, never sent
         attempt.slot_held, attempt.slot_at = True, time.monotonic()
@@ -91,14 +118,15 @@ class LimiterStep(CallStep):
         assert c is not None
         spec = attempt.spec
         self.limiter.adjust_tokens(provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-                                   tokens=c.usage.total_tokens - _reserved(call, attempt), defer=True)
+                                   tokens=c.usage.total_tokens - _reserved(call, attempt), defer=True,
+                                   also=self.tenant_limits(call, attempt))
 
     def _acquire(self, call: Call, attempt: Attempt) -> float:
         """Wait for capacity until the tier's deadline; an unreachable Redis is retried with backoff."""
         t0 = time.monotonic()
         self._fleet_state(call, attempt, lambda spec: self.limiter.acquire(
             provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
-            tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline))
+            tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline, also=self.tenant_limits(call, attempt)))
         return time.monotonic() - t0
 
     def _fleet_state(self, call: Call, attempt: Attempt, ask: Callable[[Any], T]) -> T:

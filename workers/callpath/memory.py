@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tars_tasks.errors import CircuitOpen
 from workers.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, Permit
-from workers.ratelimit import LATE_TOLERANCE_S, LimitSpec, SlotMissed, Ticket
+from workers.ratelimit import LATE_TOLERANCE_S, ExtraLimit, LimitSpec, SlotMissed, Ticket
 
 
 class InMemoryRateLimiter:
@@ -25,38 +25,50 @@ class InMemoryRateLimiter:
         self.late_tolerance_s = late_tolerance_s
         self._clock = clock or (lambda: time.monotonic())  # late-bound: a test may patch the clock
         self._sleep = sleep
-        #: (provider, model) -> [request TAT, token TAT] in clock seconds
+        #: (provider, model), or ("", key) of a further limit -> [request TAT, token TAT] in clock seconds
         self._tat: dict[tuple[str, str], list[float]] = {}
         self.acquired: list[tuple[str, str, int]] = []
         self.adjusted: list[tuple[str, str, int]] = []
 
     def _intervals(self, limits: LimitSpec) -> tuple[float, float]:
-        return (self.window_s / (limits.rpm * self.utilisation), self.window_s / (limits.tpm * self.utilisation))
+        return (self.window_s / (limits.rpm * self.utilisation) if limits.rpm > 0 else 0.0,
+                self.window_s / (limits.tpm * self.utilisation) if limits.tpm > 0 else 0.0)
+
+    def _states(self, provider: str, model: str, limits: LimitSpec,
+                also: tuple[ExtraLimit, ...]) -> list[tuple[list[float], float, float]]:
+        return [(self._tat.setdefault(name, [0.0, 0.0]), *self._intervals(lim))
+                for name, lim in [((provider, model), limits), *((("", k), lim) for k, lim in also)]]
 
     def acquire(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                deadline_s: float | None = None) -> float:
+                deadline_s: float | None = None, also: tuple[ExtraLimit, ...] = ()) -> float:
         now = self._clock()
-        ticket = self._book(provider=provider, model=model, limits=limits, tokens=tokens, deadline_s=deadline_s)
+        ticket = self._book(provider=provider, model=model, limits=limits, tokens=tokens, deadline_s=deadline_s,
+                            also=also)
         if ticket.due > now:
             self._sleep(ticket.due - now)
         return ticket.due - now
 
     def reserve(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                deadline_s: float | None = None) -> Ticket:
-        return self._book(provider=provider, model=model, limits=limits, tokens=tokens, deadline_s=deadline_s)
+                deadline_s: float | None = None, also: tuple[ExtraLimit, ...] = ()) -> Ticket:
+        return self._book(provider=provider, model=model, limits=limits, tokens=tokens, deadline_s=deadline_s,
+                          also=also)
 
     def _book(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-              deadline_s: float | None) -> Ticket:
-        """Take the next slot on this limiter's clock (acquire and reserve both book through here)."""
-        req_s, tok_s = self._intervals(limits)
-        tat = self._tat.setdefault((provider, model), [0.0, 0.0])
+              deadline_s: float | None, also: tuple[ExtraLimit, ...] = ()) -> Ticket:
+        """Take the next slot on this limiter's clock (acquire and reserve both book through here):
+        the latest of the model's and every further limit's next slot; all of them advance."""
+        states = self._states(provider, model, limits, also)
         now = self._clock()
-        start = max(now, *tat)
+        start = max(now, *(x for tat, _, _ in states for x in tat))
         if deadline_s is not None and start > deadline_s:
             raise TimeoutError(f"no {provider}:{model} capacity within the deadline (next slot in {start - now:.1f}s)")
-        tat[0], tat[1] = start + req_s, start + tokens * tok_s
+        for tat, req_s, tok_s in states:
+            if req_s > 0:
+                tat[0] = start + req_s
+            if tok_s > 0:
+                tat[1] = start + tokens * tok_s
         self.acquired.append((provider, model, tokens))
-        return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=start)
+        return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=start, also=also)
 
     def wait_for(self, ticket: Ticket) -> None:
         left = ticket.due - self._clock()
@@ -64,16 +76,16 @@ class InMemoryRateLimiter:
             self._sleep(left)
         if self._clock() - ticket.due > self.late_tolerance_s:
             self.adjust_tokens(provider=ticket.provider, model=ticket.model, limits=ticket.limits,
-                               tokens=-ticket.tokens, defer=True)
+                               tokens=-ticket.tokens, defer=True, also=ticket.also)
             raise SlotMissed(f"{ticket.provider}:{ticket.model} slot missed")
 
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
-                      defer: bool = False) -> None:
+                      defer: bool = False, also: tuple[ExtraLimit, ...] = ()) -> None:
         if tokens == 0:
             return
-        _, tok_s = self._intervals(limits)
-        tat = self._tat.setdefault((provider, model), [0.0, 0.0])
-        tat[1] = max(tat[1] + tokens * tok_s, self._clock())
+        for tat, _, tok_s in self._states(provider, model, limits, also):
+            if tok_s > 0:
+                tat[1] = max(tat[1] + tokens * tok_s, self._clock())
         self.adjusted.append((provider, model, tokens))
 
 

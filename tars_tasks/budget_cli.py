@@ -44,12 +44,15 @@ def _usd(value: str | None, name: str) -> Decimal | None:
 @click.option("--month", "month", metavar="USD", help="Limit per UTC month.")
 @click.option("--clear", is_flag=True, help="Remove the tenant's limits (named by --day/--month, else both).")
 def set_budget(tenant: str, day: str | None, month: str | None, clear: bool) -> None:
-    """Set TENANT's budget: ``tars budget set acme --day 50 --month 1000``."""
+    """Set TENANT's budget: ``tars budget set acme --day 50 --month 1000``; TENANT '*' is the
+    fleet-wide budget, which binds every tenant's calls together."""
+    from tars_tasks.budgets import FLEET
     from tars_tasks.errors import InvalidRequest
     from tars_tasks.schemas import validate_tenant
 
     try:
-        validate_tenant(tenant)
+        if tenant != FLEET:  # '*': the fleet-wide budget
+            validate_tenant(tenant)
     except InvalidRequest as exc:
         raise click.BadParameter(str(exc), param_hint="TENANT") from None
     b = _budgets()

@@ -40,6 +40,10 @@ from config.keys import budget_key, budget_limits_key
 log = logging.getLogger(__name__)
 
 PERIODS: tuple[str, ...] = ("day", "month")
+#: The budget scope of the whole fleet: its limits (``tars budget set '*' --day 100``) bind every
+#: tenant's calls together, on top of each tenant's own; its share used is the fleet mode's
+#: ``budget_burn`` signal.
+FLEET = "*"
 NANO = Decimal(1_000_000_000)
 #: How long a period's spend hash outlives its period.
 _DAY_TTL_S = 3 * 86_400
@@ -140,6 +144,23 @@ end
 return {'none'}
 """
 
+#: ARGV: reservation id, amount (nano). Takes ``amount`` back off the reservation (what a refused
+#: sibling scope would not let it use). Returns {state}: 'ok' or 'none'.
+UNRESERVE_LUA = _PURGE + """
+local v = redis.call('HGET', KEYS[4], ARGV[1])
+if not v then return {'none'} end
+local amt, d, m = split(v)
+local back = math.min(tonumber(ARGV[2]), amt)
+for _, h in ipairs({d, m}) do redis.call('HINCRBY', h, 'reserved', fmt(-back)) end
+if amt - back <= 0 then
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+else
+  redis.call('HSET', KEYS[4], ARGV[1], fmt(amt - back) .. '|' .. d .. '|' .. m)
+end
+return {'ok'}
+"""
+
 #: ARGV: tenant. Returns {limit day, spent day, reserved day, expired day, limit month, ...} ('' = none).
 STATE_LUA = _PURGE + """
 local out = {}
@@ -162,6 +183,13 @@ class PeriodState:
     reserved_usd: Decimal
     #: Reservations charged at their worst case because their worker never settled them.
     expired: int
+    #: Whose budget: a tenant's name, or :data:`FLEET`.
+    scope: str = ""
+
+    @property
+    def owner(self) -> str:
+        """Who has the budget, for messages: "tenant 'acme'" or "the fleet"."""
+        return "the fleet" if self.scope == FLEET else f"tenant {self.scope!r}"
 
     @property
     def used_fraction(self) -> float:
@@ -182,6 +210,8 @@ class Refusal:
     period: str
     used_usd: Decimal
     limit_usd: Decimal
+    #: Whose budget refused: the tenant's name or :data:`FLEET`.
+    scope: str = ""
 
 
 class Budgets:
@@ -192,6 +222,7 @@ class Budgets:
         self._reserve = redis_client.register_script(RESERVE_LUA)
         self._settle = redis_client.register_script(SETTLE_LUA)
         self._state = redis_client.register_script(STATE_LUA)
+        self._unreserve = redis_client.register_script(UNRESERVE_LUA)
 
     @classmethod
     def for_settings(cls, settings: Any, *, timeout_s: float | None = None) -> Budgets | None:
@@ -234,25 +265,48 @@ class Budgets:
         for i, p in enumerate(PERIODS):
             lim, spent, reserved, expired = raw[4 * i: 4 * i + 4]
             out.append(PeriodState(period=names[p], limit_usd=to_usd(lim) if lim else None, spent_usd=to_usd(spent),
-                                   reserved_usd=to_usd(reserved), expired=int(expired)))
+                                   reserved_usd=to_usd(reserved), expired=int(expired), scope=tenant))
         return out
 
     def used_fraction(self, tenant: str) -> float:
         """The largest share of any of the tenant's limits spent or reserved (0: no limits)."""
         return max((s.used_fraction for s in self.state(tenant)), default=0.0)
 
+    def fleet_burn(self) -> float:
+        """The fleet-wide budget's share spent or reserved (0 without one): the fleet mode's
+        ``budget_burn`` signal. A tenant's own budget is enforced for that tenant alone."""
+        return self.used_fraction(FLEET)
+
     # --- reserve and settle ----------------------------------------------------------------------
 
     def reserve(self, *, tenant: str, reservation_id: str, usd: Decimal) -> Refusal | None:
-        """Reserve ``usd`` more under ``reservation_id``; a :class:`Refusal` if a limit forbids it."""
-        res = self._reserve(keys=self._keys(tenant),
-                            args=[tenant, to_nano(usd), reservation_id, self.lease_ms, _DAY_TTL_S, _MONTH_TTL_S])
-        if int(res[0]) == 1:
+        """Reserve ``usd`` more under ``reservation_id`` against the tenant's budget and the fleet's
+        (:data:`FLEET`), both or neither; a :class:`Refusal` if a limit forbids it."""
+        scopes = [tenant] if tenant == FLEET else [tenant, FLEET]
+        pipe = self.redis.pipeline(transaction=True)
+        for scope in scopes:
+            self._reserve(keys=self._keys(scope), client=pipe,
+                          args=[scope, to_nano(usd), reservation_id, self.lease_ms, _DAY_TTL_S, _MONTH_TTL_S])
+        results = pipe.execute()
+        refused = next(((scope, r) for scope, r in zip(scopes, results, strict=True) if int(r[0]) != 1), None)
+        if refused is None:
             return None
-        period = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
-        return Refusal(period=period, used_usd=to_usd(res[2]), limit_usd=to_usd(res[3]))
+        for scope, r in zip(scopes, results, strict=True):  # give back what the other scope granted
+            if int(r[0]) == 1 and _s(r[1]) == "ok":
+                self._unreserve(keys=self._keys(scope), args=[reservation_id, to_nano(usd)])
+        scope, res = refused
+        return Refusal(period=_s(res[1]), used_usd=to_usd(res[2]), limit_usd=to_usd(res[3]), scope=scope)
 
     def settle(self, *, tenant: str, reservation_id: str, usd: Decimal) -> str:
-        """Release the reservation and add the real cost; returns settled / corrected / none."""
-        (state,) = self._settle(keys=self._keys(tenant), args=[reservation_id, to_nano(usd)])
-        return state.decode() if isinstance(state, bytes) else str(state)
+        """Release the reservation and add the real cost (the tenant's and the fleet's); returns the
+        tenant's settled / corrected / none."""
+        scopes = [tenant] if tenant == FLEET else [tenant, FLEET]
+        pipe = self.redis.pipeline(transaction=True)
+        for scope in scopes:
+            self._settle(keys=self._keys(scope), args=[reservation_id, to_nano(usd)], client=pipe)
+        (state, *_), *_ = pipe.execute()
+        return _s(state)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -92,6 +92,8 @@ class _Planned:
     cache_or_refuse: bool = False
     #: The tenant's spent budget period (refused with BudgetExceeded unless the cache answers it).
     over_budget: str | None = None
+    #: Whose budget that is: "tenant 'acme'" or "the fleet".
+    over_budget_owner: str = ""
 
     @property
     def hit(self) -> bool:
@@ -241,7 +243,7 @@ class Coordinator:
             worst = self._worst_case(p)
             for st in limited:
                 if st.used_fraction >= 1.0 or st.spent_usd + worst > st.limit_usd:
-                    p = replace(p, over_budget=st.period)
+                    p = replace(p, over_budget=st.period, over_budget_owner=st.owner)
                     break
             out.append(p)
         return out
@@ -251,8 +253,11 @@ class Coordinator:
         budget state is :class:`BrokerUnavailable` (nothing is written)."""
         if self.budgets is None:
             return []
+        from tars_tasks.budgets import FLEET
+
         try:
-            return [st for st in self.budgets.state(tenant) if st.limit_usd is not None]
+            scopes = [tenant] if tenant == FLEET else [tenant, FLEET]  # the fleet-wide budget binds every tenant
+            return [st for scope in scopes for st in self.budgets.state(scope) if st.limit_usd is not None]
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"fleet state unavailable (reading budgets): {exc}; nothing was recorded") from exc
 
@@ -270,7 +275,8 @@ class Coordinator:
         spent = [p for p in planned if p.over_budget and not p.hit]
         if spent:
             p = spent[0]
-            raise BudgetExceeded(f"tenant {p.spec.tenant!r} has spent its {p.over_budget} budget; "
+            raise BudgetExceeded(f"{p.over_budget_owner or f'tenant {p.spec.tenant!r}'} has spent its "
+                                 f"{p.over_budget} budget; "
                                  f"{len(spent)} request(s) refused, nothing was recorded",
                                  tenant=p.spec.tenant, period=p.over_budget)
         refused = [p for p in planned if p.cache_or_refuse and not p.hit]

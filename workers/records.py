@@ -67,6 +67,9 @@ class FinishRecord:
     failure_reason: FailureReason | None = None
     stop_reason: str | None = None
     finished_at: datetime = field(default_factory=_now)
+    #: The fleet mode that moved queued work to a cheaper tier when it ran (None: the row keeps
+    #: the mode it was admitted under).
+    served_mode: str | None = None
 
     def replace(self, **changes: Any) -> FinishRecord:
         return dataclasses.replace(self, **changes)

@@ -116,6 +116,7 @@ def _finish_stmt():
             started_at=bindparam("b_started_at"),
             finished_at=bindparam("b_finished_at"),
             answered_by=bindparam("b_answered_by"),
+            served_mode=func.coalesce(bindparam("b_served_mode", type_=_req.c.served_mode.type), _req.c.served_mode),
         )
     )
 
@@ -127,7 +128,8 @@ def _finish_params(f: FinishRecord) -> dict[str, Any]:
             "b_stop_reason": f.stop_reason, "b_tier_used": f.tier_used, "b_model": f.model, "b_worker": f.worker,
             "b_started_at": f.started_at, "b_finished_at": f.finished_at,
             # a worker's answer is the model's (a cache hit is finished at submit, never here)
-            "b_answered_by": "model" if f.status == RequestStatus.SUCCEEDED else None}
+            "b_answered_by": "model" if f.status == RequestStatus.SUCCEEDED else None,
+            "b_served_mode": f.served_mode}
 
 
 def _totals_stmt():

@@ -290,7 +290,7 @@ class JobStore:
         for st in states:
             left = st.limit_usd - st.spent_usd - st.reserved_usd
             if worst > left:
-                raise BudgetExceeded(f"tenant {tenant!r}: its {st.period} budget has {max(left, Decimal(0)):.6f} USD "
+                raise BudgetExceeded(f"{st.owner}: its {st.period} budget has {max(left, Decimal(0)):.6f} USD "
                                      f"left, this job's first steps may cost {worst:.6f}; nothing was recorded",
                                      tenant=tenant, period=st.period)
 

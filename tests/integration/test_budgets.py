@@ -68,6 +68,39 @@ def test_several_workers_never_spend_a_budget_beyond_its_reservations(fleet_env,
     assert refused_rows == 0  # refused before any attempt: nothing billed
 
 
+def test_a_fleet_wide_budget_binds_all_tenants_together_across_workers(fleet_env, start_worker, db):
+    """``tars budget set '*'``: tenants with no budget of their own share the fleet's; several workers
+    never spend it beyond its reservations; once spent, every tenant's submit is refused naming the
+    fleet; the fleet's spend is the bill."""
+    from tars_tasks.budgets import FLEET
+    from tars_tasks.client import TarsClient
+
+    env = {**fleet_env, "TARS_SIM_LATENCY": "uniform:50:150"}
+    limit = Decimal("0.04")
+    b = _budgets(env)
+    b.set_limit(tenant=FLEET, period="day", usd=limit)
+    for _ in range(2):
+        start_worker(tiers=["haiku"], concurrency=20, env=env)
+    with TarsClient(settings=make_settings(env)) as tars:
+        handles = tars.submit_many([{"role": "researcher", "prompt": f"question {i} " + "words " * 200,
+                                     "tenant": ("acme", "globex")[i % 2], "max_tokens": 400} for i in range(120)])
+        results = tars.wait_many([h.id for h in handles], timeout=120)
+        refusals = []
+        for tenant in ("acme", "globex", "initech"):
+            with pytest.raises(BudgetExceeded) as info:
+                for _ in range(50):
+                    tars.submit(role="researcher", prompt="more", tenant=tenant, max_tokens=400).wait(timeout=60)
+            refusals.append(str(info.value))
+    assert all(r.startswith("the fleet has spent its day:") for r in refusals), refusals
+    statuses = [(r.status, r.failure_reason) for r in results]
+    assert statuses.count(("succeeded", None)) > 0 and statuses.count(("failed", "budget")) > 0
+    with db.connect() as conn:
+        real = conn.execute(text("SELECT coalesce(sum(cost_usd), 0) FROM api_calls")).scalar_one()
+    day = b.state(FLEET)[0]
+    assert day.reserved_usd == 0 and day.spent_usd == real  # every reservation settled; its spend is the bill
+    assert real <= limit, (real, limit)
+
+
 def test_a_worker_killed_between_reserving_and_settling_leaves_the_budget_consistent(fleet_env, start_worker, db):
     from tars_tasks.client import TarsClient
 

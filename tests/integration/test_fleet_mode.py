@@ -170,3 +170,29 @@ def test_a_redis_that_lost_the_mode_numbers_again_from_one_and_its_transitions_s
         rows = conn.execute(text("SELECT seq, to_mode FROM mode_changes WHERE namespace = :ns ORDER BY at"),
                             {"ns": settings.namespace}).all()
     assert [(r.seq, r.to_mode) for r in rows] == [(1, "critical"), (1, "critical")]
+
+
+def test_work_queued_before_the_fleet_went_to_high_load_runs_on_the_cheaper_tier(fleet_env, db, redis,
+                                                                                start_worker):
+    """The mode applies to queued work too (workers read it): sonnet/opus requests below high priority
+    admitted in optimal mode and still queued when the fleet reaches high load run on the tier's
+    fallback, one step down, and record the mode that moved them; high priority keeps its tier."""
+    from tars_tasks.client import TarsClient
+
+    env = _env(fleet_env)
+    with TarsClient(settings=make_settings(env)) as tars:
+        normal = [tars.submit(role="analyst", prompt=f"queued {i}", tier="sonnet") for i in range(5)]
+        high = tars.submit(role="analyst", prompt="queued high", tier="opus", priority="high")
+        low_opus = tars.submit(role="analyst", prompt="queued low opus", tier="opus", priority=3)
+        _fill(redis, 70)  # haiku's queue at 70% of the bound (no haiku worker runs: it stays there)
+        time.sleep(0.1)
+        tars.submit(role="analyst", prompt="decides", tier="haiku", priority="high")  # the mode moves now
+        start_worker(tiers=["sonnet", "opus"], concurrency=10, env=env)
+        results = tars.wait_many([h.id for h in [*normal, high, low_opus]], timeout=60)
+    assert {r.status for r in results} == {"succeeded"}
+    with db.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT id, served_mode, tier_queued, tier_used FROM requests"))}
+    assert {(rows[h.id].tier_queued, rows[h.id].tier_used, rows[h.id].served_mode) for h in normal} == {
+        ("sonnet", "haiku", "high_load")}
+    assert (rows[high.id].tier_used, rows[high.id].served_mode) == ("opus", "optimal")
+    assert (rows[low_opus.id].tier_used, rows[low_opus.id].served_mode) == ("sonnet", "high_load")

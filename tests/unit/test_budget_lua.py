@@ -69,3 +69,35 @@ def test_limits_are_per_period_and_a_removed_limit_stops_refusing(budgets):
     budgets.set_limit(tenant="acme", period="month", usd=None)
     assert budgets.reserve(tenant="acme", reservation_id="r", usd=Decimal("0.6")) is None
     assert budgets.tenants() == ["acme"]
+
+
+def test_a_fleet_wide_budget_binds_every_tenant_together_and_is_the_fleets_budget_burn(redis):
+    """``*``'s limits bind all tenants' calls together on top of each one's own; a refusal by either
+    reserves nothing in the other; its share used is the fleet mode's ``budget_burn``; a tenant at
+    its own limit does not move it."""
+    from tars_tasks.budgets import FLEET
+
+    b = Budgets(redis_client=redis, namespace="unit-fleet", lease_s=60)
+    b.set_limit(tenant="small", period="day", usd=Decimal("1"))
+    assert b.fleet_burn() == 0.0  # no fleet-wide budget
+    assert b.reserve(tenant="small", reservation_id="s1", usd=Decimal("1")) is None
+    b.settle(tenant="small", reservation_id="s1", usd=Decimal("1"))
+    assert b.fleet_burn() == 0.0  # one tenant at its own limit is that tenant's business
+    b.set_limit(tenant=FLEET, period="day", usd=Decimal("10"))
+    assert b.reserve(tenant="a", reservation_id="a1", usd=Decimal("6")) is None  # unbudgeted tenants count too
+    assert b.fleet_burn() == pytest.approx(0.6)  # in flight counts
+    refusal = b.reserve(tenant="c", reservation_id="c1", usd=Decimal("5"))
+    assert refusal is not None and refusal.scope == FLEET and refusal.period == "day"
+    b.settle(tenant="a", reservation_id="a1", usd=Decimal("8"))
+    assert b.fleet_burn() == pytest.approx(0.8)
+    # a tenant's own limit refuses first: nothing is left reserved in the fleet's budget
+    b.set_limit(tenant="d", period="day", usd=Decimal("0.5"))
+    refusal = b.reserve(tenant="d", reservation_id="d1", usd=Decimal("1"))
+    assert refusal is not None and refusal.scope == "d"
+    assert b.state(FLEET)[0].reserved_usd == 0
+    # the fleet refusing a retry's reservation takes back only that attempt's amount from the tenant
+    assert b.reserve(tenant="e", reservation_id="e1", usd=Decimal("1")) is None
+    b.set_limit(tenant="e", period="day", usd=Decimal("100"))
+    assert b.reserve(tenant="e", reservation_id="e1", usd=Decimal("1")) is None
+    assert b.reserve(tenant="e", reservation_id="e1", usd=Decimal("5")).scope == FLEET
+    assert b.state("e")[0].reserved_usd == Decimal("1")

@@ -90,3 +90,28 @@ def test_a_transition_says_why(book):
     assert tr.reason.startswith("breakers_open 0.670 >= high_load trigger 0.60")
     assert tr.signals == {"queue_load": 0.1, "breakers_open": 0.67}
     assert Mode(view.mode) is Mode.HIGH_LOAD
+
+
+def test_the_fleet_goes_critical_when_most_of_its_fleet_wide_budget_is_gone(redis):
+    """``budget_burn`` is measured (it was always 0): 90% of the fleet-wide day budget spent drives
+    the mode past the critical trigger; a tenant's own budget spent does not."""
+    from decimal import Decimal
+
+    from config.catalog import load_catalog
+    from tars_tasks.budgets import FLEET, Budgets
+    from tars_tasks.fleetmode import measure_signals
+
+    settings = Settings(_env_file=None, namespace="unit-burn-mode", max_queue_depth=0)
+    b = Budgets(redis_client=redis, namespace=settings.namespace)
+    b.set_limit(tenant="solo", period="day", usd=Decimal("1"))
+    assert b.reserve(tenant="solo", reservation_id="s", usd=Decimal("1")) is None
+    b.settle(tenant="solo", reservation_id="s", usd=Decimal("1"))
+    assert measure_signals(settings=settings, catalog=load_catalog(), broker=None, state=redis)["budget_burn"] == 0
+    b.set_limit(tenant=FLEET, period="day", usd=Decimal("10"))  # tracked from now on
+    assert b.reserve(tenant="acme", reservation_id="r", usd=Decimal("9")) is None
+    b.settle(tenant="acme", reservation_id="r", usd=Decimal("9"))
+    signals = measure_signals(settings=settings, catalog=load_catalog(), broker=None, state=redis)
+    assert signals["budget_burn"] == pytest.approx(0.9)
+    view, changed = ModeBook(redis_client=redis, namespace=settings.namespace, settings=SETTINGS).decide(
+        signals, now_ms=1_000_000)
+    assert changed and view.mode == FleetMode.CRITICAL

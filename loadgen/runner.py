@@ -115,6 +115,11 @@ def rate_limits_in_force(*, settings: Settings, fleet_kind: str, catalog_path: P
             "tiers": {t: {"rpm": spec.rpm, "tpm": spec.tpm} for t, spec in catalog.tiers.items()}}
 
 
+def fleet_settings_env(fleet_settings: Mapping[str, Any]) -> dict[str, str]:
+    """A scenario's fleet settings as the ``TARS_*`` environment of the workers loadgen starts."""
+    return {f"TARS_{k.upper()}": (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fleet_settings.items()}
+
+
 class Runner:
     def __init__(self, *, settings: Settings, out_dir: Path, session_id: str | None = None,
                  mode: FleetMode = "auto", worker_env: Mapping[str, str] | None = None, time_scale: float = 1.0,
@@ -182,10 +187,12 @@ class Runner:
                                        "or let loadgen start them with --fleet local")
                 self._fleet = ExternalFleet(broker_url=self.settings.broker_url)
             return self._fleet
-        key = (sc.workers, sc.worker_concurrency, tuple(sorted(sc.catalog_overrides.items())))
+        key = (sc.workers, sc.worker_concurrency, tuple(sorted(sc.catalog_overrides.items())),
+               tuple(sorted(sc.fleet_settings.items())))
         if self._fleet is None or self._fleet_key != key:
             self.stop_fleet()
-            self._fleet = LocalFleet(count=sc.workers, concurrency=sc.worker_concurrency, env=self.worker_env,
+            env = {**self.worker_env, **fleet_settings_env(sc.fleet_settings)}
+            self._fleet = LocalFleet(count=sc.workers, concurrency=sc.worker_concurrency, env=env,
                                      log_dir=self.out_dir / "workers" / f"{self._index:02d}",
                                      name_prefix=f"lg{self.session_id[-4:]}w",
                                      catalog_overrides=dict(sc.catalog_overrides)).start()
@@ -197,10 +204,14 @@ class Runner:
             self._fleet.stop()
         self._fleet, self._fleet_key = None, None
 
-    def _client(self):
+    def _client(self, sc: Scenario | None = None):
         from tars_tasks.client import TarsClient
 
-        return TarsClient() if self.mode == "embedded" else TarsClient(settings=self.settings)
+        if self.mode == "embedded":
+            return TarsClient()
+        if sc is not None and sc.fleet_settings and self.mode == "local":
+            return TarsClient(settings=self.settings.model_copy(update=dict(sc.fleet_settings)))
+        return TarsClient(settings=self.settings)
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -224,7 +235,7 @@ class Runner:
                   "rate_limits": rate_limits_in_force(settings=self.settings, fleet_kind=fleet.kind,
                                                       catalog_path=getattr(fleet, "catalog_file", None))}
         store.create_run(self.engine, run_id=run_id, name=label, scenario=sc.name, config=config)
-        client = self._client()
+        client = self._client(sc)
         sampler = samplers.ResourceSampler(pids=fleet.pids, interval_s=sc.sample_interval_s).start()
         bound = f"{sc.count} requests" if sc.count is not None else f"{sc.duration_s:g} s"
         if self.progress is not None:
@@ -259,6 +270,10 @@ class Runner:
         missing = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes, present=self.present)
         agg["not_exercised"] = list(missing)
         agg["invalid_reasons"].extend(f"the mechanism under test did not act — {m}" for m in missing)
+        if sc.fleet_settings and fleet.kind != "local":
+            agg["not_exercised"].append(
+                f"fleet settings {dict(sc.fleet_settings)} not applied: loadgen sets them only on a local fleet it "
+                f"starts; this {fleet.kind} fleet ran with its own")
         if sc.catalog_overrides and fleet.kind != "local":
             agg["not_exercised"].append(
                 f"catalog overrides {dict(sc.catalog_overrides)} not applied: loadgen sets them only on a local fleet "

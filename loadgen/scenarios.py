@@ -52,6 +52,10 @@ class Scenario:
     max_in_flight: int = 20_000
     #: Per-tier catalog overrides for a local fleet, e.g. {"rpm": 600}.
     catalog_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: Fleet-wide settings for a local fleet (Settings field -> value), given to its workers and to
+    #: the generator's producer alike (e.g. {"max_queue_depth": 100}: the admission bound every
+    #: process must share); an external or embedded fleet keeps its own (stated in the report).
+    fleet_settings: Mapping[str, Any] = field(default_factory=dict)
     #: The scenario means nothing without its overrides (a run on a fleet that did not apply
     #: them is invalid); otherwise not applying them is only stated.
     overrides_required: bool = False
@@ -215,9 +219,13 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        description="Offered load above a lowered fleet-wide limit (600 requests/min per model); 20% of the "
                    "requests at high priority (9), the rest low (0), from two tenants: the report shows "
                    "throughput and latency per priority and per tenant, and whether priority held."),
-    _P("overload-150", "Overload at 150 concurrent", concurrency=150, duration_s=30, warmup_s=3,
+    _P("overload-150", "Overload at 150 concurrent", concurrency=150, duration_s=60, warmup_s=3,
+       workers=1, worker_concurrency=20, priorities={3: 0.3, 5: 0.5, 9: 0.2},
+       fleet_settings={"max_queue_depth": 100, "mode_min_dwell_s": 3.0},
        requires=("degradation_modes", "admission_control"),
-       description="Beyond capacity: what degrades, what fails, what is refused."),
+       description="Beyond capacity: 150 clients on a local fleet of 20 slots whose queue bound is 100 (its workers "
+                   "and the generator share it): the fleet goes to high load (sonnet work to haiku) and critical "
+                   "(low priority refused unless cached); the phases table is rebuilt from mode_changes."),
     _P("cache", "Response cache — Zipf-repeated prompts", concurrency=20, duration_s=20, warmup_s=2,
        prompt_pool=1000, zipf_s=1.1, temperature=0.0, requires=("response_cache",),
        description="Prompts drawn from 1000 distinct ones with Zipf(1.1) popularity at temperature 0: the exact "

@@ -245,12 +245,20 @@ class Budgets:
 
     def reserve(self, *, tenant: str, reservation_id: str, usd: Decimal) -> Refusal | None:
         """Reserve ``usd`` more under ``reservation_id``; a :class:`Refusal` if a limit forbids it."""
+        refusal, _held = self.reserve_held(tenant=tenant, reservation_id=reservation_id, usd=usd)
+        return refusal
+
+    def reserve_held(self, *, tenant: str, reservation_id: str, usd: Decimal) -> tuple[Refusal | None, bool]:
+        """:meth:`reserve`, and whether anything is now held: False for a tenant with no limit (the
+        script recorded no reservation, so there is nothing to settle and the settle's round trip
+        can be skipped — its answer would be ``none``)."""
         res = self._reserve(keys=self._keys(tenant),
                             args=[tenant, to_nano(usd), reservation_id, self.lease_ms, _DAY_TTL_S, _MONTH_TTL_S])
         if int(res[0]) == 1:
-            return None
+            status = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
+            return None, status != "unlimited"
         period = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
-        return Refusal(period=period, used_usd=to_usd(res[2]), limit_usd=to_usd(res[3]))
+        return Refusal(period=period, used_usd=to_usd(res[2]), limit_usd=to_usd(res[3])), False
 
     def settle(self, *, tenant: str, reservation_id: str, usd: Decimal) -> str:
         """Release the reservation and add the real cost; returns settled / corrected / none."""

@@ -52,8 +52,9 @@ LIMITER_LUA = """
 local now
 if ARGV[7] ~= '' then now = tonumber(ARGV[7]) else
   local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
-local rtat = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
-local ttat = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
+local tats = redis.call('HMGET', KEYS[1], 'r', 't')
+local rtat = tonumber(tats[1] or '0')
+local ttat = tonumber(tats[2] or '0')
 local tok_us = tonumber(ARGV[3]) * tonumber(ARGV[5])
 local credit = tonumber(ARGV[8] or '0')
 if credit ~= 0 then ttat = math.max(ttat + credit * tonumber(ARGV[5]), now) end

@@ -561,6 +561,10 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
         catalog = caller.catalog
         if settings.shared_redis_url == settings.broker_redis_url:  # one limiter state: the same hash
             limiter = caller.limiter
+            if limiter is not None:  # the task reads its slot where it was fetched: with its unacked record
+                from tars_tasks.broker import slots
+
+                slots.enable(namespace=settings.namespace)
     else:
         catalog = load_catalog(settings.catalog_path).with_overrides(provider=settings.provider_override,
                                                                      base_url=settings.provider_base_url)

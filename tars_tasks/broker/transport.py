@@ -28,9 +28,10 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
-from config.keys import PRIORITY_POLL_ORDER, UNACKED_OWNER_KEY
-from tars_tasks.broker import leases
+from config.keys import PRIORITY_POLL_ORDER, QUEUE_PREFIX, UNACKED_OWNER_KEY, stage_slots_key
+from tars_tasks.broker import leases, slots
 from tars_tasks.broker.halfopen import HalfOpenChecks
+from tars_tasks.staging import STAGED_HEADER
 
 
 class LeasedQoS(kombu_redis.QoS):
@@ -41,16 +42,23 @@ class LeasedQoS(kombu_redis.QoS):
         if owner is None:
             return super().append(message, delivery_tag)
         delivery = message.delivery_info
+        staged = _staged_slot(message, delivery)
         try:
             with self.pipe_or_acquire() as pipe:
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
                     .hset(self.unacked_key, delivery_tag,
                           dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
-                    .hset(UNACKED_OWNER_KEY, delivery_tag, owner) \
-                    .execute()
+                    .hset(UNACKED_OWNER_KEY, delivery_tag, owner)
+                if staged is not None:  # its reserved slot, in the same round trip (tars_tasks.broker.slots)
+                    key, request_id, _tier = staged
+                    pipe.hget(key, request_id).hdel(key, request_id).time()
+                replies = pipe.execute()
         except Exception:  # the record may have been applied with its reply lost: never run here
             leases.abandon([delivery_tag])
             raise
+        if staged is not None:
+            _key, request_id, tier = staged
+            slots.put(request_id, slots.answer(tier=tier, slot=replies[3], redis_time=replies[5]))
         virtual.QoS.append(self, message, delivery_tag)
 
     def restore_unacked(self, client=None):
@@ -92,6 +100,19 @@ class LeasedQoS(kombu_redis.QoS):
             return pipe.zrem(self.unacked_index_key, delivery_tag) \
                        .hdel(self.unacked_key, delivery_tag) \
                        .hdel(UNACKED_OWNER_KEY, delivery_tag)
+
+
+def _staged_slot(message, delivery) -> tuple[str, str, str] | None:
+    """(slot hash, request id, tier) of a staged TARS message, when the slot is read here."""
+    ns = slots.namespace()
+    if ns is None:
+        return None
+    headers = getattr(message, "headers", None) or {}
+    request_id, queue = headers.get("id"), delivery.get("routing_key") or ""
+    if STAGED_HEADER not in headers or not isinstance(request_id, str) or not queue.startswith(QUEUE_PREFIX):
+        return None
+    tier = queue[len(QUEUE_PREFIX):]
+    return stage_slots_key(ns, tier), request_id, tier
 
 
 class Channel(kombu_redis.Channel):

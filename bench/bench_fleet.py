@@ -86,7 +86,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
-REDIS_ADMIN = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+#: The Redis server every part uses (``--redis-url``: host and port; the db numbers below are fixed).
+REDIS_BASE = "redis://127.0.0.1:6379"
+REDIS_ADMIN = redis.Redis.from_url(f"{REDIS_BASE}/0")
+
+
+def _set_redis(base: str) -> None:
+    global REDIS_BASE, REDIS_ADMIN
+    REDIS_BASE = base.rstrip("/")
+    REDIS_ADMIN = redis.Redis.from_url(f"{REDIS_BASE}/0")
 
 
 def _meter(procs: list[subprocess.Popen], *, db_name: str | None = None) -> CpuMeter:
@@ -125,7 +133,7 @@ def _queue_len(r: redis.Redis, queue: str) -> int:
 
 
 def bench_bare(*, processes: int, concurrency: int, backlog: int, tmp: Path) -> dict:
-    url = "redis://127.0.0.1:6379/10"
+    url = f"{REDIS_BASE}/10"
     r = redis.Redis.from_url(url)
     r.flushdb()
     env = {"BARE_BROKER_URL": url, "PYTHONPATH": str(ROOT / "bench")}
@@ -165,7 +173,7 @@ def bench_bare_closed(*, processes: int, concurrency: int, levels: list[int], du
     """Bare Celery, closed loop: C sleeps of U(0.5, 2.5) s in flight, each completion sends the next."""
     import random
 
-    url = "redis://127.0.0.1:6379/10"
+    url = f"{REDIS_BASE}/10"
     r = redis.Redis.from_url(url)
     r.flushdb()
     env = {"BARE_BROKER_URL": url, "PYTHONPATH": str(ROOT / "bench")}
@@ -244,7 +252,7 @@ def _unbinding_catalog() -> Path:
 
 
 def _fleet_env(db_url: str, **extra: str) -> dict[str, str]:
-    return {"TARS_BROKER_URL": "redis://127.0.0.1:6379/9", "TARS_DATABASE_URL": db_url,
+    return {"TARS_BROKER_URL": f"{REDIS_BASE}/9", "TARS_DATABASE_URL": db_url,
             "TARS_CATALOG_PATH": str(_unbinding_catalog()),
             "TARS_NAMESPACE": f"bench{uuid.uuid4().hex[:6]}", "TARS_TASK_EVENTS": "false",
             "TARS_SIM_FAILURE_RATE": "0", **extra}
@@ -273,7 +281,7 @@ def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: in
     from tars_tasks.client import TarsClient
     from tests.helpers import make_settings
 
-    redis.Redis.from_url("redis://127.0.0.1:6379/9").flushdb()
+    redis.Redis.from_url(f"{REDIS_BASE}/9").flushdb()
     env = _fleet_env(db_url, TARS_SIM_LATENCY="fixed:0")
     settings = make_settings(env)
     with TarsClient(settings=settings) as client:
@@ -334,7 +342,7 @@ def bench_closed_loop(*, db_url: str, processes: int, concurrency: int, levels: 
     from tars_tasks.client import TarsClient
     from tests.helpers import make_settings
 
-    redis.Redis.from_url("redis://127.0.0.1:6379/9").flushdb()
+    redis.Redis.from_url(f"{REDIS_BASE}/9").flushdb()
     env = _fleet_env(db_url, TARS_SIM_LATENCY="uniform:500:2500")
     settings = make_settings(env)
     procs, logs = _start_fleet(env, processes=processes, concurrency=concurrency, tmp=tmp, tag="seed")
@@ -390,7 +398,7 @@ def bench_soak(*, db_url: str, processes: int, concurrency: int, c: int, soak_s:
     from tars_tasks.client import TarsClient
     from tests.helpers import make_settings
 
-    redis.Redis.from_url("redis://127.0.0.1:6379/9").flushdb()
+    redis.Redis.from_url(f"{REDIS_BASE}/9").flushdb()
     env = _fleet_env(db_url, TARS_SIM_LATENCY="uniform:500:2500")
     procs, logs = _start_fleet(env, processes=processes, concurrency=concurrency, tmp=tmp, tag="soak")
     samples: list[tuple[float, int]] = []
@@ -468,11 +476,15 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=0.0, help="seconds of soak at C = 1,000 (0: none)")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy one worker of the pipeline drain into DIR")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379",
+                    help="the Redis server (no db: the bench uses dbs 9 and 10 of it)")
+    ap.add_argument("--pg-db", default="tars_bench", help="the Postgres database to create afresh")
     args = ap.parse_args()
+    _set_redis(args.redis_url)
     skip = set(filter(None, args.skip.split(",")))
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tars-bench-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    db_url = _fresh_db("tars_bench")
+    db_url = _fresh_db(args.pg_db)
     result: dict = {"processes": args.processes, "concurrency_per_process": args.concurrency,
                     "cpu_count": os.cpu_count()}
     if "bare" not in skip:

@@ -140,6 +140,7 @@ def _accuracy_child(args) -> None:
     import redis
 
     from workers.providers import AnthropicProvider
+    from workers.providers.request import ModelRequest
     from workers.ratelimit import FleetRateLimiter, LimitSpec
 
     r = redis.Redis.from_url(args.redis_url, max_connections=2000)
@@ -155,7 +156,7 @@ def _accuracy_child(args) -> None:
         nonlocal calls
         while time.monotonic() < deadline:
             limiter.acquire(provider="anthropic", model=MODEL, limits=limits, tokens=1, deadline_s=deadline)
-            provider.complete(spec=spec, prompt="count me", request_id="b", attempt=1)
+            provider.complete(spec=spec, request=ModelRequest.from_fields(prompt="count me"), request_id="b", attempt=1)
             calls += 1
 
     def guarded() -> None:

@@ -50,17 +50,17 @@ def _drained(r: redis.Redis, lists: list[str]) -> bool:
     return not any(r.llen(k) for k in lists) and not r.hlen("unacked")
 
 
-def tars(url: str, n: int, tmp: Path) -> tuple[dict, dict]:
+def tars(url: str, n: int, tmp: Path, pg_db: str = "tars_redis_commands", events: bool = False) -> tuple[dict, dict]:
     from tars_tasks.client import TarsClient
     from tests.helpers import make_settings
     from workers.start import worker_argv
 
     r = redis.Redis.from_url(url)
-    env = {"TARS_BROKER_URL": url, "TARS_DATABASE_URL": _fresh_db("tars_redis_commands"), "TARS_NAMESPACE": "rc",
-           "TARS_TASK_EVENTS": "false", "TARS_SIM_LATENCY": "fixed:0", "TARS_SIM_FAILURE_RATE": "0"}
+    env = {"TARS_BROKER_URL": url, "TARS_DATABASE_URL": _fresh_db(pg_db), "TARS_NAMESPACE": "rc",
+           "TARS_TASK_EVENTS": str(events).lower(), "TARS_SIM_LATENCY": "fixed:0", "TARS_SIM_FAILURE_RATE": "0"}
     log = tmp / "tars-worker.log"
     proc = _start(worker_argv(tiers=["haiku", "sonnet", "opus"], concurrency=200, name="rc@%h", loglevel="INFO",
-                              events=False), env, log)
+                              events=events), env, log)
     try:
         _wait_ready([log])
         time.sleep(2)
@@ -105,6 +105,8 @@ def bare(url: str, n: int, tmp: Path) -> tuple[dict, dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--pg-db", default="tars_redis_commands", help="the Postgres database to create afresh")
+    ap.add_argument("--events", action="store_true", help="the TARS worker with task events on (-E)")
     args = ap.parse_args()
     if args.n < 10:
         ap.error("--n must be >= 10")
@@ -116,13 +118,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tars-redis-commands-"))
     try:
         time.sleep(0.5)
-        tp, tw = tars(f"redis://127.0.0.1:{port}/0", args.n, tmp)
+        tp, tw = tars(f"redis://127.0.0.1:{port}/0", args.n, tmp, args.pg_db, args.events)
         bp, bw = bare(f"redis://127.0.0.1:{port}/1", args.n, tmp)
     finally:
         server.terminate()
         server.wait(10)
-    print(f"Redis commands per request, N = {args.n} (one worker, gevent, 200 greenlets; the bare worker's count "
-          "includes its start-up: pidbox, heartbeats)")
+    print(f"Redis commands per request, N = {args.n} (one worker, gevent, 200 greenlets, task events "
+          f"{'on' if args.events else 'off'}; the bare worker's count includes its start-up: pidbox, heartbeats)")
     print(f"  TARS producer:       {_per(tp, args.n)}")
     print(f"  TARS worker side:    {_per(tw, args.n)}")
     print(f"  bare Celery producer: {_per(bp, args.n)}")

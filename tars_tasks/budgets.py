@@ -282,6 +282,13 @@ class Budgets:
     def reserve(self, *, tenant: str, reservation_id: str, usd: Decimal) -> Refusal | None:
         """Reserve ``usd`` more under ``reservation_id`` against the tenant's budget and the fleet's
         (:data:`FLEET`), both or neither; a :class:`Refusal` if a limit forbids it."""
+        refusal, _held = self.reserve_held(tenant=tenant, reservation_id=reservation_id, usd=usd)
+        return refusal
+
+    def reserve_held(self, *, tenant: str, reservation_id: str, usd: Decimal) -> tuple[Refusal | None, bool]:
+        """:meth:`reserve`, and whether anything is now held: False when neither the tenant nor the
+        fleet has a limit (the scripts recorded no reservation, so there is nothing to settle and the
+        settle's round trip can be skipped — its answer would be ``none``)."""
         scopes = [tenant] if tenant == FLEET else [tenant, FLEET]
         pipe = self.redis.pipeline(transaction=True)
         for scope in scopes:
@@ -290,12 +297,12 @@ class Budgets:
         results = pipe.execute()
         refused = next(((scope, r) for scope, r in zip(scopes, results, strict=True) if int(r[0]) != 1), None)
         if refused is None:
-            return None
+            return None, any(_s(r[1]) != "unlimited" for r in results)
         for scope, r in zip(scopes, results, strict=True):  # give back what the other scope granted
             if int(r[0]) == 1 and _s(r[1]) == "ok":
                 self._unreserve(keys=self._keys(scope), args=[reservation_id, to_nano(usd)])
         scope, res = refused
-        return Refusal(period=_s(res[1]), used_usd=to_usd(res[2]), limit_usd=to_usd(res[3]), scope=scope)
+        return Refusal(period=_s(res[1]), used_usd=to_usd(res[2]), limit_usd=to_usd(res[3]), scope=scope), False
 
     def settle(self, *, tenant: str, reservation_id: str, usd: Decimal) -> str:
         """Release the reservation and add the real cost (the tenant's and the fleet's); returns the

@@ -34,7 +34,7 @@ import redis
 from config.catalog import Catalog, ModelSpec, load_catalog
 from config.keys import deliveries_key, quarantine_key, stage_slots_key
 from config.settings import Settings, get_settings
-from tars_tasks.broker import leases
+from tars_tasks.broker import leases, slots
 from tars_tasks.codes import TERMINAL_STATUSES, FailureReason, RequestStatus
 from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import DeadLetter, Request
@@ -132,9 +132,10 @@ class SubAgent:
         worker = leases.current_owner() or worker or self.worker_name
         started = _now()
         hints = None
+        read = slots.take(message.request_id)  # its slot, if read with its unacked record
         if reserved_tokens is not None and not redelivered and self.trust_staged_slots:
             hints = {HINT_SLOT_RESERVED: True, HINT_RESERVED_TOKENS: reserved_tokens,
-                     **self._reserved_slot(message)}
+                     **self._reserved_slot(message, read)}
         try:
             return self._run(message=message, redelivered=redelivered, worker=worker, started=started, hints=hints)
         except MalformedMessage as exc:
@@ -149,33 +150,38 @@ class SubAgent:
                                 failure_reason=REASON_INTERNAL), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
 
-    def _reserved_slot(self, message: RunRequestMessage) -> dict[str, Any]:
+    def _reserved_slot(self, message: RunRequestMessage, read: slots.SlotRead | None = None) -> dict[str, Any]:
         """When the slot the dispatcher reserved for this message was, as ``time.monotonic()`` here
         (``{HINT_SLOT_AT: ...}``; empty if unknown): the limiter step gives a slot it would miss by
         more than its tolerance up and takes a fresh one (a call sent late crowds a window)."""
         if self.redis is None or message.tier is None:
             return {}
-        key = stage_slots_key(self.settings.namespace, message.tier)
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(key, message.request_id)
-            pipe.hdel(key, message.request_id)
-            pipe.time()
-            slot_us, _, (sec, usec) = pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("request %s: its reserved slot's time is unreadable (%s); trusting the slot",
-                        message.request_id, exc)
-            return {}
-        if slot_us is None:
-            return {}
-        late_s = (int(sec) * 1_000_000 + int(usec) - int(slot_us)) / 1_000_000
+        if read is not None and read.tier == message.tier:  # read with its unacked record (broker.slots)
+            slot_at = read.slot_monotonic()
+            if slot_at is None:
+                return {}
+        else:
+            key = stage_slots_key(self.settings.namespace, message.tier)
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hget(key, message.request_id)
+                pipe.hdel(key, message.request_id)
+                pipe.time()
+                slot_us, _, (sec, usec) = pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("request %s: its reserved slot's time is unreadable (%s); trusting the slot",
+                            message.request_id, exc)
+                return {}
+            if slot_us is None:
+                return {}
+            slot_at = time.monotonic() - (int(sec) * 1_000_000 + int(usec) - int(slot_us)) / 1_000_000
         # A dispatched slot may be used later than the limiter's own tolerance (the message still
         # has a BRPOP, its row's read and its in_flight commit to go): up to 1% of the window, which
         # puts at most 1% more calls in a window, inside the 2% ratelimit_utilisation 0.98 leaves.
         limiter = self.caller.limiter
         own = getattr(limiter, "late_tolerance_s", 0.05)
         grace = max(0.0, DISPATCHED_SLOT_TOLERANCE_SHARE * self.settings.ratelimit_window_s - own)
-        return {HINT_SLOT_AT: time.monotonic() - late_s, HINT_SLOT_GRACE_S: grace}
+        return {HINT_SLOT_AT: slot_at, HINT_SLOT_GRACE_S: grace}
 
     def _run(self, *, message: RunRequestMessage, redelivered: bool, worker: str, started: datetime,
              hints: dict[str, Any] | None = None) -> str:

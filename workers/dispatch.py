@@ -72,6 +72,8 @@ DEFAULT_TICK_S = 0.02
 DEFAULT_BATCH_MAX = 200
 #: A loop whose tiers are all at their models' limits sleeps until the next slot, but at most this.
 MODEL_LIMIT_SLEEP_MAX_S = 1.0
+#: After a wake (a slot freed), how long the loop waits for more slots to free before it steps.
+WAKE_COALESCE_S = 0.002
 #: How often a dispatcher loop re-writes the tenant configuration into Redis (it survives a
 #: Redis restart without persistence this way).
 TENANT_CONFIG_REFRESH_S = 30.0
@@ -445,6 +447,8 @@ class DispatchLoop:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._config_written = 0.0
+        #: tier -> time.monotonic() before which a tier found with nothing staged is not asked again
+        self._idle_until: dict[str, float] = {}
 
     def start(self) -> DispatchLoop:
         self._thread = threading.Thread(target=self.run, name="tars-dispatch", daemon=True)
@@ -472,7 +476,18 @@ class DispatchLoop:
             if free <= 0:
                 sleeps.append(self.tick_s)  # a finishing task wakes the loop sooner
                 continue
+            idle_left = self._idle_until.get(tier, 0.0) - now
+            if idle_left > 0:
+                # Nothing was staged for this tier at its last step: a freed slot (a wake) does not
+                # stage anything, so it is asked again at its tick, not at every finishing task
+                # (with one busy tier and two idle ones, two of every three scripts were idle ones).
+                sleeps.append(idle_left)
+                continue
             result = self.dispatcher.dispatch(tier=tier, max_moves=min(free, self.batch_max), max_ready=free)
+            if result.reason == "empty" and result.staged <= 0:
+                self._idle_until[tier] = now + self.tick_s
+            else:
+                self._idle_until.pop(tier, None)
             free -= len(result.moved)
             if self.on_result is not None:
                 self.on_result(tier, result)
@@ -496,7 +511,10 @@ class DispatchLoop:
                 log.exception("dispatch step failed; retrying in %.2fs", self.tick_s)
                 sleep_s = self.tick_s
             if sleep_s > 0:
-                self._wake.wait(sleep_s)
+                if self._wake.wait(sleep_s) and not self._stop.is_set():
+                    # Woken by a finishing task: let the tasks finishing with it free their slots
+                    # too, so one step refills several (one script per slot otherwise).
+                    self._stop.wait(WAKE_COALESCE_S)
                 self._wake.clear()
 
 
@@ -542,6 +560,10 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
         catalog = caller.catalog
         if settings.ratelimit_redis_url == settings.broker_redis_url:  # one limiter state: the same hash
             limiter = caller.limiter
+            if limiter is not None:  # the task reads its slot where it was fetched: with its unacked record
+                from tars_tasks.broker import slots
+
+                slots.enable(namespace=settings.namespace)
     else:
         catalog = load_catalog(settings.catalog_path).with_overrides(provider=settings.provider_override,
                                                                      base_url=settings.provider_base_url)

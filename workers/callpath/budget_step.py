@@ -53,9 +53,12 @@ class BudgetStep(CallStep):
     def _reserve(self, call: Call, usd: Decimal) -> str | None:
         """None if reserved; else the refusal's text."""
         st = call.state_of(self)
-        refusal = self.budgets.reserve(tenant=st["tenant"], reservation_id=st["id"], usd=usd)
+        refusal, held = self.budgets.reserve_held(tenant=st["tenant"], reservation_id=st["id"], usd=usd)
         if refusal is None:
-            st["reserved"] = True
+            # a tenant without a limit holds nothing: no settle (one round trip less per call);
+            # a retry that finds a limit set meanwhile holds its reservation and settles
+            st["reserved"] = bool(st.get("reserved")) or held
+            st["granted"] = True
             return None
         owner = "the fleet" if refusal.scope == FLEET else f"tenant {st['tenant']!r}"
         return (f"{FailureReason.BUDGET}: {owner} has {refusal.used_usd:.6f} of its "
@@ -67,7 +70,7 @@ class BudgetStep(CallStep):
         if tenant is None:
             return
         st = call.state_of(self)
-        st.update(tenant=tenant, id=f"{call.request_id}:{uuid.uuid4().hex[:12]}", reserved=False)
+        st.update(tenant=tenant, id=f"{call.request_id}:{uuid.uuid4().hex[:12]}", reserved=False, granted=False)
         delay = RETRY_INITIAL_S
         while True:  # an unreachable Redis is retried with backoff inside the call's budget, as the limiter does
             try:
@@ -87,7 +90,7 @@ class BudgetStep(CallStep):
 
     def next_move(self, call: Call, attempt: Attempt, exc: BaseException) -> Move | None:
         st = call.state_of(self)
-        if not st.get("reserved") or not isinstance(exc, TransientProviderError | CircuitOpen):
+        if not st.get("granted") or not isinstance(exc, TransientProviderError | CircuitOpen):
             return None  # a permanent error ends the call anyway: nothing more to reserve
         spec = call.spec or call.requested
         worst = self.worst_case(call, spec)

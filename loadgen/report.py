@@ -508,8 +508,12 @@ def executive_summary(session: Session) -> list[str]:
                    f"{peak.aggregates['resources']['processes']})")
     for r in session.scenarios:
         if r.sweep and r.sweep.get("knee") is not None:
-            out.append(f"- **Knee ({r.scenario.name}):** {r.sweep['axis']} = {r.sweep['knee']:g}"
-                       + (f", breaking at {r.sweep['broke_at']:g}" if r.sweep.get("broke_at") is not None else ""))
+            if r.sweep.get("broke_at") is not None:
+                out.append(f"- **Knee ({r.scenario.name}):** {r.sweep['axis']} = {r.sweep['knee']:g}, breaking at "
+                           f"{r.sweep['broke_at']:g}")
+            else:  # a knee is the last healthy level before one that broke: none broke
+                out.append(f"- **Knee ({r.scenario.name}):** none within the levels run — every level up to "
+                           f"{r.sweep['axis']} = {r.sweep['knee']:g} stayed healthy")
     invalid = [s for s in steps if not s.aggregates["valid"]]
     if invalid:
         out.append("- **INVALID runs:** " + "; ".join(f"{s.label}: {', '.join(s.aggregates['invalid_reasons'])}"

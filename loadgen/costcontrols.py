@@ -106,8 +106,8 @@ def _pct(x: float | None) -> str:
 def _ms(s: dict[str, Any]) -> str:
     if not s["count"]:
         return "— (none)"
-    p50 = "—" if s["p50"] is None else f"{s['p50']:.1f}"
-    return f"avg {s['avg']:.1f} ms, p50 {p50} ms ({s['count']} requests)"
+    p50 = f"{s['p50']:.1f} ms" if s["p50"] is not None else f"— ({s['withheld']['p50']})"
+    return f"avg {s['avg']:.1f} ms, p50 {p50} ({s['count']} requests)"
 
 
 def report_lines(fig: dict[str, Any]) -> list[str]:

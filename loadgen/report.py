@@ -649,7 +649,7 @@ def _breakdown_lines(a: dict) -> list[str]:
         if not groups:
             continue
         parts = [f"{what} {k}: {g['completions']} done, {g['completions_per_s']:.2f}/s, e2e p50 "
-                 f"{ms(g['e2e']['p50'])}, p99 {ms(g['e2e']['p99'])}" for k, g in groups.items()]
+                 f"{percentile(g['e2e'], 'p50')}, p99 {percentile(g['e2e'], 'p99')}" for k, g in groups.items()]
         out.append(f"By {what} — " + "; ".join(parts) + ".")
     held = a.get("priority_held")
     if held:

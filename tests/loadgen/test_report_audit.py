@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadgen.report import render_markdown
+from loadgen import costcontrols, jobs
+from loadgen.metrics import latency_summary
+from loadgen.report import _breakdown_lines, render_markdown
 from loadgen.runner import ScenarioResult, Session
 from loadgen.scenarios import Scenario
 from tests.loadgen.simulate import ENVIRONMENT, Call, Sim
@@ -29,3 +31,37 @@ def test_a_sweep_in_which_no_level_broke_names_no_knee_in_the_summary_either():
     summary = md.split("## Executive Summary", 1)[1].split("---", 1)[0]
     assert "**Knee (sweep):** concurrency = 3" not in summary, summary  # a knee is where the next level broke
     assert "none within the levels run" in summary, summary
+
+
+def test_per_priority_and_per_tenant_percentiles_withheld_for_too_few_samples_say_why():
+    groups = {"0": {"requests": 150, "completions": 150, "succeeded": 150, "completions_per_s": 5.0,
+                    "e2e": latency_summary(float(100 + i) for i in range(150))},
+              "9": {"requests": 30, "completions": 30, "succeeded": 30, "completions_per_s": 1.0,
+                    "e2e": latency_summary(float(100 + i) for i in range(30))}}
+    lines = " ".join(_breakdown_lines({"by_priority": groups, "by_tenant": groups}))
+    assert "p99 —" in lines
+    assert "p99 — (30 samples; p99 needs ≥ 100)" in lines, lines
+    assert "p99 — ," not in lines and "p99 —;" not in lines and "p99 —." not in lines
+
+
+def test_the_cost_controls_latencies_say_why_a_percentile_is_withheld_and_never_print_dash_ms():
+    fig = {"requests": 1, "succeeded": 1, "answered_by": {"exact": 1}, "hit_rate": 1.0,
+           "latency_exact_ms": latency_summary([12.0]), "latency_model_ms": latency_summary([]),
+           "spent_usd": "0", "saved_usd": "0.01", "served_mode": {"optimal": 1}, "transitions": 0,
+           "budget": {"limit_usd": None}, "phases": [], "file": "mode-changes-x.jsonl"}
+    md = "\n".join(costcontrols.report_lines(fig))
+    assert "— ms" not in md, md
+    assert "p50 — (1 sample; p50 needs ≥ 2)" in md, md
+
+
+def test_the_jobs_table_says_why_a_completion_percentile_is_withheld():
+    fig = {"jobs": 5, "by_status": {"succeeded": 5}, "template": "t", "steps": 25, "steps_ran": 25,
+           "steps_cancelled": 0, "revisions": 0, "span_s": 10.0, "steps_per_worker": {"w1": 25},
+           "workers_seen": 1, "workers_expected": 1, "steps_per_worker_per_s": {"w1": 2.5},
+           "share": {"min": 25, "max": 25, "mean": 25.0, "cv": 0.0},
+           "completion_s": {"n": 5, "avg": 2.0, "p50": 2.0, "p95": None, "p99": None, "max": 3.0},
+           "critical_path_s": {"avg": 1.5}, "step_latency_sum_s": {"avg": 2.5}, "e2e_s": {"avg": 2.0},
+           "cost_usd": {"total": "0.5", "per_job": "0.1", "by_tier": {"haiku": "0.5"},
+                        "per_job_by_tier": {"haiku": "0.1"}}, "file": "jobs-x.jsonl"}
+    md = "\n".join(jobs.report_lines(fig))
+    assert "p95 — (5 samples; p95 needs ≥ 20)" in md and "p99 — (5 samples; p99 needs ≥ 100)" in md, md

@@ -117,10 +117,10 @@ def population(records: Sequence[RequestRecord], *, window: tuple[float, float],
     w0, w1 = window
     if count_bounded:
         return sampled, {"name": "whole run", "start": started_at, "end": load_end,
-                         "description": "every request of the run (a count-bounded burst has no steady state)"}
+                         "description": "of the whole run (a count-bounded burst has no steady state)"}
     if w1 - w0 < MIN_STEADY_WINDOW_S:
         return sampled, {"name": "whole run", "start": started_at, "end": load_end,
-                         "description": f"every request of the run: the steady window was only {w1 - w0:.2f} s"}
+                         "description": f"of the whole run (the steady window was only {w1 - w0:.2f} s)"}
     pop = [r for r in sampled if w0 <= r.origin < w1]
     return pop, {"name": "steady window", "start": w0, "end": w1,
                  "description": "the requests sent in the steady window"}

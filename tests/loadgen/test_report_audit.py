@@ -65,3 +65,13 @@ def test_the_jobs_table_says_why_a_completion_percentile_is_withheld():
                         "per_job_by_tier": {"haiku": "0.1"}}, "file": "jobs-x.jsonl"}
     md = "\n".join(jobs.report_lines(fig))
     assert "p95 — (5 samples; p95 needs ≥ 20)" in md and "p99 — (5 samples; p99 needs ≥ 100)" in md, md
+
+
+def test_a_run_without_a_steady_window_names_its_whole_run_population_in_a_sentence_that_reads():
+    from loadgen.report import population_caption
+
+    # the warm-up (until C requests completed) outlasted the load phase: c1000's 0.0 s window
+    step = Sim(concurrency=50, duration_s=3, warmup_s=3, calls=lambda i: [Call(model_s=1.0)]).run().step()
+    caption = population_caption(step)
+    n = step.aggregates["population"]["requests"]
+    assert caption == f"*Population: the {n} requests of the whole run (the steady window was only 0.00 s).*", caption

@@ -75,3 +75,19 @@ def test_a_run_without_a_steady_window_names_its_whole_run_population_in_a_sente
     caption = population_caption(step)
     n = step.aggregates["population"]["requests"]
     assert caption == f"*Population: the {n} requests of the whole run (the steady window was only 0.00 s).*", caption
+
+
+def test_the_phases_table_names_the_requests_each_of_its_columns_counts():
+    # a phase's requests are those sent in it, its throughput the successes that finished in it:
+    # two populations in one row, so the table must say which column counts which
+    fig = {"requests": 2, "succeeded": 2, "answered_by": {"model": 2}, "hit_rate": 0.0,
+           "latency_exact_ms": latency_summary([]), "latency_model_ms": latency_summary([10.0, 12.0]),
+           "spent_usd": "0", "saved_usd": "0", "served_mode": {"optimal": 2}, "transitions": 1,
+           "budget": {"limit_usd": None}, "file": "mode-changes-x.jsonl",
+           "phases": [{"phase": 1, "start_s": 0.0, "duration_s": 1.0, "mode": "optimal", "requests": 2,
+                       "throughput": 1.0, "error_rate": 0.0, "model": "haiku 100%", "cache_hit_rate": 0.0},
+                      {"phase": 2, "start_s": 1.0, "duration_s": 1.0, "mode": "high_load", "requests": 0,
+                       "throughput": 1.0, "error_rate": None, "model": "—", "cache_hit_rate": None}]}
+    md = "\n".join(costcontrols.report_lines(fig))
+    after = md.split("| Phase |", 1)[1]
+    assert "sent in it" in after and "finished in it" in after, after

@@ -653,7 +653,12 @@ def _breakdown_lines(a: dict) -> list[str]:
         out.append(f"By {what} — " + "; ".join(parts) + ".")
     held = a.get("priority_held")
     if held:
-        verdict = "held" if held["held"] else "did NOT hold"
-        out.append(f"Priority {verdict}: priority {held['high']} p50 {ms(held['high_p50_ms'])} against priority "
-                   f"{held['low']} p50 {ms(held['low_p50_ms'])}.")
+        both = (f"priority {held['high']} p50 {ms(held['high_p50_ms'])} against priority {held['low']} p50 "
+                f"{ms(held['low_p50_ms'])}")
+        if held.get("contended", True):
+            out.append(f"Priority {'held' if held['held'] else 'did NOT hold'}: {both}.")
+        else:  # nothing queued: the order requests were taken in could not matter
+            out.append(f"Priority not put to the test: {both}, but requests waited only {ms(held['wait_ms'])} on "
+                       f"average for a place (queue and rate-limit waits, {pct(held['wait_share'])} of the response "
+                       "time), too little for their order to matter.")
     return out

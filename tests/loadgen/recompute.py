@@ -124,7 +124,9 @@ class Run:
             lo, hi = (stats([(self.end_of(r) - r["origin"]) * 1000 for r in pop if r.get("priority") == p])["p50"]
                       for p in (prios[0], prios[-1]))
             if lo is not None and hi is not None:
-                f["priority_held"] = (prios[-1], hi, prios[0], lo, hi < lo)
+                wait = (f["queue"]["avg"] or 0.0) + (f["rlwait"]["avg"] or 0.0)
+                f["priority_held"] = (prios[-1], hi, prios[0], lo, hi < lo, wait,
+                                      wait / f["e2e"]["avg"] if f["e2e"]["avg"] else 0.0)
         c = self.drive.get("concurrency")
         if self.drive["kind"] == "closed" and c:
             f["clients_ceiling"] = c / (f["e2e"]["avg"] / 1000)

@@ -144,11 +144,15 @@ def check_single_run(md: str, run: Run, problems: list[str]) -> int:
     held = next((x for x in section.splitlines() if x.startswith("- Priority ")), None)
     _check((held is not None) == (f["priority_held"] is not None), f"{run.label}: priority line {held!r}", problems)
     if held and f["priority_held"]:
-        hi, hi_p50, lo, lo_p50, ok = f["priority_held"]
-        nums = numbers(held)  # priority, 50 (of "p50"), its p50, priority, 50, its p50
-        _check(("did NOT hold" not in held) == ok and len(nums) >= 6 and close(nums[0], hi) and close(nums[2], hi_p50)
-               and close(nums[3], lo) and close(nums[5], lo_p50), f"{run.label}: {held!r} vs {f['priority_held']}",
-               problems)
+        hi, hi_p50, lo, lo_p50, ok, wait, share = f["priority_held"]
+        nums = numbers(held)  # priority, 50 (of "p50"), its p50, priority, 50, its p50[, wait, its share]
+        if share < 0.10:  # too little waiting for priority to matter: no verdict, the waits instead
+            verdict = "not put to the test" in held and len(nums) >= 8 and close(nums[6], wait) \
+                and close(nums[7], share, scale=100)
+        else:
+            verdict = held.startswith("- Priority held" if ok else "- Priority did NOT hold")
+        _check(verdict and len(nums) >= 6 and close(nums[0], hi) and close(nums[2], hi_p50) and close(nums[3], lo)
+               and close(nums[5], lo_p50), f"{run.label}: {held!r} vs {f['priority_held']}", problems)
         checked += 1
     # the decomposition bullet of the analysis
     if "decomposition" in f:

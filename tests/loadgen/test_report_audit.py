@@ -91,3 +91,17 @@ def test_the_phases_table_names_the_requests_each_of_its_columns_counts():
     md = "\n".join(costcontrols.report_lines(fig))
     after = md.split("| Phase |", 1)[1]
     assert "sent in it" in after and "finished in it" in after, after
+
+
+def test_priority_gets_no_verdict_when_nothing_queued_for_its_order_to_matter():
+    from loadgen.metrics import _contended
+
+    held = {"high": 9, "low": 0, "high_p50_ms": 1678.0, "low_p50_ms": 1517.0, "held": False}
+    # the rate-limit preset on the embedded default: 10 ms queue wait of a 1,558 ms response, no limiter
+    idle = _contended(held, {"queue_wait": {"avg": 10.0}, "ratelimit_wait": {"avg": 0.0}, "e2e": {"avg": 1558.0}})
+    line = " ".join(_breakdown_lines({"priority_held": idle}))
+    assert "did NOT hold" not in line and "Priority held" not in line, line
+    assert "not put to the test" in line and "10 ms" in line and "0.6%" in line, line
+    # a run whose requests queued: the verdict stands
+    busy = _contended(held, {"queue_wait": {"avg": 900.0}, "ratelimit_wait": {"avg": 300.0}, "e2e": {"avg": 2800.0}})
+    assert "Priority did NOT hold: priority 9 p50 1,678 ms" in " ".join(_breakdown_lines({"priority_held": busy}))

@@ -105,3 +105,20 @@ def test_priority_gets_no_verdict_when_nothing_queued_for_its_order_to_matter():
     # a run whose requests queued: the verdict stands
     busy = _contended(held, {"queue_wait": {"avg": 900.0}, "ratelimit_wait": {"avg": 300.0}, "e2e": {"avg": 2800.0}})
     assert "Priority did NOT hold: priority 9 p50 1,678 ms" in " ".join(_breakdown_lines({"priority_held": busy}))
+
+
+def test_a_sweep_finding_never_calls_a_slowest_response_a_p99():
+    from loadgen.sweep import KneePolicy, find_knee, level_of
+
+    def agg(n: int, slowest: float) -> dict:
+        e2e = latency_summary([1000.0] * (n - 1) + [slowest])
+        return {"latency_ms": {"e2e": e2e}, "throughput": {"completions_per_s": n / 10},
+                "requests": {"window": {"error_rate": 0.0, "total": n}},
+                "ceilings": {"efficiency": 0.95, "binding": "concurrency"}}
+
+    # the degradation preset on the embedded default: 5 and 42 requests, p99 withheld at both (—)
+    knee = find_knee([level_of(1, agg(5, 2557.0)), level_of(10, agg(42, 5314.0))], KneePolicy())
+    why = "; ".join(knee["why"])
+    assert knee["broke_at"] == 10 and "p99 5,314" not in why
+    assert why == ("slowest response (too few samples for a p99) 5,314 ms > 2x the lightest level's slowest response "
+                   "(too few samples for a p99) 2,557 ms"), why

@@ -106,8 +106,8 @@ def _pct(x: float | None) -> str:
 def _ms(s: dict[str, Any]) -> str:
     if not s["count"]:
         return "— (none)"
-    p50 = "—" if s["p50"] is None else f"{s['p50']:.1f}"
-    return f"avg {s['avg']:.1f} ms, p50 {p50} ms ({s['count']} requests)"
+    p50 = f"{s['p50']:.1f} ms" if s["p50"] is not None else f"— ({s['withheld']['p50']})"
+    return f"avg {s['avg']:.1f} ms, p50 {p50} ({s['count']} requests)"
 
 
 def report_lines(fig: dict[str, Any]) -> list[str]:
@@ -134,5 +134,7 @@ def report_lines(fig: dict[str, Any]) -> list[str]:
         tp = "—" if p["throughput"] is None else f"{p['throughput']:.2f}"
         L.append(f"| {p['phase']} | {p['start_s']:.2f} | {p['duration_s']:.2f} | {p['mode']} | {p['requests']} | "
                  f"{tp} | {_pct(p['error_rate'])} | {p['model']} | {_pct(p['cache_hit_rate'])} |")
-    L += ["", f"Raw rows: `{fig['file']}` (the fleet's mode transitions, from `mode_changes`)", ""]
+    L += ["", "*A phase's requests are those sent in it (its error rate, model and cache hit rate are theirs); its "
+              "throughput counts the successes that finished in it, ÷ its duration.*", "",
+          f"Raw rows: `{fig['file']}` (the fleet's mode transitions, from `mode_changes`)", ""]
     return L

@@ -81,6 +81,10 @@ def drive_result(*, rows: Mapping[str, DbRow], start: float, end: float, concurr
                        extra={"jobs_concurrency": concurrency})
 
 
+#: The samples a completion-time percentile needs (the report's rule: p50 2, p95 20, p99 100).
+MIN_N = {50: 2, 95: 20, 99: 100}
+
+
 def nearest_rank(values: Sequence[float], p: int, *, min_n: int) -> float | None:
     if len(values) < min_n:
         return None
@@ -128,8 +132,9 @@ def job_figures(views, *, run_start: float, run_end: float, workers: int | None)
     return {
         "jobs": n, "by_status": dict(statuses), "template": views[0].template if views else None,
         "completion_s": {"n": len(lat), "avg": sum(lat) / len(lat) if lat else None,
-                         "p50": nearest_rank(lat, 50, min_n=2), "p95": nearest_rank(lat, 95, min_n=20),
-                         "p99": nearest_rank(lat, 99, min_n=100), "max": max(lat) if lat else None},
+                         "p50": nearest_rank(lat, 50, min_n=MIN_N[50]),
+                         "p95": nearest_rank(lat, 95, min_n=MIN_N[95]), "p99": nearest_rank(lat, 99, min_n=MIN_N[99]),
+                         "max": max(lat) if lat else None},
         "steps": len(steps), "steps_ran": len(ran), "steps_cancelled": sum(s.failure_reason == "cancelled"
                                                                            for s in steps),
         "revisions": sum(s.revision > 0 and j.definition is not None and j.definition.validator_of(s.step) is not None
@@ -177,6 +182,15 @@ def _s(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f} s"
 
 
+
+def _pct_s(c: Mapping[str, Any], p: int) -> str:
+    """A completion-time percentile, or "—" with the reason it was withheld."""
+    v, n = c[f"p{p}"], c["n"]
+    if v is not None or not n:
+        return _s(v)
+    return f"— ({n} sample{'s' if n != 1 else ''}; p{p} needs ≥ {MIN_N[p]})"
+
+
 def report_lines(fig: Mapping[str, Any]) -> list[str]:
     """The jobs section of a run (the seed's scenario-6 table, with the figures it is made of)."""
     c = fig["completion_s"]
@@ -190,8 +204,8 @@ def report_lines(fig: Mapping[str, Any]) -> list[str]:
              f"| Jobs | {n} ({status}) |",
              f"| Steps | {fig['steps']} ({fig['steps_ran']} ran on a worker, {fig['steps_cancelled']} cancelled; "
              f"{fig['revisions']} revision(s) sent back by a validator) |",
-             f"| Job completion time | avg {_s(c['avg'])}, p50 {_s(c['p50'])}, p95 {_s(c['p95'])}, "
-             f"p99 {_s(c['p99'])}, max {_s(c['max'])} (n={c['n']}) |",
+             f"| Job completion time | avg {_s(c['avg'])}, p50 {_pct_s(c, 50)}, p95 {_pct_s(c, 95)}, "
+             f"p99 {_pct_s(c, 99)}, max {_s(c['max'])} (n={c['n']}) |",
              f"| Critical path (avg per job) | {_s(crit)} |",
              f"| Sum of step latencies (avg per job) | {_s(sums)} |",
              f"| Scheduling overhead (avg end to end minus critical path) | "

@@ -117,10 +117,10 @@ def population(records: Sequence[RequestRecord], *, window: tuple[float, float],
     w0, w1 = window
     if count_bounded:
         return sampled, {"name": "whole run", "start": started_at, "end": load_end,
-                         "description": "every request of the run (a count-bounded burst has no steady state)"}
+                         "description": "of the whole run (a count-bounded burst has no steady state)"}
     if w1 - w0 < MIN_STEADY_WINDOW_S:
         return sampled, {"name": "whole run", "start": started_at, "end": load_end,
-                         "description": f"every request of the run: the steady window was only {w1 - w0:.2f} s"}
+                         "description": f"of the whole run (the steady window was only {w1 - w0:.2f} s)"}
     pop = [r for r in sampled if w0 <= r.origin < w1]
     return pop, {"name": "steady window", "start": w0, "end": w1,
                  "description": "the requests sent in the steady window"}
@@ -317,7 +317,7 @@ def compute(
         "rate_limit": _rate_limit(pop),
         "by_priority": _breakdown(pop, key=lambda r: r.priority, span=span, ended_at=ended_at),
         "by_tenant": _breakdown(pop, key=lambda r: r.tenant, span=span, ended_at=ended_at),
-        "priority_held": priority_held(pop, ended_at=ended_at),
+        "priority_held": _contended(priority_held(pop, ended_at=ended_at), lat),
         "fallbacks": _fallbacks(pop),
         "cost": _cost(pop),
         "cost_run": _cost(records),
@@ -374,6 +374,20 @@ def priority_held(pop: Sequence[RequestRecord], *, ended_at: float) -> dict[str,
     if p50[lo] is None or p50[hi] is None:
         return None
     return {"high": hi, "low": lo, "high_p50_ms": p50[hi], "low_p50_ms": p50[lo], "held": p50[hi] < p50[lo]}
+
+
+#: Priority is put to the test only when requests spent at least this share of their response time
+#: waiting for a place (queue wait + rate-limit wait): with less, their order cannot matter and a
+#: gap between the priorities' medians is the model calls' spread.
+CONTENTION_SHARE = 0.10
+
+
+def _contended(held: dict[str, Any] | None, lat: dict[str, Any]) -> dict[str, Any] | None:
+    if held is None:
+        return None
+    wait = (lat["queue_wait"]["avg"] or 0.0) + (lat["ratelimit_wait"]["avg"] or 0.0)
+    share = wait / lat["e2e"]["avg"] if lat["e2e"]["avg"] else 0.0
+    return {**held, "wait_ms": wait, "wait_share": share, "contended": share >= CONTENTION_SHARE}
 
 
 def _rate_limit(records: Sequence[RequestRecord]) -> dict[str, Any]:

@@ -508,8 +508,12 @@ def executive_summary(session: Session) -> list[str]:
                    f"{peak.aggregates['resources']['processes']})")
     for r in session.scenarios:
         if r.sweep and r.sweep.get("knee") is not None:
-            out.append(f"- **Knee ({r.scenario.name}):** {r.sweep['axis']} = {r.sweep['knee']:g}"
-                       + (f", breaking at {r.sweep['broke_at']:g}" if r.sweep.get("broke_at") is not None else ""))
+            if r.sweep.get("broke_at") is not None:
+                out.append(f"- **Knee ({r.scenario.name}):** {r.sweep['axis']} = {r.sweep['knee']:g}, breaking at "
+                           f"{r.sweep['broke_at']:g}")
+            else:  # a knee is the last healthy level before one that broke: none broke
+                out.append(f"- **Knee ({r.scenario.name}):** none within the levels run — every level up to "
+                           f"{r.sweep['axis']} = {r.sweep['knee']:g} stayed healthy")
     invalid = [s for s in steps if not s.aggregates["valid"]]
     if invalid:
         out.append("- **INVALID runs:** " + "; ".join(f"{s.label}: {', '.join(s.aggregates['invalid_reasons'])}"
@@ -645,11 +649,16 @@ def _breakdown_lines(a: dict) -> list[str]:
         if not groups:
             continue
         parts = [f"{what} {k}: {g['completions']} done, {g['completions_per_s']:.2f}/s, e2e p50 "
-                 f"{ms(g['e2e']['p50'])}, p99 {ms(g['e2e']['p99'])}" for k, g in groups.items()]
+                 f"{percentile(g['e2e'], 'p50')}, p99 {percentile(g['e2e'], 'p99')}" for k, g in groups.items()]
         out.append(f"By {what} — " + "; ".join(parts) + ".")
     held = a.get("priority_held")
     if held:
-        verdict = "held" if held["held"] else "did NOT hold"
-        out.append(f"Priority {verdict}: priority {held['high']} p50 {ms(held['high_p50_ms'])} against priority "
-                   f"{held['low']} p50 {ms(held['low_p50_ms'])}.")
+        both = (f"priority {held['high']} p50 {ms(held['high_p50_ms'])} against priority {held['low']} p50 "
+                f"{ms(held['low_p50_ms'])}")
+        if held.get("contended", True):
+            out.append(f"Priority {'held' if held['held'] else 'did NOT hold'}: {both}.")
+        else:  # nothing queued: the order requests were taken in could not matter
+            out.append(f"Priority not put to the test: {both}, but requests waited only {ms(held['wait_ms'])} on "
+                       f"average for a place (queue and rate-limit waits, {pct(held['wait_share'])} of the response "
+                       "time), too little for their order to matter.")
     return out

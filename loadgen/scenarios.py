@@ -104,6 +104,9 @@ class Scenario:
             out.append(f"count must be >= 1, got {self.count}")
         if not self.warmup_s >= 0:
             out.append(f"warm-up must be >= 0 s, got {self.warmup_s:g}")
+        elif self.count is None and self.duration_s is not None and self.warmup_s >= self.duration_s:
+            out.append(f"warm-up ({self.warmup_s:g} s) must be shorter than the duration ({self.duration_s:g} s): "
+                       "no steady window would remain")
         if self.kind in ("closed", "sweep") and self.concurrency < 1:
             out.append(f"concurrency must be >= 1, got {self.concurrency}")
         if self.kind == "open" and not (self.rate_per_s or 0) > 0:

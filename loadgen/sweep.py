@@ -3,7 +3,8 @@
 Per level we know throughput, p99, error rate and the efficiency against its binding ceiling.
 
 * A level is **healthy** when its error rate is at most ``max_error_rate``, its p99 at most
-  ``p99_factor`` x the lightest level's p99 and its efficiency (throughput ÷ the binding ceiling) at
+  ``p99_factor`` x the lightest level's p99 (a level with too few samples for a p99 stands in with
+  its slowest response, and the finding says so) and its efficiency (throughput ÷ the binding ceiling) at
   least ``min_efficiency`` (open loop: it completes at least ``1 - drop_tolerance`` of the offered
   rate). The **knee** is the last healthy level before the first unhealthy one.
 * The sweep **stops** (over-saturation) after a level whose throughput fell more than
@@ -43,6 +44,8 @@ class Level:
     offered: float | None = None
     #: requests behind ``error_rate`` (0: unknown, the rate is taken at face value)
     requests: int = 0
+    #: ``p99_ms`` is the level's slowest response: too few samples for a p99 (the report shows —)
+    p99_is_max: bool = False
 
 
 def error_rate_lower_bound(rate: float, n: int, *, z: float = 1.96) -> float:
@@ -61,7 +64,11 @@ def level_of(level: float, aggregates: dict[str, Any]) -> Level:
                  p99_ms=e2e["p99"] if e2e["p99"] is not None else e2e["max"],
                  error_rate=aggregates["requests"]["window"]["error_rate"], efficiency=c.get("efficiency"),
                  binding=c.get("binding"), offered=aggregates["throughput"].get("offered_per_s"),
-                 requests=aggregates["requests"]["window"]["total"])
+                 requests=aggregates["requests"]["window"]["total"], p99_is_max=e2e["p99"] is None)
+
+
+def _tail(lv: Level) -> str:
+    return "slowest response (too few samples for a p99)" if lv.p99_is_max else "p99"
 
 
 def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
@@ -69,7 +76,8 @@ def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
     if lv.error_rate > policy.max_error_rate:
         why.append(f"error rate {lv.error_rate:.1%} > {policy.max_error_rate:.0%}")
     if lv.p99_ms is not None and first.p99_ms and lv.p99_ms > policy.p99_factor * first.p99_ms:
-        why.append(f"p99 {lv.p99_ms:,.0f} ms > {policy.p99_factor:g}x the lightest level's {first.p99_ms:,.0f} ms")
+        why.append(f"{_tail(lv)} {lv.p99_ms:,.0f} ms > {policy.p99_factor:g}x the lightest level's {_tail(first)} "
+                   f"{first.p99_ms:,.0f} ms")
     if lv.efficiency is not None and lv.efficiency < policy.min_efficiency:
         why.append(f"throughput only {lv.efficiency:.0%} of its binding ceiling ({lv.binding})")
     if lv.offered and lv.throughput < (1 - policy.drop_tolerance) * lv.offered:

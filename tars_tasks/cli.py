@@ -200,7 +200,7 @@ def _result_dict(r) -> dict:
         if hasattr(v, "isoformat"):
             d[k] = v.isoformat()
         elif k in ("cost_usd", "saved_usd"):
-            d[k] = str(v)
+            d[k] = None if v is None else format(v, "f")  # str(Decimal) prints a zero as "0E-9"
     return d
 
 
@@ -362,7 +362,7 @@ def status(as_json: bool) -> None:
     cache = st.cache or {}
     if cache.get("answered_by"):
         by = ", ".join(f"{k} {v:,}" for k, v in sorted(cache["answered_by"].items()))
-        console.print(f"Answered by: {by}; the response cache saved ${cache['saved_usd']}")
+        console.print(f"Answered by: {by}; the response cache saved ${float(cache['saved_usd']):.6f}")
     unknown = st.billed_unknown or {}
     if unknown.get("attempts"):
         console.print(f"Attempts billed, outcome unknown: {unknown['attempts']} "

@@ -143,6 +143,9 @@ class Ticket:
     due: float
     #: The further limits reserved with the model's (given back with it when the slot is missed).
     also: tuple[ExtraLimit, ...] = ()
+    #: seconds the limiter slept inside ``reserve`` (a slot too far out to book at once): waiting for
+    #: capacity, like the distance to ``due``; the round trips to Redis are not
+    slept_s: float = 0.0
 
 
 class FleetRateLimiter:
@@ -270,6 +273,7 @@ class FleetRateLimiter:
         Raises :class:`TimeoutError` (before reserving anything) when the slot would fall
         after ``deadline_s`` (a ``time.monotonic()`` value).
         """
+        slept = 0.0
         while True:
             grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens, also=also)
             now = time.monotonic()
@@ -280,9 +284,11 @@ class FleetRateLimiter:
                                    f"(next slot in {grant.wait_s:.1f}s)")
             if grant.granted:
                 return Ticket(provider=provider, model=model, limits=limits, tokens=tokens, due=now + grant.wait_s,
-                              also=also)
+                              also=also, slept_s=slept)
             # Too far out to reserve: sleep until the slot is within reach, then ask again.
-            self._sleep(max(grant.wait_s - self.max_wait_s, 0.001))
+            pause = max(grant.wait_s - self.max_wait_s, 0.001)
+            self._sleep(pause)
+            slept += pause
 
     def wait_for(self, ticket: Ticket) -> None:
         """Sleep until ``ticket``'s slot is due. Raises :class:`SlotMissed` (its tokens given back;
@@ -302,20 +308,22 @@ class FleetRateLimiter:
         self, *, provider: str, model: str, limits: LimitSpec, tokens: int, deadline_s: float | None = None,
         also: tuple[ExtraLimit, ...] = (),
     ) -> float:
-        """Wait until a call of ``tokens`` tokens may be sent; return the seconds waited.
+        """Wait until a call of ``tokens`` tokens may be sent; return the seconds the limit made it
+        wait (the slots' distance and the sleeps for them, not the round trips to Redis).
 
         Raises :class:`TimeoutError` (before reserving anything) when the slot would fall
         after ``deadline_s`` (a ``time.monotonic()`` value).
         """
-        t0 = time.monotonic()
+        waited = 0.0
         while True:
             ticket = self.reserve(provider=provider, model=model, limits=limits, tokens=tokens,
                                   deadline_s=deadline_s, also=also)
+            waited += ticket.slept_s + max(ticket.due - time.monotonic(), 0.0)
             try:
                 self.wait_for(ticket)
             except SlotMissed:
                 continue
-            return time.monotonic() - t0
+            return waited
 
     def adjust_tokens(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
                       now_us: int | None = None, defer: bool = False, also: tuple[ExtraLimit, ...] = ()) -> None:

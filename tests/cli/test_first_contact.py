@@ -76,6 +76,16 @@ def test_submit_on_the_embedded_default_runs_the_request_in_process_and_wait_ret
     assert again["status"] == "succeeded"  # stored where `tars result` finds it
 
 
+def test_dollars_print_as_plain_decimals_a_zero_saving_included(fresh):
+    cwd, env = fresh
+    res = tars(["submit", "--role", "researcher", "--prompt", "hello", "--wait"], cwd=cwd, env=env)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["saved_usd"] == "0.000000000" and "E" not in result["cost_usd"], result  # not "0E-9"
+    st_ = tars(["status"], cwd=cwd, env=env).stdout.decode()
+    assert "the response cache saved $0.000000" in st_ and "E-" not in st_, st_
+
+
 def test_submit_without_wait_on_the_embedded_default_never_reports_work_that_nothing_will_run(fresh):
     cwd, env = fresh
     res = tars(["submit", "--role", "engineer", "--prompt", "hello"], cwd=cwd, env=env)

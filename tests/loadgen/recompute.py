@@ -108,6 +108,25 @@ class Run:
         else:
             f["span"] = self.end - self.start
         f["throughput"] = len(done) / f["span"] if f["span"] > 0 else 0.0
+        # per priority and per tenant (runs that mix them): completions, their rate over the same span, e2e
+        for key in ("priority", "tenant"):
+            groups: dict[str, list[dict]] = defaultdict(list)
+            for r in pop:
+                groups[str(r.get(key))].append(r)
+            f[f"by_{key}"] = {k: {"done": sum(1 for r in rs if r["done_at"] is not None),
+                                  "e2e": stats([(self.end_of(r) - r["origin"]) * 1000 for r in rs])}
+                              for k, rs in groups.items()} if len(groups) > 1 else {}
+            for g in f[f"by_{key}"].values():
+                g["per_s"] = g["done"] / f["span"] if f["span"] > 0 else 0.0
+        prios = sorted({r["priority"] for r in pop if r.get("priority") is not None})
+        f["priority_held"] = None
+        if len(prios) > 1:
+            lo, hi = (stats([(self.end_of(r) - r["origin"]) * 1000 for r in pop if r.get("priority") == p])["p50"]
+                      for p in (prios[0], prios[-1]))
+            if lo is not None and hi is not None:
+                wait = (f["queue"]["avg"] or 0.0) + (f["rlwait"]["avg"] or 0.0)
+                f["priority_held"] = (prios[-1], hi, prios[0], lo, hi < lo, wait,
+                                      wait / f["e2e"]["avg"] if f["e2e"]["avg"] else 0.0)
         c = self.drive.get("concurrency")
         if self.drive["kind"] == "closed" and c:
             f["clients_ceiling"] = c / (f["e2e"]["avg"] / 1000)

@@ -77,7 +77,8 @@ def test_compare_reads_two_sessions_from_their_report_directories(workdir):
 
 @pytest.mark.parametrize("args", [["--concurrency", "0"], ["--rate", "0"], ["--duration", "-1"], ["--duration", "0"],
                                   ["--time-scale", "0"], ["--count", "0"], ["--warmup", "-1"], ["--workers", "0"],
-                                  ["--levels", "1,0"], ["--sample-interval", "0"], ["--embedded-slots", "0"]],
+                                  ["--levels", "1,0"], ["--sample-interval", "0"], ["--embedded-slots", "0"],
+                                  ["--warmup", "10"], ["--duration", "5", "--warmup", "20"]],
                          ids=" ".join)
 def test_bad_parameters_are_refused_before_anything_starts(args, tmp_path):
     res = _run(["loadgen", "run", "baseline", *args], tmp_path, timeout=30)

@@ -1,7 +1,8 @@
 """The independent check: every figure of a generated report is recomputed from its JSONL rows by
 tests/loadgen/recompute.py (which shares no code with loadgen/metrics.py) and compared with
 what the Markdown prints — no difference beyond the printed rounding. Run on a session of the
-embedded default (closed loops, an open loop and a sweep, with injected failures) and on a
+embedded default (closed loops, an open loop, a sweep and the rate-limit scenario's mix of priorities and
+tenants, with injected failures) and on a
 local fleet with real workers, Redis, Postgres and a binding rate limit (tests/loadgen/test_report.py)."""
 
 from __future__ import annotations
@@ -126,6 +127,33 @@ def check_single_run(md: str, run: Run, problems: list[str]) -> int:
         eq("Average Memory (RSS)", f["rss_avg"])
         eq("CPU (avg / peak)", f["cpu_avg"])
         eq("CPU (avg / peak)", f["cpu_peak"], index=1)
+    # the per-priority and per-tenant lines of the analysis, and whether priority held
+    section = md.split(f"Run id: `{run.id}`", 1)[1].split("\n---\n", 1)[0]
+    for key in ("priority", "tenant"):
+        line = next((x for x in section.splitlines() if x.startswith(f"- By {key} — ")), None)
+        _check((line is not None) == bool(f[f"by_{key}"]), f"{run.label}: by {key} line {line!r}", problems)
+        for k, g in f[f"by_{key}"].items():
+            part = line.split(f"{key} {k}: ", 1)[1].split(f"; {key} ", 1)[0] if line and f"{key} {k}: " in line else ""
+            for cell, value in ((part, g["done"]), (part.split("done,", 1)[-1], g["per_s"]),
+                                (part.split("p50", 1)[-1], g["e2e"]["p50"]), (part.split("p99", 1)[-1],
+                                                                               g["e2e"]["p99"])):
+                ok = (cell.lstrip().startswith("—") and "needs ≥" in cell) if value is None else \
+                    bool(numbers(cell)) and close(numbers(cell)[0], value)
+                _check(ok, f"{run.label}: by {key} {k}: {cell!r} vs recomputed {value}", problems)
+                checked += 1
+    held = next((x for x in section.splitlines() if x.startswith("- Priority ")), None)
+    _check((held is not None) == (f["priority_held"] is not None), f"{run.label}: priority line {held!r}", problems)
+    if held and f["priority_held"]:
+        hi, hi_p50, lo, lo_p50, ok, wait, share = f["priority_held"]
+        nums = numbers(held)  # priority, 50 (of "p50"), its p50, priority, 50, its p50[, wait, its share]
+        if share < 0.10:  # too little waiting for priority to matter: no verdict, the waits instead
+            verdict = "not put to the test" in held and len(nums) >= 8 and close(nums[6], wait) \
+                and close(nums[7], share, scale=100)
+        else:
+            verdict = held.startswith("- Priority held" if ok else "- Priority did NOT hold")
+        _check(verdict and len(nums) >= 6 and close(nums[0], hi) and close(nums[2], hi_p50) and close(nums[3], lo)
+               and close(nums[5], lo_p50), f"{run.label}: {held!r} vs {f['priority_held']}", problems)
+        checked += 1
     # the decomposition bullet of the analysis
     if "decomposition" in f:
         section = md.split(f"Run id: `{run.id}`", 1)[1].split("\n---\n", 1)[0]
@@ -229,6 +257,7 @@ def embedded_report(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
     env.update(XDG_DATA_HOME=str(cwd / ".data"), TARS_SIM_LATENCY="uniform:20:200", TARS_SIM_FAILURE_RATE="0.1")
     res = subprocess.run([TARS, "loadgen", "run", "baseline", "concurrent-10", "open", "degradation", "--levels", "2,8",
+                          "rate-limit",
                           "--time-scale", "0.4", "--allow-invalid"], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -238,5 +267,5 @@ def embedded_report(tmp_path_factory) -> Path:
 
 def test_every_figure_of_an_embedded_default_report_is_recomputed_from_its_rows(embedded_report):
     got = check_report(embedded_report)
-    assert got["runs"] == 5 and got["figures"] > 200, got
+    assert got["runs"] == 6 and got["figures"] > 200, got
     print(f"recomputed {got['figures']} figures of {got['runs']} runs: no difference beyond rounding")

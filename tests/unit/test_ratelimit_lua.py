@@ -102,6 +102,31 @@ def test_acquire_sleeps_for_the_scripts_answer_instead_of_polling(redis):
     assert len(sleeps) == 2 and sleeps[0] == pytest.approx(1.0, abs=0.05) and sleeps[1] == pytest.approx(2.0, abs=0.05)
 
 
+def test_acquire_returns_the_wait_for_capacity_not_the_round_trips_to_redis(redis):
+    import time
+
+    sleeps: list[float] = []
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit-rt", window_s=60.0, max_wait_s=30.0,
+                           sleep=sleeps.append)
+    real = lim.try_reserve
+    told: list[float] = []
+
+    def slow(**kw):
+        time.sleep(0.05)  # a loaded Redis
+        grant = real(**kw)
+        told.append(grant.wait_s)
+        return grant
+
+    lim.try_reserve = slow
+    limits = LimitSpec(rpm=60, tpm=10**9)
+    assert lim.acquire(provider="p", model="m", limits=limits, tokens=1) == 0.0  # capacity to spare
+    # the next slot is under a second out: what the script said is the wait (asleep on the fake clock),
+    # the 50 ms round trip is not in it
+    waited = lim.acquire(provider="p", model="m", limits=limits, tokens=1)
+    assert told[0] == 0.0 and 0.5 < told[1] < 1.0
+    assert waited == pytest.approx(told[1], abs=0.01) and sleeps == [pytest.approx(told[1], abs=0.01)]
+
+
 def test_acquire_gives_up_before_reserving_past_its_deadline(redis):
     import time
 

@@ -82,12 +82,12 @@ class LimiterStep(CallStep):
     def before_attempt(self, call: Call, attempt: Attempt) -> None:
         if attempt.slot_held:
             return
-        t0 = time.monotonic()
         ticket = self._fleet_state(call, attempt, lambda spec: self.limiter.reserve(
             provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
             tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline, also=self.tenant_limits(call, attempt)))
-        # the time the limiter makes this attempt wait: its slot's distance (the commit runs meanwhile)
-        attempt.waited_s += max(ticket.due, t0) - t0
+        # the time the limit makes this attempt wait: its slot's distance once booked (the commit runs
+        # meanwhile) and any sleep inside reserve; the round trip to Redis is the worker's own work
+        attempt.waited_s += ticket.slept_s + max(ticket.due - time.monotonic(), 0.0)
         attempt.ticket, attempt.slot_held, attempt.slot_at = ticket, True, ticket.due
         attempt.reserved_tokens = call.reserved_tokens(attempt.spec)
 
@@ -122,12 +122,11 @@ class LimiterStep(CallStep):
                                    also=self.tenant_limits(call, attempt))
 
     def _acquire(self, call: Call, attempt: Attempt) -> float:
-        """Wait for capacity until the tier's deadline; an unreachable Redis is retried with backoff."""
-        t0 = time.monotonic()
-        self._fleet_state(call, attempt, lambda spec: self.limiter.acquire(
+        """Wait for capacity until the tier's deadline; an unreachable Redis is retried with backoff.
+        Returns the seconds the limit made the attempt wait (as the limiter counts them)."""
+        return self._fleet_state(call, attempt, lambda spec: self.limiter.acquire(
             provider=attempt.provider.name, model=spec.model, limits=_limits(spec),
             tokens=call.reserved_tokens(spec), deadline_s=call.tier_deadline, also=self.tenant_limits(call, attempt)))
-        return time.monotonic() - t0
 
     def _fleet_state(self, call: Call, attempt: Attempt, ask: Callable[[Any], T]) -> T:
         """``ask`` the limiter; no capacity before the tier's deadline is :class:`RateLimited`, an

@@ -211,9 +211,11 @@ def _result_dict(r) -> dict:
 @click.option("--tenant", default="default", show_default=True)
 @click.option("--idempotency-key", default=None)
 @click.option("--tier", type=click.Choice(TIERS), default=None, help="Override the role's tier.")
+@click.option("--lane", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
+              help="batch: sent through the provider's batch API at the batch price, answered within 24 h.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
-def submit(role, prompt, priority, tenant, idempotency_key, tier, wait, timeout) -> None:
+def submit(role, prompt, priority, tenant, idempotency_key, tier, lane, wait, timeout) -> None:
     """Submit one request; prints its id (and with --wait, its result as JSON).
 
     On the embedded default (no TARS_BROKER_URL) nothing else could ever run the request, so it
@@ -224,7 +226,7 @@ def submit(role, prompt, priority, tenant, idempotency_key, tier, wait, timeout)
         prompt = read_stdin_text(what="--prompt")
     settings = _ready()
     spec = {"role": role, "prompt": prompt, "priority": priority, "tenant": tenant,
-            "idempotency_key": idempotency_key, "tier": tier}
+            "idempotency_key": idempotency_key, "tier": tier, "lane": lane}
     if settings.embedded:
         from tars_tasks.embedded import database_path, run_in_process
 

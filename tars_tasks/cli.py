@@ -191,6 +191,35 @@ def worker(tiers: tuple[str, ...], concurrency: int | None, pool: str | None, na
     exec_worker(tiers=list(tiers), concurrency=concurrency, pool=pool, name=name, loglevel=loglevel)
 
 
+@main.command("batch-runner")
+@click.option("--once", is_flag=True, help="One tick (form, submit, poll), then exit.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def batch_runner(once: bool, loglevel: str) -> None:
+    """Run the providers' batch lane: gather batch-lane requests into provider batches, submit, poll,
+    record the results (docs/COST_CONTROLS.md, "Batch lane"). Several may run; one acts at a time."""
+    import logging
+
+    from config.catalog import load_catalog
+    from tars_tasks.db.engine import get_engine
+    from tars_tasks.embedded import NO_BROKER
+    from workers.batchlane.runner import BatchRunner
+
+    settings = _settings()
+    if settings.embedded:
+        raise ConfigurationError(f"tars batch-runner refused: {NO_BROKER}")
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = BatchRunner(settings=settings, catalog=load_catalog(settings.catalog_path),
+                         engine=get_engine(settings.database_url))
+    try:
+        if once:
+            click.echo(json.dumps(runner.tick()))
+        else:
+            click.echo("batch runner started", err=True)
+            runner.run()
+    finally:
+        runner.close()
+
+
 # --- producer ------------------------------------------------------------------------------------
 
 

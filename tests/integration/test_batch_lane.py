@@ -1,0 +1,82 @@
+"""The batch lane end to end: batch-lane requests submitted through the producer API are recorded and
+never queued, gathered per tier into one provider batch each (Anthropic Message Batches for haiku,
+OpenAI Batch for sonnet) by a real ``tars batch-runner`` process, and finished like interactive
+answers — one ``api_calls`` row per request with every token class at the catalog's batch price
+(half the list price), the completion notice, a permanent error failed with its reason, an expired
+request sent on to the interactive lane and answered there by a real worker."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from config.catalog import load_catalog
+from tars_tasks.client import TarsClient
+from tars_tasks.errors import InvalidRequest
+from tests.helpers import make_settings, waiting_messages
+from tests.integration.batch_lane_support import batch_env, batches_created, rows, start_runner
+from tests.integration.model_calls_support import mock_llm  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.integration
+
+
+def test_batch_lane_requests_are_answered_through_both_batch_apis_at_the_batch_price(
+        fleet_env, tmp_path, mock_llm, start_worker, db, redis):  # noqa: F811
+    mock = mock_llm("--latency", "fixed:5", "--output-tokens", "30:30", "--config-json", '{"batch_delay_s": 1.0}')
+    env = batch_env(fleet_env, tmp_path, mock)
+    start_worker(tiers=["haiku", "sonnet"], concurrency=10, env=env)
+    with TarsClient(settings=make_settings(env)) as client:
+        plain = [client.submit(role="researcher", prompt=f"haiku question {i}", lane="batch") for i in range(4)]
+        gpt = [client.submit(role="engineer", prompt=f"sonnet question {i}", lane="batch") for i in range(3)]
+        bad = client.submit(role="researcher", prompt="[[mock:status=400]] refused", lane="batch")
+        late = client.submit(role="researcher", prompt="[[mock:batch_expired]] too late", lane="batch")
+        ids = [h.id for h in (*plain, *gpt, bad, late)]
+        assert waiting_messages(redis) == 0  # recorded, never queued
+        runner = start_runner(env, tmp_path / "runner.log")
+        try:
+            results = {r.id: r for r in client.wait_many(ids, timeout=90)}
+        finally:
+            runner.stop()
+
+    assert batches_created(mock) == {"anthropic": 1, "openai": 1}
+    catalog = load_catalog(Path(env["TARS_CATALOG_PATH"]))
+    for h in (*plain, *gpt):
+        r = results[h.id]
+        assert r.status == "succeeded" and r.attempts == 1 and r.output_tokens == 30, r
+        (call,) = rows(db, "SELECT * FROM api_calls WHERE request_id = :r", r=h.id)
+        assert call["outcome"] == "ok" and call["worker"].startswith("batch-runner@")
+        spec = catalog.spec(r.tier_used)
+        assert spec.prices.batch_multiplier == Decimal("0.5")
+        interactive = spec.cost_usd(input_tokens=call["input_tokens"], output_tokens=call["output_tokens"],
+                                    cache_read_tokens=call["cache_read_tokens"])
+        assert call["cost_usd"] == interactive * Decimal("0.5") == r.cost_usd > 0
+    assert {results[h.id].tier_used for h in gpt} == {"sonnet"}
+    assert results[bad.id].status == "failed" and results[bad.id].failure_reason == "permanent_error"
+    (refused,) = rows(db, "SELECT outcome, http_status, cost_usd FROM api_calls WHERE request_id = :r", r=bad.id)
+    assert (refused["outcome"], refused["http_status"], refused["cost_usd"]) == ("permanent_error", 400, 0)
+    # expired in the batch (no call, nothing billed): sent on to haiku's queue and answered by the worker
+    assert results[late.id].status == "succeeded"
+    (again,) = rows(db, "SELECT worker FROM api_calls WHERE request_id = :r", r=late.id)
+    assert not again["worker"].startswith("batch-runner@")
+    items = {r["request_id"]: r for r in rows(db, "SELECT * FROM batch_items")}
+    assert items[late.id]["outcome"] == "expired" and items[late.id]["retried"] is True
+    assert rows(db, "SELECT lane FROM requests WHERE id = :r", r=late.id) == [{"lane": "interactive"}]
+    assert {r["state"] for r in rows(db, "SELECT state FROM provider_batches")} == {"done"}
+    stats = mock.stats()["models"]
+    assert stats["mock-haiku"]["total"]["batched"] == 5  # 4 + the refused one; the expired one never ran
+    assert stats["mock-haiku"]["total"]["requests"] == 6  # ... and then once interactively
+
+
+def test_the_lane_is_validated_before_anything_is_written(fleet_env, tmp_path, mock_llm, db):  # noqa: F811
+    mock = mock_llm("--latency", "fixed:5")
+    with TarsClient(settings=make_settings(batch_env(fleet_env, tmp_path, mock))) as client:
+        with pytest.raises(InvalidRequest) as bad:
+            client.submit(role="researcher", prompt="x", lane="overnight")
+        assert bad.value.field == "lane"
+    with TarsClient(settings=make_settings(fleet_env)) as client:  # the simulated provider has no batch API
+        with pytest.raises(InvalidRequest, match="batch API") as sim:
+            client.submit(role="researcher", prompt="x", lane="batch")
+        assert sim.value.field == "lane"
+    assert rows(db, "SELECT id FROM requests") == []

@@ -65,3 +65,11 @@ def batches_created(mock) -> dict[str, int]:
     """Provider batches the mock was asked to create, per API."""
     total = (mock.stats()["models"].get("_batches") or {}).get("total") or {}
     return {"anthropic": total.get("anthropic_created", 0), "openai": total.get("openai_created", 0)}
+
+
+def wait_batches_done(db, timeout: float = 30.0) -> None:
+    """Until every provider batch is ``done`` (its requests' notices come before the batch is closed)."""
+    deadline = time.monotonic() + timeout
+    while rows(db, "SELECT id FROM provider_batches WHERE state <> 'done'"):
+        assert time.monotonic() < deadline, rows(db, "SELECT * FROM provider_batches")
+        time.sleep(0.1)

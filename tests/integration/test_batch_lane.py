@@ -16,7 +16,13 @@ from config.catalog import load_catalog
 from tars_tasks.client import TarsClient
 from tars_tasks.errors import InvalidRequest
 from tests.helpers import make_settings, waiting_messages
-from tests.integration.batch_lane_support import batch_env, batches_created, rows, start_runner
+from tests.integration.batch_lane_support import (
+    batch_env,
+    batches_created,
+    rows,
+    start_runner,
+    wait_batches_done,
+)
 from tests.integration.model_calls_support import mock_llm  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
@@ -37,6 +43,7 @@ def test_batch_lane_requests_are_answered_through_both_batch_apis_at_the_batch_p
         runner = start_runner(env, tmp_path / "runner.log")
         try:
             results = {r.id: r for r in client.wait_many(ids, timeout=90)}
+            wait_batches_done(db)
         finally:
             runner.stop()
 

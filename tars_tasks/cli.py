@@ -375,6 +375,18 @@ def status(as_json: bool) -> None:
                        f"{u['cache_write_1h_tokens']:,}", f"{u['cache_read_tokens']:,}", f"{u['output_tokens']:,}",
                        f"${Decimal(u['cost_usd']):.6f}")
         console.print(ut)
+    batches = st.batches or {}
+    if batches.get("in_flight") or batches.get("waiting"):
+        bt2 = Table(title="Batch lane: provider batches in flight (waiting for a batch: "
+                          + (", ".join(f"{t} {n:,}" for t, n in sorted(batches["waiting"].items())) or "none") + ")")
+        for col in ("batch", "tier", "provider", "model", "state", "requests", "provider id", "provider status",
+                    "polls", "age"):
+            bt2.add_column(col)
+        for b in batches.get("in_flight") or []:
+            bt2.add_row(b["id"][:8], b["tier"], b["provider"], b["model"], b["state"], f"{b['requests']:,}",
+                        b["provider_batch_id"] or "-", b["provider_status"] or "-", str(b["polls"]),
+                        f"{b['age_s']:.0f}s")
+        console.print(bt2)
     if st.fleet_mode:
         fm = st.fleet_mode
         sig = ", ".join(f"{k} {v:.2f}" for k, v in sorted((fm.get("signals") or {}).items()))

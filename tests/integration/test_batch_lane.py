@@ -87,3 +87,35 @@ def test_the_lane_is_validated_before_anything_is_written(fleet_env, tmp_path, m
             client.submit(role="researcher", prompt="x", lane="batch")
         assert sim.value.field == "lane"
     assert rows(db, "SELECT id FROM requests") == []
+
+
+def test_tars_status_shows_the_requests_waiting_for_a_batch_and_the_batches_in_flight(
+        fleet_env, tmp_path, mock_llm, db):  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    mock = mock_llm("--latency", "fixed:5", "--config-json", '{"batch_delay_s": 600}')
+    env = {**batch_env(fleet_env, tmp_path, mock), "TARS_BATCH_MAX_AGE_S": "3600"}
+    with TarsClient(settings=make_settings(env)) as client:
+        for i in range(3):
+            client.submit(role="researcher", prompt=f"question {i}", lane="batch")
+
+    def tars(*args, **extra):
+        out = subprocess.run([sys.executable, "-m", "tars_tasks.cli", *args], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, **env, **extra}, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    before = json.loads(tars("status", "--json"))["batches"]
+    assert before == {"waiting": {"haiku": 3}, "in_flight": []}
+    tars("batch-runner", "--once", TARS_BATCH_MAX_AGE_S="0")  # forms and submits; the mock takes 600 s
+    after = json.loads(tars("status", "--json"))["batches"]
+    assert after["waiting"] == {}
+    (b,) = after["in_flight"]
+    assert (b["tier"], b["provider"], b["state"], b["requests"]) == ("haiku", "anthropic", "submitted", 3)
+    assert b["provider_batch_id"].startswith("msgbatch_")
+    assert "Batch lane: provider batches in flight" in tars("status")

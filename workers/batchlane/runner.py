@@ -69,7 +69,6 @@ LOCK_KEY = 0x5441525342415443 & 0x7FFFFFFFFFFFFFFF
 ATTEMPT_NS = uuid.UUID("6f1c1b52-7d7e-4a43-9a57-3f0c6a1b0b7e")
 
 PENDING, SUBMITTING, SUBMITTED, DONE = "pending", "submitting", "submitted", "done"
-IN_FLIGHT_STATES = (PENDING, SUBMITTING, SUBMITTED)
 
 _req = Request.__table__
 _pb = ProviderBatch.__table__
@@ -413,13 +412,3 @@ class BatchRunner:
         except Exception:
             log.exception("%d request(s) not sent to the interactive lane; the reconciler will stage them", len(ids))
 
-
-def in_flight(engine: Engine) -> list[dict[str, Any]]:
-    """The batches not done, for ``tars status``: tier, provider, model, state, requests, provider id, age."""
-    now = datetime.now(UTC)
-    with engine.connect() as conn:
-        rows = conn.execute(select(_pb).where(_pb.c.state.in_(IN_FLIGHT_STATES)).order_by(_pb.c.created_at)).all()
-    return [{"id": r.id, "tier": r.tier, "provider": r.provider, "model": r.model, "state": r.state,
-             "requests": r.request_count, "provider_batch_id": r.provider_batch_id,
-             "provider_status": r.provider_status, "polls": r.polls,
-             "age_s": round((now - r.created_at).total_seconds(), 1)} for r in rows]

@@ -7,10 +7,13 @@ request sent on to the interactive lane and answered there by a real worker."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from config.catalog import load_catalog
 from tars_tasks.client import TarsClient
@@ -40,6 +43,17 @@ def test_batch_lane_requests_are_answered_through_both_batch_apis_at_the_batch_p
         late = client.submit(role="researcher", prompt="[[mock:batch_expired]] too late", lane="batch")
         ids = [h.id for h in (*plain, *gpt, bad, late)]
         assert waiting_messages(redis) == 0  # recorded, never queued
+        # a plain-Celery message may ask for the batch lane too: the worker records it and leaves it
+        foreign = str(uuid.uuid4())
+        Celery("someone-else", broker=env["TARS_BROKER_URL"]).send_task(
+            "tars.run_request", kwargs={"role": "researcher", "prompt": "plain, batched", "lane": "batch"},
+            task_id=foreign, queue="tars.haiku")
+        deadline = time.monotonic() + 30
+        while not rows(db, "SELECT id FROM requests WHERE id = :r AND lane = 'batch'", r=foreign):
+            assert time.monotonic() < deadline, "the worker never recorded the plain-Celery batch-lane request"
+            time.sleep(0.1)
+        assert rows(db, "SELECT id FROM api_calls WHERE request_id = :r", r=foreign) == []
+        ids.append(foreign)
         runner = start_runner(env, tmp_path / "runner.log")
         try:
             results = {r.id: r for r in client.wait_many(ids, timeout=90)}
@@ -49,10 +63,10 @@ def test_batch_lane_requests_are_answered_through_both_batch_apis_at_the_batch_p
 
     assert batches_created(mock) == {"anthropic": 1, "openai": 1}
     catalog = load_catalog(Path(env["TARS_CATALOG_PATH"]))
-    for h in (*plain, *gpt):
-        r = results[h.id]
+    for rid in (*(h.id for h in (*plain, *gpt)), foreign):
+        r = results[rid]
         assert r.status == "succeeded" and r.attempts == 1 and r.output_tokens == 30, r
-        (call,) = rows(db, "SELECT * FROM api_calls WHERE request_id = :r", r=h.id)
+        (call,) = rows(db, "SELECT * FROM api_calls WHERE request_id = :r", r=rid)
         assert call["outcome"] == "ok" and call["worker"].startswith("batch-runner@")
         spec = catalog.spec(r.tier_used)
         assert spec.prices.batch_multiplier == Decimal("0.5")
@@ -72,8 +86,8 @@ def test_batch_lane_requests_are_answered_through_both_batch_apis_at_the_batch_p
     assert rows(db, "SELECT lane FROM requests WHERE id = :r", r=late.id) == [{"lane": "interactive"}]
     assert {r["state"] for r in rows(db, "SELECT state FROM provider_batches")} == {"done"}
     stats = mock.stats()["models"]
-    assert stats["mock-haiku"]["total"]["batched"] == 5  # 4 + the refused one; the expired one never ran
-    assert stats["mock-haiku"]["total"]["requests"] == 6  # ... and then once interactively
+    assert stats["mock-haiku"]["total"]["batched"] == 6  # 4 + plain + the refused one; the expired one never ran
+    assert stats["mock-haiku"]["total"]["requests"] == 7  # ... and then once interactively
 
 
 def test_the_lane_is_validated_before_anything_is_written(fleet_env, tmp_path, mock_llm, db):  # noqa: F811

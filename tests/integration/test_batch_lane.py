@@ -133,3 +133,23 @@ def test_tars_status_shows_the_requests_waiting_for_a_batch_and_the_batches_in_f
     assert (b["tier"], b["provider"], b["state"], b["requests"]) == ("haiku", "anthropic", "submitted", 3)
     assert b["provider_batch_id"].startswith("msgbatch_")
     assert "Batch lane: provider batches in flight" in tars("status")
+
+
+def test_with_the_fail_policy_a_request_the_batch_did_not_answer_fails_batch_expired(
+        fleet_env, tmp_path, mock_llm, db):  # noqa: F811
+    mock = mock_llm("--latency", "fixed:5", "--config-json", '{"batch_delay_s": 0.5}')
+    env = batch_env(fleet_env, tmp_path, mock, TARS_BATCH_RETRY_POLICY="fail", TARS_BATCH_MAX_AGE_S="0")
+    with TarsClient(settings=make_settings(env)) as client:
+        ok = client.submit(role="engineer", prompt="answered", lane="batch")
+        late = client.submit(role="engineer", prompt="[[mock:batch_expired]] too late", lane="batch")
+        runner = start_runner(env, tmp_path / "runner.log")
+        try:
+            done = {r.id: r for r in client.wait_many([ok.id, late.id], timeout=60)}
+            wait_batches_done(db)
+        finally:
+            runner.stop()
+    assert done[ok.id].status == "succeeded"
+    assert (done[late.id].status, done[late.id].failure_reason, done[late.id].cost_usd) == ("failed",
+                                                                                         "batch_expired", 0)
+    assert rows(db, "SELECT id FROM api_calls WHERE request_id = :r", r=late.id) == []  # no call was made
+    assert rows(db, "SELECT lane FROM requests WHERE id = :r", r=late.id) == [{"lane": "batch"}]

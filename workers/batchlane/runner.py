@@ -108,7 +108,18 @@ class BatchRunner:
     def acquire(self) -> bool:
         """Hold the runner lock (a session advisory lock on a connection kept open); False if another has it."""
         if self._lock_conn is not None:
-            return True
+            try:  # a connection Postgres dropped (a restart) took the lock with it: take it again
+                self._lock_conn.execute(text("SELECT 1"))
+                self._lock_conn.commit()
+                return True
+            except Exception:
+                log.warning("the batch runner lock's connection is gone; taking the lock again")
+                try:
+                    self._lock_conn.invalidate()
+                    self._lock_conn.close()
+                except Exception:
+                    pass
+                self._lock_conn = None
         conn = self.engine.connect()
         got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar()
         conn.commit()

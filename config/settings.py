@@ -212,6 +212,21 @@ class Settings(BaseSettings):
     #: case. Longer than any call with its retries (the tiers' retry budgets are 60-240 s).
     budget_reservation_lease_s: float = Field(default=600.0, gt=0)
 
+    # --- the providers' batch lane (workers/batchlane/, docs/COST_CONTROLS.md) ----------------
+    #: A provider batch is sent when this many batch-lane requests of one tier wait ...
+    batch_max_requests: int = Field(default=1000, ge=1, le=50_000)
+    #: ... or when the oldest of them has waited this long (seconds).
+    batch_max_age_s: float = Field(default=60.0, ge=0)
+    #: How often the batch runner looks for work and polls the batches in flight (seconds).
+    batch_poll_interval_s: float = Field(default=30.0, gt=0)
+    #: What happens to a request the batch did not answer (expired, canceled, a transient error):
+    #: "interactive" sends it on to its tier's queue at the interactive price; "fail" fails it
+    #: (``batch_expired``, or the error's reason). A permanent error (400) always fails it.
+    batch_retry_policy: Literal["interactive", "fail"] = "interactive"
+    #: Fault injection for tests: the batch runner SIGKILLs itself at this point (formed,
+    #: before_submit, after_submit, polling, mid_results) the first time it gets there.
+    batch_crash_at: str | None = None
+
     # --- simulated provider overrides (benchmarks, tests) -----------------------------------
     #: "uniform:LOW_MS:HIGH_MS" or "fixed:MS"; replaces every tier's latency profile.
     sim_latency: str | None = None

@@ -191,6 +191,35 @@ def worker(tiers: tuple[str, ...], concurrency: int | None, pool: str | None, na
     exec_worker(tiers=list(tiers), concurrency=concurrency, pool=pool, name=name, loglevel=loglevel)
 
 
+@main.command("batch-runner")
+@click.option("--once", is_flag=True, help="One tick (form, submit, poll), then exit.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def batch_runner(once: bool, loglevel: str) -> None:
+    """Run the providers' batch lane: gather batch-lane requests into provider batches, submit, poll,
+    record the results (docs/COST_CONTROLS.md, "Batch lane"). Several may run; one acts at a time."""
+    import logging
+
+    from config.catalog import load_catalog
+    from tars_tasks.db.engine import get_engine
+    from tars_tasks.embedded import NO_BROKER
+    from workers.batchlane.runner import BatchRunner
+
+    settings = _settings()
+    if settings.embedded:
+        raise ConfigurationError(f"tars batch-runner refused: {NO_BROKER}")
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = BatchRunner(settings=settings, catalog=load_catalog(settings.catalog_path),
+                         engine=get_engine(settings.database_url))
+    try:
+        if once:
+            click.echo(json.dumps(runner.tick()))
+        else:
+            click.echo("batch runner started", err=True)
+            runner.run()
+    finally:
+        runner.close()
+
+
 # --- producer ------------------------------------------------------------------------------------
 
 
@@ -211,9 +240,11 @@ def _result_dict(r) -> dict:
 @click.option("--tenant", default="default", show_default=True)
 @click.option("--idempotency-key", default=None)
 @click.option("--tier", type=click.Choice(TIERS), default=None, help="Override the role's tier.")
+@click.option("--lane", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
+              help="batch: sent through the provider's batch API at the batch price, answered within 24 h.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
-def submit(role, prompt, priority, tenant, idempotency_key, tier, wait, timeout) -> None:
+def submit(role, prompt, priority, tenant, idempotency_key, tier, lane, wait, timeout) -> None:
     """Submit one request; prints its id (and with --wait, its result as JSON).
 
     On the embedded default (no TARS_BROKER_URL) nothing else could ever run the request, so it
@@ -224,7 +255,7 @@ def submit(role, prompt, priority, tenant, idempotency_key, tier, wait, timeout)
         prompt = read_stdin_text(what="--prompt")
     settings = _ready()
     spec = {"role": role, "prompt": prompt, "priority": priority, "tenant": tenant,
-            "idempotency_key": idempotency_key, "tier": tier}
+            "idempotency_key": idempotency_key, "tier": tier, "lane": lane}
     if settings.embedded:
         from tars_tasks.embedded import database_path, run_in_process
 
@@ -344,6 +375,18 @@ def status(as_json: bool) -> None:
                        f"{u['cache_write_1h_tokens']:,}", f"{u['cache_read_tokens']:,}", f"{u['output_tokens']:,}",
                        f"${Decimal(u['cost_usd']):.6f}")
         console.print(ut)
+    batches = st.batches or {}
+    if batches.get("in_flight") or batches.get("waiting"):
+        bt2 = Table(title="Batch lane: provider batches in flight (waiting for a batch: "
+                          + (", ".join(f"{t} {n:,}" for t, n in sorted(batches["waiting"].items())) or "none") + ")")
+        for col in ("batch", "tier", "provider", "model", "state", "requests", "provider id", "provider status",
+                    "polls", "age"):
+            bt2.add_column(col)
+        for b in batches.get("in_flight") or []:
+            bt2.add_row(b["id"][:8], b["tier"], b["provider"], b["model"], b["state"], f"{b['requests']:,}",
+                        b["provider_batch_id"] or "-", b["provider_status"] or "-", str(b["polls"]),
+                        f"{b['age_s']:.0f}s")
+        console.print(bt2)
     if st.fleet_mode:
         fm = st.fleet_mode
         sig = ", ".join(f"{k} {v:.2f}" for k, v in sorted((fm.get("signals") or {}).items()))

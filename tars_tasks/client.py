@@ -142,6 +142,7 @@ class TarsClient:
         response_format: str | None = None,
         metadata: Mapping[str, str] | None = None,
         cache: bool | None = None,
+        lane: str | None = None,
         **unknown: Any,
     ) -> RequestHandle:
         """Validate, record and queue one request (the fields are :class:`RequestSpec`'s).
@@ -154,7 +155,7 @@ class TarsClient:
                  ("idempotency_key", idempotency_key), ("tier", tier))
         model = (("system", system), ("messages", messages), ("max_tokens", max_tokens),
                  ("temperature", temperature), ("stop", stop), ("response_format", response_format),
-                 ("metadata", metadata), ("cache", cache))
+                 ("metadata", metadata), ("cache", cache), ("lane", lane))
         spec: dict[str, Any] = {name: value for name, value in given if value is not REQUIRED}
         spec.update((name, value) for name, value in model if value is not None)
         return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]

@@ -77,6 +77,8 @@ class FailureReason(StrEnum):
     # the tenant's budget (tars_tasks/budgets.py) had no room for the call's worst case: queued work
     # that met a spent budget
     BUDGET = "budget"
+    # the batch lane's: the provider's batch did not answer it (expired, canceled) and the policy is "fail"
+    BATCH_EXPIRED = "batch_expired"
     # the producer's: its publish raised (the row was marked failed, the producer was told)
     ENQUEUE_FAILED = "enqueue failed"
 

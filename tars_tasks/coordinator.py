@@ -55,6 +55,7 @@ from tars_tasks.errors import (
 from tars_tasks.publish import ToStage, publish_request, stage_requests
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import (
+    LANE_BATCH,
     RequestSpec,
     given_chars,
     request_columns,
@@ -65,6 +66,8 @@ from tars_tasks.schemas import (
 from tars_tasks.staging import Staging, staged_tokens
 
 log = logging.getLogger(__name__)
+#: Providers with a batch API the batch lane can use (workers/batchlane/).
+BATCH_PROVIDERS: tuple[str, ...] = ("anthropic", "openai")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +141,19 @@ class Coordinator:
             spec = validate_spec(data, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars,
                                  index=where)
             r = route(spec, catalog=self.catalog)
+            if spec.lane == LANE_BATCH:
+                self._check_batch_lane(r.tier, index=where)
             planned.append(_Planned(spec=spec, route=r, id=str(uuid.uuid4()), requested_tier=r.tier))
         self.check_run(run_id)
         return planned
+
+    def _check_batch_lane(self, tier: str, *, index: int | None) -> None:
+        """A batch-lane request needs a provider with a batch API (Anthropic, OpenAI)."""
+        provider = self.settings.provider_override or self.catalog.spec(tier).provider
+        if provider not in BATCH_PROVIDERS:
+            where = f"request #{index}: " if index is not None else ""
+            raise InvalidRequest(f"{where}lane 'batch' needs a provider with a batch API ({', '.join(BATCH_PROVIDERS)}"
+                                 f"); tier {tier} uses {provider!r}", field="lane", index=index)
 
     def check_run(self, run_id: Any) -> str | None:
         """``run_id`` as given if it is ``None`` or names a row of ``runs``; else :class:`InvalidRequest`
@@ -189,10 +202,12 @@ class Coordinator:
         planned = self.apply_budgets(planned)
         planned = self.answer_from_cache(planned)
         self._refuse_uncached(planned)
-        queued = [p for p in planned if not p.hit]  # a cache hit is recorded answered, never queued
+        # a cache hit is recorded answered, never queued; a batch-lane request is recorded and left to the
+        # batch runner (workers/batchlane/), which gathers it into a provider batch: no queue room either
+        queued = [p for p in planned if not p.hit and p.spec.lane != LANE_BATCH]
         reservations = self._reserve(queued)
         try:
-            created, existing = self._record(planned, run_id=run_id)
+            created, existing = self._record(planned, run_id=run_id, reply_to=reply_to)
             self._enqueue([p for p in queued if p.id in created], reply_to=reply_to)
         finally:
             self._release(reservations)
@@ -350,7 +365,7 @@ class Coordinator:
                             self.settings.admission_reservation_ttl_s)
 
     def _record(
-        self, planned: Sequence[_Planned], *, run_id: str | None
+        self, planned: Sequence[_Planned], *, run_id: str | None, reply_to: str | None = None
     ) -> tuple[set[str], dict[tuple[str, str | None], tuple[str, str, int]]]:
         now = datetime.now(UTC)
         rows, seen_keys = [], set()
@@ -369,6 +384,8 @@ class Coordinator:
                     "status": RequestStatus.QUEUED,
                     "run_id": run_id,
                     "submitted_at": now,
+                    "lane": p.spec.lane,
+                    "reply_to": reply_to if p.spec.lane == LANE_BATCH and not p.hit else None,
                     **self._cost_columns(p, now=now),
                 }
             )

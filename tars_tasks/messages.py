@@ -36,7 +36,8 @@ ROUTING_FIELDS = frozenset({"v", "request_id", "tier", "reply_to"})
 _ROUTING_FIELDS_BY_VERSION = {3: ROUTING_FIELDS, 2: ROUTING_FIELDS | {"tenant", "priority"}}
 #: Keyword arguments a plain-Celery producer may send to create a request.
 SPEC_FIELDS = frozenset({"role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
-                         "max_tokens", "temperature", "stop", "response_format", "metadata", "cache"})
+                         "max_tokens", "temperature", "stop", "response_format", "metadata", "cache",
+                         "lane"})
 _ID_MAX = 36
 _EXCERPT = 80
 

@@ -43,7 +43,11 @@ from tars_tasks.errors import InvalidRequest, excerpt, type_name
 
 PRIORITY_NAMES: dict[str, int] = {"low": 0, "normal": 5, "high": 9}
 FIELDS: tuple[str, ...] = ("role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
-                           "max_tokens", "temperature", "stop", "response_format", "metadata", "cache")
+                           "max_tokens", "temperature", "stop", "response_format", "metadata", "cache", "lane")
+#: The lanes a request may take: its own call now, or a provider batch at the batch price (within 24 h).
+LANE_INTERACTIVE = "interactive"
+LANE_BATCH = "batch"
+LANES: tuple[str, ...] = (LANE_INTERACTIVE, LANE_BATCH)
 #: The fields that describe the model request itself (the rest route and identify it).
 MODEL_FIELDS: tuple[str, ...] = ("system", "messages", "max_tokens", "temperature", "stop", "response_format",
                                  "metadata")
@@ -127,6 +131,10 @@ class RequestSpec(BaseModel):
       cache answers a request it has seen before (same model, canonical request and scope) at
       submit: by default only a request that does not sample (``temperature`` 0); ``True`` lets a
       sampled one be served and fill it too; ``False`` never touches the cache.
+    * ``lane``: ``"interactive"`` (default) or ``"batch"``: the request accepts a delay of up to the
+      provider's batch window (24 h) and is sent through the provider's batch API at its batch
+      price (docs/COST_CONTROLS.md, "Batch lane"). Only for a tier whose provider has one
+      (``anthropic``, ``openai``).
 
     The texts a producer gives (``prompt``, ``system``, every message) together are at most
     ``TARS_MAX_PROMPT_CHARS`` characters (the role's default system prompt is not counted).
@@ -163,6 +171,8 @@ class RequestSpec(BaseModel):
     #: The response cache (tars_tasks/cache.py): None = the default (served from cache when not
     #: sampled), False = never from cache and never filling it, True = also when sampled.
     cache: bool | None = None
+    #: ``interactive`` or ``batch`` (the providers' batch APIs, at the batch price).
+    lane: str = LANE_INTERACTIVE
 
     @model_validator(mode="before")
     @classmethod
@@ -393,6 +403,12 @@ def _cache(value: Any) -> bool | None:
     raise _invalid("cache", f"cache must be true, false or None, got {type_name(value)} {excerpt(value)}")
 
 
+def _lane(value: Any) -> str:
+    if isinstance(value, str) and str.__str__(value) in LANES:
+        return str.__str__(value)
+    raise _invalid("lane", f"lane must be one of {', '.join(LANES)}, got {type_name(value)} {excerpt(value)}")
+
+
 def parse_priority(value: Any) -> int:
     """``"low" | "normal" | "high"`` (any case), ``"0"``..``"9"`` or an ``int`` 0..9 (9 is served first)."""
     names = "/".join(PRIORITY_NAMES)
@@ -455,6 +471,7 @@ def _check_fields(data: Any) -> dict[str, Any]:
         "response_format": _response_format(data.get("response_format")),
         "metadata": _metadata(data.get("metadata")),
         "cache": _cache(data.get("cache")),
+        "lane": _lane(data.get("lane", LANE_INTERACTIVE)),
     }
 
 

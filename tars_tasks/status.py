@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -45,13 +46,15 @@ class FleetStatus:
     budgets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: requests by how they were answered, dollars the cache saved, the cache's own counters
     cache: dict[str, Any] = field(default_factory=dict)
+    #: the batch lane: batch-lane requests waiting for a batch per tier, and the provider batches in flight
+    batches: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"queue_depth": self.queue_depth, "staged": self.staged, "tenants": self.tenants,
                 "workers": self.workers, "requests": self.requests,
                 "breakers": self.breakers, "worker_health": self.worker_health,
                 "billed_unknown": self.billed_unknown, "usage": self.usage, "fleet_mode": self.fleet_mode,
-                "budgets": self.budgets, "cache": self.cache}
+                "budgets": self.budgets, "cache": self.cache, "batches": self.batches}
 
 
 def workers_by_tier(celery_app, *, timeout: float = 1.0) -> dict[str, list[str]]:
@@ -171,6 +174,26 @@ def cache_summary(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def batch_lane(settings: Settings) -> dict[str, Any]:
+    """Batch-lane requests not yet in a provider batch (per tier), and every provider batch not done:
+    tier, provider, model, state, requests, the provider's id and status, polls, age."""
+    from tars_tasks.db.models import BatchItem, ProviderBatch
+
+    t, pb, bi = Request.__table__.c, ProviderBatch.__table__.c, BatchItem.__table__.c
+    now = datetime.now(UTC)
+    with get_engine(settings.database_url).connect() as conn:
+        waiting = conn.execute(select(t.tier_queued, func.count())
+                               .where(t.lane == "batch", t.status == "queued",
+                                      ~select(bi.request_id).where(bi.request_id == t.id).exists())
+                               .group_by(t.tier_queued)).all()
+        flying = conn.execute(select(ProviderBatch.__table__).where(pb.state != "done").order_by(pb.created_at)).all()
+    return {"waiting": {tier: int(n) for tier, n in waiting},
+            "in_flight": [{"id": r.id, "tier": r.tier, "provider": r.provider, "model": r.model, "state": r.state,
+                           "requests": r.request_count, "provider_batch_id": r.provider_batch_id,
+                           "provider_status": r.provider_status, "polls": r.polls,
+                           "age_s": round((now - r.created_at).total_seconds(), 1)} for r in flying]}
+
+
 def staged_by_tier(settings: Settings) -> dict[str, dict[int, dict[str, int]]]:
     """Tier -> TARS priority -> tenant -> messages staged (waiting for a dispatcher), from the broker."""
     from tars_tasks.staging import Staging
@@ -209,4 +232,5 @@ def fleet_status(settings: Settings, celery_app) -> FleetStatus:
         fleet_mode=fleet_mode(settings),
         budgets=budget_states(settings),
         cache=cache_summary(settings),
+        batches=batch_lane(settings),
     )

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 #: Every table a test empties, children first (one list: a new table is added here only).
-TABLES = "job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes"
+TABLES = "batch_items, provider_batches, job_steps, jobs, api_calls, requests, runs, dead_letters, mode_changes"
 
 
 def empty_tables(engine) -> None:

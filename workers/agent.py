@@ -43,6 +43,7 @@ from tars_tasks.errors import InvalidRequest
 from tars_tasks.messages import MalformedMessage, RunRequestMessage
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
+from tars_tasks.schemas import LANE_BATCH
 from workers.caller import CallOutcome, ModelCaller
 from workers.callpath.slot_step import HINT_RESERVED_TOKENS, HINT_SLOT_AT, HINT_SLOT_GRACE_S, HINT_SLOT_RESERVED
 from workers.loader import RequestLoader, RequestRow
@@ -61,6 +62,8 @@ REASON_POISON = FailureReason.POISON
 REASON_INTERNAL = FailureReason.INTERNAL_ERROR
 #: What :meth:`SubAgent.handle` returns for a message it dead-lettered.
 DEAD_LETTERED = "dead_lettered"
+#: What :meth:`SubAgent.handle` returns for a batch-lane request (recorded; the batch runner sends it).
+BATCH_LANE = "batch_lane"
 #: A dispatched slot is used if the send is at most this share of the limiter's window late.
 DISPATCHED_SLOT_TOLERANCE_SHARE = 0.01
 #: Verdicts on a redelivered request (see :mod:`workers.quarantine`).
@@ -190,6 +193,9 @@ class SubAgent:
             row = self._adopt(message)
             if row is None:
                 return DEAD_LETTERED
+        if row.lane == LANE_BATCH and row.status not in TERMINAL_STATUSES:
+            log.info("request %s is on the batch lane; the batch runner sends it, not this worker", row.id)
+            return BATCH_LANE
         if row.status in TERMINAL_STATUSES:
             log.info("request %s delivered again but already %s; not running it again", row.id, row.status)
             self._republish_successors(row.id)
@@ -275,6 +281,13 @@ class SubAgent:
         try:
             spec = validate_spec(message.spec, catalog=self.catalog, max_prompt_chars=self.settings.max_prompt_chars)
             r = route(spec, catalog=self.catalog)
+            if spec.lane == LANE_BATCH:
+                from tars_tasks.coordinator import BATCH_PROVIDERS
+
+                provider = self.settings.provider_override or self.catalog.spec(r.tier).provider
+                if provider not in BATCH_PROVIDERS:
+                    raise InvalidRequest(f"lane 'batch' needs a provider with a batch API; tier {r.tier} uses "
+                                         f"{provider!r}", field="lane")
         except InvalidRequest as exc:
             self.dead_letter(reason="invalid_request", detail=f"request {message.request_id}: {exc}")
             return None
@@ -283,7 +296,8 @@ class SubAgent:
             stmt = insert_for(conn, Request.__table__).values(
                 id=message.request_id, **request_columns(spec, catalog=self.catalog), tier_requested=r.tier,
                 tier_queued=r.tier, status=RequestStatus.QUEUED, submitted_at=now, attempts=0, input_tokens=0,
-                output_tokens=0, cost_usd=0,
+                output_tokens=0, cost_usd=0, lane=spec.lane,
+                reply_to=message.reply_to if spec.lane == LANE_BATCH else None,
             ).on_conflict_do_nothing()
             conn.execute(stmt)
         row = self.loader.get(message.request_id)

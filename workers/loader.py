@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _req = Request.__table__.c
 _COLUMNS = (_req.id, _req.status, _req.role, _req.tenant, _req.priority, _req.prompt, _req.tier_requested,
             _req.started_at, _req.submitted_at, _req.system, _req.messages, _req.max_tokens, _req.temperature,
-            _req.stop, _req.response_format, _req["metadata"], _req.cache_digest)
+            _req.stop, _req.response_format, _req["metadata"], _req.cache_digest, _req.lane)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,8 @@ class RequestRow:
     metadata: dict[str, str] | None = None
     #: The response cache's digest (None: not cacheable); the call path fills the cache under it.
     cache_digest: str | None = None
+    #: ``interactive``, or ``batch``: left to the batch runner (workers/batchlane/), never called here.
+    lane: str = "interactive"
 
     def model_request(self) -> ModelRequest:
         """What the model is asked: the stored conversation and options (role defaults already in)."""

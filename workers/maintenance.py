@@ -326,6 +326,7 @@ class LostRequestReconciler:
                 select(req.id, req.tier_requested, req.tier_queued, req.tenant, req.priority, req.prompt, req.system,
                        req.messages, req.max_tokens)
                 .where(req.status == RequestStatus.QUEUED, req.submitted_at < cutoff,
+                       req.lane != "batch",  # a batch-lane request waits for the batch runner, in no queue
                        ~exists().where(api.request_id == req.id, api.outcome == AttemptOutcome.IN_FLIGHT))
                 .order_by(req.submitted_at)
                 .limit(self.BATCH_MAX)

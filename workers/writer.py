@@ -202,6 +202,16 @@ class GroupCommitWriter:
         self._q.put(entry)
         self._wait(entry, timeout)
 
+    def finish_many(self, items: list[tuple[list[AttemptRecord], FinishRecord, str | None]], *,
+                    timeout: float | None = None) -> None:
+        """:meth:`finish` for many requests at once (they share commits); blocks until all are durable."""
+        entries = [_Entry(api_rows=list(rows), finish=fin, reply_to=reply_to, done=threading.Event())
+                   for rows, fin, reply_to in items]
+        for e in entries:
+            self._q.put(e)
+        for e in entries:
+            self._wait(e, timeout)
+
     @staticmethod
     def _wait(entry: _Entry, timeout: float | None) -> None:
         if not entry.done.wait(timeout):

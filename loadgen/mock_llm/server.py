@@ -27,7 +27,8 @@ Behaviour (all settable at start and at run time with ``POST /_mock/config``):
 * streaming (``stream: true``): server-sent events in each API's own format
   (:mod:`loadgen.mock_llm.answers`), usage included, so the official SDKs' streaming helpers work.
 
-Endpoints: ``POST /v1/messages``, ``POST /v1/chat/completions``, ``GET /_mock/stats``,
+Endpoints: ``POST /v1/messages``, ``POST /v1/chat/completions``, both providers' batch APIs
+(:mod:`loadgen.mock_llm.batches`: Anthropic Message Batches, OpenAI Files + Batch), ``GET /_mock/stats``,
 ``GET /_mock/requests`` (the last bodies received, newest last: what a client really sent),
 ``POST /_mock/reset``, ``POST /_mock/config``, ``GET /_mock/health``.
 One event loop holds thousands of concurrent connections (the file-descriptor limit is raised
@@ -109,6 +110,10 @@ class MockConfig:
     cache_min_tokens: int = 1024
     cache_ttl_s: float = 300.0
     cache_ttl_1h_s: float = 3600.0
+    #: The batch APIs (:mod:`loadgen.mock_llm.batches`): seconds from a batch's creation until it has
+    #: ended (every request answered at that moment), and the share of its requests that expire.
+    batch_delay_s: float = 2.0
+    batch_expire_rate: float = 0.0
 
     def update(self, data: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)}
@@ -204,6 +209,9 @@ class MockLLM:
         self.cache = PromptCache()
         #: (protocol, body) of the last requests received
         self.bodies: deque[tuple[str, Any]] = deque(maxlen=BODIES_KEPT)
+        from loadgen.mock_llm.batches import BatchStore
+
+        self.batches = BatchStore(self)
 
     # --- app -----------------------------------------------------------------------------------
 
@@ -211,6 +219,7 @@ class MockLLM:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_post("/v1/messages", self.anthropic)
         app.router.add_post("/v1/chat/completions", self.openai)
+        self.batches.routes(app)
         app.router.add_get("/_mock/stats", self.get_stats)
         app.router.add_get("/_mock/requests", self.get_requests)
         app.router.add_post("/_mock/reset", self.reset)
@@ -237,6 +246,7 @@ class MockLLM:
         self.windows.clear()
         self.cache.clear()
         self.bodies.clear()
+        self.batches.clear()
         if isinstance(body, dict) and body.get("config"):
             self.config = MockConfig(**asdict(self._initial))
         return web.json_response({"ok": True})
@@ -351,6 +361,49 @@ class MockLLM:
         return web.json_response(openai_completion(model, answer),
                                  headers={"x-request-id": f"req_{uuid.uuid4().hex[:24]}"})
 
+    def answer_body(self, protocol: str, body: Any, *, at: float) -> tuple[int, dict[str, Any]]:
+        """One request of a batch, answered now: ``(status, response body)`` as the interactive endpoint
+        would answer it (the same checks, prompt directives, prompt cache and counters, the counters
+        also under ``batched``) — without latency, random faults or the mock's own RPM/TPM limits,
+        which a batch API does not apply per request."""
+        cfg = self.config
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            return 400, _error_body(protocol, "invalid_request_error", "model: field required")
+        stats = self.stats
+        stats.count(model=model, key="requests", at=at)
+        stats.count(model=model, key="batched", at=at)
+        try:
+            parsed = parse_anthropic(body) if protocol == PROTOCOL_ANTHROPIC else parse_openai(body)
+        except WireError as exc:
+            stats.count(model=model, key=f"status_{exc.status}", at=at)
+            return exc.status, _error_body(protocol, exc.kind, str(exc), code=exc.code)
+        if parsed.stream:
+            stats.count(model=model, key="status_400", at=at)
+            return 400, _error_body(protocol, "invalid_request_error", "stream: not supported in a batch")
+        directives = dict(_DIRECTIVE_RE.findall(parsed.text))
+        input_tokens = estimate_tokens(parsed.text)
+        status = int(directives["status"]) if "status" in directives else cfg.force_status.get(model)
+        if status:
+            stats.count(model=model, key=f"status_{status}", at=at)
+            return int(status), _error_body(protocol, _kind_for(int(status)), f"forced status {status}")
+        if "context_too_long" in directives or input_tokens + int(parsed.max_tokens or 0) > cfg.context_tokens:
+            stats.count(model=model, key="status_400", at=at)
+            return 400, _error_body(protocol, "invalid_request_error",
+                                    f"prompt is too long: {input_tokens} tokens > {cfg.context_tokens} maximum",
+                                    code="context_length_exceeded")
+        answer = make_answer(rng=self.rng, parsed=parsed, output_tokens=cfg.output_tokens,
+                             usage=self._cache_usage(parsed, input_tokens=input_tokens))
+        stats.count(model=model, key="ok", at=at)
+        for name in TOKEN_COUNTERS[:-1]:
+            stats.count(model=model, key=name, n=getattr(answer.usage, name), at=at)
+            stats.count(model=model, key=f"batched_{name}", n=getattr(answer.usage, name), at=at)
+        stats.count(model=model, key="output_tokens", n=answer.output_tokens, at=at)
+        stats.count(model=model, key="batched_output_tokens", n=answer.output_tokens, at=at)
+        if protocol == PROTOCOL_ANTHROPIC:
+            return 200, anthropic_message(model, answer)
+        return 200, openai_completion(model, answer)
+
     def _cache_usage(self, parsed, *, input_tokens: int) -> CacheUsage:
         """The input's token classes once the request is served (a refused request caches nothing)."""
         cfg = self.config
@@ -407,13 +460,15 @@ def _kind_for(status: int) -> str:
             529: "overloaded_error"}.get(status, "api_error")
 
 
+def _error_body(protocol: str, kind: str, message: str, *, code: str | None = None) -> dict[str, Any]:
+    if protocol == PROTOCOL_ANTHROPIC:
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 def _error(protocol: str, status: int, kind: str, message: str, *, headers: dict[str, str] | None = None,
            code: str | None = None) -> web.Response:
-    if protocol == PROTOCOL_ANTHROPIC:
-        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
-    else:
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(_error_body(protocol, kind, message, code=code), status=status, headers=headers)
 
 
 def raise_fd_limit() -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -71,6 +72,9 @@ class Request(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_requests_tenant_idempotency_key"),
         Index("ix_requests_status", "status"),
         Index("ix_requests_run_id", "run_id"),
+        Index("ix_requests_batch_lane_queued", "tier_queued", "submitted_at",
+              postgresql_where=text("lane = 'batch' AND status = 'queued'"),
+              sqlite_where=text("lane = 'batch' AND status = 'queued'")),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -123,6 +127,11 @@ class Request(Base):
     #: the worker fills ``cache:<model>:<digest>`` with the answer (tars_tasks/cache.py).
     cache_digest: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
+    #: ``interactive`` (a Celery queue and a call of its own) or ``batch`` (gathered into a provider
+    #: batch at the batch price by the batch runner: workers/batchlane/, docs/COST_CONTROLS.md).
+    lane: Mapped[str] = mapped_column(String(20), default="interactive", server_default="interactive")
+    #: A batch-lane request's completion channel (an interactive one's travels in its message).
+    reply_to: Mapped[str | None] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -185,6 +194,49 @@ class ModeChange(Base):
     signals: Mapped[dict[str, Any]] = mapped_column(JSON)
     seq: Mapped[int] = mapped_column(Integer)
     namespace: Mapped[str] = mapped_column(String(100))
+
+
+class ProviderBatch(Base):
+    """One batch sent (or about to be sent) to a provider's batch API (workers/batchlane/). The row
+    and its members (``batch_items``) are committed before the batch is submitted; ``state`` is
+    ``pending`` (formed) -> ``submitting`` (a submit may have reached the provider) -> ``submitted``
+    (``provider_batch_id`` known) -> ``done`` (every member's result recorded)."""
+
+    __tablename__ = "provider_batches"
+    __table_args__ = (Index("ix_provider_batches_state", "state"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(20))
+    provider: Mapped[str] = mapped_column(String(50))
+    model: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(20))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    request_count: Mapped[int] = mapped_column(Integer)
+    submit_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    provider_status: Mapped[str | None] = mapped_column(String(50))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    submit_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchItem(Base):
+    """A request's membership of a provider batch: one batch per request at most (the primary key)."""
+
+    __tablename__ = "batch_items"
+    __table_args__ = (Index("ix_batch_items_batch_id", "batch_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(36), ForeignKey("requests.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(36), ForeignKey("provider_batches.id", ondelete="CASCADE"))
+    #: The provider's verdict (succeeded, errored, expired, canceled, missing); None until recorded.
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    #: Sent on to the interactive lane after the batch could not answer it.
+    retried: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
 
 class DeadLetter(Base):

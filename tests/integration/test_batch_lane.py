@@ -153,3 +153,42 @@ def test_with_the_fail_policy_a_request_the_batch_did_not_answer_fails_batch_exp
                                                                                          "batch_expired", 0)
     assert rows(db, "SELECT id FROM api_calls WHERE request_id = :r", r=late.id) == []  # no call was made
     assert rows(db, "SELECT lane FROM requests WHERE id = :r", r=late.id) == [{"lane": "batch"}]
+
+
+def test_batch_lane_calls_are_reserved_and_settled_against_the_tenants_budget(
+        fleet_env, tmp_path, mock_llm, db):  # noqa: F811
+    """A batch request's worst case (at the batch price) is reserved before its batch is sent: members
+    the budget cannot cover fail ``budget`` with no call; the rest are settled to their real cost, so
+    the budget's spend is the bill and never above the limit."""
+    from tars_tasks.budgets import Budgets
+    from tars_tasks.redis_client import get_redis
+
+    mock = mock_llm("--latency", "fixed:5", "--output-tokens", "30:30", "--config-json", '{"batch_delay_s": 0.5}')
+    env = {**batch_env(fleet_env, tmp_path, mock), "TARS_BATCH_MAX_AGE_S": "1"}
+    s = make_settings(env)
+    budgets = Budgets(redis_client=get_redis(s.shared_redis_url, settings=s), namespace=s.namespace)
+    catalog = load_catalog(Path(env["TARS_CATALOG_PATH"]))
+    spec = catalog.spec("haiku")
+    prompt = "words " * 400
+    from workers.providers.request import ModelRequest
+
+    one = spec.cost_usd(input_tokens=ModelRequest.from_prompt(prompt).estimated_input_tokens(),
+                        output_tokens=400, batch=True)
+    limit = one * Decimal("3.5")  # room for three worst cases
+    budgets.set_limit(tenant="acme", period="day", usd=limit)
+    with TarsClient(settings=s) as client:
+        handles = [client.submit(role="researcher", prompt=f"{i} {prompt}", lane="batch", tenant="acme",
+                                 max_tokens=400) for i in range(8)]
+        runner = start_runner(env, tmp_path / "runner.log")
+        try:
+            results = client.wait_many([h.id for h in handles], timeout=90)
+            wait_batches_done(db)
+        finally:
+            runner.stop()
+    outcomes = sorted((r.status, r.failure_reason) for r in results)
+    assert outcomes.count(("succeeded", None)) == 3 and outcomes.count(("failed", "budget")) == 5, outcomes
+    refused = [r.id for r in results if r.failure_reason == "budget"]
+    assert rows(db, "SELECT id FROM api_calls WHERE request_id = ANY(:ids)", ids=refused) == []
+    (billed,) = rows(db, "SELECT coalesce(sum(cost_usd), 0) AS usd FROM api_calls")
+    day = budgets.state("acme")[0]
+    assert day.reserved_usd == 0 and day.spent_usd == billed["usd"] > 0 and day.spent_usd <= limit

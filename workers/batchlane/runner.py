@@ -98,6 +98,11 @@ class BatchRunner:
                                                   retry_max_s=settings.writer_retry_max_s)
         self.celery_app = celery_app
         self.name = f"batch-runner@{socket.gethostname()}:{os.getpid()}"
+        from tars_tasks.budgets import Budgets
+
+        #: Tenants' (and the fleet's) budgets: each member's worst case at the batch price is
+        #: reserved before its batch is sent and settled when its result is written.
+        self.budgets = Budgets.for_settings(settings) if settings.budgets_enabled else None
         self._lock_conn = None
         self._next_poll: dict[str, float] = {}
         self._crashed_at: set[str] = set()
@@ -235,8 +240,9 @@ class BatchRunner:
                     self._record_submitted(b.id, found, None)
                     self.counts["adopted"] += 1
                     return
-            members = self._members(b.id)
-            items = [(m.id, m.model_request()) for m in members if m.status == RequestStatus.QUEUED]
+            members = self._reserve_budgets(b, spec, [m for m in self._members(b.id)
+                                                      if m.status == RequestStatus.QUEUED])
+            items = [(m.id, m.model_request()) for m in members]
             if not items:
                 self._finish_batch(b.id, outcomes={}, retry=[], error="no queued member left")
                 return
@@ -258,6 +264,64 @@ class BatchRunner:
             log.warning("batch %s not submitted (%s); trying again next tick", b.id, exc)
         finally:
             api.close()
+
+    def _reserve_budgets(self, b: Any, spec: ModelSpec, members: list[RequestRow]) -> list[RequestRow]:
+        """Reserve every member's worst case (its input and output limit at the batch price) against its
+        tenant's budget and the fleet's, as the interactive call path does before a call; a member the
+        budget refuses fails ``budget`` (no attempt, nothing billed) and is left out of the batch. A
+        reservation outliving ``budget_reservation_lease_s`` (a batch takes up to a day) is charged at
+        its worst case meanwhile, and its settle corrects that to the real cost."""
+        if self.budgets is None or not members:
+            return members
+        from tars_tasks.budgets import FLEET
+
+        kept, refused = [], []
+        for m in members:
+            req = m.model_request()
+            worst = spec.cost_usd(input_tokens=req.estimated_input_tokens(), output_tokens=req.output_limit(spec),
+                                  batch=True)
+            refusal = self.budgets.reserve(tenant=m.tenant, reservation_id=attempt_id(b.id, m.id), usd=worst)
+            if refusal is None:
+                kept.append(m)
+                continue
+            owner = "the fleet" if refusal.scope == FLEET else f"tenant {m.tenant!r}"
+            refused.append(([], FinishRecord(
+                request_id=m.id, status=RequestStatus.FAILED, tier_used=b.tier, model=spec.model, worker=self.name,
+                started_at=datetime.now(UTC), failure_reason=FailureReason.BUDGET,
+                error=f"{FailureReason.BUDGET}: {owner} has {refusal.used_usd:.6f} of its {refusal.limit_usd:.6f} "
+                      f"USD {refusal.period} budget spent or reserved; this batch request may cost {worst:.6f}"),
+                None))
+        if refused:
+            with self.engine.connect() as conn:
+                replies = {r.id: r.reply_to for r in conn.execute(
+                    select(_req.c.id, _req.c.reply_to).where(_req.c.id.in_([f.request_id for _, f, _ in refused])))}
+            self.writer.finish_many([(rows, f, replies.get(f.request_id)) for rows, f, _ in refused])
+            log.info("batch %s: %d request(s) refused by their budget", b.id, len(refused))
+        return kept
+
+    def _settle_budgets(self, b: Any, members: list[RequestRow]) -> None:
+        """Settle each member's reservation to what its batch call cost as recorded (its ``api_calls``
+        row, whichever runner wrote it; 0: no call was made, or it went on to the interactive lane,
+        which reserves for itself)."""
+        if self.budgets is None or not members:
+            return
+        from decimal import Decimal
+
+        import redis
+
+        from tars_tasks.db.models import ApiCall
+
+        ids = {attempt_id(b.id, m.id): m.id for m in members}
+        with self.engine.connect() as conn:
+            costs = {ids[r.id]: r.cost_usd for r in conn.execute(
+                select(ApiCall.__table__.c.id, ApiCall.__table__.c.cost_usd).where(ApiCall.__table__.c.id.in_(ids)))}
+
+        for m in members:
+            try:
+                self.budgets.settle(tenant=m.tenant, reservation_id=attempt_id(b.id, m.id),
+                                    usd=costs.get(m.id, Decimal(0)))
+            except redis.RedisError as exc:  # its lease expires: charged at its worst case
+                log.warning("batch %s: budget of request %s not settled (%s)", b.id, m.id, exc)
 
     def _known_ids(self) -> set[str]:
         with self.engine.connect() as conn:
@@ -333,6 +397,7 @@ class BatchRunner:
                 self.writer.record(rows)
             if not last:
                 self._crash("mid_results")
+        self._settle_budgets(b, members)  # before the batch is done: a crash here settles again (a no-op)
         self._finish_batch(b.id, outcomes=outcomes, retry=retry, error=refused)
         self.counts["results"] += len(finishes)
         if retry:

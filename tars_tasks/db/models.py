@@ -112,8 +112,8 @@ class Request(Base):
     cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
-    #: How it was answered: ``exact`` (the response cache, at submit), ``model`` (a provider call);
-    #: None until it succeeded.
+    #: How it was answered: ``exact`` (the response cache, at submit), ``semantic`` (the semantic
+    #: cache, at submit), ``model`` (a provider call); None until it succeeded.
     answered_by: Mapped[str | None] = mapped_column(String(20))
     #: What a cache hit saved: the cost of the call that filled the entry ($0 for a model answer).
     saved_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0), server_default="0")
@@ -122,6 +122,8 @@ class Request(Base):
     #: The response cache's digest of the canonical request and its scope (None: not cacheable);
     #: the worker fills ``cache:<model>:<digest>`` with the answer (tars_tasks/cache.py).
     cache_digest: Mapped[str | None] = mapped_column(String(64))
+    #: A semantic hit's cosine similarity to the prompt whose answer it took (None otherwise).
+    cache_similarity: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

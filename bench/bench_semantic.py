@@ -12,9 +12,10 @@ fill it (park at submit, ``ResponseCache.put`` with the digest). Then, interleav
   embedding, bucket read, cosine, parking the embedding (the most a request pays);
 * **semantic hit** — semantic on, a paraphrase of a filled prompt: the above plus the guard's
   text read and the answer's read;
-* **embedding alone** — ``embed([prompt])``.
+* **embedding alone** — ``embed([prompt])``;
+* **index alone** — the bucket's read (``HGETALL``) and the cosine over it, for one embedded prompt.
 
-Reported: p50 / p99 / mean in ms per request, and the added cost (semantic miss − exact only).
+Reported: p50 / p99 / mean in ms per request, and the added cost (semantic miss - exact only).
 Every prompt is new to the exact cache (a counter in it), so no lookup is an exact hit.
 """
 
@@ -40,7 +41,8 @@ ASPECTS = ["history", "main facts", "importance", "origin", "structure", "common
 
 
 def _prompt(i: int) -> str:
-    return f"Tell me about the {ASPECTS[i % len(ASPECTS)]} of {SUBJECTS[(i // len(ASPECTS)) % len(SUBJECTS)]}, part {i}."
+    subject = SUBJECTS[(i // len(ASPECTS)) % len(SUBJECTS)]
+    return f"Tell me about the {ASPECTS[i % len(ASPECTS)]} of {subject}, part {i}."
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -87,7 +89,11 @@ def main() -> int:
         cache.put(key=cache.key(model=model, digest=v.digest), digest=v.digest, ttl_s=600,
                   answer=CachedAnswer(text=f"answer {i}", stop_reason="end_turn", model=model, tier="haiku",
                                       cost_usd=Decimal("0.001"), source_request_id=str(i)))
-    times: dict[str, list[float]] = {"exact only": [], "semantic miss": [], "semantic hit": [], "embedding alone": []}
+    from tars_tasks.semantic import best
+
+    times: dict[str, list[float]] = {"exact only": [], "semantic miss": [], "semantic hit": [], "embedding alone": [],
+                                     "index alone": []}
+    bucket = next(iter(client.scan_iter(f"{ns}:cache:s:*"))).decode().split(":cache:s:", 1)[1]
     hits = 0
     try:
         for r in range(args.n):
@@ -105,8 +111,12 @@ def main() -> int:
             times["semantic hit"].append(time.perf_counter() - t)
             hits += v.hit is not None
             t = time.perf_counter()
-            embed([fresh])
+            vec = embed([fresh])[0]
             times["embedding alone"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ((digests, matrix),) = semantic.index.buckets([bucket])
+            best(digests, matrix, vec, threshold=0.9)
+            times["index alone"].append(time.perf_counter() - t)
     finally:
         keys = list(client.scan_iter(f"{ns}:*", count=1000))
         for k in range(0, len(keys), 500):

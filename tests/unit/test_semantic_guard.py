@@ -44,7 +44,7 @@ def _cols(**kw):
 
 def test_the_bucket_is_everything_but_the_prompt_in_its_scope():
     def digest(cols, tenant="acme", shared=False):
-        prompt, ctx = prompt_and_context(cols)
+        _, ctx = prompt_and_context(cols)
         return context_digest(context=ctx, tenant=tenant, shared=shared)
 
     same = digest(_cols())

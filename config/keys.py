@@ -208,6 +208,11 @@ def semantic_pending_key(namespace: str, model: str, digest: str) -> str:
     return f"{namespace}:cache:sp:{model}:{digest}"
 
 
+def semantic_pending_index_key(namespace: str) -> str:
+    """Sorted set of the parked embeddings' keys by time parked: their bound (``cache_max_entries``)."""
+    return f"{namespace}:cache:spindex"
+
+
 def fleet_mode_key(namespace: str) -> str:
     """Hash: the fleet's degradation mode, since when, its transition number, the last signals."""
     return f"{namespace}:fleetmode"

@@ -44,6 +44,7 @@ from config.keys import (
     semantic_bucket_key,
     semantic_index_key,
     semantic_order_key,
+    semantic_pending_index_key,
     semantic_pending_key,
     semantic_text_key,
 )
@@ -79,7 +80,7 @@ if n - hits > 0 then redis.call('HINCRBY', stats, ARGV[1] .. 'misses', n - hits)
 return out
 """
 
-#: KEYS: entry, index, stats[, pending embedding, semantic index]. ARGV: value, ttl ms, unused, max
+#: KEYS: entry, index, stats[, pending embedding, semantic index, pending index]. ARGV: value, ttl ms, unused, max
 #: entries[, entry digest, bucket / text / order key prefixes, max entries per bucket]. Returns
 #: entries evicted. With a pending embedding (tars_tasks/semantic.py: the producer parked it at
 #: submit) the entry is indexed in its semantic bucket in the same script, under the same bounds.
@@ -130,6 +131,7 @@ if #KEYS >= 5 then
     redis.call('DEL', KEYS[4])
     redis.call('HINCRBY', KEYS[3], 'semantic_fills', 1)
   end
+  if #KEYS >= 6 then redis.call('ZREM', KEYS[6], KEYS[4]) end
 end
 return evicted
 """
@@ -229,7 +231,8 @@ class ResponseCache:
         keys = [key, cache_index_key(self.namespace), cache_stats_key(self.namespace)]
         args: list[Any] = [value, max(1, int(ttl_s * 1000)), 0, self.max_entries]
         if digest is not None:
-            keys += [semantic_pending_key(self.namespace, answer.model, digest), semantic_index_key(self.namespace)]
+            keys += [semantic_pending_key(self.namespace, answer.model, digest), semantic_index_key(self.namespace),
+                     semantic_pending_index_key(self.namespace)]
             args += [digest, semantic_bucket_key(self.namespace, ""), semantic_text_key(self.namespace, ""),
                      semantic_order_key(self.namespace, ""), self.semantic_max_candidates]
         self._put(keys=keys, args=args)

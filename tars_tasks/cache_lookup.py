@@ -67,7 +67,7 @@ class CacheLookup:
 
             require_extra()
             self.index = SemanticIndex(redis_client=cache.redis, namespace=cache.namespace,
-                                       pending_ttl_s=self.semantic.pending_ttl_s)
+                                       pending_ttl_s=self.semantic.pending_ttl_s, max_pending=cache.max_entries)
 
     def digest_for(self, *, tier: str, tenant: str, columns: Mapping[str, Any], opt: bool | None) -> str | None:
         spec = self.catalog.spec(tier)

@@ -41,13 +41,45 @@ from typing import Any
 
 import redis
 
-from config.keys import semantic_bucket_key, semantic_pending_key, semantic_text_key
+from config.keys import (
+    cache_stats_key,
+    semantic_bucket_key,
+    semantic_pending_index_key,
+    semantic_pending_key,
+    semantic_text_key,
+)
 from tars_tasks.cache import CANONICAL_FIELDS
 
 #: ``requests.answered_by`` of a semantic hit.
 ANSWERED_SEMANTIC = "semantic"
 #: How many candidates over the threshold, best first, the guard may look at per bucket.
 MAX_GUARDED = 5
+
+#: KEYS: the pending keys, then the pending index, then the stats hash. ARGV: ttl ms, max parked,
+#: misses, then (bucket, vector, prompt) per key. The index (scored by Redis's clock, ms) drops what
+#: expired and then the oldest beyond the bound, so parked embeddings never outgrow the cache's bound
+#: however many misses never get an answer.
+PARK_LUA = """
+local n = #KEYS - 2
+local index, stats = KEYS[n + 1], KEYS[n + 2]
+local ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, n do
+  local a = 3 + (i - 1) * 3
+  redis.call('HSET', KEYS[i], 'b', ARGV[a + 1], 'v', ARGV[a + 2], 't', ARGV[a + 3])
+  redis.call('PEXPIRE', KEYS[i], ttl)
+  redis.call('ZADD', index, now, KEYS[i])
+end
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now - ttl)
+local over = redis.call('ZCARD', index) - max
+if over > 0 then
+  local old = redis.call('ZPOPMIN', index, over)
+  for i = 1, #old, 2 do redis.call('DEL', old[i]) end
+end
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', stats, 'semantic_misses', tonumber(ARGV[3])) end
+return n
+"""
 
 
 def prompt_and_context(columns: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -91,10 +123,13 @@ class Candidate:
 class SemanticIndex:
     """The semantic side of the cache's Redis: read buckets, park a miss's embedding."""
 
-    def __init__(self, *, redis_client: redis.Redis, namespace: str, pending_ttl_s: float) -> None:
+    def __init__(self, *, redis_client: redis.Redis, namespace: str, pending_ttl_s: float,
+                 max_pending: int = 100_000) -> None:
         self.redis = redis_client
         self.namespace = namespace
         self.pending_ttl_ms = max(1, int(pending_ttl_s * 1000))
+        self.max_pending = max_pending
+        self._park = redis_client.register_script(PARK_LUA) if redis_client is not None else None
 
     def buckets(self, names: Sequence[str]) -> list[tuple[list[str], Any]]:
         """Each bucket's digests and their vectors (an (n, 384) float32 array). Raises RedisError."""
@@ -121,18 +156,17 @@ class SemanticIndex:
                  for t in row] for row in pipe.execute()]
 
     def park(self, items: Sequence[tuple[str, str, str, Any, str]], *, misses: int) -> None:
-        """Park ``(model, digest, bucket, vector, prompt)`` for the worker's fill; count ``misses``."""
-        from config.keys import cache_stats_key
-
-        pipe = self.redis.pipeline(transaction=False)
-        for model, digest, bucket, vector, prompt in items:
-            key = semantic_pending_key(self.namespace, model, digest)
-            pipe.hset(key, mapping={"b": bucket, "v": vector.astype("float32").tobytes(),
-                                    "t": prompt.encode("utf-8", "surrogatepass")})
-            pipe.pexpire(key, self.pending_ttl_ms)
-        if misses:
-            pipe.hincrby(cache_stats_key(self.namespace), "semantic_misses", misses)
-        pipe.execute()
+        """Park ``(model, digest, bucket, vector, prompt)`` for the worker's fill (at most
+        ``max_pending`` parked in all, each for ``pending_ttl_s``); count ``misses``."""
+        if not items and not misses:
+            return
+        assert self._park is not None
+        keys = [semantic_pending_key(self.namespace, model, digest) for model, digest, _, _, _ in items]
+        args: list[Any] = [self.pending_ttl_ms, self.max_pending, misses]
+        for _, _, bucket, vector, prompt in items:
+            args += [bucket, vector.astype("float32").tobytes(), prompt.encode("utf-8", "surrogatepass")]
+        self._park(keys=[*keys, semantic_pending_index_key(self.namespace), cache_stats_key(self.namespace)],
+                   args=args)
 
 
 def best(digests: Sequence[str], matrix: Any, vector: Any, *, threshold: float) -> list[Candidate]:

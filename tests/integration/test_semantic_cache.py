@@ -148,3 +148,17 @@ def test_the_semantic_index_is_bounded_per_bucket_and_in_all(fleet_env, db):
                                       temperature=0).id)
     assert (newest.answered_by, newest.result) == ("semantic", "fact 5")
     assert oldest.answered_by is None
+
+
+def test_parked_embeddings_of_misses_never_answered_stay_within_the_bound(fleet_env, db):
+    from config.keys import semantic_pending_index_key, semantic_pending_key
+
+    env = _env(fleet_env, TARS_CACHE_MAX_ENTRIES="4")
+    with _client(env) as tars:  # no worker: nothing is ever filled
+        for n in range(7):
+            tars.submit(role="analyst", prompt=f"What is {n} squared?", tier="haiku", temperature=0)
+        r = redis_lib.Redis.from_url(env["TARS_CACHE_URL"])
+        ns = env["TARS_NAMESPACE"]
+        parked = r.keys(semantic_pending_key(ns, "*", "*"))
+        assert len(parked) == 4 and r.zcard(semantic_pending_index_key(ns)) == 4
+        assert tars.coordinator.cache_lookup.cache.stats()["semantic_misses"] == 7

@@ -113,6 +113,10 @@ class ModelSpec(BaseModel):
     cache_ttl_s: float = Field(default=3600, ge=0)
     #: ... and whether tenants share them (False: each tenant sees only its own answers).
     cache_shared: bool = False
+    #: Semantic cache (tars_tasks/semantic.py, the ``semantic`` extra, ``TARS_SEMANTIC_CACHE``): the
+    #: cosine similarity at or above which another prompt's cached answer is served (same scope,
+    #: model and context; the lexical guard agreeing). 0.90 measured: docs/COST_CONTROLS.md. 0: off.
+    semantic_threshold: float = Field(default=0.90, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -182,6 +182,37 @@ def cache_stats_key(namespace: str) -> str:
     return f"{namespace}:cache:stats"
 
 
+def semantic_bucket_key(namespace: str, bucket: str) -> str:
+    """Hash of one semantic bucket (``<model>:<context digest>``): entry digest -> normalised float32
+    embedding of the prompt it answered (tars_tasks/semantic.py)."""
+    return f"{namespace}:cache:s:{bucket}"
+
+
+def semantic_text_key(namespace: str, bucket: str) -> str:
+    """Hash of the bucket's prompts (entry digest -> prompt), read only for candidates over the threshold."""
+    return f"{namespace}:cache:st:{bucket}"
+
+
+def semantic_order_key(namespace: str, bucket: str) -> str:
+    """Sorted set of the bucket's entry digests by fill (its per-bucket bound trims the oldest)."""
+    return f"{namespace}:cache:so:{bucket}"
+
+
+def semantic_index_key(namespace: str) -> str:
+    """Sorted set of every ``<bucket> <digest>`` by fill: the semantic side's global bound."""
+    return f"{namespace}:cache:sindex"
+
+
+def semantic_pending_key(namespace: str, model: str, digest: str) -> str:
+    """A queued miss's bucket, embedding and prompt, waiting for the worker's fill to index them."""
+    return f"{namespace}:cache:sp:{model}:{digest}"
+
+
+def semantic_pending_index_key(namespace: str) -> str:
+    """Sorted set of the parked embeddings' keys by time parked: their bound (``cache_max_entries``)."""
+    return f"{namespace}:cache:spindex"
+
+
 def fleet_mode_key(namespace: str) -> str:
     """Hash: the fleet's degradation mode, since when, its transition number, the last signals."""
     return f"{namespace}:fleetmode"

@@ -192,6 +192,20 @@ class Settings(BaseSettings):
     cache_max_entry_bytes: int = Field(default=65_536, ge=256)
     #: Seconds a producer waits for the cache; a cache that does not answer is a miss, never an error.
     cache_timeout_s: float = Field(default=0.5, gt=0)
+    #: The semantic cache (needs the ``semantic`` extra; tars_tasks/semantic.py): a cacheable miss
+    #: of the exact cache is served another prompt's answer when their embeddings are within the
+    #: tier's ``semantic_threshold``. Off by default; on without the extra: ConfigurationError.
+    semantic_cache: bool = False
+    #: Bound on one bucket (scope + model + context): the most recent answers kept, all of which a
+    #: lookup compares against (brute-force cosine; the lookup's cost grows with it).
+    semantic_max_candidates: int = Field(default=256, ge=1)
+    #: Prompts longer than this are not semantically cached (the model reads 256 word pieces:
+    #: beyond that two prompts would be compared on their beginnings only).
+    semantic_max_prompt_chars: int = Field(default=1000, ge=1)
+    #: Seconds a queued miss's embedding waits for its answer to be filled.
+    semantic_pending_ttl_s: float = Field(default=86_400, gt=0)
+    #: Threads torch may use for embeddings in a producer process (0: torch's default, every core).
+    semantic_threads: int = Field(default=1, ge=0)
     #: The fleet mode is re-decided at most this often (by one process at a time, under a lock),
     #: and a producer re-reads it at most this often.
     mode_interval_s: float = Field(default=1.0, gt=0)

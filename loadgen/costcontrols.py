@@ -23,6 +23,8 @@ from loadgen.metrics import latency_summary
 from loadgen.records import RequestRecord
 
 BUDGET_REFUSED_CLIENT = "submit_error:BudgetExceeded"
+#: ``answered_by`` of the answers the response cache gave at submit (exact, then semantic).
+CACHE_ANSWERS = ("exact", "semantic")
 BUDGET_REASON = "budget"
 
 
@@ -53,14 +55,18 @@ def figures(records: Sequence[RequestRecord], *, mode_changes: Sequence[dict[str
     rs = [r for r in records if r.sampled]
     ok = [r for r in rs if r.status == "succeeded"]
     exact = [r for r in ok if r.answered_by == "exact"]
-    model = [r for r in ok if r.answered_by != "exact"]
+    semantic = [r for r in ok if r.answered_by == "semantic"]
+    model = [r for r in ok if r.answered_by not in CACHE_ANSWERS]
     spent = sum((r.cost_usd for r in records), Decimal(0))
     saved = sum((r.saved_usd for r in records), Decimal(0))
     out: dict[str, Any] = {
         "requests": len(rs), "succeeded": len(ok),
-        "answered_by": dict(sorted(Counter("exact" if r.answered_by == "exact" else "model" for r in ok).items())),
+        "answered_by": dict(sorted(Counter(r.answered_by if r.answered_by in CACHE_ANSWERS else "model"
+                                           for r in ok).items())),
         "hit_rate": len(exact) / len(ok) if ok else None,
+        "semantic_hit_rate": len(semantic) / len(ok) if ok else None,
         "latency_exact_ms": latency_summary(_latency_ms(r) for r in exact if r.done_at is not None),
+        "latency_semantic_ms": latency_summary(_latency_ms(r) for r in semantic if r.done_at is not None),
         "latency_model_ms": latency_summary(_latency_ms(r) for r in model if r.done_at is not None),
         "spent_usd": str(spent), "saved_usd": str(saved),
         "served_mode": dict(sorted(Counter(r.served_mode or "none" for r in rs if r.submitted_at is not None).items())),
@@ -83,7 +89,7 @@ def figures(records: Sequence[RequestRecord], *, mode_changes: Sequence[dict[str
                       "error_rate": (sum(1 for r in sent if r.status == "failed") / len(sent)) if sent else None,
                       "model": ", ".join(f"{t} {n / len(sent_ok):.0%}" for t, n in tiers.most_common())
                       if sent_ok else "—",
-                      "cache_hit_rate": (sum(1 for r in sent_ok if r.answered_by == "exact") / len(sent_ok))
+                      "cache_hit_rate": (sum(1 for r in sent_ok if r.answered_by in CACHE_ANSWERS) / len(sent_ok))
                       if sent_ok else None})
     out["phases"] = table
     out["transitions"] = len([m for m in mode_changes if start < m["at"] < end])
@@ -117,7 +123,12 @@ def report_lines(fig: dict[str, Any]) -> list[str]:
          "| Metric | Value |", "|---|---|",
          f"| Answered from the response cache (exact) | {by.get('exact', 0)} of {fig['succeeded']} succeeded "
          f"(hit rate {_pct(fig['hit_rate'])}) |",
-         f"| Latency, cache hits | {_ms(fig['latency_exact_ms'])} |",
+         f"| Latency, cache hits | {_ms(fig['latency_exact_ms'])} |"]
+    if by.get("semantic"):  # a run with TARS_SEMANTIC_CACHE: its hits apart from the exact ones
+        L += [f"| Answered from the semantic cache | {by['semantic']} of {fig['succeeded']} succeeded "
+              f"(semantic hit rate {_pct(fig['semantic_hit_rate'])}) |",
+              f"| Latency, semantic hits | {_ms(fig['latency_semantic_ms'])} |"]
+    L += [
          f"| Latency, model answers | {_ms(fig['latency_model_ms'])} |",
          f"| Spent (every api_calls row) | ${Decimal(fig['spent_usd']):.6f} |",
          f"| Saved by the cache (the calls not made) | ${Decimal(fig['saved_usd']):.6f} |",

@@ -37,7 +37,17 @@ from typing import Any
 import redis
 
 from config.catalog import ModelSpec
-from config.keys import cache_entry_key, cache_index_key, cache_stats_key
+from config.keys import (
+    cache_entry_key,
+    cache_index_key,
+    cache_stats_key,
+    semantic_bucket_key,
+    semantic_index_key,
+    semantic_order_key,
+    semantic_pending_index_key,
+    semantic_pending_key,
+    semantic_text_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,8 @@ ANSWERED_MODEL = "model"
 CANONICAL_FIELDS: tuple[str, ...] = ("system", "messages", "prompt", "max_tokens", "temperature", "stop",
                                      "response_format")
 
-#: KEYS: the entry keys, then the index, then the stats hash. The index's scores are a use counter
+#: KEYS: the entry keys, then the index, then the stats hash; ARGV[1]: the counters' prefix ("" for
+#: the exact lookup, "semantic_" for a semantic hit's read). The index's scores are a use counter
 #: (``clock`` in the stats hash), strictly increasing: an entry found becomes the most recently used.
 GET_LUA = """
 local n = #KEYS - 2
@@ -64,15 +75,19 @@ for i = 1, n do
     out[i] = false
   end
 end
-if hits > 0 then redis.call('HINCRBY', stats, 'hits', hits) end
-if n - hits > 0 then redis.call('HINCRBY', stats, 'misses', n - hits) end
+if hits > 0 then redis.call('HINCRBY', stats, ARGV[1] .. 'hits', hits) end
+if n - hits > 0 then redis.call('HINCRBY', stats, ARGV[1] .. 'misses', n - hits) end
 return out
 """
 
-#: KEYS: entry, index, stats. ARGV: value, ttl ms, unused, max entries. Returns entries evicted.
+#: KEYS: entry, index, stats[, pending embedding, semantic index, pending index]. ARGV: value, ttl ms, unused, max
+#: entries[, entry digest, bucket / text / order key prefixes, max entries per bucket]. Returns
+#: entries evicted. With a pending embedding (tars_tasks/semantic.py: the producer parked it at
+#: submit) the entry is indexed in its semantic bucket in the same script, under the same bounds.
 PUT_LUA = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[3], 'clock', 1), KEYS[1])
+local clock = redis.call('HINCRBY', KEYS[3], 'clock', 1)
+redis.call('ZADD', KEYS[2], clock, KEYS[1])
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 local evicted = 0
 if over > 0 then
@@ -84,6 +99,40 @@ if over > 0 then
 end
 redis.call('HINCRBY', KEYS[3], 'fills', 1)
 if evicted > 0 then redis.call('HINCRBY', KEYS[3], 'evictions', evicted) end
+if #KEYS >= 5 then
+  local p = redis.call('HMGET', KEYS[4], 'b', 'v', 't')
+  if p[1] and p[2] then
+    local b, d = p[1], ARGV[5]
+    local h, tx, o = ARGV[6] .. b, ARGV[7] .. b, ARGV[8] .. b
+    redis.call('HSET', h, d, p[2])
+    redis.call('HSET', tx, d, p[3] or '')
+    redis.call('ZADD', o, clock, d)
+    redis.call('ZADD', KEYS[5], clock, b .. ' ' .. d)
+    local drop = {}
+    local bover = redis.call('ZCARD', o) - tonumber(ARGV[9])
+    if bover > 0 then
+      local old = redis.call('ZPOPMIN', o, bover)
+      for i = 1, #old, 2 do table.insert(drop, b .. ' ' .. old[i]) end
+    end
+    local gover = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[4])
+    if gover > 0 then
+      local old = redis.call('ZPOPMIN', KEYS[5], gover)
+      for i = 1, #old, 2 do table.insert(drop, old[i]) end
+    end
+    for _, m in ipairs(drop) do
+      local at = string.find(m, ' ', 1, true)
+      local bb, dd = string.sub(m, 1, at - 1), string.sub(m, at + 1)
+      redis.call('HDEL', ARGV[6] .. bb, dd)
+      redis.call('HDEL', ARGV[7] .. bb, dd)
+      redis.call('ZREM', ARGV[8] .. bb, dd)
+      redis.call('ZREM', KEYS[5], m)
+    end
+    for _, k in ipairs({h, tx, o}) do redis.call('PEXPIRE', k, tonumber(ARGV[2])) end
+    redis.call('DEL', KEYS[4])
+    redis.call('HINCRBY', KEYS[3], 'semantic_fills', 1)
+  end
+  if #KEYS >= 6 then redis.call('ZREM', KEYS[6], KEYS[4]) end
+end
 return evicted
 """
 
@@ -140,11 +189,12 @@ class ResponseCache:
     """The cache's Redis side: many lookups in one script, one fill with the size bound in another."""
 
     def __init__(self, *, redis_client: redis.Redis, namespace: str, max_entries: int,
-                 max_entry_bytes: int) -> None:
+                 max_entry_bytes: int, semantic_max_candidates: int = 256) -> None:
         self.redis = redis_client
         self.namespace = namespace
         self.max_entries = max_entries
         self.max_entry_bytes = max_entry_bytes
+        self.semantic_max_candidates = semantic_max_candidates
         self._get = redis_client.register_script(GET_LUA)
         self._put = redis_client.register_script(PUT_LUA)
 
@@ -157,25 +207,35 @@ class ResponseCache:
 
         client = get_redis(settings.cache_url, settings=settings, timeout_s=timeout_s or settings.cache_timeout_s)
         return cls(redis_client=client, namespace=settings.namespace, max_entries=settings.cache_max_entries,
-                   max_entry_bytes=settings.cache_max_entry_bytes)
+                   max_entry_bytes=settings.cache_max_entry_bytes,
+                   semantic_max_candidates=settings.semantic_max_candidates)
 
     def key(self, *, model: str, digest: str) -> str:
         return cache_entry_key(self.namespace, model, digest)
 
-    def get_many(self, keys: Sequence[str]) -> list[CachedAnswer | None]:
-        """The entries of ``keys`` (None: a miss). Raises ``redis.RedisError`` if the cache is down."""
+    def get_many(self, keys: Sequence[str], *, semantic: bool = False) -> list[CachedAnswer | None]:
+        """The entries of ``keys`` (None: a miss). Raises ``redis.RedisError`` if the cache is down.
+        ``semantic``: the reads of semantic candidates (counted as ``semantic_hits``/``_misses``)."""
         if not keys:
             return []
-        raw = self._get(keys=[*keys, cache_index_key(self.namespace), cache_stats_key(self.namespace)], args=[])
+        raw = self._get(keys=[*keys, cache_index_key(self.namespace), cache_stats_key(self.namespace)],
+                        args=["semantic_" if semantic else ""])
         return [None if r is None or r is False else CachedAnswer.decode(r) for r in raw]
 
-    def put(self, *, key: str, answer: CachedAnswer, ttl_s: float) -> bool:
-        """Fill one entry for ``ttl_s``; False (nothing written) if the answer is over the size bound."""
+    def put(self, *, key: str, answer: CachedAnswer, ttl_s: float, digest: str | None = None) -> bool:
+        """Fill one entry for ``ttl_s``; False (nothing written) if the answer is over the size bound.
+        ``digest`` (the entry's): also index the embedding the producer parked for it, if any."""
         value = answer.encode()
         if len(value.encode("utf-8", "surrogatepass")) > self.max_entry_bytes or ttl_s <= 0:
             return False
-        self._put(keys=[key, cache_index_key(self.namespace), cache_stats_key(self.namespace)],
-                  args=[value, max(1, int(ttl_s * 1000)), 0, self.max_entries])
+        keys = [key, cache_index_key(self.namespace), cache_stats_key(self.namespace)]
+        args: list[Any] = [value, max(1, int(ttl_s * 1000)), 0, self.max_entries]
+        if digest is not None:
+            keys += [semantic_pending_key(self.namespace, answer.model, digest), semantic_index_key(self.namespace),
+                     semantic_pending_index_key(self.namespace)]
+            args += [digest, semantic_bucket_key(self.namespace, ""), semantic_text_key(self.namespace, ""),
+                     semantic_order_key(self.namespace, ""), self.semantic_max_candidates]
+        self._put(keys=keys, args=args)
         return True
 
     def stats(self) -> dict[str, int]:

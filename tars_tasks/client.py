@@ -66,8 +66,11 @@ class RequestResult:
     metadata: dict[str, str] | None = None
     #: Why a failed request failed, as a code (``tars_tasks.codes.FailureReason``: ``budget``, ``poison``, ...).
     failure_reason: str | None = None
-    #: How it was answered: ``exact`` (the response cache, at submit) or ``model``; None until it succeeded.
+    #: How it was answered: ``exact`` or ``semantic`` (the response cache, at submit) or ``model``;
+    #: None until it succeeded.
     answered_by: str | None = None
+    #: A semantic hit's cosine similarity to the prompt whose answer it took (None otherwise).
+    cache_similarity: float | None = None
     #: What a cache hit saved (the cost of the call that filled the entry); $0 for a model answer.
     saved_usd: Decimal = Decimal(0)
     #: The fleet's degradation mode when the request was admitted.

@@ -39,8 +39,8 @@ from config.settings import Settings
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
 from tars_tasks.budgets import Budgets
-from tars_tasks.cache import ANSWERED_EXACT, ResponseCache
-from tars_tasks.cache_lookup import CacheLookup, CacheVerdict
+from tars_tasks.cache import ResponseCache
+from tars_tasks.cache_lookup import CacheLookup, CacheVerdict, SemanticOptions
 from tars_tasks.codes import FailureReason, RequestStatus
 from tars_tasks.db.models import Request, Run
 from tars_tasks.db.upsert import insert_for
@@ -126,7 +126,15 @@ class Coordinator:
                 self.bound = AdmissionBound(redis_client=broker_redis, namespace=settings.namespace,
                                             limit=settings.max_queue_depth,
                                             ttl_s=settings.admission_reservation_ttl_s)
-        self.cache_lookup = CacheLookup(cache=ResponseCache.for_settings(settings), catalog=catalog)
+        semantic = (SemanticOptions(max_prompt_chars=settings.semantic_max_prompt_chars,
+                                    pending_ttl_s=settings.semantic_pending_ttl_s, threads=settings.semantic_threads)
+                    if settings.semantic_cache else None)
+        if semantic is not None:
+            from tars_tasks.embedding import require_extra
+
+            require_extra()  # named even without a cache_url: the setting asks for it
+        self.cache_lookup = CacheLookup(cache=ResponseCache.for_settings(settings), catalog=catalog,
+                                        semantic=semantic)
         self.budgets = (Budgets.for_settings(settings, timeout_s=settings.client_timeout_s)
                         if settings.budgets_enabled else None)
         self._notifier = None
@@ -307,11 +315,13 @@ class Coordinator:
         cols: dict[str, Any] = {"served_mode": p.mode, "cache_digest": p.cache.digest if p.cache else None,
                                 # every row of one INSERT has the same keys
                                 "result": None, "stop_reason": None, "tier_used": None, "model": None,
-                                "answered_by": None, "saved_usd": 0, "started_at": None, "finished_at": None}
+                                "answered_by": None, "saved_usd": 0, "started_at": None, "finished_at": None,
+                                "cache_similarity": None}
         if p.hit:
             hit = p.cache.hit
             cols.update(status=RequestStatus.SUCCEEDED, result=hit.text, stop_reason=hit.stop_reason,
-                        tier_used=hit.tier, model=hit.model, answered_by=ANSWERED_EXACT, saved_usd=hit.cost_usd,
+                        tier_used=hit.tier, model=hit.model, answered_by=p.cache.how, saved_usd=hit.cost_usd,
+                        cache_similarity=p.cache.similarity,
                         started_at=now, finished_at=now)
         return cols
 

@@ -116,8 +116,8 @@ class Request(Base):
     cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0))
-    #: How it was answered: ``exact`` (the response cache, at submit), ``model`` (a provider call);
-    #: None until it succeeded.
+    #: How it was answered: ``exact`` (the response cache, at submit), ``semantic`` (the semantic
+    #: cache, at submit), ``model`` (a provider call); None until it succeeded.
     answered_by: Mapped[str | None] = mapped_column(String(20))
     #: What a cache hit saved: the cost of the call that filled the entry ($0 for a model answer).
     saved_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0), server_default="0")
@@ -126,6 +126,8 @@ class Request(Base):
     #: The response cache's digest of the canonical request and its scope (None: not cacheable);
     #: the worker fills ``cache:<model>:<digest>`` with the answer (tars_tasks/cache.py).
     cache_digest: Mapped[str | None] = mapped_column(String(64))
+    #: A semantic hit's cosine similarity to the prompt whose answer it took (None otherwise).
+    cache_similarity: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))
     #: ``interactive`` (a Celery queue and a call of its own) or ``batch`` (gathered into a provider
     #: batch at the batch price by the batch runner: workers/batchlane/, docs/COST_CONTROLS.md).

@@ -357,6 +357,10 @@ def check_jobs(md: str, directory: Path, run_doc: dict[str, Any], problems: list
 # --- cost controls (cache, modes, budgets; the overload-150 phases table) ----------------------------
 
 
+#: ``answered_by`` of a cache answer at submit.
+CACHED = ("exact", "semantic")
+
+
 def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
     """The cost-control section recomputed from ``requests-<run>.jsonl`` and ``mode-changes-<run>.jsonl``
     (every sampled request of the run; a request's phase is the one it was sent in)."""
@@ -370,7 +374,7 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
     hits = [r for r in ok if r.get("answered_by") == "exact"]
     lat = lambda group: [(r["done_at"] - r["origin"]) * 1000 for r in group if r["done_at"] is not None]  # noqa: E731
     f: dict[str, Any] = {"succeeded": len(ok), "hits": len(hits), "hit_rate": len(hits) / len(ok) if ok else None,
-                         "lat_hit": lat(hits), "lat_model": lat([r for r in ok if r.get("answered_by") != "exact"]),
+                         "lat_hit": lat(hits), "lat_model": lat([r for r in ok if r.get("answered_by") not in CACHED]),
                          "spent": sum(Decimal(r["cost_usd"]) for r in rows),
                          "saved": sum(Decimal(r.get("saved_usd", "0")) for r in rows),
                          "modes": Counter(r.get("served_mode") or "none" for r in rs if r["submitted_at"] is not None),
@@ -392,7 +396,7 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
         done_ok = [r for r in ok if r["done_at"] is not None and a <= r["done_at"] < b]
         phases.append({"start": a - start, "dur": b - a, "mode": m, "n": len(sent), "tp": len(done_ok) / (b - a),
                        "err": sum(1 for r in sent if r["status"] == "failed") / len(sent) if sent else None,
-                       "hit": sum(1 for r in sent_ok if r.get("answered_by") == "exact") / len(sent_ok)
+                       "hit": sum(1 for r in sent_ok if r.get("answered_by") in CACHED) / len(sent_ok)
                        if sent_ok else None})
     f["phases"] = phases
     return f

@@ -5,6 +5,8 @@ row; the sub-agent passes it as the hint ``cache_digest``. Only an answer of the
 was queued for is filled (a fallback tier's answer is another model's, under another key's
 policy), and never one Postgres could not store (a NUL: the request itself fails ``unwritable``).
 A cache that cannot be reached is skipped with a warning: the answer is still the request's.
+The same script indexes the prompt's embedding in the semantic cache if the producer parked one
+(tars_tasks/semantic.py): workers never load the embedding model.
 """
 
 from __future__ import annotations
@@ -39,6 +41,6 @@ class CacheFillStep(CallStep):
                               source_request_id=call.request_id)
         try:
             self.cache.put(key=self.cache.key(model=outcome.model, digest=digest), answer=answer,
-                           ttl_s=call.requested.cache_ttl_s)
+                           ttl_s=call.requested.cache_ttl_s, digest=digest)
         except (redis.RedisError, UnicodeError) as exc:
             log.warning("request %s: response cache not filled (%s)", call.request_id, exc)

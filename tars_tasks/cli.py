@@ -233,9 +233,39 @@ def _result_dict(r) -> dict:
     return d
 
 
+def _model_fields(*, system, messages, max_tokens, temperature, stop, response_format, metadata) -> dict:
+    """``tars submit``'s model-request options as ``submit``'s fields (validated there, like the rest)."""
+    from tars_tasks.errors import InvalidRequest
+
+    fields: dict = {"system": system, "max_tokens": max_tokens, "temperature": temperature,
+                    "stop": list(stop) or None, "response_format": response_format}
+    if messages is not None:
+        try:
+            fields["messages"] = json.loads(messages)
+        except ValueError as exc:
+            raise InvalidRequest(f"messages: --messages is not JSON ({exc.msg} at character {exc.pos})",
+                                 field="messages") from None
+    if metadata:
+        pairs = {}
+        for item in metadata:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InvalidRequest("metadata: --metadata takes KEY=VALUE", field="metadata")
+            pairs[key] = value
+        fields["metadata"] = pairs
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 @main.command()
 @click.option("--role", required=True)
-@click.option("--prompt", required=True, help="The prompt; '-' reads it from standard input.")
+@click.option("--prompt", default=None, help="The prompt (the last user turn); '-' reads it from standard input.")
+@click.option("--system", default=None, help="The system prompt (default: the role's; '' for none).")
+@click.option("--messages", default=None, help='Earlier turns as JSON: [{"role": "user", "content": "..."}, ...].')
+@click.option("--max-tokens", type=int, default=None, help="The output limit (default: the role's).")
+@click.option("--temperature", type=float, default=None)
+@click.option("--stop", multiple=True, help="A stop sequence (repeatable).")
+@click.option("--response-format", type=click.Choice(["text", "json"]), default=None)
+@click.option("--metadata", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--priority", default="normal", show_default=True, help="low / normal / high or 0..9.")
 @click.option("--tenant", default="default", show_default=True)
 @click.option("--idempotency-key", default=None)
@@ -244,7 +274,8 @@ def _result_dict(r) -> dict:
               help="batch: sent through the provider's batch API at the batch price, answered within 24 h.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
-def submit(role, prompt, priority, tenant, idempotency_key, tier, lane, wait, timeout) -> None:
+def submit(role, prompt, system, messages, max_tokens, temperature, stop, response_format, metadata, priority, tenant,
+           idempotency_key, tier, lane, wait, timeout) -> None:
     """Submit one request; prints its id (and with --wait, its result as JSON).
 
     On the embedded default (no TARS_BROKER_URL) nothing else could ever run the request, so it
@@ -253,9 +284,11 @@ def submit(role, prompt, priority, tenant, idempotency_key, tier, lane, wait, ti
 
     if prompt == "-":
         prompt = read_stdin_text(what="--prompt")
+    model = _model_fields(system=system, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                          stop=stop, response_format=response_format, metadata=metadata)
     settings = _ready()
-    spec = {"role": role, "prompt": prompt, "priority": priority, "tenant": tenant,
-            "idempotency_key": idempotency_key, "tier": tier, "lane": lane}
+    spec = {"role": role, "priority": priority, "tenant": tenant, "idempotency_key": idempotency_key, "tier": tier,
+            "lane": lane, **({} if prompt is None else {"prompt": prompt}), **model}
     if settings.embedded:
         from tars_tasks.embedded import database_path, run_in_process
 

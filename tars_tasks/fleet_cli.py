@@ -187,7 +187,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
             out["fleet"] = fleet_status(settings, app).as_dict()
             from tars_tasks.metrics import breaker_views
 
-            out["fleet"]["breakers"] = {f"{v.provider}:{v.model}": v.describe() for v in breaker_views(settings) or []}
+            out["fleet"]["breakers"] = {f"{v.provider}:{v.model}": v.describe() for v in breaker_views(settings)}
         except Exception as exc:  # status must work while parts are down
             out["fleet_error"] = str(exc)
     if as_json:

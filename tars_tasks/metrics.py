@@ -69,12 +69,10 @@ def api_call_totals(settings: Settings) -> dict[tuple[str, str], dict[str, Decim
     return out
 
 
-def breaker_views(settings: Settings) -> list | None:
-    """Every breaker with state, or None where the breaker module is not part of this build."""
-    try:
-        from workers.breaker import FleetBreaker
-    except ImportError:
-        return None
+def breaker_views(settings: Settings) -> list:
+    """Every breaker with state (none without a shared Redis)."""
+    from workers.breaker import FleetBreaker
+
     url = settings.shared_redis_url
     if not url:
         return []
@@ -256,8 +254,6 @@ class FleetCollector(Collector):
             stalled.add_metric([owner], float(w.get("stalled_for_s") or 0.0))
         yield from (healthy, stalled)
         views = breaker_views(self.settings)
-        if views is None:
-            return
         state = GaugeMetricFamily("tars_breaker_state", "1 for the breaker's current state, 0 for the others.",
                                   labels=["provider", "model", "state"])
         failures = GaugeMetricFamily("tars_breaker_consecutive_failures", "Consecutive failures counted.",

@@ -114,6 +114,17 @@ def test_a_command_group_that_fails_to_import_is_an_error_not_a_missing_command(
     assert isinstance(res.exception, ImportError), res.output
 
 
+def test_a_broken_breaker_import_is_an_error_not_a_missing_metric(monkeypatch):
+    """``breaker_views`` swallowed ImportError as "not part of this build": a broken
+    ``workers.breaker`` made the breaker metrics vanish from ``/metrics`` without a word."""
+    from tars_tasks.metrics import breaker_views
+    from tests.helpers import make_settings
+
+    monkeypatch.setitem(sys.modules, "workers.breaker", None)  # any import of it raises ImportError
+    with pytest.raises(ImportError):
+        breaker_views(make_settings({}))
+
+
 def test_every_command_group_is_registered_and_loads():
     from tars_tasks import cli
 

@@ -96,6 +96,50 @@ def test_submit_without_wait_on_the_embedded_default_never_reports_work_that_not
     assert rows == {"succeeded": 1}  # no queued row left behind
 
 
+def test_submit_takes_the_whole_model_request_and_status_shows_its_tokens_by_class(fresh):
+    """``tars submit`` carries what ``submit`` takes: system, earlier turns, max_tokens, temperature,
+    stop, JSON mode and metadata; ``tars status`` then shows the attempt's tokens by billing class."""
+    from workers.providers.request import ModelRequest
+
+    cwd, env = fresh
+    env = {**env, "TARS_SIM_FAILURE_RATE": "0"}
+    turns = [{"role": "user", "content": "What did run 1 measure?"}, {"role": "assistant", "content": "Throughput."}]
+    res = tars(["submit", "--role", "analyst", "--system", "Answer in one line.", "--messages", json.dumps(turns),
+                "--prompt", "And run 2?", "--max-tokens", "7", "--temperature", "0.5", "--stop", "NEVER",
+                "--stop", "EITHER", "--metadata", "ticket=OPS-7", "--metadata", "user_id=u-42", "--wait"],
+               cwd=cwd, env=env)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert (r["status"], r["stop_reason"], r["output_tokens"]) == ("succeeded", "max_tokens", 7)
+    assert r["input_tokens"] == ModelRequest.from_fields(prompt="And run 2?", messages=turns,
+                                                         system="Answer in one line.").estimated_input_tokens()
+    assert r["metadata"] == {"ticket": "OPS-7", "user_id": "u-42"}
+    st_ = tars(["status"], cwd=cwd, env={**env, "COLUMNS": "200"})
+    shown = st_.stdout.decode()
+    assert "tokens by billing class" in shown, shown
+    table = shown[shown.index("tokens by billing class"):].splitlines()
+    row = next(ln for ln in table if ln.strip("\u2502 ").startswith("haiku"))
+    assert [c.strip() for c in row.split("\u2502")[1:7]] == ["haiku", "1", str(r["input_tokens"]), "0", "0", "0"]
+    js = tars(["submit", "--role", "researcher", "--messages", json.dumps(turns[:1]), "--response-format", "json",
+               "--wait"], cwd=cwd, env=env)
+    assert js.returncode == 0, js.stderr
+    assert isinstance(json.loads(json.loads(js.stdout)["result"]), dict)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--prompt", "p", "--temperature", "3"], "temperature"),
+    (["--prompt", "p", "--max-tokens", "0"], "max_tokens"),
+    (["--messages", "[{\"role\": \"user\""], "messages"),
+    (["--messages", "{}"], "messages"),
+    (["--prompt", "p", "--metadata", "no-equals-sign"], "metadata"),
+    ([], "prompt is required"),
+])
+def test_a_bad_model_field_on_the_command_line_is_one_line(args, says, fresh):
+    cwd, env = fresh
+    line = one_line_error(tars(["submit", "--role", "researcher", *args], cwd=cwd, env=env))
+    assert says in line, line
+
+
 def test_worker_refuses_without_a_real_broker(fresh):
     cwd, env = fresh
     line = one_line_error(tars(["worker", "--tier", "haiku"], cwd=cwd, env=env, timeout=30))

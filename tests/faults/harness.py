@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from tars_tasks.supervisor import child_setup
+from tars_tasks import supervisor
 from tests.helpers import ROOT, WorkerProcess, make_settings
 
 
@@ -151,7 +150,7 @@ class PrivateRedis:
     def start(self) -> PrivateRedis:
         import redis as redis_lib
 
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = supervisor.start(self.argv)
 
         def pings() -> bool:
             try:
@@ -204,9 +203,7 @@ class Fleet:
                            loglevel="INFO", events=False)
         argv[0] = sys.executable
         log_path = self.log_dir / f"worker-{n}.log"
-        with log_path.open("wb") as fh:
-            proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **self.env, **(env or {})}, stdout=fh,
-                                    stderr=subprocess.STDOUT, preexec_fn=child_setup)
+        proc = supervisor.start(argv, cwd=ROOT, env={**os.environ, **self.env, **(env or {})}, log_path=log_path)
         wp = WorkerProcess(proc=proc, log_path=log_path, name=name)
         self.workers.append(wp)
         if wait:
@@ -215,10 +212,7 @@ class Fleet:
 
     def stop(self) -> None:
         for wp in self.workers:
-            wp.stop(timeout=20)
-        for wp in self.workers:
-            if wp.proc.poll() is None:
-                os.killpg(wp.proc.pid, signal.SIGKILL)
+            wp.stop(timeout=20)  # supervisor.stop: SIGTERM, SIGKILL after the grace, the group's leftovers killed
 
 
 def specs(n: int, *, tag: str, prompt: Callable[[int], str] | None = None, **fields) -> list[dict]:

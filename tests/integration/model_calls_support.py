@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tars_tasks import supervisor
 from tests.helpers import ROOT
 from tests.helpers import free_port as helpers_free_port
 
@@ -78,9 +79,7 @@ def start_mock(tmp_path: Path, *args: str, env: dict[str, str] | None = None) ->
     port = free_port()
     log_path = tmp_path / f"mock-llm-{port}.log"
     argv = [sys.executable, "-m", "tars_tasks.cli", "mock-llm", "--host", "127.0.0.1", "--port", str(port), *args]
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = supervisor.start(argv, cwd=ROOT, env={**os.environ, **(env or {})}, log_path=log_path)
     server = MockServer(proc=proc, url=f"http://127.0.0.1:{port}", log_path=log_path)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -91,7 +90,7 @@ def start_mock(tmp_path: Path, *args: str, env: dict[str, str] | None = None) ->
             return server
         except OSError:
             time.sleep(0.1)
-    proc.kill()
+    supervisor.stop([proc], grace_s=0)
     raise TimeoutError(f"mock server not up:\n{log_path.read_text()}")
 
 
@@ -106,12 +105,7 @@ def mock_llm(tmp_path: Path) -> Iterator:
         return server
 
     yield _start
-    for s in started:
-        s.proc.terminate()
-        try:
-            s.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            s.proc.kill()
+    supervisor.stop([s.proc for s in started], grace_s=10)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +113,7 @@ def shared_mock(tmp_path_factory) -> Iterator[MockServer]:
     """One mock server for a module (latency fixed:5, 12 output tokens); use ``fresh_mock`` per test."""
     server = start_mock(tmp_path_factory.mktemp("mock"), "--latency", "fixed:5", "--output-tokens", "12:12")
     yield server
-    server.proc.terminate()
-    server.proc.wait(10)
+    supervisor.stop([server.proc], grace_s=10)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tars_tasks import supervisor
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -104,20 +106,13 @@ def capture_page(*, url: str, screenshot: Path, profile_dir: Path, wait_for: lis
     if basic_auth:
         token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
-    log = (profile_dir.parent / "chromium.log").open("wb")
-    proc = subprocess.Popen(
+    proc = supervisor.start(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", "--remote-debugging-port=0",
          "--remote-debugging-address=127.0.0.1", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        log_path=profile_dir.parent / "chromium.log",
     )
     try:
         port = _devtools_port(profile_dir, proc, timeout_s=30)
         return asyncio.run(_drive(port, url, headers, list(wait_for), screenshot, timeout_s))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        supervisor.stop([proc], grace_s=10, term_group=True)  # Chromium's own processes are in its group

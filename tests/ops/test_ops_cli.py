@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tars_tasks import supervisor
 from tars_tasks.errors import ConfigurationError
 from tars_tasks.fleet import plan_fleet
 from tars_tasks.flower_cli import basic_auth_value, flower_argv, flower_env
@@ -77,10 +77,9 @@ def test_flower_credentials_go_in_the_environment_never_on_the_command_line(tmp_
 def test_flower_with_insecure_no_auth_serves_the_dashboard_but_still_locks_its_api(redis_url, tmp_path):
     port = free_port()
     env = {**os.environ, "TARS_BROKER_URL": redis_url, "XDG_STATE_HOME": str(tmp_path)}
-    log = (tmp_path / "flower.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tars_tasks.cli", "flower", "--port", str(port),
-                             "--insecure-no-auth", "--no-persistent"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "flower.log"
+    proc = supervisor.start([sys.executable, "-m", "tars_tasks.cli", "flower", "--port", str(port),
+                             "--insecure-no-auth", "--no-persistent"], cwd=ROOT, env=env, log_path=log_path)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -91,11 +90,9 @@ def test_flower_with_insecure_no_auth_serves_the_dashboard_but_still_locks_its_a
                 time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/api/workers", timeout=10).status_code == 401
-        assert "WITHOUT authentication" in Path(log.name).read_text()
+        assert "WITHOUT authentication" in log_path.read_text()
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+        supervisor.stop([proc], grace_s=20)
 
 
 def test_metrics_report_an_unreachable_postgres_as_a_source_down_instead_of_failing_the_scrape(redis_url):

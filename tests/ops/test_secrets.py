@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tars_tasks import supervisor
 from tars_tasks.default_passwords import is_placeholder, placeholders_in, url_password
 from tars_tasks.flower_cli import FLOWER_ENV_BASICS, FLOWER_ENV_PREFIXES, FLOWER_SETTINGS, flower_env
 from tests.helpers import ROOT
@@ -65,9 +66,8 @@ def test_the_flower_process_started_by_tars_flower_holds_no_secret_of_its_parent
     env = {**os.environ, **PARENT_SECRETS, "TARS_BROKER_URL": redis_url,
            "TARS_DATABASE_URL": with_password(pg_url, DB_PASSWORD), "TARS_FLOWER_USER": "operator",
            "TARS_FLOWER_PASSWORD": FLOWER_PASSWORD, "XDG_STATE_HOME": str(tmp_path)}
-    log = (tmp_path / "flower.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tars_tasks.cli", "flower", "--port", str(port), "--no-persistent"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = supervisor.start([sys.executable, "-m", "tars_tasks.cli", "flower", "--port", str(port), "--no-persistent"],
+                            cwd=ROOT, env=env, log_path=tmp_path / "flower.log")
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -94,9 +94,7 @@ def test_the_flower_process_started_by_tars_flower_holds_no_secret_of_its_parent
         resp = httpx.get(f"http://127.0.0.1:{port}/api/workers", auth=("operator", FLOWER_PASSWORD), timeout=15)
         assert resp.status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+        supervisor.stop([proc], grace_s=20)
 
 
 def test_the_flower_allow_list_keeps_the_broker_settings_of_the_workers_app():

@@ -142,3 +142,27 @@ def test_children_die_with_their_starter_even_when_it_is_killed_outright(tmp_pat
         if starter.poll() is None:
             starter.kill()
         starter.stdout.close()
+
+
+#: Where a process may be given its own session or a pre-exec hook: the supervisor itself, and this
+#: file's starter (the process whose death the test above proves its children follow).
+_OWN_SESSION_ALLOWED = {"tars_tasks/supervisor.py", "tests/unit/test_supervisor.py"}
+
+
+def test_no_module_starts_a_process_of_its_own_beside_the_supervisor():
+    """Every child TARS or its tests keep running (workers, the mock LLM, Flower, a browser) is
+    started by ``supervisor.start``: a hand-made ``Popen(start_new_session=True)`` or
+    ``preexec_fn=`` is a second supervisor, one without the kernel's SIGTERM when the test run dies."""
+    import ast
+
+    found = []
+    for pkg in ("tars_tasks", "workers", "loadgen", "config", "migrations", "tests"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            name = path.relative_to(ROOT).as_posix()
+            if name in _OWN_SESSION_ALLOWED:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and any(k.arg in ("start_new_session", "preexec_fn")
+                                                      for k in node.keywords):
+                    found.append(f"{name}:{node.lineno}: {ast.unparse(node.func)}")
+    assert found == [], "start it with tars_tasks.supervisor.start:\n" + "\n".join(found)

@@ -3,8 +3,9 @@
 Per level we know throughput, p99, error rate and the efficiency against its binding ceiling.
 
 * A level is **healthy** when its error rate is at most ``max_error_rate``, its p99 at most
-  ``p99_factor`` x the lightest level's p99 (a level with too few samples for a p99 stands in with
-  its slowest response, and the finding says so) and its efficiency (throughput ÷ the binding ceiling) at
+  ``p99_factor`` x the lightest level's p99 (judged only when both levels have enough samples for
+  a p99: a slowest response is one sample — a retry, a cold connection — not a tail, so a level
+  without a p99 is judged by its errors and efficiency alone) and its efficiency (throughput ÷ the binding ceiling) at
   least ``min_efficiency`` (open loop: it completes at least ``1 - drop_tolerance`` of the offered
   rate). The **knee** is the last healthy level before the first unhealthy one.
 * The sweep **stops** (over-saturation) after a level whose throughput fell more than
@@ -75,7 +76,8 @@ def unhealthy_because(lv: Level, first: Level, policy: KneePolicy) -> list[str]:
     why = []
     if lv.error_rate > policy.max_error_rate:
         why.append(f"error rate {lv.error_rate:.1%} > {policy.max_error_rate:.0%}")
-    if lv.p99_ms is not None and first.p99_ms and lv.p99_ms > policy.p99_factor * first.p99_ms:
+    if (lv.p99_ms is not None and first.p99_ms and not lv.p99_is_max and not first.p99_is_max
+            and lv.p99_ms > policy.p99_factor * first.p99_ms):
         why.append(f"{_tail(lv)} {lv.p99_ms:,.0f} ms > {policy.p99_factor:g}x the lightest level's {_tail(first)} "
                    f"{first.p99_ms:,.0f} ms")
     if lv.efficiency is not None and lv.efficiency < policy.min_efficiency:

@@ -211,7 +211,10 @@ def bench_bare_closed(*, processes: int, concurrency: int, levels: list[int], du
                     if got is None:
                         continue
                     now = time.monotonic()
-                    t_send, seconds = sent.pop(got[1].decode())
+                    mine = sent.pop(got[1].decode(), None)
+                    if mine is None:  # a straggler of the previous level (its drain is bounded): not ours
+                        continue
+                    t_send, seconds = mine
                     done.append((now, now - t_send, seconds))
                     send()
                 deadline = time.monotonic() + 10  # drain what is in flight, bounded

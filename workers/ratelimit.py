@@ -23,6 +23,10 @@ Guarantees (window ``W``, limit ``L`` after the utilisation factor):
   held for a caller that has gone away (a killed worker wastes at most its own slots, which
   only lowers the rate, never raises it).
 
+Further limits (``also=``: a tenant's own RPM/TPM, and on one tier) are further GCRA keys in the
+same script: the slot is the latest of every key's next slot and all of them advance, so each key
+keeps the spacing guarantee above for its own limit.
+
 The clock is Redis' ``TIME``, so hosts with skewed clocks still agree on slot times.
 """
 

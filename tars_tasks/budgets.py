@@ -213,6 +213,11 @@ class Refusal:
     #: Whose budget refused: the tenant's name or :data:`FLEET`.
     scope: str = ""
 
+    @property
+    def owner(self) -> str:
+        """Who has the budget, for messages: "tenant 'acme'" or "the fleet"."""
+        return "the fleet" if self.scope == FLEET else f"tenant {self.scope!r}"
+
 
 class Budgets:
     def __init__(self, *, redis_client: redis.Redis, namespace: str, lease_s: float = 600.0) -> None:

@@ -273,8 +273,6 @@ class BatchRunner:
         its worst case meanwhile, and its settle corrects that to the real cost."""
         if self.budgets is None or not members:
             return members
-        from tars_tasks.budgets import FLEET
-
         kept, refused = [], []
         for m in members:
             req = m.model_request()
@@ -284,12 +282,12 @@ class BatchRunner:
             if refusal is None:
                 kept.append(m)
                 continue
-            owner = "the fleet" if refusal.scope == FLEET else f"tenant {m.tenant!r}"
             refused.append(([], FinishRecord(
                 request_id=m.id, status=RequestStatus.FAILED, tier_used=b.tier, model=spec.model, worker=self.name,
                 started_at=datetime.now(UTC), failure_reason=FailureReason.BUDGET,
-                error=f"{FailureReason.BUDGET}: {owner} has {refusal.used_usd:.6f} of its {refusal.limit_usd:.6f} "
-                      f"USD {refusal.period} budget spent or reserved; this batch request may cost {worst:.6f}"),
+                error=f"{FailureReason.BUDGET}: {refusal.owner} has {refusal.used_usd:.6f} of its "
+                      f"{refusal.limit_usd:.6f} USD {refusal.period} budget spent or reserved; this batch request "
+                      f"may cost {worst:.6f}"),
                 None))
         if refused:
             with self.engine.connect() as conn:

@@ -26,7 +26,7 @@ from decimal import Decimal
 import redis
 
 from config.catalog import ModelSpec
-from tars_tasks.budgets import FLEET, Budgets
+from tars_tasks.budgets import Budgets
 from tars_tasks.codes import FailureReason
 from tars_tasks.errors import CircuitOpen, TransientProviderError
 from workers.callpath.context import Attempt, Call, CallOutcome, GiveUp, Move
@@ -60,8 +60,7 @@ class BudgetStep(CallStep):
             st["reserved"] = bool(st.get("reserved")) or held
             st["granted"] = True
             return None
-        owner = "the fleet" if refusal.scope == FLEET else f"tenant {st['tenant']!r}"
-        return (f"{FailureReason.BUDGET}: {owner} has {refusal.used_usd:.6f} of its "
+        return (f"{FailureReason.BUDGET}: {refusal.owner} has {refusal.used_usd:.6f} of its "
                 f"{refusal.limit_usd:.6f} USD {refusal.period} budget spent or reserved; this attempt may cost "
                 f"{usd:.6f}")
 

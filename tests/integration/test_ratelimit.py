@@ -160,6 +160,8 @@ def test_with_the_fleet_state_apart_from_the_broker_staged_first_attempts_are_pa
     assert sum(per_second.values()) == n
     assert max(window_counts(per_second, window_s=WINDOW_S)) <= FLEET_RPM
     rows = api_rows(db)
-    assert sum(1 for r in rows if float(r["ratelimit_wait_ms"]) > 0) < n / 10  # one pacing: the dispatcher's
+    # one pacing, the dispatcher's: only a slot missed beyond its grace (a loaded machine) is taken again
+    # in the limiter (before: every first attempt, n of n, waited in a second limiter state)
+    assert sum(1 for r in rows if float(r["ratelimit_wait_ms"]) > 0) < n / 2
     ns = env["TARS_NAMESPACE"]
     assert not list(redis_lib.Redis.from_url(state_redis).scan_iter(f"{ns}:ratelimit:*"))  # no second limiter state

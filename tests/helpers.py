@@ -174,3 +174,49 @@ def fleet_snapshot(*, db, redis_url: str, namespace: str, workers=(), limit: int
         lines.append(f"--- log tail of {w.name} (exit {w.proc.poll()}):")
         lines.extend(w.log().splitlines()[-15:])
     return "\n".join(lines)
+
+
+class PrivateRedis:
+    """A redis-server of one test's own on a free port (``aof``: an append-only file fsynced on every
+    write, so :meth:`restart` keeps its data). Skips the test when redis-server is not installed."""
+
+    def __init__(self, directory: Path, *, aof: bool = False) -> None:
+        import shutil
+
+        import pytest
+
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server not installed")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        self.argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", *persistence, "--save", "",
+                     "--dir", str(directory)]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PrivateRedis:
+        import redis as redis_lib
+
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if redis_lib.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
+                    return self
+            except redis_lib.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+
+    def restart(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()  # SIGTERM: Redis flushes the AOF and exits
+        self.proc.wait(20)
+        self.start()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)

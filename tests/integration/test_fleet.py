@@ -381,45 +381,11 @@ def test_sigterm_is_a_warm_shutdown_that_neither_loses_nor_repeats_work(fleet_en
 @pytest.fixture
 def private_redis(tmp_path):
     """A Redis of this test's own, with an append-only file, that the test may restart."""
-    import shutil
-    import socket
-    import subprocess
+    from tests.helpers import PrivateRedis
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--dir", str(tmp_path)]
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-        proc = None
-
-        def start(self):
-            import redis as redis_lib
-
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait_until(lambda: _pings(redis_lib, self.url), timeout=20, interval=0.1)
-
-        def restart(self):
-            self.proc.terminate()  # SIGTERM: Redis flushes the AOF and exits
-            self.proc.wait(20)
-            self.start()
-
-    server = Server()
-    server.start()
+    server = PrivateRedis(tmp_path, aof=True).start()
     yield server
-    server.proc.kill()
-    server.proc.wait(10)
-
-
-def _pings(redis_lib, url: str) -> bool:
-    try:
-        return redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-    except redis_lib.ConnectionError:
-        return False
+    server.kill()
 
 
 def test_a_redis_restart_with_work_queued_and_running_loses_nothing(fleet_env, start_worker, private_redis, db):

@@ -108,33 +108,11 @@ def test_a_429_storm_is_backed_off_as_told_and_every_request_ends_terminal(
 @pytest.fixture
 def state_redis(tmp_path):
     """A second Redis of the test's own, for the fleet state apart from the broker (TARS_REDIS_URL)."""
-    import shutil
-    import socket
-    import subprocess
+    from tests.helpers import PrivateRedis
 
-    import redis as redis_lib
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping():
-                break
-        except redis_lib.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    yield url
-    proc.kill()
-    proc.wait(10)
+    server = PrivateRedis(tmp_path).start()
+    yield server.url
+    server.kill()
 
 
 def test_with_the_fleet_state_apart_from_the_broker_staged_first_attempts_are_paced_once(

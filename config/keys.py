@@ -231,3 +231,8 @@ def budget_key(namespace: str, tenant: str, period: str) -> str:
 def budget_limits_key(namespace: str) -> str:
     """Hash: ``TENANT:day`` / ``TENANT:month`` -> limit in micro-dollars."""
     return f"{namespace}:budget:limits"
+
+
+def batch_runner_heartbeat_key(namespace: str, host: str) -> str:
+    """String with a TTL: a batch runner on ``host`` looped within its lifetime (its healthcheck reads it)."""
+    return f"{namespace}:batch-runner:alive:{host}"

@@ -214,8 +214,14 @@ def batch_runner(once: bool, loglevel: str) -> None:
         if once:
             click.echo(json.dumps(runner.tick()))
         else:
+            import signal
+            import threading
+
+            stop = threading.Event()  # SIGTERM/SIGINT: finish the tick in hand, release the lock, exit 0
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
             click.echo("batch runner started", err=True)
-            runner.run()
+            runner.run(stop=stop)
     finally:
         runner.close()
 

@@ -99,6 +99,7 @@ def plan_fleet(
     mock_llm_port: int = topology.MOCK_LLM_PORT,
     metrics: bool = True,
     metrics_port: int = topology.METRICS_PORT,
+    batch_runner: bool = True,
     host: str = LOCAL_HOST,
     python: str | None = None,
     worker_stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
@@ -137,6 +138,10 @@ def plan_fleet(
     if flower:
         add_service(topology.FLOWER, flower_port, f"http://{loopback}:{flower_port}/healthcheck",
                     ("--insecure-no-auth",) if flower_insecure_no_auth else (), env_policy="flower")
+    if batch_runner:  # no port: ready once its loop has started
+        argv = topology.localise(list(topology.BATCH_RUNNER.command), python=python)
+        specs.append(ProcessSpec(name=topology.BATCH_RUNNER.name, service=topology.BATCH_RUNNER.name,
+                                 argv=tuple(argv), ready="log:batch runner started"))
     for tier in TIERS:
         svc = topology.worker_service(tier)
         for i in range(1, workers.get(tier, 0) + 1):

@@ -80,6 +80,8 @@ def check_secrets() -> None:
               help="Send every model call to the mock server (as compose.mock-llm.yml does).")
 @click.option("--metrics/--no-metrics", default=True, show_default=True, help="`tars metrics serve`.")
 @click.option("--metrics-port", type=int, default=topology.METRICS_PORT, show_default=True)
+@click.option("--batch-runner/--no-batch-runner", default=True, show_default=True,
+              help="`tars batch-runner`: the providers' batch lane (requests with lane='batch').")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP services listen on.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="fleet.json and logs/ (default TARS_FLEET_DIR, else ~/.local/state/tars/fleet).")
@@ -89,7 +91,7 @@ def check_secrets() -> None:
 @click.option("--keep-going", is_flag=True, help="Keep the rest running when one process exits.")
 def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flower: bool, flower_port: int,
        flower_insecure_no_auth: bool, mock_llm: bool | None, mock_llm_port: int, route_to_mock_llm: bool,
-       metrics: bool, metrics_port: int, host: str, state_dir: Path | None, ready_timeout_s: float,
+       metrics: bool, metrics_port: int, batch_runner: bool, host: str, state_dir: Path | None, ready_timeout_s: float,
        stop_timeout_s: float, keep_going: bool) -> None:
     """Start the fleet in the foreground; Ctrl-C (or SIGTERM, or `tars fleet down`) stops it cleanly."""
     from config.settings import get_settings
@@ -108,7 +110,7 @@ def up(workers: int, tier_workers: tuple[str, ...], concurrency: int | None, flo
     specs = plan_fleet(
         workers=_tier_counts(workers, tier_workers), concurrency=concurrency, flower=flower,
         flower_port=flower_port, flower_insecure_no_auth=flower_insecure_no_auth, mock_llm=mock_llm,
-        mock_llm_port=mock_llm_port, metrics=metrics, metrics_port=metrics_port, host=host,
+        mock_llm_port=mock_llm_port, metrics=metrics, metrics_port=metrics_port, batch_runner=batch_runner, host=host,
         worker_stop_timeout_s=stop_timeout_s,
     )
     state_dir = state_dir or default_state_dir()
@@ -255,6 +257,29 @@ def healthcheck_worker(tier: str, node: str | None, timeout_s: float) -> None:
                    f"({writer.get('pending')} waiting): {writer.get('last_error')}", err=True)
         sys.exit(1)
     click.echo(f"{node}: healthy")
+
+
+@healthcheck.command("batch-runner")
+def healthcheck_batch_runner() -> None:
+    """Healthy when a batch runner on this host looped recently (its heartbeat in the fleet's Redis)."""
+    from config.keys import batch_runner_heartbeat_key
+    from config.settings import get_settings
+    from tars_tasks.redis_client import get_redis
+
+    settings = get_settings()
+    host = socket.gethostname()
+    if settings.shared_redis_url is None:
+        click.echo("unhealthy: no Redis to read the batch runner's heartbeat from (TARS_BROKER_URL)", err=True)
+        sys.exit(1)
+    try:
+        name = get_redis(settings.shared_redis_url).get(batch_runner_heartbeat_key(settings.namespace, host))
+    except Exception as exc:
+        click.echo(f"unhealthy: Redis unreachable: {exc}", err=True)
+        sys.exit(1)
+    if name is None:
+        click.echo(f"unhealthy: no batch runner on {host} looped recently", err=True)
+        sys.exit(1)
+    click.echo(f"{name.decode() if isinstance(name, bytes) else name}: healthy")
 
 
 @healthcheck.command("http")

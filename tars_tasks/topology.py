@@ -33,6 +33,7 @@ SERVICE_STOP_GRACE_S = 30
 ROLE_WORKER = "worker"
 ROLE_FLOWER = "flower"
 ROLE_MOCK_LLM = "mock-llm"
+ROLE_BATCH_RUNNER = "batch-runner"
 ROLE_METRICS = "metrics"
 ROLE_MIGRATE = "migrate"
 ROLE_LOADGEN = "loadgen"
@@ -114,6 +115,17 @@ METRICS = Service(
     depends=("migrate", "redis"),
 )
 
+#: The providers' batch lane (workers/batchlane/): forms, submits and polls provider batches and
+#: records their results. Several may run (one acts, by a Postgres advisory lock); SIGTERM lets
+#: the tick in hand finish, and a SIGKILL anywhere is recovered by the next runner (docs/COST_CONTROLS.md).
+BATCH_RUNNER = Service(
+    name="batch-runner",
+    role=ROLE_BATCH_RUNNER,
+    command=("tars", "batch-runner"),
+    healthcheck=("tars", "fleet", "healthcheck", "batch-runner"),
+    depends=("migrate", "redis"),
+)
+
 #: Runs before everything else under compose (every service waits for it to *succeed*):
 #: refuses the ``change-me`` placeholder passwords of ``.env.example`` (compose's ``${VAR:?}``
 #: only refuses empty values). See tars_tasks/default_passwords.py.
@@ -161,7 +173,7 @@ def mock_route_env(*, base_url: str, api_key: str = MOCK_LLM_DEFAULT_KEY) -> dic
 WORKERS: tuple[Service, ...] = tuple(worker_service(t) for t in TIERS)
 
 #: Every project-image service, in start order.
-SERVICES: tuple[Service, ...] = (CHECK_SECRETS, MIGRATE, MOCK_LLM, METRICS, FLOWER, *WORKERS, LOADGEN)
+SERVICES: tuple[Service, ...] = (CHECK_SECRETS, MIGRATE, MOCK_LLM, METRICS, FLOWER, *WORKERS, BATCH_RUNNER, LOADGEN)
 
 #: The secret-bearing variables each project service's environment holds under compose, and
 #: no others: provider API keys reach the workers only, the database URL only what reads or
@@ -178,6 +190,8 @@ SERVICE_SECRETS: dict[str, frozenset[str]] = {
     FLOWER.name: frozenset({"TARS_BROKER_URL", "TARS_FLOWER_PASSWORD"}),
     **{w.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"})
        for w in WORKERS},
+    # it calls the providers' batch APIs with the workers' keys
+    BATCH_RUNNER.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"}),
     LOADGEN.name: frozenset({"TARS_BROKER_URL", "TARS_DATABASE_URL"}),
 }
 

@@ -125,21 +125,21 @@ def test_the_local_runner_runs_the_same_commands_as_compose(compose_config):
         if p.port is not None:
             assert shared[shared.index("--port") + 1] == str(p.port)
             assert shared[shared.index("--host") + 1] == "127.0.0.1"
-    assert seen >= {"flower", "metrics", *(f"worker-{t}" for t in TIERS)}
+    assert seen >= {"flower", "metrics", "batch-runner", *(f"worker-{t}" for t in TIERS)}
     assert ("mock-llm" in seen) == mock_llm_available()
     for tier in TIERS:
         assert [p.name for p in plan if p.tier == tier] == [f"{tier}-1", f"{tier}-2"]
 
 
 @needs_compose
-def test_the_mock_override_file_routes_every_worker_to_the_mock_service_as_the_local_runner_does():
+def test_the_mock_override_file_routes_every_worker_and_the_batch_runner_to_the_mock_as_the_local_runner_does():
     out = _compose("--env-file", str(ENV_EXAMPLE), "-f", str(ROOT / "compose.mock-llm.yml"), "config")
     assert out.returncode == 0, out.stderr
     services = _yaml_to_json(out.stdout)["services"]
     expected = topology.mock_route_env(base_url=f"http://{topology.MOCK_LLM.name}:{topology.MOCK_LLM_PORT}")
-    for tier in TIERS:
-        w = services[f"worker-{tier}"]
-        assert {k: w["environment"][k] for k in expected} == expected
+    for name in (*(f"worker-{t}" for t in TIERS), topology.BATCH_RUNNER.name):
+        w = services[name]
+        assert {k: w["environment"][k] for k in expected} == expected, name
         assert w["depends_on"]["mock-llm"]["condition"] == "service_healthy"
         assert w["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["mock-llm"]["command"] == list(topology.MOCK_LLM.command)

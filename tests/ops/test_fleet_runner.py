@@ -31,12 +31,12 @@ def test_a_runner_killed_with_sigkill_takes_its_workers_down_with_it(fleet_env, 
             assert proc.poll() is None, (tmp_path / "up.log").read_text()
             assert time.monotonic() < deadline, "fleet not ready"
             time.sleep(0.2)
-        (worker,) = json.loads((state_dir / "fleet.json").read_text())["processes"]
-        assert worker["name"] == "haiku-1"
+        children = json.loads((state_dir / "fleet.json").read_text())["processes"]
+        assert sorted(c["name"] for c in children) == ["batch-runner", "haiku-1"]
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        _gone, alive = psutil.wait_procs([psutil.Process(worker["pid"])], timeout=30)
-        assert alive == [], "the worker outlived its runner"
+        _gone, alive = psutil.wait_procs([psutil.Process(c["pid"]) for c in children], timeout=30)
+        assert alive == [], "a worker or the batch runner outlived its runner"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -46,18 +46,23 @@ def test_a_runner_killed_with_sigkill_takes_its_workers_down_with_it(fleet_env, 
                          capture_output=True, text=True, timeout=60)
     st = json.loads(out.stdout)
     assert st["runner_alive"] is False
-    assert [p["alive"] for p in st["processes"]] == [False]
+    assert [p["alive"] for p in st["processes"]] == [False, False]
 
 
-def test_route_to_mock_llm_sends_every_model_call_of_the_local_fleet_to_the_mock_server(fleet_env, tmp_path, db):
+def test_route_to_mock_llm_sends_every_model_call_of_the_local_fleet_to_the_mock_server_batches_too(
+        fleet_env, tmp_path, db):
+    """`tars fleet up` runs a batch runner beside the workers: batch-lane requests are answered through
+    the mock's Message Batches API at the batch price (without one they would wait forever)."""
     pytest.importorskip("loadgen.mock_llm")
     from sqlalchemy import text
 
+    from tars_tasks import topology
     from tars_tasks.client import TarsClient
     from tests.helpers import make_settings
     from tests.ops.conftest import free_port
 
-    env = {**os.environ, **fleet_env, "TARS_FLEET_DIR": str(tmp_path / "fleet")}
+    env = {**os.environ, **fleet_env, "TARS_FLEET_DIR": str(tmp_path / "fleet"),
+           "TARS_BATCH_MAX_AGE_S": "0.5", "TARS_BATCH_POLL_INTERVAL_S": "0.5"}
     env.pop("ANTHROPIC_API_KEY", None)
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
@@ -71,14 +76,20 @@ def test_route_to_mock_llm_sends_every_model_call_of_the_local_fleet_to_the_mock
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "fleet not ready"
             time.sleep(0.2)
-        with TarsClient(settings=make_settings(fleet_env)) as client:
+        # the producer knows the calls go to the mock (it refuses a batch lane without a batch API)
+        with TarsClient(settings=make_settings(fleet_env, provider_override=topology.MOCK_LLM_PROTOCOL)) as client:
             handles = client.submit_many([{"role": "researcher", "prompt": f"mock {i}",
                                            "tier": ("haiku", "sonnet", "opus")[i % 3]} for i in range(30)])
-            results = client.wait_many([h.id for h in handles], timeout=60)
+            batched = client.submit_many([{"role": "researcher", "prompt": f"batched {i}", "lane": "batch",
+                                           "tier": ("haiku", "sonnet")[i % 2]} for i in range(6)])
+            results = client.wait_many([h.id for h in handles + batched], timeout=90)
         assert {r.status for r in results} == {"succeeded"}, [r.error for r in results if not r.ok][:3]
         with db.connect() as conn:
             providers = dict(conn.execute(text("SELECT provider, count(*) FROM api_calls GROUP BY provider")).all())
-        assert providers == {"anthropic": 30}
+            lanes = dict(conn.execute(text("SELECT lane, count(*) FROM requests GROUP BY lane")).all())
+            in_batches = conn.execute(text("SELECT count(*) FROM batch_items")).scalar()
+        assert providers == {"anthropic": 36}
+        assert lanes == {"interactive": 30, "batch": 6} and in_batches == 6
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]

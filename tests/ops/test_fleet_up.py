@@ -76,9 +76,21 @@ def test_fleet_status_lists_each_process_alive_and_the_workers_of_every_tier(ops
     st = json.loads(out.stdout)
     assert st["runner_alive"] is True
     assert {p["name"]: p["alive"] for p in st["processes"]} == {
-        "metrics": True, "flower": True, "haiku-1": True, "sonnet-1": True, "opus-1": True}
+        "metrics": True, "flower": True, "batch-runner": True, "haiku-1": True, "sonnet-1": True, "opus-1": True}
     assert {t: [_node_tier(n) for n in nodes] for t, nodes in st["fleet"]["workers"].items()} == {
         t: [t] for t in TIERS}
+
+
+def test_the_batch_runner_healthcheck_sees_the_fleets_runner_and_not_another_namespaces(ops_fleet):
+    def check(namespace: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tars_tasks.cli", "fleet", "healthcheck", "batch-runner"],
+                              cwd=ROOT, env={**os.environ, **ops_fleet.env, "TARS_NAMESPACE": namespace},
+                              capture_output=True, text=True, timeout=60)
+
+    ok = check(ops_fleet.env["TARS_NAMESPACE"])
+    assert ok.returncode == 0 and "healthy" in ok.stdout, ok.stderr
+    other = check(ops_fleet.env["TARS_NAMESPACE"] + "-nobody")
+    assert other.returncode == 1 and other.stderr.startswith("unhealthy: no batch runner on "), other.stderr
 
 
 def test_flower_answers_401_without_credentials_but_leaves_metrics_and_healthcheck_open(ops_fleet):
@@ -190,7 +202,7 @@ def test_ctrl_c_stops_the_fleet_cleanly_with_no_orphaned_processes(ops_fleet):
     started = ops_fleet.remember_descendants()
     state = json.loads((ops_fleet.state_dir / "fleet.json").read_text())
     children = {p["pid"] for p in state["processes"]}
-    assert children <= started and len(children) == 5
+    assert children <= started and len(children) == 6
     code = ops_fleet.interrupt(timeout=90)
     log = ops_fleet.log()
     assert code == 0, log[-3000:]
@@ -207,7 +219,7 @@ def test_ctrl_c_stops_the_fleet_cleanly_with_no_orphaned_processes(ops_fleet):
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     assert stray == []
-    for name in ("haiku-1", "sonnet-1", "opus-1"):
+    for name in ("haiku-1", "sonnet-1", "opus-1", "batch-runner"):
         assert f"stopped {name} (exit code 0)" in log
     assert not (ops_fleet.state_dir / "fleet.json").exists()
     assert list((ops_fleet.state_dir / "flower").glob("flower.db*")), "Flower's persistent state was not saved"

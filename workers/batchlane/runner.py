@@ -43,6 +43,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, insert, select, text, update
 
 from config.catalog import Catalog, ModelSpec
+from config.keys import batch_runner_heartbeat_key
 from config.settings import Settings
 from tars_tasks.codes import AttemptOutcome, FailureReason, RequestStatus
 from tars_tasks.db.models import BatchItem, ProviderBatch, Request
@@ -69,6 +70,8 @@ LOCK_KEY = 0x5441525342415443 & 0x7FFFFFFFFFFFFFFF
 ATTEMPT_NS = uuid.UUID("6f1c1b52-7d7e-4a43-9a57-3f0c6a1b0b7e")
 
 PENDING, SUBMITTING, SUBMITTED, DONE = "pending", "submitting", "submitted", "done"
+#: The heartbeat outlives three of the runner's loops, and never less than this (seconds).
+HEARTBEAT_MIN_TTL_S = 30.0
 
 _req = Request.__table__
 _pb = ProviderBatch.__table__
@@ -152,12 +155,13 @@ class BatchRunner:
     def run(self, *, stop: Any = None) -> None:
         """Tick every ``batch_poll_interval_s`` (sooner while batches wait to be formed) until ``stop`` is set."""
         interval = self.settings.batch_poll_interval_s
+        wait = min(interval, max(0.2, self.settings.batch_max_age_s / 4 or interval))
         while stop is None or not stop.is_set():
+            self.heartbeat(ttl_s=max(HEARTBEAT_MIN_TTL_S, 3 * wait))
             try:
                 self.tick()
             except Exception:
                 log.exception("batch runner tick failed; trying again in %.1fs", interval)
-            wait = min(interval, max(0.2, self.settings.batch_max_age_s / 4 or interval))
             if stop is not None:
                 stop.wait(wait)
             else:
@@ -171,6 +175,20 @@ class BatchRunner:
             self.submit(b)
         polled = self.poll()
         return {"active": 1, "formed": formed, "polled": polled}
+
+    def heartbeat(self, *, ttl_s: float) -> None:
+        """Say "this host's runner looped" for ``ttl_s`` (``tars fleet healthcheck batch-runner``); a
+        standby runner, which holds no lock, beats too. A Redis that does not answer is logged, not fatal."""
+        url = self.settings.shared_redis_url
+        if url is None:
+            return
+        try:
+            from tars_tasks.redis_client import get_redis
+
+            get_redis(url).set(batch_runner_heartbeat_key(self.settings.namespace, socket.gethostname()),
+                               self.name, px=int(ttl_s * 1000))
+        except Exception as exc:
+            log.warning("batch runner heartbeat not written: %s", exc)
 
     def _crash(self, point: str) -> None:
         if self.settings.batch_crash_at == point and point not in self._crashed_at:

@@ -192,3 +192,31 @@ def test_batch_lane_calls_are_reserved_and_settled_against_the_tenants_budget(
     (billed,) = rows(db, "SELECT coalesce(sum(cost_usd), 0) AS usd FROM api_calls")
     day = budgets.state("acme")[0]
     assert day.reserved_usd == 0 and day.spent_usd == billed["usd"] > 0 and day.spent_usd <= limit
+
+
+def test_a_batch_answer_fills_the_response_cache_and_serves_the_same_request_at_submit(
+        fleet_env, tmp_path, mock_llm, db, redis):  # noqa: F811
+    """A batch-lane answer is an answer like a worker's: the same canonical request asked again (here
+    interactively) is served from the cache at submit, with no call, saving what the batch call cost."""
+    mock = mock_llm("--latency", "fixed:5", "--output-tokens", "30:30", "--config-json", '{"batch_delay_s": 0.5}')
+    env = batch_env(fleet_env, tmp_path, mock, TARS_CACHE_URL=fleet_env["TARS_BROKER_URL"])
+    ask = {"role": "researcher", "prompt": "what does a batch answer cost?", "temperature": 0}
+    with TarsClient(settings=make_settings(env)) as client:
+        batched = [client.submit(**ask, lane="batch"),
+                   client.submit(role="researcher", prompt="sampled: never cached", temperature=0.7, lane="batch")]
+        runner = start_runner(env, tmp_path / "runner.log")
+        try:
+            first, sampled = client.wait_many([h.id for h in batched], timeout=60)
+            wait_batches_done(db)
+        finally:
+            runner.stop()
+        assert first.status == sampled.status == "succeeded"
+        again = client.submit(**ask)
+        hit = client.wait(again.id, timeout=5)  # a hit is recorded at submit; a miss would wait for a worker
+        other = client.submit(role="researcher", prompt="sampled: never cached", temperature=0.7)
+    assert hit.status == "succeeded" and hit.answered_by == "exact", hit
+    assert hit.result == first.result and hit.cost_usd == 0 and hit.saved_usd == first.cost_usd > 0
+    assert rows(db, "SELECT id FROM api_calls WHERE request_id = :r", r=again.id) == []
+    # the sampled one was not cached: asked again, it is queued for a model
+    assert rows(db, "SELECT answered_by, status FROM requests WHERE id = :r", r=other.id) == [
+        {"answered_by": None, "status": "queued"}]

@@ -40,11 +40,13 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from sqlalchemy import Engine, and_, exists, insert, select, text, update
 
 from config.catalog import Catalog, ModelSpec
 from config.keys import batch_runner_heartbeat_key
 from config.settings import Settings
+from tars_tasks.cache import CachedAnswer, ResponseCache
 from tars_tasks.codes import AttemptOutcome, FailureReason, RequestStatus
 from tars_tasks.db.models import BatchItem, ProviderBatch, Request
 from tars_tasks.errors import ProviderError
@@ -106,6 +108,8 @@ class BatchRunner:
         #: Tenants' (and the fleet's) budgets: each member's worst case at the batch price is
         #: reserved before its batch is sent and settled when its result is written.
         self.budgets = Budgets.for_settings(settings) if settings.budgets_enabled else None
+        #: The response cache the batch's answers fill (None: no TARS_CACHE_URL).
+        self.cache = ResponseCache.for_settings(settings)
         self._lock_conn = None
         self._next_poll: dict[str, float] = {}
         self._crashed_at: set[str] = set()
@@ -413,11 +417,32 @@ class BatchRunner:
                 self.writer.record(rows)
             if not last:
                 self._crash("mid_results")
+        self._fill_cache(spec, [m for m in members if m.status == RequestStatus.QUEUED], by_id)
         self._settle_budgets(b, members)  # before the batch is done: a crash here settles again (a no-op)
         self._finish_batch(b.id, outcomes=outcomes, retry=retry, error=refused)
         self.counts["results"] += len(finishes)
         if retry:
             self._send_interactive(retry)
+
+    def _fill_cache(self, spec: ModelSpec, members: list[RequestRow], by_id: dict[str, ItemResult]) -> None:
+        """Fill the response cache with the answers just recorded, as a worker's call path does
+        (workers/callpath/cache_step.py): only a cacheable request's (its digest is on the row), under
+        its digest, for the tier's TTL; the entry's cost is what the batch call cost. Runs after the
+        rows are committed; a cache that does not answer is skipped with a warning."""
+        if self.cache is None:
+            return
+        for m in members:
+            r = by_id.get(m.id)
+            if (m.cache_digest is None or r is None or r.kind != SUCCEEDED or r.usage is None or r.text is None
+                    or "\x00" in r.text):
+                continue
+            answer = CachedAnswer(text=r.text, stop_reason=r.stop_reason, model=spec.model, tier=spec.tier,
+                                  cost_usd=spec.usage_cost_usd(r.usage, batch=True), source_request_id=m.id)
+            try:
+                self.cache.put(key=self.cache.key(model=spec.model, digest=m.cache_digest), answer=answer,
+                               ttl_s=spec.cache_ttl_s, digest=m.cache_digest)
+            except (redis.RedisError, UnicodeError) as exc:
+                log.warning("request %s: response cache not filled (%s)", m.id, exc)
 
     def _verdict(self, b: Any, spec: ModelSpec, m: RequestRow, r: ItemResult, *, started: datetime,
                  latency_ms: float, refused: str | None) -> tuple[list[AttemptRecord], FinishRecord | None]:

@@ -55,6 +55,7 @@ from tars_tasks.jobs.tables import (
 )
 from tars_tasks.jobs.template import Template, check_input, parse_template, resolve
 from tars_tasks.publish import ToStage, publish_request, stage_requests
+from tars_tasks.schemas import LANE_BATCH, LANE_INTERACTIVE
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +220,40 @@ class JobStore:
                     "metadata": {"job": job_id, "step": n.step, "item": str(n.item), "revision": str(n.revision)}}
             if s.tier:
                 spec["tier"] = s.tier
+            if s.lane != LANE_INTERACTIVE:
+                spec["lane"] = s.lane
             out.append(spec)
         return out
+
+    def _check_lanes(self, template: Template) -> None:
+        """Every batch-lane step's tier has a provider with a batch API — checked at submit for all the
+        steps, not when a later step is scheduled (the job would fail halfway)."""
+        from tars_tasks.routing import route
+        from tars_tasks.schemas import validate_spec
+
+        for s in template.steps:
+            if s.lane != LANE_BATCH:
+                continue
+            spec = validate_spec({"role": s.role, "prompt": "lane check", "lane": s.lane,
+                                  **({"tier": s.tier} if s.tier else {})}, catalog=self.catalog,
+                                 max_prompt_chars=self.settings.max_prompt_chars)
+            try:
+                self.coordinator._check_batch_lane(route(spec, catalog=self.catalog).tier, index=None)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"template {template.name!r}: step {s.name!r}: {exc}",
+                                     field=f"steps.{s.name}.lane") from None
+
+    def _to_send(self, planned) -> list[ToStage]:
+        """What goes to the queues: a batch-lane step is recorded and left to the batch runner."""
+        return [self.coordinator._to_stage(p, reply_to=None) for p in planned if p.spec.lane != LANE_BATCH]
 
     def _rows(self, planned, *, run_id: str | None, now: datetime) -> list[dict[str, Any]]:
         from tars_tasks.schemas import request_columns
 
         return [{"id": p.id, **request_columns(p.spec, catalog=self.catalog), "tier_requested": p.requested_tier,
                  "tier_queued": p.route.tier, "status": STATUS_QUEUED, "run_id": run_id, "submitted_at": now,
-                 "attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0, "served_mode": p.mode}
+                 "attempts": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0, "served_mode": p.mode,
+                 "lane": p.spec.lane}
                 for p in planned]
 
     # --- submit --------------------------------------------------------------------------------
@@ -246,6 +272,7 @@ class JobStore:
         if first.verdict is not None or not first.new:
             raise InvalidRequest(f"template {t.name!r}: the job cannot start: "
                                  f"{first.verdict.error if first.verdict else 'no step is ready'}", field="input")
+        self._check_lanes(t)
         job_id = str(uuid.uuid4())
         try:
             planned = self.coordinator.plan(self._specs(job_id=job_id, template=t, new=first.new, tenant=head.tenant,
@@ -268,7 +295,7 @@ class JobStore:
             if created is not None:
                 return JobSubmission(id=created, created=False, steps=0)
             try:
-                self._publish([self.coordinator._to_stage(p, reply_to=None) for p in planned])
+                self._publish(self._to_send(planned))
             except Exception as exc:
                 self._fail_unsent(job_id, [p.id for p in planned], reason=f"{ENQUEUE_FAILED}: {exc}")
                 raise BrokerUnavailable(f"broker unavailable; job {job_id} could not be queued and is recorded as "
@@ -368,7 +395,7 @@ class JobStore:
                 select(_req.c.id, _req.c.tier_queued, _req.c.tier_requested, _req.c.tenant, _req.c.priority,
                        _req.c.prompt, _req.c.system, _req.c.messages, _req.c.max_tokens)
                 .join(_steps, _steps.c.request_id == _req.c.id)
-                .where(_steps.c.job_id == job_id, _req.c.status == STATUS_QUEUED,
+                .where(_steps.c.job_id == job_id, _req.c.status == STATUS_QUEUED, _req.c.lane != LANE_BATCH,
                        ~exists().where(_api.c.request_id == _req.c.id))).all()
         if not rows or not self.settings.broker_redis_url:
             return 0
@@ -472,7 +499,7 @@ class JobStore:
                 log.info("job %s: successors scheduled without a budget check (%s)", job["id"], exc)
             inserted = self._insert_instances(conn, job_id=job["id"], new=result.new, planned=planned,
                                               run_id=job["run_id"], now=_now())
-            to_publish.extend(self.coordinator._to_stage(p, reply_to=None) for p in inserted)
+            to_publish.extend(self._to_send(inserted))
         if result.verdict is not None:
             return self._end(conn, job["id"], result.verdict)
         return None

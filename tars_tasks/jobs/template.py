@@ -34,6 +34,7 @@ from typing import Any
 from config.catalog import Catalog
 from tars_tasks.errors import InvalidRequest, excerpt
 from tars_tasks.jobs import render
+from tars_tasks.schemas import LANE_INTERACTIVE, LANES
 
 #: Bounds of a template.
 MAX_STEPS = 50
@@ -44,7 +45,7 @@ TEMPLATE_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,99}")
 DEFAULT_TEMPLATES_PATH = Path(__file__).resolve().parents[2] / "config" / "jobs.toml"
 
 _STEP_KEYS = {"name", "role", "prompt", "after", "for_each", "max_items", "quorum", "on_failure", "revises",
-              "max_revisions", "on_exhausted", "tier"}
+              "max_revisions", "on_exhausted", "tier", "lane"}
 _TEMPLATE_KEYS = {"description", "steps", "output"}
 
 
@@ -62,6 +63,9 @@ class StepDef:
     max_revisions: int = 0
     on_exhausted: str = "fail"
     tier: str | None = None
+    #: ``interactive``, or ``batch``: the step's request goes through the providers' batch lane
+    #: (half price, answered within the batch window; docs/COST_CONTROLS.md).
+    lane: str = LANE_INTERACTIVE
 
     @property
     def fans_out(self) -> bool:
@@ -165,6 +169,7 @@ def _step(tname: str, i: int, data: Any, *, catalog: Catalog) -> StepDef:
                            high=MAX_REVISIONS_CAP),
         on_exhausted=_choice(tname, f"{at}.on_exhausted", data.get("on_exhausted", "fail"), ("fail", "accept")),
         tier=tier,
+        lane=_choice(tname, f"{at}.lane", data.get("lane", LANE_INTERACTIVE), LANES),
     )
     try:
         step.refs()

@@ -220,3 +220,58 @@ def test_a_batch_answer_fills_the_response_cache_and_serves_the_same_request_at_
     # the sampled one was not cached: asked again, it is queued for a model
     assert rows(db, "SELECT answered_by, status FROM requests WHERE id = :r", r=other.id) == [
         {"answered_by": None, "status": "queued"}]
+
+
+BATCH_JOB = {
+    "description": "research overnight at half price, write at once, check overnight",
+    "output": "check",
+    "steps": [
+        {"name": "gather", "role": "researcher", "lane": "batch", "prompt": "Research: {{ input.question }}"},
+        {"name": "write", "role": "engineer", "after": ["gather"], "prompt": "Write from: {{ steps.gather.output }}"},
+        {"name": "check", "role": "researcher", "lane": "batch", "after": ["write"],
+         "prompt": "Check: {{ steps.write.output }}"},
+    ],
+}
+
+
+def test_a_jobs_batch_lane_steps_go_through_provider_batches_and_the_job_goes_on_after_each(
+        fleet_env, tmp_path, mock_llm, start_worker, db):  # noqa: F811
+    """A job step may take the batch lane (``lane = "batch"`` in the template): recorded and left to the
+    batch runner, answered at the batch price, and its finish schedules the next steps in the same commit
+    as a worker's does — here batch -> interactive -> batch."""
+    mock = mock_llm("--latency", "fixed:5", "--output-tokens", "20:20", "--config-json", '{"batch_delay_s": 0.5}')
+    env = batch_env(fleet_env, tmp_path, mock)
+    start_worker(tiers=["haiku", "sonnet"], concurrency=5, env=env)
+    runner = start_runner(env, tmp_path / "runner.log")
+    try:
+        with TarsClient(settings=make_settings(env)) as client:
+            job = client.submit_job(template=BATCH_JOB, input={"question": "why batch?"})
+            view = job.wait(timeout=90)
+    finally:
+        runner.stop()
+    assert view.status == "succeeded", view
+    steps = {r["step"]: r for r in rows(db, "SELECT s.step, r.lane, r.cost_usd, c.worker, c.cost_usd AS call_cost "
+                                           "FROM job_steps s JOIN requests r ON r.id = s.request_id "
+                                           "JOIN api_calls c ON c.request_id = r.id WHERE s.job_id = :j", j=job.id)}
+    assert sorted(steps) == ["check", "gather", "write"]  # one call each
+    for name in ("gather", "check"):
+        assert steps[name]["lane"] == "batch" and steps[name]["worker"].startswith("batch-runner@"), steps[name]
+    assert steps["write"]["lane"] == "interactive" and not steps["write"]["worker"].startswith("batch-runner@")
+    assert batches_created(mock) == {"anthropic": 2, "openai": 0}  # gather's batch, then check's
+    catalog = load_catalog(Path(env["TARS_CATALOG_PATH"]))
+    haiku = catalog.spec("haiku")
+    (gather_call,) = rows(db, "SELECT c.* FROM api_calls c JOIN job_steps s ON s.request_id = c.request_id "
+                              "WHERE s.job_id = :j AND s.step = 'gather'", j=job.id)
+    assert gather_call["cost_usd"] == haiku.cost_usd(input_tokens=gather_call["input_tokens"],
+                                                     output_tokens=gather_call["output_tokens"]) * Decimal("0.5")
+
+
+def test_a_batch_lane_step_on_a_tier_without_a_batch_api_refuses_the_job_at_submit(fleet_env, db):
+    """Checked for every step at submit (the third step here), not when the job reaches it."""
+    tmpl = {**BATCH_JOB, "steps": [{**s, "lane": "interactive"} for s in BATCH_JOB["steps"][:2]]
+            + [BATCH_JOB["steps"][2]]}
+    with TarsClient(settings=make_settings(fleet_env)) as client:  # the simulated provider: no batch API
+        with pytest.raises(InvalidRequest, match="step 'check'.*batch API") as bad:
+            client.submit_job(template=tmpl, input={"question": "q"})
+    assert bad.value.field == "steps.check.lane"
+    assert rows(db, "SELECT id FROM requests") == [] and rows(db, "SELECT id FROM jobs") == []

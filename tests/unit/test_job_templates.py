@@ -54,6 +54,8 @@ def test_the_shipped_templates_load():
     ([{"name": "a", "role": "writer", "prompt": "x", "for_each": "input.l"},
       {"name": "b", "role": "writer", "prompt": "y", "after": ["a"], "quorum": 11}], "steps.b.quorum", "never come"),
     ([{"name": "a", "role": "writer", "prompt": "x", "colour": "red"}], "steps.a.colour", "unknown key"),
+    ([{"name": "a", "role": "writer", "prompt": "x", "lane": "overnight"}], "steps.a.lane",
+     "must be one of interactive, batch"),
 ])
 def test_template_errors_are_one_line_and_name_the_field(steps, field, words):
     exc = _refused(steps)

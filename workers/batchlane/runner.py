@@ -97,11 +97,12 @@ class BatchRunner:
                 notifier = RedisNotifier(get_redis(settings.shared_redis_url))
             else:
                 notifier = LocalNotifier()
+        self.celery_app = celery_app
         self.writer = writer or GroupCommitWriter(engine=engine, notifier=notifier,
                                                   batch_max=settings.writer_batch_max,
                                                   linger_ms=settings.writer_linger_ms,
-                                                  retry_max_s=settings.writer_retry_max_s)
-        self.celery_app = celery_app
+                                                  retry_max_s=settings.writer_retry_max_s,
+                                                  on_finished=self._jobs_hook(notifier))
         self.name = f"batch-runner@{socket.gethostname()}:{os.getpid()}"
         from tars_tasks.budgets import Budgets
 
@@ -114,6 +115,23 @@ class BatchRunner:
         self._next_poll: dict[str, float] = {}
         self._crashed_at: set[str] = set()
         self.counts: dict[str, int] = defaultdict(int)
+
+    def _app(self) -> Any:
+        """The Celery app the runner publishes with (made on first use)."""
+        if self.celery_app is None:
+            from tars_tasks.celery_app import make_app
+
+            self.celery_app = make_app(self.settings, producer=True)
+        return self.celery_app
+
+    def _jobs_hook(self, notifier: Notifier):
+        """A batch-lane job step finished here schedules the job's next steps in the same commit, as a
+        worker's finish does (tars_tasks.jobs). If the runner dies after that commit and before they
+        are sent, they are ``queued`` in no queue: the lost-request reconciler stages them."""
+        from tars_tasks.jobs.store import JobStore
+
+        return JobStore(settings=self.settings, catalog=self.catalog, engine=self.engine,
+                        celery_app=self._app(), notifier=notifier).on_finished
 
     # --- the lock -----------------------------------------------------------------------------
 
@@ -498,11 +516,7 @@ class BatchRunner:
 
         s = self.settings
         try:
-            app = self.celery_app
-            if app is None:
-                from tars_tasks.celery_app import make_app
-
-                app = self.celery_app = make_app(s, producer=True)
+            app = self._app()
             with self.engine.connect() as conn:
                 rows = conn.execute(select(_req.c.id, _req.c.tier_queued, _req.c.tier_requested, _req.c.tenant,
                                            _req.c.priority, _req.c.prompt, _req.c.system, _req.c.messages,

@@ -271,7 +271,7 @@ def test_a_batch_lane_step_on_a_tier_without_a_batch_api_refuses_the_job_at_subm
     tmpl = {**BATCH_JOB, "steps": [{**s, "lane": "interactive"} for s in BATCH_JOB["steps"][:2]]
             + [BATCH_JOB["steps"][2]]}
     with TarsClient(settings=make_settings(fleet_env)) as client:  # the simulated provider: no batch API
-        with pytest.raises(InvalidRequest, match="step 'check'.*batch API") as bad:
+        with pytest.raises(InvalidRequest, match=r"step 'check'.*batch API") as bad:
             client.submit_job(template=tmpl, input={"question": "q"})
     assert bad.value.field == "steps.check.lane"
     assert rows(db, "SELECT id FROM requests") == [] and rows(db, "SELECT id FROM jobs") == []

@@ -28,26 +28,18 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+from pgdb import fresh_db  # noqa: E402
+
 DB_NAME = "tars_failover"
 
 
 def _fresh_db() -> str:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname=%s", (DB_NAME,))
-        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}"')
-        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    url = f"postgresql://postgres@127.0.0.1:5432/{DB_NAME}"
-    import migrations
-
-    migrations.upgrade(url)
-    return url
+    return fresh_db(DB_NAME)
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -73,6 +73,10 @@ EXIT_INVALID = 3
 @click.option("--time-scale", type=POSITIVE, default=1.0, show_default=True,
               help="Multiply every duration (quick runs).")
 @click.option("--sample-interval", type=POSITIVE, default=None, help="Seconds between memory/CPU samples.")
+@click.option("--budget-usd", type=NON_NEGATIVE, default=None,
+              help="A budget for the run: its requests run as a tenant of their own (run-<run id>) with this "
+                   "daily USD limit (degraded past 80%, refused BudgetExceeded when spent); the report holds "
+                   "spend against it.")
 @click.option("--max-send-lag-ms", type=NON_NEGATIVE, default=10.0, show_default=True,
               help="An open loop whose p99 send lag exceeds this is marked invalid.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -82,8 +86,8 @@ EXIT_INVALID = 3
               help=f"Exit 0 even when a run is INVALID (default: exit {EXIT_INVALID}).")
 @click.option("--progress/--no-progress", default=None, help="Live display (default: when on a terminal).")
 def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, count, warmup, levels, workers,
-        worker_concurrency, mode, embedded_slots, time_scale, sample_interval, max_send_lag_ms, out_dir, fail_if,
-        allow_invalid, progress) -> None:
+        worker_concurrency, mode, embedded_slots, time_scale, sample_interval, budget_usd, max_send_lag_ms, out_dir,
+        fail_if, allow_invalid, progress) -> None:
     """Run SCENARIOS (default: baseline; 'all' = the seed report's scenarios) and write the report.
 
     Exit status: 0 when every run is valid and no --fail-if condition matched; 1 when a
@@ -98,7 +102,7 @@ def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, 
     from loadgen import thresholds
     from loadgen.progress import LiveProgress, make_console
     from loadgen.report import all_steps, write_report
-    from loadgen.runner import Runner, new_session_id
+    from loadgen.runner import Runner, check_budgets_enforceable, new_session_id
     from loadgen.scenarios import SEED_SCENARIOS, get_scenario
 
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the workers of a local fleet are stopped
@@ -109,7 +113,8 @@ def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, 
         names = list(SEED_SCENARIOS)
     overrides = {"concurrency": concurrency, "rate_per_s": rate, "arrival": arrival, "seed": seed,
                  "warmup_s": warmup, "levels": _levels(levels), "workers": workers,
-                 "worker_concurrency": worker_concurrency, "sample_interval_s": sample_interval}
+                 "worker_concurrency": worker_concurrency, "sample_interval_s": sample_interval,
+                 "budget_usd": budget_usd}
     scs = []
     for name in names:
         sc = get_scenario(name).with_overrides(**overrides)
@@ -118,6 +123,7 @@ def run(scenarios: tuple[str, ...], concurrency, rate, arrival, seed, duration, 
         sc.scaled(time_scale).check()  # every parameter checked before anything starts
         scs.append(sc)
     settings = get_settings()
+    check_budgets_enforceable(scs, settings=settings)
     session_id = new_session_id()
     out = out_dir or Path("reports") / session_id
     console = make_console()

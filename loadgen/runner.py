@@ -120,6 +120,15 @@ def fleet_settings_env(fleet_settings: Mapping[str, Any]) -> dict[str, str]:
     return {f"TARS_{k.upper()}": (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fleet_settings.items()}
 
 
+def check_budgets_enforceable(scenarios: Sequence[Scenario], *, settings: Settings) -> None:
+    """A run budget (``budget_usd``) needs the fleet's budgets, which live in its Redis: refuse it where
+    nothing would enforce it (the embedded fleet) — a budget nobody enforces is not a budget."""
+    budgeted = [sc.name for sc in scenarios if sc.budget_usd is not None]
+    if budgeted and settings.shared_redis_url is None:
+        raise LoadgenError(f"{', '.join(budgeted)}: a run budget needs the fleet's budgets, which live in its "
+                           "Redis; the embedded fleet has none: set TARS_BROKER_URL and run with --fleet local")
+
+
 class Runner:
     def __init__(self, *, settings: Settings, out_dir: Path, session_id: str | None = None,
                  mode: FleetMode = "auto", worker_env: Mapping[str, str] | None = None, time_scale: float = 1.0,
@@ -406,6 +415,7 @@ class Runner:
     def run(self, scenarios: Sequence[Scenario]) -> Session:
         for sc in scenarios:  # every parameter checked before any fleet starts
             sc.scaled(self.time_scale).check()
+        check_budgets_enforceable(scenarios, settings=self.settings)
         started = datetime.now(UTC).isoformat(timespec="seconds")
         results = []
         t0 = time.monotonic()

@@ -78,13 +78,23 @@ def test_compare_reads_two_sessions_from_their_report_directories(workdir):
 @pytest.mark.parametrize("args", [["--concurrency", "0"], ["--rate", "0"], ["--duration", "-1"], ["--duration", "0"],
                                   ["--time-scale", "0"], ["--count", "0"], ["--warmup", "-1"], ["--workers", "0"],
                                   ["--levels", "1,0"], ["--sample-interval", "0"], ["--embedded-slots", "0"],
-                                  ["--warmup", "10"], ["--duration", "5", "--warmup", "20"]],
+                                  ["--warmup", "10"], ["--duration", "5", "--warmup", "20"], ["--budget-usd", "-1"]],
                          ids=" ".join)
 def test_bad_parameters_are_refused_before_anything_starts(args, tmp_path):
     res = _run(["loadgen", "run", "baseline", *args], tmp_path, timeout=30)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "loadgen session" not in res.stdout and "Traceback" not in res.stderr
     assert not (tmp_path / "reports").exists() and not (tmp_path / ".data").exists()  # nothing started
+
+
+@pytest.mark.parametrize("args", [["baseline", "--budget-usd", "0.01"], ["budget"]], ids=" ".join)
+def test_a_run_budget_on_the_embedded_fleet_is_refused_nothing_would_enforce_it(args, tmp_path):
+    """The embedded fleet has no Redis, so no budgets: a budget there would be reported and never applied
+    (old code: 'Budget $0.01 per day', spent $0.29, 0 refused, 'overspend $0.28')."""
+    res = _run(["loadgen", "run", *args], tmp_path, timeout=30)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.count("\n") == 1 and "a run budget needs the fleet's budgets" in res.stderr, res.stderr
+    assert "loadgen session" not in res.stdout and not (tmp_path / "reports").exists()
 
 
 def test_a_too_short_run_is_invalid_and_exits_3_unless_allowed(tmp_path):

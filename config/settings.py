@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     worker_prefetch_multiplier: int = Field(default=2, ge=1)
     #: Celery task events (what Flower shows). Costs two extra broker messages per task.
     task_events: bool = True
+    #: Celery's two INFO lines per task ("Task ... received", "Task ... succeeded in ..."): 3.3-3.7% of
+    #: a worker's CPU in a drain (docs/BENCHMARKS.md, issue 13's profile); the request rows, ``tars
+    #: result`` and Flower hold the same. Off: those two loggers log warnings and errors only.
+    task_log_lines: bool = False
 
     # --- dispatch: priority and fairness under a binding rate limit (docs/DISPATCH.md) -------
     #: A TARS producer *stages* its requests' messages (Redis lists per tier, priority and

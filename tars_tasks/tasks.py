@@ -60,11 +60,28 @@ def tars_health(state, **_kw) -> dict:
     return {"writer": writer, "lease_owner": leases.current_owner(), "healthy": bool(writer.get("healthy", True))}
 
 
+#: Celery's loggers of the per-task INFO lines (received; succeeded / retried), quieted unless
+#: ``task_log_lines`` (their warnings and errors — a task that raised — are always logged).
+TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def _quiet_task_lines() -> None:
+    if not get_settings().task_log_lines:
+        for name in TASK_LINE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@signals.after_setup_logger.connect
+def _after_setup_logger(**_kw) -> None:
+    _quiet_task_lines()
+
+
 @signals.worker_process_init.connect
 def _init_process(**_kw) -> None:
     from tars_tasks.db.engine import dispose_engines
 
     dispose_engines()  # never share a parent's pooled connections after fork
+    _quiet_task_lines()
 
 
 _maintenance: list = []

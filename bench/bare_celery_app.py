@@ -1,11 +1,13 @@
 """Bare Celery baseline for bench/bench_fleet.py: a no-op task, same Redis, ignore_result.
 
 Configured like the fleet where it matters for a fair comparison (acks_late, prefetch 2,
-JSON, gevent pool, no events, no result backend)."""
+JSON, gevent pool, no events, no result backend, and — as TARS workers by default,
+``TARS_TASK_LOG_LINES`` — no per-task INFO lines)."""
 
+import logging
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 app = Celery("bare", broker=os.environ.get("BARE_BROKER_URL", "redis://127.0.0.1:6379/10"))
 app.conf.update(
@@ -17,6 +19,12 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_transport_options={"visibility_timeout": 3600},
 )
+
+
+@signals.after_setup_logger.connect
+def _quiet_task_lines(**_kw) -> None:
+    for name in ("celery.worker.strategy", "celery.app.trace"):  # as tars_tasks.tasks.TASK_LINE_LOGGERS
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @app.task(name="bare.noop")

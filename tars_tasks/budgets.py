@@ -28,6 +28,7 @@ Amounts are integers of nano-dollars in Redis (Lua numbers are doubles: exact to
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -263,8 +264,20 @@ class Budgets:
     # --- state --------------------------------------------------------------------------------
 
     def state(self, tenant: str, *, at: datetime | None = None) -> list[PeriodState]:
-        raw = [v.decode() if isinstance(v, bytes) else str(v) for v in
-               self._state(keys=self._keys(tenant, at), args=[tenant])]
+        return self._periods(tenant, self._state(keys=self._keys(tenant, at), args=[tenant]), at=at)
+
+    def states(self, scopes: Sequence[str], *, at: datetime | None = None) -> dict[str, list[PeriodState]]:
+        """:meth:`state` of several tenants (and :data:`FLEET`) in one round trip."""
+        scopes = list(dict.fromkeys(scopes))
+        if len(scopes) == 1:
+            return {scopes[0]: self.state(scopes[0], at=at)}
+        pipe = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            self._state(keys=self._keys(scope, at), args=[scope], client=pipe)
+        return {scope: self._periods(scope, raw, at=at) for scope, raw in zip(scopes, pipe.execute(), strict=True)}
+
+    def _periods(self, tenant: str, raw: Sequence[Any], *, at: datetime | None) -> list[PeriodState]:
+        raw = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
         names = period_names(at)
         out = []
         for i, p in enumerate(PERIODS):

@@ -101,3 +101,28 @@ def test_a_fleet_wide_budget_binds_every_tenant_together_and_is_the_fleets_budge
     assert b.reserve(tenant="e", reservation_id="e1", usd=Decimal("1")) is None
     assert b.reserve(tenant="e", reservation_id="e1", usd=Decimal("5")).scope == FLEET
     assert b.state("e")[0].reserved_usd == Decimal("1")
+
+
+def test_several_tenants_states_read_in_one_pipeline_are_each_tenants_own(budgets, redis):
+    from tars_tasks.budgets import FLEET
+
+    budgets.set_limit(tenant=FLEET, period="month", usd=Decimal("10"))
+    budgets.reserve(tenant="acme", reservation_id="r1", usd=Decimal("0.25"))
+    budgets.reserve(tenant="globex", reservation_id="r2", usd=Decimal("0.5"))  # no limit of its own: fleet only
+    one_by_one = {s: budgets.state(s) for s in ("acme", "globex", FLEET)}
+    sent = []
+    real = redis.pipeline
+
+    def counting(*a, **kw):
+        p = real(*a, **kw)
+        sent.append(p)
+        return p
+
+    redis.pipeline = counting
+    try:
+        together = budgets.states(["acme", "globex", FLEET, "acme"])
+    finally:
+        redis.pipeline = real
+    assert together == one_by_one
+    assert len(sent) == 1  # one round trip for the three
+    assert together[FLEET][1].reserved_usd == Decimal("0.75")  # both reservations against the fleet's month

@@ -379,6 +379,8 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
                          "saved": sum(Decimal(r.get("saved_usd", "0")) for r in rows),
                          "modes": Counter(r.get("served_mode") or "none" for r in rs if r["submitted_at"] is not None),
                          "budget": sum(1 for r in rs if r["reason"] in ("submit_error:BudgetExceeded", "budget"))}
+    f.update(_savings(rows, (run_doc.get("config") or {}).get("prices")))
+    f["lanes"] = _lanes(rs)
     mode, cuts = "optimal", []
     for c in sorted(changes, key=lambda c: (c["at"], c["seq"])):
         if c["at"] <= start:
@@ -400,6 +402,61 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
                        if sent_ok else None})
     f["phases"] = phases
     return f
+
+
+def _at(call: dict[str, Any], price: dict[str, str], *, batch: bool) -> Decimal:
+    """A call's tokens times the price of each class ÷ 1e6 (times the batch multiplier for a batch call)."""
+    cw1h = call.get("cache_write_1h_tokens", 0)
+    usd = (Decimal(call["input_tokens"]) * Decimal(price["input"])
+           + Decimal(call["output_tokens"]) * Decimal(price["output"])
+           + Decimal(call.get("cache_write_tokens", 0) - cw1h) * Decimal(price["cache_write_5m"])
+           + Decimal(cw1h) * Decimal(price["cache_write_1h"])
+           + Decimal(call.get("cache_read_tokens", 0)) * Decimal(price["cache_read"])) / Decimal(10**6)
+    return usd * Decimal(price["batch_multiplier"]) if batch else usd
+
+
+def _savings(rows: list[dict[str, Any]], prices: dict[str, dict[str, str]] | None) -> dict[str, Any]:
+    """Saved by degradation (succeeded, queued on another tier than requested: its calls at the requested
+    tier's price in the same lane, minus their cost) and by batch (batch calls at the interactive price,
+    minus their cost); and every call's cost against the stated prices (they are what it was billed at)."""
+    if not prices:
+        return {"deg": None, "bat": None, "n_deg": 0, "n_bat": 0, "mispriced": []}
+    deg = bat = Decimal(0)
+    n_deg = n_bat = 0
+    mispriced = []
+    for r in rows:
+        asked, queued = r.get("tier_requested"), r.get("tier_queued")
+        if r["status"] == "succeeded" and asked and queued and asked != queued:
+            n_deg += 1
+            for cl in r["calls"]:
+                deg += _at(cl, prices[asked], batch=cl.get("batch", False)) - Decimal(cl["cost_usd"])
+        for cl in r["calls"]:
+            if abs(_at(cl, prices[cl["tier"]], batch=cl.get("batch", False)) - Decimal(cl["cost_usd"])) > Decimal(
+                    "1e-9"):
+                mispriced.append((r["id"], cl["tier"], cl["cost_usd"]))
+            if cl.get("batch"):
+                n_bat += 1
+                bat += _at(cl, prices[cl["tier"]], batch=False) - Decimal(cl["cost_usd"])
+    return {"deg": deg, "bat": bat, "n_deg": n_deg, "n_bat": n_bat, "mispriced": mispriced}
+
+
+def _lanes(rs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    if not any(r.get("lane") == "batch" for r in rs):
+        return None
+    out = []
+    for lane in ("interactive", "batch"):
+        mine = [r for r in rs if (r.get("lane") or "interactive") == lane and r["submitted_at"] is not None]
+        calls = [cl for r in mine for cl in r["calls"]]
+        usd = sum((Decimal(cl["cost_usd"]) for cl in calls), Decimal(0))
+        lat = [(r["done_at"] - r["origin"]) * 1000 for r in mine if r["status"] == "succeeded" and r["done_at"]
+               is not None]
+        out.append({"lane": lane, "n": len(mine), "ok": sum(1 for r in mine if r["status"] == "succeeded"),
+                    "tokens": [sum(cl[k] for cl in calls) for k in ("input_tokens", "cache_write_tokens",
+                                                                     "cache_read_tokens", "output_tokens")],
+                    "usd": usd, "per": usd / len(mine) if mine else None, "lat": stats(lat)})
+    i, b = out
+    ratio = b["per"] / i["per"] if b["per"] is not None and i["per"] else None
+    return [*out, ratio]
 
 
 def check_cost(md: str, directory: Path, run_doc: dict[str, Any], problems: list[str]) -> int:
@@ -434,6 +491,37 @@ def check_cost(md: str, directory: Path, run_doc: dict[str, Any], problems: list
     checked += 1
     if "Refused for the budget" in rows:
         eq(rows["Refused for the budget"], 0, f["budget"], "budget refusals")
+    if f["deg"] is not None:
+        prefix = lambda p: next(v for k, v in rows.items() if k.startswith(p))  # noqa: E731
+        eq(prefix("Saved by degradation"), 0, f["deg"], "saved by degradation")
+        eq(next(k for k in rows if k.startswith("Saved by degradation")), 0, f["n_deg"], "degraded requests")
+        eq(prefix("Saved by the batch lane"), 0, f["bat"], "saved by batch")
+        eq(next(k for k in rows if k.startswith("Saved by the batch lane")), 0, f["n_bat"], "batch calls")
+        printed = {r[0]: r[1:] for r in markdown_table(section, "| Tier | Model |")}
+        for tier, p in run_doc["config"]["prices"].items():
+            want = [p["model"], p["input"], p["output"], p["cache_write_5m"], p["cache_write_1h"], p["cache_read"],
+                    p["batch_multiplier"]]
+            if printed.get(tier) != want:
+                problems.append(f"cost controls prices of {tier}: {printed.get(tier)} vs the run's {want}")
+            checked += 1
+        if f["mispriced"]:
+            problems.append(f"cost controls: {len(f['mispriced'])} call(s) not billed at the stated prices, "
+                            f"e.g. {f['mispriced'][:3]}")
+    if f["lanes"] is not None:
+        *lanes, ratio = f["lanes"]
+        table = {r[0]: r for r in markdown_table(section, "| Lane |")}
+        for ln in lanes:
+            row = table[ln["lane"]]
+            for cell, value, what in ((row[1], ln["n"], "requests"), (row[2], ln["ok"], "succeeded"),
+                                      *((row[3 + k], v, f"tokens {k}") for k, v in enumerate(ln["tokens"])),
+                                      (row[7], ln["usd"], "dollars"), (row[8], ln["per"], "dollars per request")):
+                eq(cell, 0, value, f"lane {ln['lane']} {what}")
+            if ln["lat"]["n"]:
+                eq(row[9].split("avg", 1)[1], 0, ln["lat"]["avg"], f"lane {ln['lane']} latency avg")
+                for k in ("p50", "p95"):
+                    eq(row[9].split(k, 1)[1], 0, ln["lat"][k], f"lane {ln['lane']} latency {k}")
+        line = next(x for x in section.splitlines() if x.startswith("Batch ÷ interactive dollars per request"))
+        eq(line.split("request", 1)[1], 0, ratio, "batch / interactive ratio")
     table = markdown_table(section, "| Phase |")
     if len(table) != len(f["phases"]):
         problems.append(f"cost controls: {len(table)} phases, recomputed {len(f['phases'])}")

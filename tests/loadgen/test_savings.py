@@ -118,3 +118,39 @@ def test_the_markdown_states_the_rules_and_prices_and_recompute_agrees(tmp_path)
     problems = []
     recompute.check_cost(bad, tmp_path, run_doc, problems)
     assert any("batch" in p for p in problems), problems
+
+
+def test_recompute_refuses_prices_the_calls_were_not_billed_at(tmp_path):
+    """The report must state the catalog the workers ran with: a call billed at other prices is caught."""
+    import json
+
+    f = costcontrols.figures(records(), mode_changes=[], start=100.0, end=120.0, prices=PRICES)
+    f["file"] = costcontrols.write_mode_changes(tmp_path, "x-00", [])
+    (tmp_path / "requests-x-00.jsonl").write_text("".join(json.dumps(r.as_json()) + "\n" for r in records()))
+    other = {**PRICES, "haiku": {**PRICES["haiku"], "output": "4.00"}}
+    run_doc = {"records_file": "requests-x-00.jsonl", "aggregates": {"cost_controls": f},
+               "drive": {"started_at": 100.0, "ended_at": 120.0}, "config": {"prices": other}}
+    problems: list[str] = []
+    recompute.check_cost("\n".join(costcontrols.report_lines(f)), tmp_path, run_doc, problems)
+    assert any("not billed at the stated prices" in p for p in problems), problems
+    assert any("prices of haiku" in p for p in problems), problems
+
+
+def test_a_batch_lane_scenario_needs_a_provider_with_a_batch_api():
+    from loadgen.scenarios import PRESETS, Scenario
+
+    assert PRESETS["batch"].problems() == []
+    bad = Scenario(name="b", title="b", count=4, duration_s=None, lanes=("interactive", "batch"))
+    assert any("mock_provider" in p for p in bad.problems())
+    assert any("lanes must be" in p for p in Scenario(name="c", title="c", lanes=("fast",)).problems())
+
+
+def test_the_batch_mix_sends_each_request_once_per_lane_with_the_same_prompt_and_role():
+    from loadgen.scenarios import DEFAULT_ROLES, RequestMix
+
+    mix = RequestMix(roles=DEFAULT_ROLES, seed=1, lanes=("interactive", "batch"), cache=False)
+    plain = RequestMix(roles=DEFAULT_ROLES, seed=1)
+    for k in range(50):
+        a, b = mix(2 * k), mix(2 * k + 1)
+        assert (a.pop("lane"), b.pop("lane")) == ("interactive", "batch")
+        assert a == b == {**plain(k), "cache": False}

@@ -141,6 +141,8 @@ class Run:
             calls, tokens = Counter(), Counter()
             for r in pop:
                 for cl in r["calls"]:
+                    if cl.get("batch"):  # the batch lane's answers do not pass the fleet's limiter
+                        continue
                     calls[cl["tier"]] += 1
                     tokens[cl["tier"]] += cl["input_tokens"] + cl["output_tokens"]
             per_s = lim["utilisation"] / lim["window_s"]
@@ -149,9 +151,12 @@ class Run:
                      for t in calls if t in lim["tiers"]]
             if tiers:
                 ceilings["rate limits"] = min(tiers)
-        if self.config.get("fleet_slots") and mean_model > 0:
-            ceilings["worker slots"] = self.config["fleet_slots"] / (mean_model / 1000)
-        f["mean_model"] = mean_model
+        # worker slots: only the calls a worker made (a batch-lane answer, ``batch``, is the batch runner's)
+        slot_model = float(np.mean([sum(c["latency_ms"] for c in r["calls"] if c["latency_ms"] is not None
+                                        and not c.get("batch")) for r in pop])) if pop else 0.0
+        if self.config.get("fleet_slots") and slot_model > 0:
+            ceilings["worker slots"] = self.config["fleet_slots"] / (slot_model / 1000)
+        f["mean_model"], f["slot_model"] = mean_model, slot_model
         f["ceilings"] = ceilings
         f["binding"] = min(ceilings, key=ceilings.get) if ceilings else None
         f["efficiency"] = f["throughput"] / ceilings[f["binding"]] if ceilings else None

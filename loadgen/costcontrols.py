@@ -67,9 +67,20 @@ def call_cost_at(c: CallRow, price: dict[str, str], *, batch: bool) -> Decimal:
 
 
 def degraded(r: RequestRecord) -> bool:
-    """Admission queued it on a cheaper tier than it asked for (fleet mode, or its tenant's soft
-    budget threshold); a fallback after failures (``tier_used`` ≠ ``tier_queued``) is not degradation."""
-    return bool(r.tier_queued and r.tier_requested and r.tier_queued != r.tier_requested)
+    """The fleet mode or its tenant's soft budget threshold moved it to a cheaper tier: admission
+    queued it on one (``tier_queued`` ≠ ``tier_requested``), or a worker found the fleet out of
+    optimal mode and ran it on its tier's fallback (workers/agent.py ``_apply_fleet_mode``: below
+    high priority, on a degradable tier, ``served_mode`` then the mode that moved it — admission in
+    that mode would have moved it already). A breaker fallback is not degradation: in optimal mode,
+    or at high priority, which keeps its tier in every mode."""
+    from tars_tasks.admission import DEGRADABLE_TIERS, PRIORITY_HIGH
+
+    if not (r.tier_requested and r.tier_queued and r.tier_used):
+        return False
+    if r.tier_queued != r.tier_requested:
+        return True
+    return (r.tier_used != r.tier_queued and r.tier_requested in DEGRADABLE_TIERS and r.priority is not None
+            and r.priority < PRIORITY_HIGH and r.served_mode not in (None, "optimal"))
 
 
 def savings(records: Sequence[RequestRecord], prices: dict[str, dict[str, str]] | None) -> dict[str, Any]:
@@ -235,14 +246,14 @@ def _savings_rule(fig: dict[str, Any]) -> list[str]:
     both = (fig.get("savings") or {}).get("both", 0)
     L = ["", "*Savings, an estimate at the same tokens (a request served otherwise might have used other token "
              "counts): **by the cache** — each hit's `saved_usd`, the cost of the call that filled the entry; "
-             "**by degradation** — for each succeeded request admission queued on a cheaper tier than it asked for "
-             "(fleet mode, or its tenant's soft budget threshold; `tier_queued` ≠ `tier_requested`; a fallback after "
-             "failures is not counted), its calls' tokens by class at the requested tier's prices (in the lane the "
-             "call was billed in) minus what they cost; **by the batch lane** — for each call billed at the batch "
-             "price, its tokens by class at its tier's interactive price minus what it cost. "
-             "Per class tokens times price ÷ 1,000,000, summed; a batch call times the batch multiplier. "
-             "Prices used (USD per million tokens, "
-             "the catalog the workers ran with):*"
+             "**by degradation** — for each succeeded request the fleet mode or its tenant's soft budget threshold "
+             "moved to a cheaper tier (admission queued it there, `tier_queued` ≠ `tier_requested`; or a worker ran "
+             "it on the fallback because the fleet was out of optimal mode: below priority 9, `served_mode` not "
+             "optimal; a breaker fallback is not counted), its calls' tokens by class at the requested tier's "
+             "prices (in the lane the call was billed in) minus what they cost; **by the batch lane** — for each "
+             "call billed at the batch price, its tokens by class at its tier's interactive price minus what it "
+             "cost. Per class tokens times price ÷ 1,000,000, summed; a batch call times the batch multiplier. "
+             "Prices used (USD per million tokens, the catalog the workers ran with):*"
              + (f" *{both} request(s) were both degraded and batched: each saving holds the other mechanism fixed, "
                 "so the two do not add up to one counterfactual for them.*" if both else ""), "",
          "| Tier | Model | Input | Output | Cache write 5m | Cache write 1h | Cache read | Batch multiplier |",

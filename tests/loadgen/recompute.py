@@ -430,8 +430,13 @@ def _savings(rows: list[dict[str, Any]], prices: dict[str, dict[str, str]] | Non
     n_deg = n_bat = 0
     mispriced = []
     for r in rows:
-        asked, queued = r.get("tier_requested"), r.get("tier_queued")
-        if r["status"] == "succeeded" and asked and queued and asked != queued:
+        asked, queued, used = r.get("tier_requested"), r.get("tier_queued"), r.get("tier_used")
+        # moved by admission (queued elsewhere), or by a worker in a non-optimal mode (below priority 9, on
+        # sonnet/opus: the tiers the mode degrades; served_mode is then the mode that moved it)
+        moved = bool(asked and queued and used) and (asked != queued or (
+            used != queued and asked in ("sonnet", "opus") and r.get("priority") is not None and r["priority"] < 9
+            and r.get("served_mode") not in (None, "optimal")))
+        if r["status"] == "succeeded" and moved:
             n_deg += 1
             for cl in r["calls"]:
                 deg += _at(cl, prices[asked], batch=cl.get("batch", False)) - Decimal(cl["cost_usd"])

@@ -33,7 +33,7 @@ def _call(tier: str, *, inp: int, out: int, batch: bool = False, cw: int = 0, cw
 
 
 def _rec(i: int, *, requested: str, queued: str, calls: list[CallRow], lane: str = "interactive",
-         status: str = "succeeded", done: float = 1.0) -> RequestRecord:
+         status: str = "succeeded", done: float = 1.0, mode: str | None = None, priority: int = 5) -> RequestRecord:
     return RequestRecord(
         id=f"r{i}", status=status, reason=None if status == "succeeded" else "provider_error", origin=100.0 + i,
         done_at=100.0 + i + done, intended_at=None, sent_at=100.0 + i, submitted_at=100.0 + i, started_at=100.0 + i,
@@ -41,7 +41,7 @@ def _rec(i: int, *, requested: str, queued: str, calls: list[CallRow], lane: str
         worker="w", attempts=len(calls), api_calls=len(calls), input_tokens=sum(c.input_tokens for c in calls),
         output_tokens=sum(c.output_tokens for c in calls), cost_usd=sum((c.cost_usd for c in calls), Decimal(0)),
         ratelimit_wait_ms=0.0, calls_waited=0, done_via="event", calls=calls, lane=lane, tier_queued=queued,
-        served_mode="high_load" if queued != requested else "optimal")
+        served_mode=mode or ("high_load" if queued != requested else "optimal"), priority=priority)
 
 
 def records() -> list[RequestRecord]:
@@ -64,13 +64,20 @@ def records() -> list[RequestRecord]:
         _rec(6, requested="sonnet", queued="sonnet", calls=[_call("sonnet", inp=1000, out=1000)]),
         # a batch-lane request the batch did not answer, sent on to the interactive lane: no batch saving
         _rec(7, requested="haiku", queued="haiku", calls=[_call("haiku", inp=100, out=100)], lane="batch", done=9.0),
+        # queued on sonnet in optimal; the worker found the fleet in high load and ran it on haiku
+        # (served_mode becomes the mode that moved it): degradation, 100 in and 100 out
+        _rec(8, requested="sonnet", queued="sonnet", calls=[_call("haiku", inp=100, out=100)], mode="high_load"),
+        # high priority keeps its tier in every mode: on haiku it is a fallback, not degradation
+        _rec(9, requested="sonnet", queued="sonnet", calls=[_call("haiku", inp=100, out=100)], mode="high_load",
+             priority=9),
     ]
 
 
 def expected() -> tuple[Decimal, Decimal]:
     deg = (Decimal("0.006") - Decimal("0.002")  # r0
            + (100 * Decimal(25) + 100 * Decimal("6.25") + 50 * Decimal(10) + 400 * Decimal("0.5")) / M
-           - (100 * Decimal(15) + 100 * Decimal("3.75") + 50 * Decimal(6) + 400 * Decimal("0.3")) / M)  # r1
+           - (100 * Decimal(15) + 100 * Decimal("3.75") + 50 * Decimal(6) + 400 * Decimal("0.3")) / M  # r1
+           + (100 * Decimal(3) + 100 * Decimal(15)) / M - (100 * Decimal(1) + 100 * Decimal(5)) / M)  # r8
     batch = ((2000 * Decimal(1) + 400 * Decimal(5)) / M / 2  # r4: half of its interactive price
              + (1000 * Decimal(3) + 1000 * Decimal(15)) / M / 2)  # r5
     return deg, batch
@@ -81,7 +88,7 @@ def test_saved_by_degradation_and_by_batch_are_the_known_amounts():
     deg, batch = expected()
     assert Decimal(f["saved_degradation_usd"]) == deg
     assert Decimal(f["saved_batch_usd"]) == batch
-    assert f["savings"]["degraded_requests"] == 2 and f["savings"]["batch_calls"] == 2
+    assert f["savings"]["degraded_requests"] == 3 and f["savings"]["batch_calls"] == 2
 
 
 def test_the_lanes_table_compares_dollars_per_request():
@@ -89,9 +96,8 @@ def test_the_lanes_table_compares_dollars_per_request():
     lanes = f["lanes"]
     assert [ln["lane"] for ln in lanes["rows"]] == ["interactive", "batch"]
     inter, bat = lanes["rows"]
-    assert (inter["requests"], bat["requests"]) == (5, 3)
-    assert Decimal(bat["usd"]) == sum((c.cost_usd for r in records()[4:6] + records()[7:] for c in r.calls),
-                                      Decimal(0))
+    assert (inter["requests"], bat["requests"]) == (7, 3)
+    assert Decimal(bat["usd"]) == sum((c.cost_usd for i in (4, 5, 7) for c in records()[i].calls), Decimal(0))
     assert Decimal(lanes["ratio"]) == Decimal(bat["usd_per_request"]) / Decimal(inter["usd_per_request"])
     assert bat["tokens"]["output_tokens"] == 400 + 1000 + 100
 

@@ -233,7 +233,7 @@ def _saved_rows(fig: dict[str, Any]) -> list[str]:
     s = fig.get("savings") or {}
     if fig.get("saved_degradation_usd") is None:
         return ["| Saved by degradation / by the batch lane | — (no catalog prices recorded for the run) |"]
-    return [f"| Saved by degradation (estimate; {s['degraded_requests']} succeeded requests queued on a cheaper "
+    return [f"| Saved by degradation (estimate; {s['degraded_requests']} succeeded requests moved to a cheaper "
             f"tier) | {_usd(fig['saved_degradation_usd'])} |",
             f"| Saved by the batch lane (estimate; {s['batch_calls']} calls at the batch price) | "
             f"{_usd(fig['saved_batch_usd'])} |"]

@@ -17,6 +17,7 @@ CAPABILITY_TEXT = {
     "worker_processes": "several worker processes",
     "response_cache": "exact response cache (tars_tasks/cache.py; answers at submit, needs TARS_CACHE_URL)",
     "budgets": "tenant budgets (tars_tasks/budgets.py; refusals with BudgetExceeded or failure reason budget)",
+    "batch_lane": "the providers' batch lane (workers/batchlane/: calls at the batch price by tars batch-runner)",
 }
 
 
@@ -36,6 +37,7 @@ def probe() -> dict[str, bool]:
         "worker_processes": True,
         "response_cache": _has("tars_tasks.cache"),
         "budgets": _has("tars_tasks.budgets"),
+        "batch_lane": _has("workers.batchlane.runner"),
     }
 
 
@@ -59,6 +61,8 @@ def exercised(name: str, aggregates: dict[str, Any], *, fleet_processes: int | N
         return (cc.get("answered_by") or {}).get("exact", 0) > 0
     if name == "budgets":
         return (cc.get("budget") or {}).get("refused", 0) > 0
+    if name == "batch_lane":
+        return (cc.get("savings") or {}).get("batch_calls", 0) > 0
     return False
 
 

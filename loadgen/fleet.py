@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,10 @@ from tars_tasks import supervisor
 from tars_tasks.errors import LoadgenError
 
 FleetMode = Literal["auto", "embedded", "local", "external"]
+#: The API a local fleet's tiers speak to the mock provider with, and the (fake) key they send.
+MOCK_PROTOCOL = "anthropic"
+MOCK_KEY_ENV = "ANTHROPIC_API_KEY"
+MOCK_KEY = "sk-ant-loadgen-mock-key"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 
@@ -80,9 +87,16 @@ class LocalFleet:
     name_prefix: str = "lg"
     pool: str = "gevent"
     catalog_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: MockConfig fields: start ``tars mock-llm`` with them and point every tier at it (None: don't).
+    mock_provider: Mapping[str, Any] | None = None
+    #: Start one ``tars batch-runner`` beside the workers (the batch lane).
+    batch_runner: bool = False
     kind: str = "local"
     _procs: list[_Proc] = field(default_factory=list)
     _catalog_file: Path | None = None
+    _mock: _Proc | None = None
+    _runner: _Proc | None = None
+    mock_url: str | None = None
 
     @property
     def processes(self) -> int:
@@ -102,11 +116,16 @@ class LocalFleet:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
-        if self.catalog_overrides:
-            self._catalog_file = write_catalog_override(self.catalog_overrides, base=env.get("TARS_CATALOG_PATH"),
-                                                        directory=self.log_dir)
-            env["TARS_CATALOG_PATH"] = str(self._catalog_file)
+        overrides = dict(self.catalog_overrides)
         try:
+            if self.mock_provider is not None:
+                self.mock_url = self._start_mock(env)
+                overrides.update(provider=MOCK_PROTOCOL, base_url=self.mock_url)
+                env[MOCK_KEY_ENV] = MOCK_KEY  # the mock takes any key; a real one is never sent to it
+            if overrides:
+                self._catalog_file = write_catalog_override(overrides, base=env.get("TARS_CATALOG_PATH"),
+                                                            directory=self.log_dir)
+                env["TARS_CATALOG_PATH"] = str(self._catalog_file)
             for i in range(self.count):
                 name = f"{self.name_prefix}{i}@%h"
                 argv = worker_argv(tiers=list(TIERS), concurrency=self.concurrency, pool=self.pool, name=name,
@@ -116,33 +135,66 @@ class LocalFleet:
                 self._procs.append(_Proc(name=name, proc=proc, log=log))
             for p in self._procs:
                 self._wait_ready(p)
+            if self.batch_runner:
+                log = self.log_dir / f"{self.name_prefix}-batch-runner.log"
+                argv = [sys.executable, "-m", "tars_tasks.cli", "batch-runner"]
+                self._runner = _Proc(name="batch-runner", proc=supervisor.start(argv, env=env, log_path=log), log=log)
+                self._wait_ready(self._runner, line="batch runner started")
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_mock(self, env: Mapping[str, str]) -> str:
+        port = free_port()
+        log = self.log_dir / f"{self.name_prefix}-mock-llm.log"
+        argv = [sys.executable, "-m", "tars_tasks.cli", "mock-llm", "--host", "127.0.0.1", "--port", str(port),
+                "--config-json", json.dumps(dict(self.mock_provider or {}))]
+        self._mock = _Proc(name="mock-llm", proc=supervisor.start(argv, env=dict(env), log_path=log), log=log)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._mock.proc.poll() is not None:
+                raise LoadgenError(f"tars mock-llm exited with {self._mock.proc.returncode}: "
+                                   f"{log.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/_mock/health", timeout=2):
+                    return url
+            except OSError:
+                time.sleep(0.1)
+        raise LoadgenError(f"tars mock-llm not up on {url} after {READY_TIMEOUT_S:.0f}s (log: {log})")
+
     @staticmethod
-    def _wait_ready(p: _Proc) -> None:
+    def _wait_ready(p: _Proc, *, line: str = " ready.") -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if p.proc.poll() is not None:
-                raise LoadgenError(f"worker {p.name} exited with {p.proc.returncode}: "
+                raise LoadgenError(f"{p.name} exited with {p.proc.returncode}: "
                                    f"{p.log.read_text(errors='replace')[-2000:]}")
-            if " ready." in p.log.read_text(errors="replace"):
+            if line in p.log.read_text(errors="replace"):
                 return
             time.sleep(0.1)
         raise LoadgenError(f"worker {p.name} not ready after {READY_TIMEOUT_S:.0f}s (log: {p.log})")
 
     def pids(self) -> list[int]:
-        return [p.proc.pid for p in self._procs if p.proc.poll() is None]
+        """The fleet's processes (workers and batch runner; not the mock, which plays the provider)."""
+        procs = self._procs + ([self._runner] if self._runner is not None else [])
+        return [p.proc.pid for p in procs if p.proc.poll() is None]
 
     def describe(self) -> str:
         return (f"local: {self.count} worker process(es) x {self.concurrency} {self.pool} slots, started by loadgen"
-                + (f"; catalog overrides {dict(self.catalog_overrides)}" if self.catalog_overrides else ""))
+                + (f"; catalog overrides {dict(self.catalog_overrides)}" if self.catalog_overrides else "")
+                + (f"; every tier on `tars mock-llm` at {self.mock_url} ({MOCK_PROTOCOL} API, "
+                   f"{json.dumps(dict(self.mock_provider or {}))})" if self.mock_url else "")
+                + ("; one `tars batch-runner`" if self.batch_runner else ""))
 
     def stop(self) -> None:
         supervisor.stop([p.proc for p in self._procs], grace_s=STOP_TIMEOUT_S)
         self._procs.clear()
+        for p in (self._runner, self._mock):  # the runner after the workers, the provider last
+            if p is not None:
+                supervisor.stop([p.proc], grace_s=STOP_TIMEOUT_S)
+        self._runner = self._mock = None
 
 
 class ExternalFleet:
@@ -227,6 +279,13 @@ def _toml(v: Any) -> str:
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     return str(v)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def probe_workers(celery_app, *, timeout_s: float = 2.0) -> int:

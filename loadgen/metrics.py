@@ -31,7 +31,8 @@ printed figure against its own reading of them, sharing no code with this module
 * **Ceilings** (req/s, from the run's inputs and the population): *concurrency* C ÷ mean model
   time (closed) or the *offered* rate (open); the fleet-wide *rate limits* of the tiers the
   population's calls used, at its calls and tokens per request; *worker slots* S ÷ mean model
-  time. The lowest **binds**; efficiency = throughput ÷ the binding ceiling.
+  time of the calls a worker slot made (a batch-lane answer is the batch runner's). The lowest
+  **binds**; efficiency = throughput ÷ the binding ceiling.
 * **Validity**: see :func:`validity`.
 """
 
@@ -178,8 +179,12 @@ def ceilings(pop: Sequence[RequestRecord], *, kind: str, throughput: float, conc
     if rl is not None:
         items.append(rl)
     if slots:
-        items.append({"name": "worker slots", "slots": slots, "mean_model_ms": mean_model,
-                      "per_s": slots / (mean_model / 1000) if mean_model > 0 else None})
+        # a batch-lane answer is the batch runner's, not a worker slot's: its call time holds no slot
+        batch_ms = math.fsum(c.latency_ms for r in pop for c in r.calls if c.batch and c.latency_ms is not None)
+        slot_model = (mean_model - batch_ms / n) if batch_ms and n else mean_model
+        items.append({"name": "worker slots", "slots": slots, "mean_model_ms": slot_model,
+                      "per_s": slots / (slot_model / 1000) if slot_model > 0 else None,
+                      **({"batch_calls_excluded": True} if batch_ms else {})})
     for it in items:
         it["ratio"] = throughput / it["per_s"] if it.get("per_s") else None
     known = [it for it in items if it.get("per_s")]
@@ -197,7 +202,8 @@ def _limits_state(limits: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def rate_limit_ceiling(pop: Sequence[RequestRecord], *, limits: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Fleet-wide RPM/TPM of each tier the population's calls used, turned into requests/s."""
+    """Fleet-wide RPM/TPM of each tier the population's calls used, turned into requests/s (the
+    interactive calls: the batch lane's answers do not pass the fleet's limiter)."""
     if not limits or not limits.get("enforced") or not pop:
         return None
     per_s = limits["utilisation"] / limits["window_s"]
@@ -206,6 +212,8 @@ def rate_limit_ceiling(pop: Sequence[RequestRecord], *, limits: Mapping[str, Any
     tokens: Counter[str] = Counter()
     for r in pop:
         for c in r.calls:
+            if c.batch:  # a batch-lane answer: the provider's batch API, not the fleet's limiter
+                continue
             calls[c.tier] += 1
             tokens[c.tier] += c.input_tokens + c.output_tokens
     tiers = []

@@ -40,6 +40,10 @@ class CallRow:
     #: Prompt-cache writes (5-minute and 1-hour together) and reads (0 in rows written before they were kept).
     cache_write_tokens: int = 0
     cache_read_tokens: int = 0
+    #: Of ``cache_write_tokens``, the 1-hour writes (priced apart from the 5-minute ones).
+    cache_write_1h_tokens: int = 0
+    #: Billed at the batch price: the batch runner's answer of a provider batch (workers/batchlane/).
+    batch: bool = False
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -89,6 +93,10 @@ class DbRow:
     served_mode: str | None = None
     priority: int | None = None
     tenant: str | None = None
+    #: The lane the request was submitted to (``batch`` also for one the batch sent on to the
+    #: interactive lane), and the tier admission queued it on (a degraded request: not the requested).
+    lane: str | None = None
+    tier_queued: str | None = None
 
     def set_calls(self, calls: list[CallRow]) -> None:
         """The request's attempts, and the per-request sums over them."""
@@ -138,6 +146,9 @@ class RequestRecord:
     #: the request's TARS priority (None: refused before it was recorded)
     priority: int | None = None
     tenant: str | None = None
+    #: the lane it was submitted to and the tier admission queued it on (see :class:`DbRow`)
+    lane: str | None = None
+    tier_queued: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -223,4 +234,4 @@ def _record(row: DbRow, *, origin_t: float, done_at: float | None, intended_at: 
         cost_usd=row.cost_usd, ratelimit_wait_ms=row.ratelimit_wait_ms, calls_waited=row.calls_waited,
         done_via=done_via, model_ms=row.model_ms, slot=slot, sampled=sampled, calls=list(row.calls),
         answered_by=row.answered_by, saved_usd=row.saved_usd, served_mode=row.served_mode,
-        priority=row.priority, tenant=row.tenant)
+        priority=row.priority, tenant=row.tenant, lane=row.lane, tier_queued=row.tier_queued)

@@ -76,7 +76,8 @@ def _ceiling_how(it: dict[str, Any]) -> str:
     if it["name"] == "offered":
         return "the schedule's arrival rate"
     if it["name"] == "worker slots":
-        return f"slots ÷ mean model time = {it['slots']:,} ÷ {ms(it['mean_model_ms'])}"
+        return (f"slots ÷ mean model time = {it['slots']:,} ÷ {ms(it['mean_model_ms'])}"
+                + (" (worker calls only: batch-lane answers hold no slot)" if it.get("batch_calls_excluded") else ""))
     parts = []
     for t in it["tiers"]:
         parts.append(f"{t['tier']}: {t['rpm']:,} rpm, {t['tpm']:,} tpm at {t['calls_per_request']:.2f} calls and "
@@ -544,7 +545,8 @@ METHOD = [
     "completions ÷ the steady window.",
     "- **Ceilings** (what could bind, from the same population): concurrency = C ÷ mean model time (closed loop) "
     "or the offered rate (open loop); the fleet-wide rate limits (RPM and TPM x utilisation) of the tiers the calls "
-    "used, at the population's calls and tokens per request; worker slots ÷ mean model time. The lowest binds, and "
+    "used, at the population's calls and tokens per request; worker slots ÷ mean model time of the calls workers "
+    "made (a batch-lane answer is the batch runner's, not a slot's). The lowest binds, and "
     "efficiency = throughput ÷ the binding ceiling.",
     "- **Valid** means: at least one request succeeded; a steady window of at least 1 s and at least the average "
     "response time (duration-bounded runs); the generator on schedule (open loop: p99 send lag within the limit); "

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import psutil
 
 from config.settings import Settings
-from loadgen import capabilities, metrics, samplers, store
+from loadgen import capabilities, costcontrols, metrics, samplers, store
 from loadgen.clock import RunClock
 from loadgen.drivers import ClosedLoop, DriveResult, OpenLoop, Progress
 from loadgen.fleet import EmbeddedFleetHandle, ExternalFleet, Fleet, FleetMode, LocalFleet, probe_workers
@@ -197,14 +197,17 @@ class Runner:
                 self._fleet = ExternalFleet(broker_url=self.settings.broker_url)
             return self._fleet
         key = (sc.workers, sc.worker_concurrency, tuple(sorted(sc.catalog_overrides.items())),
-               tuple(sorted(sc.fleet_settings.items())))
+               tuple(sorted(sc.fleet_settings.items())), json.dumps(sc.mock_provider, sort_keys=True),
+               "batch" in sc.lanes)
         if self._fleet is None or self._fleet_key != key:
             self.stop_fleet()
             env = {**self.worker_env, **fleet_settings_env(sc.fleet_settings)}
             self._fleet = LocalFleet(count=sc.workers, concurrency=sc.worker_concurrency, env=env,
                                      log_dir=self.out_dir / "workers" / f"{self._index:02d}",
                                      name_prefix=f"lg{self.session_id[-4:]}w",
-                                     catalog_overrides=dict(sc.catalog_overrides)).start()
+                                     catalog_overrides=dict(sc.catalog_overrides),
+                                     mock_provider=None if sc.mock_provider is None else dict(sc.mock_provider),
+                                     batch_runner="batch" in sc.lanes).start()
             self._fleet_key = key
         return self._fleet
 
@@ -213,14 +216,31 @@ class Runner:
             self._fleet.stop()
         self._fleet, self._fleet_key = None, None
 
-    def _client(self, sc: Scenario | None = None):
+    def _client(self, sc: Scenario | None = None, fleet: Fleet | None = None):
+        """The generator's producer. On a local fleet it shares the workers' fleet settings and
+        catalog (a batch-lane submit is checked against the catalog's provider)."""
         from tars_tasks.client import TarsClient
 
         if self.mode == "embedded":
             return TarsClient()
-        if sc is not None and sc.fleet_settings and self.mode == "local":
-            return TarsClient(settings=self.settings.model_copy(update=dict(sc.fleet_settings)))
+        if self.mode == "local":
+            update: dict[str, Any] = dict(sc.fleet_settings) if sc is not None else {}
+            catalog = getattr(fleet, "catalog_file", None)
+            if catalog is not None:
+                update["catalog_path"] = catalog
+            if update:
+                return TarsClient(settings=self.settings.model_copy(update=update))
         return TarsClient(settings=self.settings)
+
+    def refusal(self, sc: Scenario) -> str | None:
+        """Why this fleet cannot run ``sc`` at all (None: it can), in one line."""
+        if sc.mock_provider is not None and self.mode != "local":
+            what = ("the mock provider with its batch APIs and a batch runner" if "batch" in sc.lanes
+                    else "the mock provider")
+            return (f"scenario {sc.name} needs --fleet local: loadgen starts {what} only for a local fleet "
+                    f"(set TARS_BROKER_URL and TARS_DATABASE_URL); the {self.mode} fleet "
+                    + ("has neither" if self.mode == "embedded" else "is not loadgen's to reconfigure"))
+        return None
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -242,9 +262,14 @@ class Runner:
                   "fleet": fleet.describe(), "fleet_kind": fleet.kind, "fleet_processes": fleet.processes,
                   "fleet_slots": fleet.slots,
                   "rate_limits": rate_limits_in_force(settings=self.settings, fleet_kind=fleet.kind,
-                                                      catalog_path=getattr(fleet, "catalog_file", None))}
+                                                      catalog_path=getattr(fleet, "catalog_file", None)),
+                  "prices": costcontrols.prices_in_force(getattr(fleet, "catalog_file", None)
+                                                         or self.settings.catalog_path),
+                  "prices_source": ("the catalog of the local fleet loadgen started" if fleet.kind == "local" else
+                                    "this process's catalog" + (", assumed to be the external fleet's"
+                                                                if fleet.kind == "external" else ""))}
         store.create_run(self.engine, run_id=run_id, name=label, scenario=sc.name, config=config)
-        client = self._client(sc)
+        client = self._client(sc, fleet)
         sampler = samplers.ResourceSampler(pids=fleet.pids, interval_s=sc.sample_interval_s).start()
         bound = f"{sc.count} requests" if sc.count is not None else f"{sc.duration_s:g} s"
         if self.progress is not None:
@@ -269,12 +294,11 @@ class Runner:
                 f"the {len(fleet.pids())} worker process(es) of the fleet (and their children), not the generator"
                 if fleet.pids() else "none reachable from this host")
         agg["resources"] = samplers.summarise(samples, after=drive.window[0], processes=what)
-        from loadgen import costcontrols
-
         changes = store.mode_changes(self.engine, namespace=self.settings.namespace, until=drive.ended_at)
         agg["cost_controls"] = costcontrols.figures(records, mode_changes=changes, start=drive.started_at,
                                                     end=drive.ended_at, budget_usd=sc.budget_usd,
-                                                    tenant=self._tenant(sc, run_id))
+                                                    tenant=self._tenant(sc, run_id), prices=config["prices"],
+                                                    batch_timing=self._batch_timing(sc))
         agg["cost_controls"]["file"] = costcontrols.write_mode_changes(self.out_dir, run_id, changes)
         missing = capabilities.not_exercised(sc.requires, agg, fleet_processes=fleet.processes, present=self.present)
         agg["not_exercised"] = list(missing)
@@ -305,6 +329,17 @@ class Runner:
         return StepResult(run_id=run_id, scenario=sc.name, label=label, level=level, config=config, drive=info,
                           aggregates=agg, records=records)
 
+    def _batch_timing(self, sc: Scenario) -> dict[str, Any] | None:
+        """What a batch-lane request of ``sc`` waits for (the report states it beside its latency)."""
+        if "batch" not in sc.lanes:
+            return None
+        s = self.settings.model_copy(update=dict(sc.fleet_settings))
+        delay = (sc.mock_provider or {}).get("batch_delay_s")
+        return {"batch_max_age_s": s.batch_max_age_s, "batch_poll_interval_s": s.batch_poll_interval_s,
+                "batch_delay_s": delay,
+                "provider": f"the mock ends each batch {delay:g} s after it was created, `batch_delay_s`"
+                if delay is not None else "the provider's own time"}
+
     @staticmethod
     def _tenant(sc: Scenario, run_id: str) -> str:
         """A budget scenario runs as a tenant of its own (the budget is per loadgen run)."""
@@ -325,7 +360,7 @@ class Runner:
         self._set_budget(sc, run_id)
         factory = RequestMix(roles=sc.roles, seed=sc.seed, tenant=self._tenant(sc, run_id),
                              prompt_pool=sc.prompt_pool, zipf_s=sc.zipf_s, temperature=sc.temperature,
-                             priorities=sc.priorities, tenants=sc.tenants)
+                             priorities=sc.priorities, tenants=sc.tenants, lanes=sc.lanes, cache=sc.cache)
         common = {"producer": client, "factory": factory, "warmup_s": sc.warmup_s, "run_id": run_id,
                   "drain_timeout_s": sc.drain_timeout_s, "clock": RunClock(),
                   "on_progress": self.progress.update if self.progress is not None else None}
@@ -374,6 +409,9 @@ class Runner:
 
     def run_scenario(self, sc: Scenario) -> ScenarioResult:
         sc = sc.scaled(self.time_scale).check()
+        why = self.refusal(sc)
+        if why:
+            raise LoadgenError(why)
         if sc.kind != "sweep":
             step = self.run_step(sc, label=sc.name)
             return ScenarioResult(scenario=sc, steps=[step], not_exercised=list(step.aggregates["not_exercised"]))
@@ -415,6 +453,9 @@ class Runner:
     def run(self, scenarios: Sequence[Scenario]) -> Session:
         for sc in scenarios:  # every parameter checked before any fleet starts
             sc.scaled(self.time_scale).check()
+            why = self.refusal(sc)
+            if why:
+                raise LoadgenError(why)
         check_budgets_enforceable(scenarios, settings=self.settings)
         started = datetime.now(UTC).isoformat(timespec="seconds")
         results = []

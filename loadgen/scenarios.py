@@ -73,6 +73,15 @@ class Scenario:
     temperature: float | None = None
     #: A budget (USD per day) for the run's own tenant (``run-<run id>``), set before the run starts.
     budget_usd: float | None = None
+    #: Send each request of the mix once per lane, interleaved (requests 2k and 2k+1: the same role,
+    #: prompt and max_tokens, one ``interactive``, one ``batch``). Empty: every request interactive.
+    lanes: tuple[str, ...] = ()
+    #: The requests' ``cache`` option (None: the default; False keeps the response cache out of a comparison).
+    cache: bool | None = None
+    #: A local fleet starts ``tars mock-llm`` with these MockConfig fields on a free 127.0.0.1 port and
+    #: points every tier at it (its Anthropic API, over HTTP); and a ``tars batch-runner`` if a lane is
+    #: ``batch``. None: the simulated provider (no batch API). Only a local fleet can do either.
+    mock_provider: Mapping[str, Any] | None = None
 
     def with_overrides(self, **kw: Any) -> Scenario:
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -130,6 +139,10 @@ class Scenario:
                        f"{self.zipf_s:g}")
         if self.budget_usd is not None and not self.budget_usd >= 0:
             out.append(f"budget must be >= 0 USD, got {self.budget_usd:g}")
+        if any(lane not in ("interactive", "batch") for lane in self.lanes) or len(set(self.lanes)) != len(self.lanes):
+            out.append(f"lanes must be distinct, of interactive and batch, got {list(self.lanes)}")
+        if "batch" in self.lanes and self.mock_provider is None:
+            out.append("a batch lane needs a provider with a batch API: give the scenario a mock_provider")
         if not self.roles or any(not w >= 0 for w in self.roles.values()) or sum(self.roles.values()) <= 0:
             out.append(f"bad role mix {dict(self.roles)!r}")
         return out
@@ -152,7 +165,8 @@ class RequestMix:
     def __init__(self, *, roles: Mapping[str, float], seed: int, prompt_chars: int = PROMPT_CHARS,
                  tenant: str = "loadgen", prompt_pool: int | None = None, zipf_s: float = 1.1,
                  temperature: float | None = None, priorities: Mapping[int, float] | None = None,
-                 tenants: Mapping[str, float] | None = None) -> None:
+                 tenants: Mapping[str, float] | None = None, lanes: tuple[str, ...] = (),
+                 cache: bool | None = None) -> None:
         for what, mix in (("role", roles), ("priority", priorities or {5: 1.0}), ("tenant", tenants or {tenant: 1})):
             if not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
                 raise LoadgenError(f"bad {what} mix {dict(mix)!r}")
@@ -166,6 +180,8 @@ class RequestMix:
         self._body = (body * (prompt_chars // len(body) + 1))[:prompt_chars]
         self.prompt_pool = prompt_pool
         self.temperature = temperature
+        self.lanes = tuple(lanes)
+        self.cache = cache
         if prompt_pool is not None:  # Zipf: prompt k (1-based) has weight 1 / k^s
             acc, self._cum = 0.0, []
             for k in range(1, prompt_pool + 1):
@@ -173,6 +189,17 @@ class RequestMix:
                 self._cum.append(acc)
 
     def __call__(self, i: int) -> dict[str, Any]:
+        lane = None
+        if self.lanes:  # request i is request i // len(lanes) of the mix, in lane i % len(lanes)
+            lane, i = self.lanes[i % len(self.lanes)], i // len(self.lanes)
+        out = self._request(i)
+        if lane is not None:
+            out["lane"] = lane
+        if self.cache is not None:
+            out["cache"] = self.cache
+        return out
+
+    def _request(self, i: int) -> dict[str, Any]:
         rng = random.Random(self.seed * 1_000_003 + i)
         role = rng.choices(self.roles, self.weights)[0]
         if self.prompt_pool is None:
@@ -238,6 +265,17 @@ PRESETS: dict[str, Scenario] = {s.name: s for s in [
        budget_usd=0.05, requires=("budgets",),
        description="The run's own tenant gets a $0.05 daily budget: past 80% its sonnet work moves to haiku, spent "
                    "its queued work fails `budget` and new submits raise BudgetExceeded; spend against the limit."),
+    _P("batch", "Batch lane — the same requests interactive and through the providers' batch APIs",
+       concurrency=200, duration_s=None, count=200, warmup_s=0, workers=1, worker_concurrency=50,
+       lanes=("interactive", "batch"), cache=False,
+       mock_provider={"latency": "fixed:20", "output_tokens": [200, 200], "batch_delay_s": 2.0},
+       fleet_settings={"batch_max_age_s": 1.0, "batch_poll_interval_s": 0.5}, requires=("batch_lane",),
+       description="100 requests of the default mix, each sent twice (interleaved: once interactive, once with "
+                   "lane=batch; same prompt, role and max_tokens; the response cache off), all in flight at once, "
+                   "on a local fleet whose every tier points at a `tars mock-llm` it starts (Anthropic API over "
+                   "HTTP, 200 output tokens per answer, batches ending 2 s after creation) and one `tars "
+                   "batch-runner`: dollars per request per lane, the ratio, and the batch lane's latency. Needs "
+                   "--fleet local."),
     _P("scaling", "Horizontal scaling — 1, 5, 10 worker processes", kind="sweep", axis="workers",
        levels=(1, 5, 10), concurrency=100, duration_s=15, warmup_s=3, worker_concurrency=50,
        requires=("worker_processes",),

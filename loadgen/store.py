@@ -17,12 +17,15 @@ from sqlalchemy import Engine, func, inspect, or_, select, update
 
 from loadgen.drivers import ClientSample
 from loadgen.records import CallRow, DbRow, epoch
-from tars_tasks.db.models import ApiCall, Request, Run
+from tars_tasks.db.models import ApiCall, BatchItem, Request, Run
 from tars_tasks.errors import LoadgenError
+from tars_tasks.schemas import LANE_BATCH
+from workers.batchlane.runner import attempt_id
 
 _runs = Run.__table__
 _req = Request.__table__
 _api = ApiCall.__table__
+_bi = BatchItem.__table__
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -52,7 +55,7 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
     cols = [t.id, t.status, t.error, t.failure_reason, t.tier_requested, t.tier_used, t.worker, t.attempts,
             t.input_tokens,
             t.output_tokens, t.cost_usd, t.submitted_at, t.started_at, t.finished_at, t.answered_by, t.saved_usd,
-            t.served_mode, t.priority, t.tenant]
+            t.served_mode, t.priority, t.tenant, t.lane, t.tier_queued]
     rows: dict[str, DbRow] = {}
     calls: dict[str, list[CallRow]] = defaultdict(list)
     with engine.connect() as conn:
@@ -64,9 +67,21 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                                cost_usd=Decimal(str(r.cost_usd or 0)), submitted_at=epoch(r.submitted_at),
                                started_at=epoch(r.started_at), finished_at=epoch(r.finished_at),
                                answered_by=r.answered_by, saved_usd=Decimal(str(r.saved_usd or 0)),
-                               served_mode=r.served_mode, priority=r.priority, tenant=r.tenant)
+                               served_mode=r.served_mode, priority=r.priority, tenant=r.tenant,
+                               lane=r.lane, tier_queued=r.tier_queued)
+        # a request in a provider batch was submitted to the batch lane (its lane column says
+        # ``interactive`` once the batch sent it on); its batch answer's api_calls id is derived
+        # from batch and request (workers/batchlane/runner.py: attempt_id)
+        b = _bi.c
+        batch_calls: set[str] = set()
+        for m in conn.execute(select(b.request_id, b.batch_id).select_from(_bi.join(_req, _req.c.id == b.request_id))
+                              .where(t.run_id == run_id)):
+            row = rows.get(m.request_id)
+            if row is not None:
+                row.lane = LANE_BATCH
+                batch_calls.add(attempt_id(m.batch_id, m.request_id))
         a = _api.c
-        q = (select(a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
+        q = (select(a.id, a.request_id, a.tier, a.outcome, a.input_tokens, a.output_tokens, a.cost_usd, a.latency_ms,
                     a.ratelimit_wait_ms, a.attempt, a.cache_write_tokens, a.cache_write_1h_tokens, a.cache_read_tokens)
              .select_from(_api.join(_req, _req.c.id == a.request_id)).where(t.run_id == run_id)
              .order_by(a.request_id, a.attempt, a.started_at))
@@ -77,7 +92,8 @@ def fetch_rows(engine: Engine, *, run_id: str) -> dict[str, DbRow]:
                 latency_ms=None if c.latency_ms is None else float(c.latency_ms),
                 ratelimit_wait_ms=float(c.ratelimit_wait_ms or 0),
                 cache_write_tokens=(c.cache_write_tokens or 0) + (c.cache_write_1h_tokens or 0),
-                cache_read_tokens=c.cache_read_tokens or 0))
+                cache_read_tokens=c.cache_read_tokens or 0, cache_write_1h_tokens=c.cache_write_1h_tokens or 0,
+                batch=c.id in batch_calls))
     for rid, cs in calls.items():
         row = rows.get(rid)
         if row is not None:

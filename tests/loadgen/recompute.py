@@ -141,6 +141,8 @@ class Run:
             calls, tokens = Counter(), Counter()
             for r in pop:
                 for cl in r["calls"]:
+                    if cl.get("batch"):  # the batch lane's answers do not pass the fleet's limiter
+                        continue
                     calls[cl["tier"]] += 1
                     tokens[cl["tier"]] += cl["input_tokens"] + cl["output_tokens"]
             per_s = lim["utilisation"] / lim["window_s"]
@@ -149,9 +151,12 @@ class Run:
                      for t in calls if t in lim["tiers"]]
             if tiers:
                 ceilings["rate limits"] = min(tiers)
-        if self.config.get("fleet_slots") and mean_model > 0:
-            ceilings["worker slots"] = self.config["fleet_slots"] / (mean_model / 1000)
-        f["mean_model"] = mean_model
+        # worker slots: only the calls a worker made (a batch-lane answer, ``batch``, is the batch runner's)
+        slot_model = float(np.mean([sum(c["latency_ms"] for c in r["calls"] if c["latency_ms"] is not None
+                                        and not c.get("batch")) for r in pop])) if pop else 0.0
+        if self.config.get("fleet_slots") and slot_model > 0:
+            ceilings["worker slots"] = self.config["fleet_slots"] / (slot_model / 1000)
+        f["mean_model"], f["slot_model"] = mean_model, slot_model
         f["ceilings"] = ceilings
         f["binding"] = min(ceilings, key=ceilings.get) if ceilings else None
         f["efficiency"] = f["throughput"] / ceilings[f["binding"]] if ceilings else None
@@ -379,6 +384,8 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
                          "saved": sum(Decimal(r.get("saved_usd", "0")) for r in rows),
                          "modes": Counter(r.get("served_mode") or "none" for r in rs if r["submitted_at"] is not None),
                          "budget": sum(1 for r in rs if r["reason"] in ("submit_error:BudgetExceeded", "budget"))}
+    f.update(_savings(rows, (run_doc.get("config") or {}).get("prices")))
+    f["lanes"] = _lanes(rs)
     mode, cuts = "optimal", []
     for c in sorted(changes, key=lambda c: (c["at"], c["seq"])):
         if c["at"] <= start:
@@ -400,6 +407,66 @@ def cost_figures(directory: Path, run_doc: dict[str, Any]) -> dict[str, Any]:
                        if sent_ok else None})
     f["phases"] = phases
     return f
+
+
+def _at(call: dict[str, Any], price: dict[str, str], *, batch: bool) -> Decimal:
+    """A call's tokens times the price of each class ÷ 1e6 (times the batch multiplier for a batch call)."""
+    cw1h = call.get("cache_write_1h_tokens", 0)
+    usd = (Decimal(call["input_tokens"]) * Decimal(price["input"])
+           + Decimal(call["output_tokens"]) * Decimal(price["output"])
+           + Decimal(call.get("cache_write_tokens", 0) - cw1h) * Decimal(price["cache_write_5m"])
+           + Decimal(cw1h) * Decimal(price["cache_write_1h"])
+           + Decimal(call.get("cache_read_tokens", 0)) * Decimal(price["cache_read"])) / Decimal(10**6)
+    return usd * Decimal(price["batch_multiplier"]) if batch else usd
+
+
+def _savings(rows: list[dict[str, Any]], prices: dict[str, dict[str, str]] | None) -> dict[str, Any]:
+    """Saved by degradation (succeeded, queued on another tier than requested: its calls at the requested
+    tier's price in the same lane, minus their cost) and by batch (batch calls at the interactive price,
+    minus their cost); and every call's cost against the stated prices (they are what it was billed at)."""
+    if not prices:
+        return {"deg": None, "bat": None, "n_deg": 0, "n_bat": 0, "mispriced": []}
+    deg = bat = Decimal(0)
+    n_deg = n_bat = 0
+    mispriced = []
+    for r in rows:
+        asked, queued, used = r.get("tier_requested"), r.get("tier_queued"), r.get("tier_used")
+        # moved by admission (queued elsewhere), or by a worker in a non-optimal mode (below priority 9, on
+        # sonnet/opus: the tiers the mode degrades; served_mode is then the mode that moved it)
+        moved = bool(asked and queued and used) and (asked != queued or (
+            used != queued and asked in ("sonnet", "opus") and r.get("priority") is not None and r["priority"] < 9
+            and r.get("served_mode") not in (None, "optimal")))
+        if r["status"] == "succeeded" and moved:
+            n_deg += 1
+            for cl in r["calls"]:
+                deg += _at(cl, prices[asked], batch=cl.get("batch", False)) - Decimal(cl["cost_usd"])
+        for cl in r["calls"]:
+            if abs(_at(cl, prices[cl["tier"]], batch=cl.get("batch", False)) - Decimal(cl["cost_usd"])) > Decimal(
+                    "1e-9"):
+                mispriced.append((r["id"], cl["tier"], cl["cost_usd"]))
+            if cl.get("batch"):
+                n_bat += 1
+                bat += _at(cl, prices[cl["tier"]], batch=False) - Decimal(cl["cost_usd"])
+    return {"deg": deg, "bat": bat, "n_deg": n_deg, "n_bat": n_bat, "mispriced": mispriced}
+
+
+def _lanes(rs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    if not any(r.get("lane") == "batch" for r in rs):
+        return None
+    out = []
+    for lane in ("interactive", "batch"):
+        mine = [r for r in rs if (r.get("lane") or "interactive") == lane and r["submitted_at"] is not None]
+        calls = [cl for r in mine for cl in r["calls"]]
+        usd = sum((Decimal(cl["cost_usd"]) for cl in calls), Decimal(0))
+        lat = [(r["done_at"] - r["origin"]) * 1000 for r in mine if r["status"] == "succeeded" and r["done_at"]
+               is not None]
+        out.append({"lane": lane, "n": len(mine), "ok": sum(1 for r in mine if r["status"] == "succeeded"),
+                    "tokens": [sum(cl[k] for cl in calls) for k in ("input_tokens", "cache_write_tokens",
+                                                                     "cache_read_tokens", "output_tokens")],
+                    "usd": usd, "per": usd / len(mine) if mine else None, "lat": stats(lat)})
+    i, b = out
+    ratio = b["per"] / i["per"] if b["per"] is not None and i["per"] else None
+    return [*out, ratio]
 
 
 def check_cost(md: str, directory: Path, run_doc: dict[str, Any], problems: list[str]) -> int:
@@ -434,6 +501,37 @@ def check_cost(md: str, directory: Path, run_doc: dict[str, Any], problems: list
     checked += 1
     if "Refused for the budget" in rows:
         eq(rows["Refused for the budget"], 0, f["budget"], "budget refusals")
+    if f["deg"] is not None:
+        prefix = lambda p: next(v for k, v in rows.items() if k.startswith(p))  # noqa: E731
+        eq(prefix("Saved by degradation"), 0, f["deg"], "saved by degradation")
+        eq(next(k for k in rows if k.startswith("Saved by degradation")), 0, f["n_deg"], "degraded requests")
+        eq(prefix("Saved by the batch lane"), 0, f["bat"], "saved by batch")
+        eq(next(k for k in rows if k.startswith("Saved by the batch lane")), 0, f["n_bat"], "batch calls")
+        printed = {r[0]: r[1:] for r in markdown_table(section, "| Tier | Model |")}
+        for tier, p in run_doc["config"]["prices"].items():
+            want = [p["model"], p["input"], p["output"], p["cache_write_5m"], p["cache_write_1h"], p["cache_read"],
+                    p["batch_multiplier"]]
+            if printed.get(tier) != want:
+                problems.append(f"cost controls prices of {tier}: {printed.get(tier)} vs the run's {want}")
+            checked += 1
+        if f["mispriced"]:
+            problems.append(f"cost controls: {len(f['mispriced'])} call(s) not billed at the stated prices, "
+                            f"e.g. {f['mispriced'][:3]}")
+    if f["lanes"] is not None:
+        *lanes, ratio = f["lanes"]
+        table = {r[0]: r for r in markdown_table(section, "| Lane |")}
+        for ln in lanes:
+            row = table[ln["lane"]]
+            for cell, value, what in ((row[1], ln["n"], "requests"), (row[2], ln["ok"], "succeeded"),
+                                      *((row[3 + k], v, f"tokens {k}") for k, v in enumerate(ln["tokens"])),
+                                      (row[7], ln["usd"], "dollars"), (row[8], ln["per"], "dollars per request")):
+                eq(cell, 0, value, f"lane {ln['lane']} {what}")
+            if ln["lat"]["n"]:
+                eq(row[9].split("avg", 1)[1], 0, ln["lat"]["avg"], f"lane {ln['lane']} latency avg")
+                for k in ("p50", "p95"):
+                    eq(row[9].split(k, 1)[1], 0, ln["lat"][k], f"lane {ln['lane']} latency {k}")
+        line = next(x for x in section.splitlines() if x.startswith("Batch ÷ interactive dollars per request"))
+        eq(line.split("request", 1)[1], 0, ratio, "batch / interactive ratio")
     table = markdown_table(section, "| Phase |")
     if len(table) != len(f["phases"]):
         problems.append(f"cost controls: {len(table)} phases, recomputed {len(f['phases'])}")

@@ -124,3 +124,11 @@ def test_piped_output_never_splits_a_figure_across_lines(tmp_path):
     assert re.search(r"req/s .* p50 [\d,]+ ms, p99 .+, errors \d+\.\d+%$", line), line
     listing = _run(["loadgen", "list"], tmp_path, timeout=30)
     assert "Closed loop — 2000 in flight" in listing.stdout  # a row of the table, not cut at 80 columns
+
+
+def test_the_batch_scenario_on_the_embedded_default_is_refused_in_one_line_naming_fleet_local(tmp_path):
+    res = _run(["loadgen", "run", "batch"], tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--fleet local" in errors[0] and "batch runner" in errors[0], res.stderr
+    assert not list(tmp_path.glob("reports/*/report.md"))  # no report, so no silent wrong one

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from decimal import Decimal
 
 import pytest
 import redis as redis_lib
@@ -78,4 +79,6 @@ def test_the_overload_phases_come_from_the_mode_changes_rows(session):
     assert cc["transitions"] >= 1 and len(cc["phases"]) >= 2
     assert {p["mode"] for p in cc["phases"]} & {"high_load", "critical"}
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    # high load moved sonnet work to haiku: each such success saved its tokens' sonnet-minus-haiku price
+    assert cc["savings"]["degraded_requests"] > 0 and Decimal(cc["saved_degradation_usd"]) > 0
     assert sum(cc["served_mode"].values()) == sum(1 for r in step.records if r.sampled and r.submitted_at)

@@ -116,7 +116,8 @@ def check_single_run(md: str, run: Run, problems: list[str]) -> int:
         _check(close(numbers(val)[0], value) and close(numbers(ratio)[0], f["throughput"] / value, scale=100),
                f"{run.label}: ceiling {name} {val} {ratio} vs {value}", problems)
         if name in ("concurrency", "worker slots"):
-            _check(close(numbers(how)[-1], f["mean_model"]), f"{run.label}: {name} mean model {how}", problems)
+            model = f["mean_model"] if name == "concurrency" else f["slot_model"]
+            _check(close(numbers(how.split("(")[0])[-1], model), f"{run.label}: {name} mean model {how}", problems)
         checked += 2
     for name in CEILING_NAMES - set(f["ceilings"]) - {"offered rate", "concurrency"}:
         _check(rows[name][1] == "—", f"{run.label}: ceiling {name} should be — here: {rows[name]}", problems)

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, select
 
 from tars_tasks.db.errors import describe, is_transient
 from tars_tasks.db.models import Request
+from workers import pgsql
 from workers.providers.request import ModelRequest
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,10 @@ class RequestLoader:
     def _read(self, ids: list[str]) -> dict[str, RequestRow]:
         out: dict[str, Any] = {}
         with self.engine.connect() as conn:
-            for row in conn.execute(select(*_COLUMNS).where(_req.id.in_(ids))):
-                out[row.id] = RequestRow(**row._asdict())
+            if conn.dialect.name == "postgresql":  # one prepared statement, the ids as one array
+                for t in pgsql.load_requests(conn, ids):
+                    out[t[0]] = RequestRow(*t)
+            else:
+                for row in conn.execute(select(*_COLUMNS).where(_req.id.in_(ids))):
+                    out[row.id] = RequestRow(**row._asdict())
         return out

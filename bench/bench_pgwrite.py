@@ -6,7 +6,8 @@ client CPU (``time.process_time``) per entry of a group commit, and per row of a
 Variants of a commit (an entry: its request locked, two api_calls rows upserted, the request
 finished, its totals recomputed): ``orm`` (the SQLAlchemy statements, compiled and bound per row),
 ``unnest`` (workers/pgsql.py: one statement per step, arrays for parameters) and ``executemany``
-(the same text SQL row by row with psycopg's ``executemany``, which pipelines). Of a read: ``orm``
+(the same text SQL row by row with psycopg's ``executemany`` on the raw connection, which pipelines;
+``executemany-sa``: the same through ``exec_driver_sql``). Of a read: ``orm``
 (``SELECT ... WHERE id IN (...)``) and ``any`` (workers/pgsql.py, ``= ANY(array)``). Rounds alternate
 the variants, so a busy machine weighs on all of them alike.
 """
@@ -78,6 +79,11 @@ class _Variant(GroupCommitWriter):
             self._commit_orm(conn, ids, api_rows, finishes)
         elif self.mode == "unnest":
             GroupCommitWriter._commit_pg(conn, ids, api_rows, finishes)
+        elif self.mode == "executemany-sa":  # the same, through SQLAlchemy's exec_driver_sql (its errors, its pool)
+            pgsql.lock_requests(conn, ids)
+            conn.exec_driver_sql(_EM_INSERT, list(api_rows.values()))
+            conn.exec_driver_sql(_EM_FINISH, finishes)
+            pgsql.recompute_totals(conn, ids)
         else:
             pgsql.lock_requests(conn, ids)
             cur = conn.connection.driver_connection.cursor()
@@ -95,7 +101,7 @@ def main() -> int:
     engine = get_engine(fresh_db(args.pg_db))
     writer = _Variant(engine=engine, notifier=None)
     loader = RequestLoader(engine=engine)
-    modes = ["orm", "unnest", "executemany"]
+    modes = ["orm", "unnest", "executemany", "executemany-sa"]
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "read-orm", "read-any"]}
     for r in range(args.rounds + 2):  # two rounds of warm-up (statements prepared, caches filled)
         for m in modes if r % 2 else modes[::-1]:

@@ -5,10 +5,11 @@ client CPU (``time.process_time``) per entry of a group commit, and per row of a
 
 Variants of a commit (an entry: its request locked, two api_calls rows upserted, the request
 finished, its totals recomputed): ``orm`` (the SQLAlchemy statements, compiled and bound per row),
-``unnest`` (workers/pgsql.py: one statement per step, arrays for parameters) and ``executemany``
-(the same text SQL row by row with psycopg's ``executemany`` on the raw connection, which pipelines;
-``executemany-sa``: the same through ``exec_driver_sql``). Of a read: ``orm``
-(``SELECT ... WHERE id IN (...)``) and ``any`` (workers/pgsql.py, ``= ANY(array)``). Rounds alternate
+``executemany`` (workers/pgsql.py: constant SQL, psycopg's pipelined ``executemany`` through
+``exec_driver_sql``) and ``executemany-raw`` (the same on the raw psycopg cursor). Commit 49e661e's
+version of this bench also has ``unnest`` (one statement per step, arrays for parameters: that
+commit's workers/pgsql.py). Of a read: ``orm`` (``SELECT ... WHERE id IN (...)``) and ``any``
+(workers/pgsql.py, ``= ANY(array)``). Rounds alternate
 the variants, so a busy machine weighs on all of them alike.
 """
 
@@ -64,11 +65,8 @@ def _batch(ids: list[str]) -> list[_Entry]:
     return out
 
 
-_API_VALUES = ", ".join(f"%({c})s" for c, _ in pgsql.API_COLUMNS)
-_EM_INSERT = (f"INSERT INTO api_calls ({', '.join(c for c, _ in pgsql.API_COLUMNS)}) VALUES ({_API_VALUES}) "
-              f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in pgsql.API_UPDATABLE)}")
-_EM_FINISH = ("UPDATE requests SET " + ", ".join(f"{c} = %({c})s" for c, _ in pgsql.FINISH_COLUMNS[1:-1])
-              + ", served_mode = coalesce(%(served_mode)s, served_mode) WHERE id = %(id)s AND status = 'queued'")
+_EM_INSERT = pgsql.UPSERT_API_SQL
+_EM_FINISH = pgsql.FINISH_SQL
 
 
 class _Variant(GroupCommitWriter):
@@ -77,14 +75,9 @@ class _Variant(GroupCommitWriter):
     def _commit_pg(self, conn, ids, api_rows, finishes) -> None:  # type: ignore[override]
         if self.mode == "orm":
             self._commit_orm(conn, ids, api_rows, finishes)
-        elif self.mode == "unnest":
+        elif self.mode == "executemany":  # workers/pgsql.py, through SQLAlchemy's exec_driver_sql
             GroupCommitWriter._commit_pg(conn, ids, api_rows, finishes)
-        elif self.mode == "executemany-sa":  # the same, through SQLAlchemy's exec_driver_sql (its errors, its pool)
-            pgsql.lock_requests(conn, ids)
-            conn.exec_driver_sql(_EM_INSERT, list(api_rows.values()))
-            conn.exec_driver_sql(_EM_FINISH, finishes)
-            pgsql.recompute_totals(conn, ids)
-        else:
+        else:  # the same on the raw psycopg cursor (no SQLAlchemy error wrapping: for comparison only)
             pgsql.lock_requests(conn, ids)
             cur = conn.connection.driver_connection.cursor()
             cur.executemany(_EM_INSERT, list(api_rows.values()))
@@ -101,7 +94,7 @@ def main() -> int:
     engine = get_engine(fresh_db(args.pg_db))
     writer = _Variant(engine=engine, notifier=None)
     loader = RequestLoader(engine=engine)
-    modes = ["orm", "unnest", "executemany", "executemany-sa"]
+    modes = ["orm", "executemany", "executemany-raw"]
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "read-orm", "read-any"]}
     for r in range(args.rounds + 2):  # two rounds of warm-up (statements prepared, caches filled)
         for m in modes if r % 2 else modes[::-1]:

@@ -18,6 +18,11 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
    finished in the batch (jobs schedule their next steps there: :mod:`tars_tasks.jobs.store`); what
    it returns runs after the commit (publishing those steps).
 
+On Postgres each step is constant SQL run through the same connection and transaction
+(:mod:`workers.pgsql`: the per-row steps as psycopg's pipelined ``executemany``, no SQLAlchemy
+compilation or per-row binding); on any other database (SQLite, embedded) the same steps are
+SQLAlchemy statements.
+
 Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
 completion notices.
 

@@ -4,8 +4,9 @@ rows, column for column, read back through the ORM; a redelivered finish is a no
 are counted once; the loader reads the same RequestRow both ways.
 
 What the ORM used to take care of and raw SQL can get wrong: a column mixing Python types
-(Decimal and float costs, int and float latencies: psycopg refuses a mixed array), NULLs,
-JSON, unicode, a request finished twice in one batch (``UPDATE ... FROM`` would pick either).
+(Decimal and float costs, int and float latencies: psycopg refuses a mixed array, if the
+statement ever binds arrays), NULLs, JSON, unicode, a request finished twice in one batch (the
+first verdict stands: ``UPDATE ... FROM`` a set would pick either), the enqueue-failed guard.
 """
 
 from __future__ import annotations

@@ -31,10 +31,6 @@ from pgdb import fresh_db  # noqa: E402
 DB_NAME = "tars_faults"
 
 
-def _fresh_db() -> str:
-    return fresh_db(DB_NAME)
-
-
 def _row(a) -> list[str]:
     totals = "yes" if a.totals_equal else f"NO ({a.totals_mismatched})"
     notes = "; ".join(f"{k}={v}" for k, v in a.notes.items() if k != "example")
@@ -54,6 +50,8 @@ def main() -> int:
     p.add_argument("--cases", default="all", help=f"comma-separated, or 'all': {', '.join(CASES)}")
     p.add_argument("--n", type=int, default=1000, help="requests per case (>= 1)")
     p.add_argument("--redis-db", type=int, default=11)
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="the Redis server (without a db number)")
+    p.add_argument("--pg-db", default=DB_NAME, help="the Postgres database to create afresh for each case")
     p.add_argument("--out", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
     if args.n < 1:
@@ -65,14 +63,14 @@ def main() -> int:
 
     for k in [k for k in os.environ if k.startswith("TARS_")]:
         del os.environ[k]
-    broker_url = f"redis://127.0.0.1:6379/{args.redis_db}"
+    broker_url = f"{args.redis_url.rstrip('/')}/{args.redis_db}"
     r = redis.Redis.from_url(broker_url)
     from tars_tasks.db.engine import get_engine
 
     rows: list[list[str]] = []
     started = time.time()
     for name in names:
-        db_url = _fresh_db()
+        db_url = fresh_db(args.pg_db)
         engine = get_engine(db_url)
         r.flushdb()
         env = {"TARS_BROKER_URL": broker_url, "TARS_DATABASE_URL": db_url,

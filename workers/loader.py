@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from tars_tasks.db.errors import describe, is_transient
 from tars_tasks.db.models import Request
+from workers import pgsql
 from workers.providers.request import ModelRequest
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,16 @@ class RequestLoader:
             a.done.set()
 
     def _read(self, ids: list[str]) -> dict[str, RequestRow]:
-        out: dict[str, Any] = {}
         with self.engine.connect() as conn:
-            for row in conn.execute(select(*_COLUMNS).where(_req.id.in_(ids))):
-                out[row.id] = RequestRow(**row._asdict())
-        return out
+            if conn.dialect.name == "postgresql":  # one prepared statement, the ids as one array
+                return {t[0]: RequestRow(*t) for t in pgsql.load_requests(conn, ids)}
+            return _orm_rows(conn, ids)
+
+    def _read_orm(self, ids: list[str]) -> dict[str, RequestRow]:
+        """The SQLAlchemy statement on any database (bench/bench_pgwrite.py compares the two)."""
+        with self.engine.connect() as conn:
+            return _orm_rows(conn, ids)
+
+
+def _orm_rows(conn: Connection, ids: list[str]) -> dict[str, RequestRow]:
+    return {row.id: RequestRow(**row._asdict()) for row in conn.execute(select(*_COLUMNS).where(_req.id.in_(ids)))}

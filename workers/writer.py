@@ -18,6 +18,11 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
    finished in the batch (jobs schedule their next steps there: :mod:`tars_tasks.jobs.store`); what
    it returns runs after the commit (publishing those steps).
 
+On Postgres each step is constant SQL run through the same connection and transaction
+(:mod:`workers.pgsql`: the per-row steps as psycopg's pipelined ``executemany``, no SQLAlchemy
+compilation or per-row binding); on any other database (SQLite, embedded) the same steps are
+SQLAlchemy statements.
+
 Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
 completion notices.
 
@@ -54,6 +59,7 @@ from tars_tasks.db.errors import describe, is_transient
 from tars_tasks.db.models import ApiCall, DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.notify import Notice, Notifier
+from workers import pgsql
 from workers.records import AttemptRecord, FinishRecord
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,7 @@ REASON_UNWRITABLE = FailureReason.UNWRITABLE
 
 _api = ApiCall.__table__
 _req = Request.__table__
-_API_UPDATABLE = ("outcome", "http_status", "error", *TOKEN_CLASSES, "cost_usd", "latency_ms",
-                  "ratelimit_wait_ms", "finished_at")
+_API_UPDATABLE = pgsql.API_UPDATABLE
 #: Text Postgres cannot store: NUL, and lone surrogates (not encodable as UTF-8).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -121,15 +126,15 @@ def _finish_stmt():
     )
 
 
-def _finish_params(f: FinishRecord) -> dict[str, Any]:
-    """The finishing UPDATE's parameters (the only place that knows its bind names)."""
-    return {"b_id": f.request_id, "b_status": str(f.status), "b_result": f.result, "b_error": storable(f.error),
-            "b_failure_reason": None if f.failure_reason is None else str(f.failure_reason),
-            "b_stop_reason": f.stop_reason, "b_tier_used": f.tier_used, "b_model": f.model, "b_worker": f.worker,
-            "b_started_at": f.started_at, "b_finished_at": f.finished_at,
+def _finish_row(f: FinishRecord) -> dict[str, Any]:
+    """The finishing UPDATE's values by column (the keys of :data:`workers.pgsql.FINISH_COLUMNS`)."""
+    return {"id": f.request_id, "status": str(f.status), "result": f.result, "error": storable(f.error),
+            "failure_reason": None if f.failure_reason is None else str(f.failure_reason),
+            "stop_reason": f.stop_reason, "tier_used": f.tier_used, "model": f.model, "worker": f.worker,
+            "started_at": f.started_at, "finished_at": f.finished_at,
             # a worker's answer is the model's (a cache hit is finished at submit, never here)
-            "b_answered_by": "model" if f.status == RequestStatus.SUCCEEDED else None,
-            "b_served_mode": f.served_mode}
+            "answered_by": "model" if f.status == RequestStatus.SUCCEEDED else None,
+            "served_mode": f.served_mode}
 
 
 def _totals_stmt():
@@ -367,21 +372,42 @@ class GroupCommitWriter:
             for rec in e.api_rows:
                 api_rows[rec.id] = rec.columns()  # a later version of the same attempt wins
             if e.finish is not None:
-                finishes.append(_finish_params(e.finish))
-        ids = sorted({r["request_id"] for r in api_rows.values()} | {f["b_id"] for f in finishes})
+                finishes.append(_finish_row(e.finish))
+        ids = sorted({r["request_id"] for r in api_rows.values()} | {f["id"] for f in finishes})
         with self.engine.begin() as conn:
-            if ids:
-                conn.execute(select(_req.c.id).where(_req.c.id.in_(ids)).order_by(_req.c.id).with_for_update())
-            if api_rows:
-                ins = insert_for(conn, _api)
-                stmt = ins.on_conflict_do_update(
-                    index_elements=["id"], set_={c: getattr(ins.excluded, c) for c in _API_UPDATABLE}
-                )
-                conn.execute(stmt, list(api_rows.values()))
-            if finishes:
-                conn.execute(self._finish, finishes)
-            if ids:
-                conn.execute(self._totals, {"ids": ids})
-            after = self.on_finished(conn, [f["b_id"] for f in finishes]) if finishes and self.on_finished else None
+            if conn.dialect.name == "postgresql":
+                self._commit_pg(conn, ids, api_rows, finishes)
+            else:
+                self._commit_orm(conn, ids, api_rows, finishes)
+            after = self.on_finished(conn, [f["id"] for f in finishes]) if finishes and self.on_finished else None
         if after is not None:
             self._after_commit.append(after)
+
+    @staticmethod
+    def _commit_pg(conn: Connection, ids: list[str], api_rows: dict[str, dict[str, Any]],
+                   finishes: list[dict[str, Any]]) -> None:
+        """Postgres: one statement per step, arrays for parameters (:mod:`workers.pgsql`)."""
+        if ids:
+            pgsql.lock_requests(conn, ids)
+        if api_rows:
+            pgsql.upsert_attempts(conn, api_rows.values())
+        if finishes:
+            pgsql.finish_requests(conn, finishes)
+        if ids:
+            pgsql.recompute_totals(conn, ids)
+
+    def _commit_orm(self, conn: Connection, ids: list[str], api_rows: dict[str, dict[str, Any]],
+                    finishes: list[dict[str, Any]]) -> None:
+        """Any other database (SQLite, embedded): the same steps through SQLAlchemy."""
+        if ids:
+            conn.execute(select(_req.c.id).where(_req.c.id.in_(ids)).order_by(_req.c.id).with_for_update())
+        if api_rows:
+            ins = insert_for(conn, _api)
+            stmt = ins.on_conflict_do_update(
+                index_elements=["id"], set_={c: getattr(ins.excluded, c) for c in _API_UPDATABLE}
+            )
+            conn.execute(stmt, list(api_rows.values()))
+        if finishes:
+            conn.execute(self._finish, [{f"b_{k}": v for k, v in f.items()} for f in finishes])
+        if ids:
+            conn.execute(self._totals, {"ids": ids})

@@ -1,0 +1,157 @@
+"""The writer's and the loader's raw Postgres statements (workers/pgsql.py) against the SQLAlchemy
+statements they replaced, on the real Postgres: the same batches written both ways leave the same
+rows, column for column, read back through the ORM; a redelivered finish is a no-op and its calls
+are counted once; the loader reads the same RequestRow both ways.
+
+What the ORM used to take care of and raw SQL can get wrong: a column mixing Python types
+(Decimal and float costs, int and float latencies: psycopg refuses a mixed array, if the
+statement ever binds arrays), NULLs, JSON, unicode, a request finished twice in one batch (the
+first verdict stands: ``UPDATE ... FROM`` a set would pick either), the enqueue-failed guard.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import Connection, select
+
+from tars_tasks.codes import AttemptOutcome, FailureReason, RequestStatus
+from tars_tasks.db.models import ApiCall, Request
+from workers.loader import RequestLoader
+from workers.records import AttemptRecord, FinishRecord
+from workers.writer import GroupCommitWriter
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=UTC)
+SKIP_REQ = {"id", "idempotency_key", "submitted_at", "reply_to", "prompt"}
+SKIP_API = {"id", "request_id"}
+
+
+class OrmWriter(GroupCommitWriter):
+    """The writer with its former SQLAlchemy statements on Postgres too (the reference)."""
+
+    def _commit_pg(self, conn: Connection, ids, api_rows, finishes) -> None:  # type: ignore[override]
+        self._commit_orm(conn, ids, api_rows, finishes)
+
+
+def _submit(client, n: int, tag: str) -> list[str]:
+    ids = []
+    for i in range(n):
+        ids.append(client.submit(role="researcher", prompt=f"{tag} {i}", tenant="acme",
+                                 metadata={"k": "v☃", "n": str(i)}, stop=["END", "Ω"], max_tokens=77 + i,
+                                 temperature=0.25).id)
+    return ids
+
+
+def _attempts(rid: str, i: int, tag: str) -> list[AttemptRecord]:
+    """Two attempts: one failed transiently (int latency, float cost), one ok (Decimal cost, float latency)."""
+    base = AttemptRecord(id=f"{tag}-{i}-1", request_id=rid, attempt=1, tier="haiku", provider="sim",
+                         model="claude-haiku", outcome=AttemptOutcome.TRANSIENT_ERROR, worker="w☃@host",
+                         started_at=T0, http_status=529 if i % 2 else None,
+                         error="überlastet \u2603 \"q\" \\ end" if i % 2 else None,
+                         input_tokens=10 + i, cost_usd=0.000012345 if i % 2 else Decimal("0.000012345"),  # type: ignore[arg-type]
+                         latency_ms=12 if i % 2 else 12.3456, ratelimit_wait_ms=0 if i % 3 else 1.5,
+                         finished_at=T0 + timedelta(milliseconds=12))
+    ok = base.replace(id=f"{tag}-{i}-2", attempt=2, outcome=AttemptOutcome.OK, http_status=200, error=None,
+                      input_tokens=1000 + i, output_tokens=333, cache_write_tokens=5, cache_write_1h_tokens=6,
+                      cache_read_tokens=7, cost_usd=Decimal("0.123456789"), latency_ms=Decimal("8.125"),
+                      ratelimit_wait_ms=2.75, finished_at=None if i % 2 else T0 + timedelta(seconds=1))
+    return [base, ok]
+
+
+def _finish(rid: str, i: int) -> FinishRecord:
+    status = [RequestStatus.SUCCEEDED, RequestStatus.FAILED][i % 2]
+    return FinishRecord(request_id=rid, status=status, tier_used="haiku", model="claude-haiku", worker="w☃@host",
+                        started_at=T0, result="réponse 😀 \"quoted\" {json: no}" if i % 2 == 0 else None,
+                        error=None if i % 2 == 0 else "boom \x00 nul",
+                        failure_reason=None if i % 2 == 0 else FailureReason.UNWRITABLE,
+                        stop_reason="end_turn" if i % 3 else None, finished_at=T0 + timedelta(seconds=2),
+                        served_mode="degraded" if i % 3 == 1 else None)
+
+
+def _write(writer_cls, db, client, tag: str) -> list[str]:
+    ids = _submit(client, 6, tag)
+    writer = writer_cls(engine=db, notifier=None, linger_ms=50)
+    try:
+        # attempts recorded in flight first, then their final versions with the finish (a later version wins)
+        writer.record([a.replace(outcome=AttemptOutcome.IN_FLIGHT, finished_at=None, cost_usd=Decimal(0))
+                       for i, rid in enumerate(ids) for a in _attempts(rid, i, tag)])
+        items = [(_attempts(rid, i, tag), _finish(rid, i), None) for i, rid in enumerate(ids)]
+        # the same request finished twice in one batch: the first verdict stands
+        items.append((_attempts(ids[0], 0, tag), _finish(ids[0], 1).replace(result="second"), None))
+        writer.finish_many(items)
+        # a redelivered finish, later: a no-op, its (same) attempts counted once
+        writer.finish_many([(_attempts(rid, i, tag), _finish(rid, i).replace(result="redelivered"), None)
+                            for i, rid in enumerate(ids)])
+        assert writer.isolated == 0
+    finally:
+        writer.close()
+    return ids
+
+
+def _rows(db, ids: list[str]) -> list[tuple[dict, list[dict]]]:
+    out = []
+    with db.connect() as conn:
+        for rid in ids:
+            req = conn.execute(select(Request.__table__).where(Request.id == rid)).one()._asdict()
+            calls = [c._asdict() for c in conn.execute(select(ApiCall.__table__).where(ApiCall.request_id == rid)
+                                                       .order_by(ApiCall.attempt))]
+            out.append(({k: v for k, v in req.items() if k not in SKIP_REQ},
+                        [{k: v for k, v in c.items() if k not in SKIP_API} for c in calls]))
+    return out
+
+
+def test_raw_statements_write_what_the_orm_wrote(client, db):
+    orm = _rows(db, _write(OrmWriter, db, client, "orm"))
+    raw_ids = _write(GroupCommitWriter, db, client, "raw")
+    raw = _rows(db, raw_ids)
+    assert raw == orm
+    req0, calls0 = raw[0]
+    assert req0["status"] == "succeeded" and req0["result"].startswith("réponse 😀")  # first verdict, not "second"
+    assert req0["attempts"] == 2 and req0["input_tokens"] == 10 + 1000
+    assert req0["cost_usd"] == Decimal("0.000012345") + Decimal("0.123456789")
+    assert calls0[0]["latency_ms"] == Decimal("12.346") and calls0[1]["latency_ms"] == Decimal("8.125")
+    req1, calls1 = raw[1]
+    assert req1["status"] == "failed" and req1["result"] is None and req1["served_mode"] is not None
+    assert "\x00" not in req1["error"] and calls1[0]["error"].startswith("überlastet ☃")
+    assert calls1[0]["cost_usd"] == Decimal("0.000012345") and calls1[1]["finished_at"] is None
+    with db.connect() as conn:
+        assert conn.execute(select(ApiCall.id).where(ApiCall.request_id.in_(raw_ids))).all().__len__() == 12
+
+
+def test_an_enqueue_failed_row_is_finished_and_a_finished_one_is_not(client, db):
+    ids = _submit(client, 3, "guard")
+    with db.begin() as conn:
+        conn.execute(Request.__table__.update().where(Request.id == ids[0]).values(
+            status="failed", failure_reason=str(FailureReason.ENQUEUE_FAILED), started_at=None))
+        conn.execute(Request.__table__.update().where(Request.id == ids[1]).values(
+            status="failed", failure_reason=str(FailureReason.ENQUEUE_FAILED), started_at=T0))
+        conn.execute(Request.__table__.update().where(Request.id == ids[2]).values(status="cancelled"))
+    writer = GroupCommitWriter(engine=db, notifier=None)
+    try:
+        writer.finish_many([([], _finish(rid, 0), None) for rid in ids])
+    finally:
+        writer.close()
+    with db.connect() as conn:
+        got = dict(conn.execute(select(Request.id, Request.status).where(Request.id.in_(ids))).all())
+    assert [got[r] for r in ids] == ["succeeded", "failed", "cancelled"]
+
+
+def test_the_loader_reads_what_the_orm_read(client, db):
+    ids = _submit(client, 3, "load")
+    bare = client.submit(role="researcher", prompt="bare").id
+    loader = RequestLoader(engine=db, linger_ms=0.5)
+    try:
+        rows = {rid: loader.get(rid) for rid in [*ids, bare, "no-such-request"]}
+    finally:
+        loader.close()
+    assert rows["no-such-request"] is None
+    from workers.loader import _COLUMNS, RequestRow
+    with db.connect() as conn:
+        for rid in [*ids, bare]:
+            orm = RequestRow(**conn.execute(select(*_COLUMNS).where(Request.id == rid)).one()._asdict())
+            assert rows[rid] == orm
+    assert rows[ids[1]].metadata == {"k": "v☃", "n": "1"} and rows[ids[1]].stop == ["END", "Ω"]

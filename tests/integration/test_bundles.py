@@ -205,7 +205,7 @@ def test_a_cache_hit_in_a_submit_many_is_answered_at_submit_and_left_out_of_its_
             (TASK_RUN_BUNDLE, sorted(h.id for i, h in enumerate(handles) if i != 2))]
         start_worker(tiers=["haiku", "sonnet", "opus"], concurrency=4, env=env)
         results = tars.wait_many([h.id for h in handles], timeout=60)
-        again = tars.submit_many(specs)  # every member filled the cache: all six are hits now
+        tars.submit_many(specs)  # every member filled the cache: all six are hits now
     assert {r.status for r in results} == {"succeeded"}
     assert [r.answered_by for r in results].count("model") == 5
     with db.connect() as conn:

@@ -5,6 +5,8 @@ from __future__ import annotations
 TIERS: tuple[str, ...] = ("haiku", "sonnet", "opus")
 QUEUE_PREFIX = "tars."
 TASK_RUN_REQUEST = "tars.run_request"
+#: One broker message carrying several requests of one tier and priority (``tars_tasks.bundles``).
+TASK_RUN_BUNDLE = "tars.run_bundle"
 
 # --- priorities ------------------------------------------------------------------------------
 #

@@ -39,6 +39,7 @@ from config.settings import Settings
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
 from tars_tasks.budgets import Budgets
+from tars_tasks.bundles import group
 from tars_tasks.cache import ResponseCache
 from tars_tasks.cache_lookup import CacheLookup, CacheVerdict, SemanticOptions
 from tars_tasks.codes import FailureReason, RequestStatus
@@ -52,7 +53,7 @@ from tars_tasks.errors import (
     Overloaded,
     excerpt,
 )
-from tars_tasks.publish import ToStage, publish_request, stage_requests
+from tars_tasks.publish import ToStage, publish_bundle, publish_request, stage_requests
 from tars_tasks.routing import Route, route
 from tars_tasks.schemas import (
     LANE_BATCH,
@@ -440,10 +441,16 @@ class Coordinator:
                                requests=[self._to_stage(p, reply_to=reply_to) for p in planned],
                                staging=self._staging)
             else:
+                runs = group(planned, key=lambda p: (p.route.tier, p.spec.priority), size=self.settings.bundle_max)
                 with self.celery_app.producer_or_acquire() as producer, producer.batch():
-                    for p in planned:
-                        publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
-                                        tenant=p.spec.tenant, priority=p.spec.priority, reply_to=reply_to)
+                    for run in runs:
+                        p = run[0]
+                        if len(run) == 1:
+                            publish_request(self.celery_app, producer=producer, request_id=p.id, tier=p.route.tier,
+                                            tenant=p.spec.tenant, priority=p.spec.priority, reply_to=reply_to)
+                        else:  # one message for the run (tars_tasks.bundles): same list, same priority
+                            publish_bundle(self.celery_app, producer=producer, request_ids=[m.id for m in run],
+                                           tier=p.route.tier, priority=p.spec.priority, reply_to=reply_to)
         except Exception as exc:
             self._fail_unsent([p.id for p in planned], error=f"{FailureReason.ENQUEUE_FAILED}: {exc}")
             raise BrokerUnavailable(

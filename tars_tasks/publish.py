@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from config.keys import TASK_RUN_REQUEST, kombu_priority, queue_for_tier
+from config.keys import TASK_RUN_BUNDLE, TASK_RUN_REQUEST, kombu_priority, queue_for_tier
+from tars_tasks.bundles import BundleMessage, bundle_id
 from tars_tasks.messages import RunRequestMessage
 from tars_tasks.render import capture_lpush
 from tars_tasks.staging import STAGED_HEADER, StagedMessage, Staging
@@ -53,6 +54,27 @@ def publish_request(
         kwargsrepr=message.kwargsrepr(),
         headers=None if staged_tokens is None else {STAGED_HEADER: staged_tokens},
     )
+
+
+def publish_bundle(celery_app: Celery, *, producer, request_ids: Sequence[str], tier: str, priority: int,
+                   reply_to: str | None) -> str:
+    """Send ``tars.run_bundle`` for recorded requests of one tier and TARS ``priority`` (its
+    broker priority, as a single request's): ids only, a task id of its own. Returns that id."""
+    queue = queue_for_tier(tier)
+    message = BundleMessage(request_ids=tuple(request_ids), tier=tier, reply_to=reply_to)
+    task_id = bundle_id()
+    celery_app.send_task(
+        TASK_RUN_BUNDLE,
+        kwargs=message.encode(),
+        task_id=task_id,
+        queue=queue,
+        routing_key=queue,
+        priority=kombu_priority(priority),
+        producer=producer,
+        argsrepr="()",
+        kwargsrepr=message.kwargsrepr(),
+    )
+    return task_id
 
 
 @dataclass(frozen=True, slots=True)

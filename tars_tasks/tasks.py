@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from celery import signals
 from celery.worker.control import inspect_command
 
-from config.keys import TASK_RUN_REQUEST
+from config.keys import TASK_RUN_BUNDLE, TASK_RUN_REQUEST
 from config.settings import get_settings
 from tars_tasks.celery_app import app
 
@@ -39,6 +39,30 @@ def run_request(self, *args, **kwargs) -> str:
     redelivered = bool(info.get("redelivered")) or bool(headers.get("redelivered"))
     return agent.handle(message=message, redelivered=redelivered, worker=f"{req.hostname}",
                         reserved_tokens=_staged_tokens(headers))
+
+
+@app.task(name=TASK_RUN_BUNDLE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_bundle(self, *args, **kwargs) -> str:
+    """Run every request of a bundle (``tars_tasks.bundles``); acked once all their rows are durable.
+
+    A redelivered bundle reruns only its members whose rows are not terminal."""
+    from tars_tasks.bundles import BundleMessage
+    from tars_tasks.messages import MalformedMessage
+    from workers.agent import DEAD_LETTERED, get_agent
+
+    req = self.request
+    info = req.delivery_info or {}
+    agent = get_agent()
+    try:
+        bundle = BundleMessage.decode(args=args, kwargs=kwargs)
+    except MalformedMessage as exc:
+        agent.dead_letter(reason="malformed_message", detail=f"bundle {req.id}: {exc}",
+                          queue=info.get("routing_key"))
+        return DEAD_LETTERED
+    headers = req.headers or {}
+    redelivered = bool(info.get("redelivered")) or bool(headers.get("redelivered"))
+    verdicts = agent.handle_bundle(messages=bundle.members(), redelivered=redelivered, worker=f"{req.hostname}")
+    return ",".join(verdicts)
 
 
 def _staged_tokens(headers: dict) -> int | None:

@@ -153,6 +153,26 @@ class SubAgent:
                                 failure_reason=REASON_INTERNAL), api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
 
+    def handle_bundle(self, *, messages: list[RunRequestMessage], redelivered: bool = False,
+                      worker: str | None = None) -> list[str]:
+        """Run a bundle's members (``tars_tasks.bundles``) concurrently, each exactly as
+        :meth:`handle` runs a single message (its row read first: a member already terminal is only
+        re-announced), and return once every member's rows are durable (then the bundle is acked).
+        Never raises for a member's sake; returns the members' verdicts in order."""
+        out: list[str] = [RequestStatus.FAILED] * len(messages)
+
+        def run(i: int) -> None:
+            out[i] = self.handle(message=messages[i], redelivered=redelivered, worker=worker)
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, len(messages))]
+        for t in threads:
+            t.start()
+        if messages:
+            run(0)
+        for t in threads:
+            t.join()
+        return out
+
     def _reserved_slot(self, message: RunRequestMessage, read: slots.SlotRead | None = None) -> dict[str, Any]:
         """When the slot the dispatcher reserved for this message was, as ``time.monotonic()`` here
         (``{HINT_SLOT_AT: ...}``; empty if unknown): the limiter step gives a slot it would miss by

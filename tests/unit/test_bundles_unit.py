@@ -1,0 +1,49 @@
+"""Bundles' pure parts: how a submit_many is cut into runs, and what a worker accepts as a bundle."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tars_tasks.bundles import BUNDLE_MAX_MEMBERS, BundleMessage, group
+from tars_tasks.messages import MalformedMessage
+
+
+def test_runs_share_their_key_keep_submission_order_and_are_bounded():
+    items = [("haiku", 0, i) for i in range(5)] + [("sonnet", 9, 5), ("haiku", 9, 6), ("haiku", 0, 7)]
+    runs = group(items, key=lambda x: x[:2], size=3)
+    assert [[x[2] for x in r] for r in runs] == [[0, 1, 2], [3, 4, 7], [5], [6]]
+
+
+def test_a_size_below_two_is_one_message_per_request():
+    assert group([1, 2, 3], key=lambda x: 0, size=0) == [[1], [2], [3]]
+    assert group([1, 2, 3], key=lambda x: 0, size=1) == [[1], [2], [3]]
+
+
+def test_a_bundle_round_trips_and_its_members_are_single_messages():
+    ids = tuple(str(uuid.uuid4()) for _ in range(3))
+    b = BundleMessage(request_ids=ids, tier="sonnet", reply_to="ch")
+    back = BundleMessage.decode(args=(), kwargs=b.encode())
+    assert back == b
+    assert [(m.request_id, m.tier, m.reply_to) for m in back.members()] == [(i, "sonnet", "ch") for i in ids]
+    assert "sonnet" in b.kwargsrepr() and ids[0] not in b.kwargsrepr()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"v": 2, "tier": "haiku", "request_ids": [str(uuid.uuid4())]},
+    {"v": 1, "tier": "gpt", "request_ids": [str(uuid.uuid4())]},
+    {"v": 1, "tier": "haiku", "request_ids": []},
+    {"v": 1, "tier": "haiku", "request_ids": ["not-a-uuid"]},
+    {"v": 1, "tier": "haiku", "request_ids": [str(uuid.uuid4()) for _ in range(BUNDLE_MAX_MEMBERS + 1)]},
+    {"v": 1, "tier": "haiku", "request_ids": [str(uuid.uuid4())], "prompt": "x"},
+])
+def test_a_malformed_bundle_is_refused_with_a_reason(kwargs):
+    with pytest.raises(MalformedMessage):
+        BundleMessage.decode(args=(), kwargs=kwargs)
+
+
+def test_a_duplicated_member_runs_once():
+    rid = str(uuid.uuid4())
+    assert BundleMessage.decode(args=(), kwargs={"v": 1, "tier": "haiku", "request_ids": [rid, rid]}).request_ids \
+        == (rid,)

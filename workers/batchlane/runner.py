@@ -117,7 +117,7 @@ class BatchRunner:
         self.counts: dict[str, int] = defaultdict(int)
 
     def _app(self) -> Any:
-        """The Celery app the runner publishes with (made on first use)."""
+        """The Celery app the runner publishes with (the one given, or made once: no connection until used)."""
         if self.celery_app is None:
             from tars_tasks.celery_app import make_app
 

@@ -36,11 +36,11 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meters import CpuMeter, postgres_backends, redis_pid, rss_bytes, slope, tree
+from pgdb import fresh_db
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,15 +49,7 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _fresh_db(name: str) -> str:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname=%s", (name,))
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    import migrations
-
-    migrations.upgrade(url)
-    return url
+    return fresh_db(name)
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

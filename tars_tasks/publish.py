@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
@@ -40,41 +41,28 @@ def publish_request(
     ``staged_tokens``: the message is rendered for staging; the header says what its first
     attempt's slot reserves at dispatch.
     """
-    queue = queue_for_tier(tier)
-    message = RunRequestMessage(request_id=request_id, tier=tier, reply_to=reply_to)
-    celery_app.send_task(
-        TASK_RUN_REQUEST,
-        kwargs=message.encode(),
-        task_id=request_id,
-        queue=queue,
-        routing_key=queue,
-        priority=kombu_priority(priority),
-        producer=producer,
-        argsrepr="()",
-        kwargsrepr=message.kwargsrepr(),
-        headers=None if staged_tokens is None else {STAGED_HEADER: staged_tokens},
-    )
+    _send(celery_app, TASK_RUN_REQUEST, RunRequestMessage(request_id=request_id, tier=tier, reply_to=reply_to),
+          task_id=request_id, tier=tier, priority=priority, producer=producer,
+          headers=None if staged_tokens is None else {STAGED_HEADER: staged_tokens})
 
 
 def publish_bundle(celery_app: Celery, *, producer, request_ids: Sequence[str], tier: str, priority: int,
                    reply_to: str | None) -> str:
     """Send ``tars.run_bundle`` for recorded requests of one tier and TARS ``priority`` (its
     broker priority, as a single request's): ids only, a task id of its own. Returns that id."""
-    queue = queue_for_tier(tier)
-    message = BundleMessage(request_ids=tuple(request_ids), tier=tier, reply_to=reply_to)
     task_id = bundle_id()
-    celery_app.send_task(
-        TASK_RUN_BUNDLE,
-        kwargs=message.encode(),
-        task_id=task_id,
-        queue=queue,
-        routing_key=queue,
-        priority=kombu_priority(priority),
-        producer=producer,
-        argsrepr="()",
-        kwargsrepr=message.kwargsrepr(),
-    )
+    _send(celery_app, TASK_RUN_BUNDLE, BundleMessage(request_ids=tuple(request_ids), tier=tier, reply_to=reply_to),
+          task_id=task_id, tier=tier, priority=priority, producer=producer)
     return task_id
+
+
+def _send(celery_app: Celery, task: str, message: Any, *, task_id: str, tier: str, priority: int, producer,
+          headers: dict[str, Any] | None = None) -> None:
+    """One message to the tier's queue at the broker priority of TARS ``priority``."""
+    queue = queue_for_tier(tier)
+    celery_app.send_task(task, kwargs=message.encode(), task_id=task_id, queue=queue, routing_key=queue,
+                         priority=kombu_priority(priority), producer=producer, argsrepr="()",
+                         kwargsrepr=message.kwargsrepr(), headers=headers)
 
 
 @dataclass(frozen=True, slots=True)

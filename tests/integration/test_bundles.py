@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from decimal import Decimal
 
 import pytest
@@ -18,6 +17,7 @@ from sqlalchemy import text
 
 from config.keys import TASK_RUN_BUNDLE, TASK_RUN_REQUEST
 from tars_tasks.broker.presence import tier_lists
+from tests.faults.harness import wait_until
 from tests.helpers import make_settings
 
 pytestmark = pytest.mark.integration
@@ -48,14 +48,6 @@ def _messages(env, tiers=("haiku", "sonnet", "opus")) -> list[tuple[str, str, li
     return out
 
 
-def _wait_until(predicate, *, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_submit_many_of_mixed_tiers_and_priorities_forms_one_bundle_per_tier_and_priority(
@@ -108,7 +100,7 @@ def test_a_worker_killed_mid_bundle_reruns_only_the_unfinished_members(fleet_env
                 rows = conn.execute(text("SELECT id FROM requests WHERE status = 'succeeded'")).scalars().all()
             return rows if 3 <= len(rows) <= n - 3 else None
 
-        _wait_until(finished_on_victim, timeout=60, interval=0.05)
+        wait_until(finished_on_victim, timeout=60, interval=0.05)
         victim.kill()  # SIGKILL mid-bundle: the bundle is not acked
         victim.proc.wait(10)
         with db.connect() as conn:
@@ -147,7 +139,7 @@ def test_a_high_priority_request_waits_at_most_the_bundles_a_worker_holds_not_th
             with db.connect() as conn:
                 return conn.execute(text("SELECT count(*) FROM api_calls")).scalar() > 0
 
-        _wait_until(low_started, timeout=60, interval=0.02)
+        wait_until(low_started, timeout=60, interval=0.02)
         high = tars.submit(role="researcher", prompt="urgent", priority="high")
         results = tars.wait_many([h.id for h in low] + [high.id], timeout=120)
     by_start = sorted(results, key=lambda r: r.started_at)

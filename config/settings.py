@@ -112,12 +112,14 @@ class Settings(BaseSettings):
     writer_retry_max_s: float = Field(default=5.0, gt=0)
 
     # --- producers ------------------------------------------------------------------------------
-    #: Bundling (issue 13, ``tars_tasks.bundles``): with dispatch **off**, a ``submit_many`` puts up
-    #: to this many requests of one (tier, priority) in one broker message (``tars.run_bundle``),
-    #: run concurrently by the worker that takes it, each with its own row, verdict and notice; a
-    #: crash reruns only the members whose rows are not terminal. 0 or 1: one message per request
-    #: (the default; staged submits are never bundled). Bounded so that a high-priority request
-    #: waits at most one bundle's worth behind the low work a worker holds.
+    #: Bundling (issue 13, ``tars_tasks.bundles``): a ``submit_many`` puts up to this many requests
+    #: of one (tier, priority) — staged (dispatch on): of one tenant too — in one broker message
+    #: (``tars.run_bundle``), run concurrently by the worker that takes it, each with its own row,
+    #: verdict and notice; a crash reruns only the members whose rows are not terminal; dispatch
+    #: reserves every member its own rate-limit slot. 0 or 1: one message per request (the
+    #: default). Set it for workers too: a worker's dispatcher counts a bundle it holds as its
+    #: members only then. Bounded so that a high-priority request waits at most one bundle's worth
+    #: behind the low work a worker holds.
     bundle_max: int = Field(default=0, ge=0, le=64)
     #: A producer's bound on each broker operation of a submit (connect, publish, admission):
     #: past it, submit raises BrokerUnavailable instead of hanging.

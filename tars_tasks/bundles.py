@@ -1,8 +1,9 @@
 """Bundles: several requests of one tier and priority in one broker message (issue 13).
 
-A TARS producer with ``bundle_max`` > 1 and dispatch off (``submit_many`` publishing straight to
-the Celery queues) sends ``tars.run_bundle`` for every run of 2 .. ``bundle_max`` requests of the
-call that share a (tier, priority); a lone request still goes as ``tars.run_request``. The bundle
+A TARS producer with ``bundle_max`` > 1 sends ``tars.run_bundle`` for every run of 2 ..
+``bundle_max`` requests of a ``submit_many`` call that share a (tier, priority) — with dispatch on,
+a (tier, priority, tenant), since staging keeps a list per tenant; a lone request still goes as
+``tars.run_request``. The bundle
 carries ids only (no prompt), like a single message, and goes to its tier's priority list like one.
 
 Per-request acknowledgement semantics are kept by the rows, not by the message: the worker runs
@@ -10,8 +11,13 @@ every member as if it had come alone (``workers.agent.SubAgent.handle``: row rea
 re-announce only, budgets, cache, breaker, limiter, fleet mode, its own durable finish and
 completion notice) and the bundle is acked once every member's rows are durable. A crash before
 the ack redelivers the whole bundle; members whose rows are terminal are not run again, the rest
-are (docs/DELIVERY.md, "Bundles"). Staged submits (dispatch on) are never bundled: dispatch
-reserves each request's own rate-limit slot and moves entries one by one.
+are (docs/DELIVERY.md, "Bundles").
+
+Staged (``docs/DISPATCH.md``): a bundle is one staging entry carrying each member's token estimate
+(:class:`tars_tasks.staging.StagedMessage`); the dispatch script moves it whole when its first
+member's slot is due and reserves every member the slot k single moves would have got, one after
+the other (recorded under the bundle's id); the worker sends each member's first attempt at its
+own slot. The staged count, the dispatcher's free slots and the deficit round robin count members.
 """
 
 from __future__ import annotations

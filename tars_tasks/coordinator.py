@@ -439,7 +439,7 @@ class Coordinator:
             if self.staging_redis is not None:
                 stage_requests(self.celery_app, redis_client=self.staging_redis, namespace=self.settings.namespace,
                                requests=[self._to_stage(p, reply_to=reply_to) for p in planned],
-                               staging=self._staging)
+                               staging=self._staging, bundle_max=self.settings.bundle_max)
             else:
                 runs = group(planned, key=lambda p: (p.route.tier, p.spec.priority), size=self.settings.bundle_max)
                 with self.celery_app.producer_or_acquire() as producer, producer.batch():

@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 
 from config.keys import TASK_RUN_BUNDLE, TASK_RUN_REQUEST, kombu_priority, queue_for_tier
-from tars_tasks.bundles import BundleMessage, bundle_id
+from tars_tasks.bundles import BundleMessage, bundle_id, group
 from tars_tasks.messages import RunRequestMessage
 from tars_tasks.render import capture_lpush
 from tars_tasks.staging import STAGED_HEADER, StagedMessage, Staging
@@ -47,12 +47,15 @@ def publish_request(
 
 
 def publish_bundle(celery_app: Celery, *, producer, request_ids: Sequence[str], tier: str, priority: int,
-                   reply_to: str | None) -> str:
+                   reply_to: str | None, staged_tokens: Sequence[int] | None = None) -> str:
     """Send ``tars.run_bundle`` for recorded requests of one tier and TARS ``priority`` (its
-    broker priority, as a single request's): ids only, a task id of its own. Returns that id."""
+    broker priority, as a single request's): ids only, a task id of its own. Returns that id.
+    ``staged_tokens``: rendered for staging; the header says what each member's first attempt
+    reserves at dispatch (in the members' order)."""
     task_id = bundle_id()
     _send(celery_app, TASK_RUN_BUNDLE, BundleMessage(request_ids=tuple(request_ids), tier=tier, reply_to=reply_to),
-          task_id=task_id, tier=tier, priority=priority, producer=producer)
+          task_id=task_id, tier=tier, priority=priority, producer=producer,
+          headers=None if staged_tokens is None else {STAGED_HEADER: list(staged_tokens)})
     return task_id
 
 
@@ -79,19 +82,34 @@ class ToStage:
 
 
 def stage_requests(celery_app: Celery, *, redis_client: redis.Redis, namespace: str,
-                   requests: Sequence[ToStage], staging: Staging | None = None) -> None:
+                   requests: Sequence[ToStage], staging: Staging | None = None, bundle_max: int = 0) -> None:
     """Stage recorded requests' messages instead of publishing them: one Redis pipeline (the
     stage scripts and, with task events on, Celery's task-sent events). ``redis_client`` must be
     the **broker's** Redis. Raises what the broker raised: the caller decides what a failed
-    staging means for its requests (the coordinator: "enqueue failed", as for a failed publish)."""
+    staging means for its requests (the coordinator: "enqueue failed", as for a failed publish).
+
+    ``bundle_max`` > 1: every run of 2 .. ``bundle_max`` requests sharing (tier, priority, tenant)
+    is staged as one ``tars.run_bundle`` entry (``tars_tasks.bundles``); dispatch moves it whole and
+    reserves each member a slot of its own."""
     if not requests:
         return
+    runs = group(requests, key=lambda r: (r.tier, r.priority, r.tenant, r.reply_to), size=bundle_max)
+    ids: list[str] = []
     with celery_app.producer_or_acquire() as producer, capture_lpush(producer) as rendered:
-        for r in requests:
-            publish_request(celery_app, producer=producer, request_id=r.request_id, tier=r.tier, tenant=r.tenant,
-                            priority=r.priority, reply_to=r.reply_to, staged_tokens=r.tokens)
-    messages = [StagedMessage(id=r.request_id, tier=r.tier, priority=r.priority, tenant=r.tenant, tokens=r.tokens,
-                              body=m.payload) for r, m in zip(requests, rendered.messages, strict=True)]
+        for run in runs:
+            r = run[0]
+            if len(run) == 1:
+                publish_request(celery_app, producer=producer, request_id=r.request_id, tier=r.tier, tenant=r.tenant,
+                                priority=r.priority, reply_to=r.reply_to, staged_tokens=r.tokens)
+                ids.append(r.request_id)
+            else:
+                ids.append(publish_bundle(celery_app, producer=producer, request_ids=[m.request_id for m in run],
+                                          tier=r.tier, priority=r.priority, reply_to=r.reply_to,
+                                          staged_tokens=[m.tokens for m in run]))
+    messages = [StagedMessage(id=mid, tier=run[0].tier, priority=run[0].priority, tenant=run[0].tenant,
+                              tokens=sum(m.tokens for m in run), body=rendered_message.payload,
+                              member_tokens=tuple(m.tokens for m in run) if len(run) > 1 else ())
+                for run, mid, rendered_message in zip(runs, ids, rendered.messages, strict=True)]
     pipe = redis_client.pipeline(transaction=False)
     (staging or Staging(redis_client=redis_client, namespace=namespace)).stage(messages, pipeline=pipe)
     rendered.send_other(pipe)

@@ -59,8 +59,9 @@ def staged_tokens(*, spec: ModelSpec, prompt: str | None, system: str | None = N
 
 
 #: KEYS[1] = the tier's staged count. ARGV[1] = the tier's staging prefix, then 5 per entry:
-#: TARS priority, tenant, estimated tokens, id, message. Entries are appended (FIFO per list);
-#: a tenant joins the tail of its priority's ring when its list was empty.
+#: TARS priority, tenant, estimated tokens (a bundle's: its members', comma-separated), id,
+#: message. Entries are appended (FIFO per list); a tenant joins the tail of its priority's ring
+#: when its list was empty. The staged count counts requests (a bundle's members each).
 #: Returns the tier's staged count after the call.
 STAGE_LUA = """
 local prefix = ARGV[1]
@@ -71,7 +72,8 @@ for i = 2, #ARGV, 5 do
   if redis.call('RPUSH', prefix .. ':q:' .. prio .. ':' .. tenant, entry) == 1 then
     redis.call('RPUSH', prefix .. ':ring:' .. prio, tenant)
   end
-  n = n + 1
+  local _, commas = string.gsub(ARGV[i + 2], ',', '')
+  n = n + 1 + commas
 end
 return redis.call('INCRBY', KEYS[1], n)
 """
@@ -83,7 +85,9 @@ class StagedMessage:
 
     ``body`` is the exact string kombu's Redis transport would LPUSH into the Celery queue list
     (opaque here); ``id`` names the entry in dispatch results (the request/task id);
-    ``tokens`` is the first attempt's estimate (:func:`staged_tokens`).
+    ``tokens`` is the first attempt's estimate (:func:`staged_tokens`). A bundle
+    (``tars_tasks.bundles``) has ``member_tokens``, each member's estimate in the bundle's order
+    (``tokens`` is then their sum): dispatch reserves one slot per member.
     """
 
     id: str
@@ -92,6 +96,16 @@ class StagedMessage:
     tenant: str
     tokens: int
     body: str
+    member_tokens: tuple[int, ...] = ()
+
+    @property
+    def requests(self) -> int:
+        """Requests the entry carries (a bundle's members; a single message's one)."""
+        return len(self.member_tokens) or 1
+
+    def tokens_field(self) -> str:
+        """The entry's tokens as the scripts read them (a bundle's: comma-separated)."""
+        return ",".join(map(str, self.member_tokens)) if self.member_tokens else str(self.tokens)
 
     def check(self) -> None:
         if self.tier not in TIERS:
@@ -104,6 +118,10 @@ class StagedMessage:
             raise InvalidRequest(f"entry id {self.id!r} must be non-empty and contain no '|'", field="id")
         if not isinstance(self.tokens, int) or self.tokens < 0:
             raise InvalidRequest(f"tokens {self.tokens!r} must be a non-negative integer", field="tokens")
+        if self.member_tokens and (any(not isinstance(t, int) or t < 0 for t in self.member_tokens)
+                                   or sum(self.member_tokens) != self.tokens):
+            raise InvalidRequest(f"member tokens {self.member_tokens!r} must be non-negative integers summing to "
+                                 f"tokens {self.tokens}", field="member_tokens")
 
 
 class Staging:
@@ -134,7 +152,7 @@ class Staging:
             for i in range(0, len(entries), STAGE_BATCH_MAX):
                 args: list[str | int] = [prefix]
                 for m in entries[i : i + STAGE_BATCH_MAX]:
-                    args += [m.priority, m.tenant, m.tokens, m.id, m.body]
+                    args += [m.priority, m.tenant, m.tokens_field(), m.id, m.body]
                 self._script(keys=[stage_count_key(self.namespace, tier)], args=args, client=pipe)
         if pipeline is None:
             pipe.execute()

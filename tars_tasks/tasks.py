@@ -61,7 +61,8 @@ def run_bundle(self, *args, **kwargs) -> str:
         return DEAD_LETTERED
     headers = req.headers or {}
     redelivered = bool(info.get("redelivered")) or bool(headers.get("redelivered"))
-    verdicts = agent.handle_bundle(messages=bundle.members(), redelivered=redelivered, worker=f"{req.hostname}")
+    verdicts = agent.handle_bundle(messages=bundle.members(), redelivered=redelivered, worker=f"{req.hostname}",
+                                   bundle_id=req.id, reserved_tokens=_staged_member_tokens(headers))
     return ",".join(verdicts)
 
 
@@ -71,6 +72,16 @@ def _staged_tokens(headers: dict) -> int | None:
 
     value = headers.get(STAGED_HEADER)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _staged_member_tokens(headers: dict) -> list[int] | None:
+    """A staged bundle's header: the tokens its dispatcher reserved for each member's first attempt."""
+    from tars_tasks.staging import STAGED_HEADER
+
+    value = headers.get(STAGED_HEADER)
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return value
+    return None
 
 
 @inspect_command(name="tars_health")

@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,18 +128,21 @@ class SubAgent:
     # --- the task ------------------------------------------------------------------------------
 
     def handle(self, *, message: RunRequestMessage, redelivered: bool = False, worker: str | None = None,
-               reserved_tokens: int | None = None) -> str:
+               reserved_tokens: int | None = None, reserved_slot: dict[str, Any] | None = None) -> str:
         """Run one delivery to a terminal, durable verdict. Never raises for the request's sake.
 
         ``reserved_tokens``: the message came through staging and its dispatcher reserved the first
-        attempt's rate-limit slot for that many tokens (not for a redelivery: its slot was spent)."""
+        attempt's rate-limit slot for that many tokens (not for a redelivery: its slot was spent).
+        ``reserved_slot``: that slot's hints, already read (a staged bundle's member); else read here."""
         worker = leases.current_owner() or worker or self.worker_name
         started = _now()
         hints = None
-        read = slots.take(message.request_id)  # its slot, if read with its unacked record
+        read = slots.take(message.request_id) if reserved_slot is None else None  # read with its unacked record
         if reserved_tokens is not None and not redelivered and self.trust_staged_slots:
-            hints = {HINT_SLOT_RESERVED: True, HINT_RESERVED_TOKENS: reserved_tokens,
-                     **self._reserved_slot(message, read)}
+            if reserved_slot is None:
+                found = self._reserved_slots(record_id=message.request_id, tier=message.tier, read=read)
+                reserved_slot = self._slot_hint(found[0] if found else None)
+            hints = {HINT_SLOT_RESERVED: True, HINT_RESERVED_TOKENS: reserved_tokens, **reserved_slot}
         try:
             return self._run(message=message, redelivered=redelivered, worker=worker, started=started, hints=hints)
         except MalformedMessage as exc:
@@ -154,15 +158,34 @@ class SubAgent:
             return RequestStatus.FAILED
 
     def handle_bundle(self, *, messages: list[RunRequestMessage], redelivered: bool = False,
-                      worker: str | None = None) -> list[str]:
+                      worker: str | None = None, bundle_id: str | None = None,
+                      reserved_tokens: Sequence[int] | None = None) -> list[str]:
         """Run a bundle's members (``tars_tasks.bundles``) concurrently, each exactly as
         :meth:`handle` runs a single message (its row read first: a member already terminal is only
         re-announced), and return once every member's rows are durable (then the bundle is acked).
-        Never raises for a member's sake; returns the members' verdicts in order."""
+        Never raises for a member's sake; returns the members' verdicts in order.
+
+        ``reserved_tokens``: the bundle came through staging (one per member, in order) and its
+        dispatcher reserved each member's first attempt a slot of its own, recorded under ``bundle_id``."""
         out: list[str] = [RequestStatus.FAILED] * len(messages)
+        member_slots: list[dict[str, Any] | None] = [None] * len(messages)
+        tokens: list[int | None] = [None] * len(messages)
+        if reserved_tokens is not None and len(reserved_tokens) == len(messages) and bundle_id is not None:
+            read = slots.take(bundle_id)
+            if not redelivered and self.trust_staged_slots:
+                tier = messages[0].tier if messages else None
+                found = self._reserved_slots(record_id=bundle_id, tier=tier, read=read)
+                if len(found) == len(messages):  # a member whose slot is None acquires its own
+                    tokens = [t if at is not None else None for t, at in zip(reserved_tokens, found, strict=True)]
+                    member_slots = [self._slot_hint(at) for at in found]
+                else:  # the record is unreadable: the first member's slot is now, as a single's; the
+                    # others' times are unknown (sent at once they would crowd a window): they acquire
+                    tokens = [reserved_tokens[0], *([None] * (len(messages) - 1))]
+                    member_slots = [{} for _ in messages]
 
         def run(i: int) -> None:
-            out[i] = self.handle(message=messages[i], redelivered=redelivered, worker=worker)
+            out[i] = self.handle(message=messages[i], redelivered=redelivered, worker=worker,
+                                 reserved_tokens=tokens[i], reserved_slot=member_slots[i])
 
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, len(messages))]
         for t in threads:
@@ -173,31 +196,33 @@ class SubAgent:
             t.join()
         return out
 
-    def _reserved_slot(self, message: RunRequestMessage, read: slots.SlotRead | None = None) -> dict[str, Any]:
-        """When the slot the dispatcher reserved for this message was, as ``time.monotonic()`` here
-        (``{HINT_SLOT_AT: ...}``; empty if unknown): the limiter step gives a slot it would miss by
-        more than its tolerance up and takes a fresh one (a call sent late crowds a window)."""
-        if self.redis is None or message.tier is None:
+    def _reserved_slots(self, *, record_id: str, tier: str | None,
+                        read: slots.SlotRead | None = None) -> list[float | None]:
+        """When the slot(s) the dispatcher reserved for the message ``record_id`` (a request's, a
+        bundle's: one per member, None for a member without one) were, as ``time.monotonic()``
+        values here; empty if unknown."""
+        if self.redis is None or tier is None:
+            return []
+        if read is not None and read.tier == tier:  # read with its unacked record (broker.slots)
+            return read.slots_monotonic()
+        key = stage_slots_key(self.settings.namespace, tier)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(key, record_id)
+            pipe.hdel(key, record_id)
+            pipe.time()
+            recorded, _, redis_time = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("message %s: its reserved slot's time is unreadable (%s); trusting the slot", record_id, exc)
+            return []
+        return slots.answer(tier=tier, slot=recorded, redis_time=redis_time).slots_monotonic()
+
+    def _slot_hint(self, slot_at: float | None) -> dict[str, Any]:
+        """The limiter step's hints for a slot reserved at ``slot_at`` (``time.monotonic()``; empty if
+        unknown): the step gives a slot it would miss by more than its tolerance up and takes a fresh
+        one (a call sent late crowds a window)."""
+        if slot_at is None:
             return {}
-        if read is not None and read.tier == message.tier:  # read with its unacked record (broker.slots)
-            slot_at = read.slot_monotonic()
-            if slot_at is None:
-                return {}
-        else:
-            key = stage_slots_key(self.settings.namespace, message.tier)
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.hget(key, message.request_id)
-                pipe.hdel(key, message.request_id)
-                pipe.time()
-                slot_us, _, (sec, usec) = pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("request %s: its reserved slot's time is unreadable (%s); trusting the slot",
-                            message.request_id, exc)
-                return {}
-            if slot_us is None:
-                return {}
-            slot_at = time.monotonic() - (int(sec) * 1_000_000 + int(usec) - int(slot_us)) / 1_000_000
         # A dispatched slot may be used later than the limiter's own tolerance (the message still
         # has a BRPOP, its row's read and its in_flight commit to go): up to 1% of the window, which
         # puts at most 1% more calls in a window, inside the 2% ratelimit_utilisation 0.98 leaves.

@@ -106,8 +106,9 @@ def estimated_tokens(*, spec: ModelSpec, prompt: str) -> int:
 #: 11 utilisation, 12 default weight, 13 default tenant rpm, 14 default tenant tpm, 15 default
 #: tenant-tier rpm, 16 default tenant-tier tpm (0 = none), 17 tenant limit key prefix,
 #: 18..27 the Celery list of TARS priority 0..9.
-#: Returns {moved, reason, wait µs, staged left, the script's now µs, then per moved entry: id,
-#: tenant, priority, tokens, slot µs from now}. reason: 'empty' | 'batch' | 'ready_cap' | 'model_limit' |
+#: Returns {moved (requests), reason, wait µs, staged left, the script's now µs, then per moved
+#: entry: id, tenant, priority, tokens, slot µs from now, requests (a bundle's members; else 1)}.
+#: reason: 'empty' | 'batch' | 'ready_cap' | 'model_limit' |
 #: 'tenant_limit' (wait = until the model's / the earliest blocked tenant's next slot).
 DISPATCH_LUA = """
 -- Times are whole µs on Redis' clock (~1.7e15: a double's step there is 0.25 µs, so fractions
@@ -224,7 +225,7 @@ for prio = 9, 0, -1 do
     else
       local s1 = string.find(head, '|', 1, true)
       local s2 = string.find(head, '|', s1 + 1, true)
-      local tokens = tonumber(string.sub(head, 1, s1 - 1))
+      local tokfield = string.sub(head, 1, s1 - 1)
       local start = math.max(now, mr, mt)
       if start - now > horizon then reason = 'model_limit'; wait = start - now; break end
       local c = cfg(tenant)
@@ -247,16 +248,38 @@ for prio = 9, 0, -1 do
         else
           redis.call('LPOP', q)
           redis.call('LPUSH', lists[prio], string.sub(head, s2 + 1))
-          mr = start + math.ceil(m_req); mt = start + math.ceil(tokens * m_tok)
-          if c.lk then reserve(c.lk, start, tokens) end
-          if c.tk then reserve(c.tk, start, tokens) end
-          d = d - 1; moved = moved + 1
+          -- One slot per request: a bundle's members (comma-separated tokens) get the slots k
+          -- single moves would get, one after the other (only the first within the horizon; the
+          -- rest wait in the worker that takes the bundle, at most the bundle's own span). A member
+          -- the tenant's own limit would push past the model's next slot (a hole in the model's
+          -- schedule) is not reserved, nor those after it: slot '0', the worker acquires for them.
+          local slots, tokens, k, at, held = {}, 0, 0, start, true
+          for tok in string.gmatch(tokfield, '[^,]+') do
+            local t = tonumber(tok)
+            if k > 0 and held then
+              at = math.max(now, mr, mt)
+              local own_j = 0
+              if c.lk then own_j = math.max(own_j, c.lk.r, c.lk.t) end
+              if c.tk then own_j = math.max(own_j, c.tk.r, c.tk.t) end
+              if own_j > at then held = false end
+            end
+            k = k + 1
+            if held then
+              mr = at + math.ceil(m_req); mt = at + math.ceil(t * m_tok)
+              if c.lk then reserve(c.lk, at, t) end
+              if c.tk then reserve(c.tk, at, t) end
+              tokens = tokens + t; slots[k] = string.format('%d', math.ceil(at))
+            else
+              slots[k] = '0'
+            end
+          end
+          d = d - k; moved = moved + k
           local n = #out
-          -- the slot, for the worker that takes the message: sent much later, it gives the slot up
+          -- the slot(s), for the worker that takes the message: sent much later, it gives a slot up
           local eid = string.sub(head, s1 + 1, s2 - 1)
-          redis.call('HSET', prefix .. ':slots', eid, string.format('%d', math.ceil(start)))
+          redis.call('HSET', prefix .. ':slots', eid, table.concat(slots, ','))
           out[n + 1] = eid; out[n + 2] = tenant; out[n + 3] = prio
-          out[n + 4] = tokens; out[n + 5] = string.format('%d', math.ceil(start - now))
+          out[n + 4] = tokens; out[n + 5] = string.format('%d', math.ceil(start - now)); out[n + 6] = k
           if redis.call('LLEN', q) == 0 then
             redis.call('LPOP', ring); redis.call('HDEL', dkey, tenant)
           elseif d < 1 then
@@ -309,9 +332,12 @@ class Reservation:
     tenant: str
     priority: int
     tokens: int
-    #: The reserved slot on Redis' clock (µs since the epoch), and seconds from the step to it (0 .. horizon).
+    #: The reserved slot on Redis' clock (µs since the epoch), and seconds from the step to it (0 .. horizon);
+    #: a bundle's first member's (the others' follow it, recorded for the worker).
     slot_us: int
     slot_in_s: float
+    #: Requests the message carries (a bundle's members; else 1), each with its own slot.
+    requests: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,8 +432,9 @@ class Dispatcher:
         rest = reply[5:]
         moved = [Reservation(id=_s(rest[i]), tenant=_s(rest[i + 1]), priority=int(rest[i + 2]),
                              tokens=int(rest[i + 3]), slot_us=at_us + int(rest[i + 4]),
-                             slot_in_s=int(rest[i + 4]) / _US_PER_S)
-                 for i in range(0, 5 * n, 5)]
+                             slot_in_s=int(rest[i + 4]) / _US_PER_S, requests=int(rest[i + 5]))
+                 for i in range(0, len(rest), 6)]
+        assert sum(r.requests for r in moved) == n, (n, moved)
         return DispatchResult(moved=moved, reason=reason, wait_s=wait_us / _US_PER_S, staged=staged, at_us=at_us)
 
     def _take_credit(self, key: str) -> int:
@@ -488,7 +515,7 @@ class DispatchLoop:
                 self._idle_until[tier] = now + self.tick_s
             else:
                 self._idle_until.pop(tier, None)
-            free -= len(result.moved)
+            free -= sum(r.requests for r in result.moved)
             if self.on_result is not None:
                 self.on_result(tier, result)
             until_slot = max(result.wait_s - self.dispatcher.horizon_s, 0.001)
@@ -530,6 +557,16 @@ def consumed_tiers(consumer) -> list[str]:
 
     names = set(consumer.app.amqp.queues.consume_from or consumer.app.amqp.queues)
     return [t for t in reversed(TIERS) if queue_for_tier(t) in names]
+
+
+def _requests_in(request) -> int:
+    """Requests a Celery request held by the worker stands for (a bundle's members; else 1)."""
+    from config.keys import TASK_RUN_BUNDLE
+
+    if getattr(request, "name", None) != TASK_RUN_BUNDLE:
+        return 1
+    ids = (getattr(request, "kwargs", None) or {}).get("request_ids")
+    return len(ids) if isinstance(ids, list) and ids else 1
 
 
 def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
@@ -574,8 +611,12 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
                             catalog=catalog, tenants=load_tenants(settings.tenants_path), limits=window,
                             horizon_s=settings.dispatch_horizon_s, limiter=limiter)
 
-    def free_slots() -> int:
-        return concurrency - len(state.reserved_requests)
+    if settings.bundle_max > 1:  # a bundle held stands for its members (tars_tasks.bundles)
+        def free_slots() -> int:
+            return concurrency - sum(_requests_in(r) for r in list(state.reserved_requests))
+    else:
+        def free_slots() -> int:
+            return concurrency - len(state.reserved_requests)
 
     log.info("dispatcher for %s (%d slots, horizon %.3fs)", ", ".join(tiers), concurrency, dispatcher.horizon_s)
     return DispatchLoop(dispatcher=dispatcher, tiers=tiers, free_slots=free_slots,

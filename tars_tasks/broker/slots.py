@@ -30,17 +30,30 @@ _namespace: str | None = None
 @dataclass(frozen=True, slots=True)
 class SlotRead:
     tier: str
-    #: The slot (µs, Redis clock), or None: no slot was recorded for this message.
+    #: The slot (µs, Redis clock), or None: no slot was recorded for this message (a bundle's:
+    #: its first member's).
     slot_us: int | None
     #: Redis' clock when it was read (µs), and ``time.monotonic()`` here just after.
     redis_now_us: int
     monotonic: float
+    #: A bundle's slots, one per member in order (µs, Redis clock; 0: that member has none, it
+    #: acquires its own); empty for a single message.
+    member_slots_us: tuple[int, ...] = ()
 
     def slot_monotonic(self) -> float | None:
         """The slot as a ``time.monotonic()`` value of this process."""
         if self.slot_us is None:
             return None
-        return self.monotonic - (self.redis_now_us - self.slot_us) / 1_000_000
+        return self._here(self.slot_us)
+
+    def slots_monotonic(self) -> list[float | None]:
+        """Every slot recorded (a bundle's members' in order, None for a member without one; a single
+        message's one), as ``time.monotonic()`` values of this process; empty if none was recorded."""
+        recorded = self.member_slots_us or ((self.slot_us,) if self.slot_us is not None else ())
+        return [self._here(us) if us else None for us in recorded]
+
+    def _here(self, us: int) -> float:
+        return self.monotonic - (self.redis_now_us - us) / 1_000_000
 
 
 def enable(*, namespace: str) -> None:
@@ -73,6 +86,12 @@ def take(request_id: str) -> SlotRead | None:
 
 
 def answer(*, tier: str, slot: bytes | str | None, redis_time: tuple) -> SlotRead:
+    """A slot record as read (a single message's slot, or a bundle's comma-separated slots)."""
     sec, usec = redis_time
-    return SlotRead(tier=tier, slot_us=None if slot is None else int(slot),
-                    redis_now_us=int(sec) * 1_000_000 + int(usec), monotonic=time.monotonic())
+    now_us = int(sec) * 1_000_000 + int(usec)
+    if slot is None:
+        return SlotRead(tier=tier, slot_us=None, redis_now_us=now_us, monotonic=time.monotonic())
+    text = slot.decode() if isinstance(slot, bytes) else str(slot)
+    members = tuple(int(v) for v in text.split(","))
+    return SlotRead(tier=tier, slot_us=members[0], redis_now_us=now_us, monotonic=time.monotonic(),
+                    member_slots_us=members if len(members) > 1 else ())

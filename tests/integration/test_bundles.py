@@ -2,7 +2,9 @@
 message, with per-request semantics kept. Real worker processes, real Redis and Postgres.
 
 Each test first checks what is in the broker before any worker runs (the bundles formed): on
-code without bundling (``submit_many`` sends one message per request) those checks fail.
+code without bundling (``submit_many`` sends one message per request) those checks fail. The
+tests marked ``staged`` run with dispatch on (the default path: bundles wait in staging, and the
+dispatcher moves them whole, one rate-limit slot per member); ``published`` with dispatch off.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import text
 
-from config.keys import TASK_RUN_BUNDLE, TASK_RUN_REQUEST
+from config.keys import TASK_RUN_BUNDLE, TASK_RUN_REQUEST, stage_prefix
 from tars_tasks.broker.presence import tier_lists
 from tests.faults.harness import wait_until
 from tests.helpers import make_settings
@@ -23,8 +25,12 @@ from tests.helpers import make_settings
 pytestmark = pytest.mark.integration
 
 
-def _bundle_env(fleet_env: dict[str, str], *, size: int = 8, **extra: str) -> dict[str, str]:
-    return {**fleet_env, "TARS_DISPATCH_ENABLED": "false", "TARS_BUNDLE_MAX": str(size), **extra}
+PATHS = pytest.mark.parametrize("staged", [False, True], ids=["published", "staged"])
+
+
+def _bundle_env(fleet_env: dict[str, str], *, size: int = 8, staged: bool = False, **extra: str) -> dict[str, str]:
+    return {**fleet_env, "TARS_DISPATCH_ENABLED": "true" if staged else "false", "TARS_BUNDLE_MAX": str(size),
+            **extra}
 
 
 def _client(env):
@@ -34,26 +40,39 @@ def _client(env):
 
 
 def _messages(env, tiers=("haiku", "sonnet", "opus")) -> list[tuple[str, str, list[str]]]:
-    """(list name, task name, request ids) of every message waiting in the tiers' Celery lists."""
+    """(list name, task name, request ids) of every message waiting in the tiers' Celery lists and,
+    with dispatch on, in staging (a staged entry's tokens checked against its members)."""
     r = redis_lib.Redis.from_url(env["TARS_BROKER_URL"])
+    namespace = make_settings(env).namespace
     out = []
     for key in tier_lists(tiers):
-        for raw in r.lrange(key, 0, -1):
-            m = json.loads(raw)
-            _args, kwargs, _embed = json.loads(base64.b64decode(m["body"]))
-            task = m["headers"]["task"]
-            ids = kwargs["request_ids"] if task == TASK_RUN_BUNDLE else [kwargs["request_id"]]
-            out.append((key, task, ids))
+        out += [(key, *_decode(raw)) for raw in r.lrange(key, 0, -1)]
+    for tier in tiers:
+        for key in sorted(r.scan_iter(match=f"{stage_prefix(namespace, tier)}:q:*")):
+            for entry in r.lrange(key, 0, -1):
+                tokens, entry_id, body = entry.decode().split("|", 2)
+                task, ids = _decode(body)
+                assert len(tokens.split(",")) == len(ids)  # one reservation per member
+                assert entry_id == (ids[0] if task == TASK_RUN_REQUEST else json.loads(body)["headers"]["id"])
+                out.append((key.decode(), task, ids))
     r.close()
     return out
 
 
+def _decode(raw: bytes | str) -> tuple[str, list[str]]:
+    m = json.loads(raw)
+    _args, kwargs, _embed = json.loads(base64.b64decode(m["body"]))
+    task = m["headers"]["task"]
+    return task, kwargs["request_ids"] if task == TASK_RUN_BUNDLE else [kwargs["request_id"]]
 
 
+
+
+@PATHS
 def test_submit_many_of_mixed_tiers_and_priorities_forms_one_bundle_per_tier_and_priority(
-    fleet_env, start_worker, db
+    fleet_env, start_worker, db, staged
 ):
-    env = _bundle_env(fleet_env, size=4)
+    env = _bundle_env(fleet_env, size=4, staged=staged)
     specs = []
     for i in range(22):  # haiku low x6, haiku high x6, sonnet low x5, sonnet high x5 (interleaved)
         tier = "haiku" if i % 4 < 2 else "sonnet"
@@ -86,9 +105,10 @@ def test_submit_many_of_mixed_tiers_and_priorities_forms_one_bundle_per_tier_and
         assert conn.execute(text("SELECT count(*) FROM api_calls")).scalar() == len(specs)
 
 
-def test_a_worker_killed_mid_bundle_reruns_only_the_unfinished_members(fleet_env, start_worker, db):
+@PATHS
+def test_a_worker_killed_mid_bundle_reruns_only_the_unfinished_members(fleet_env, start_worker, db, staged):
     n = 16
-    env = _bundle_env(fleet_env, size=n, TARS_SIM_LATENCY="uniform:200:6000")
+    env = _bundle_env(fleet_env, size=n, staged=staged, TARS_SIM_LATENCY="uniform:200:6000")
     with _client(env) as tars:
         handles = tars.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(n)])
         msgs = _messages(env)
@@ -124,11 +144,12 @@ def test_a_worker_killed_mid_bundle_reruns_only_the_unfinished_members(fleet_env
     assert all(rows[rid].cost_usd == billed[rid] for rid in rows)  # totals equal the bill
 
 
+@PATHS
 def test_a_high_priority_request_waits_at_most_the_bundles_a_worker_holds_not_the_backlog(
-    fleet_env, start_worker, db
+    fleet_env, start_worker, db, staged
 ):
     size, low_n = 4, 32
-    env = _bundle_env(fleet_env, size=size, TARS_SIM_LATENCY="fixed:400")
+    env = _bundle_env(fleet_env, size=size, staged=staged, TARS_SIM_LATENCY="fixed:400")
     with _client(env) as tars:
         low = tars.submit_many([{"role": "researcher", "prompt": f"low {i}", "priority": "low"}
                                 for i in range(low_n)])
@@ -151,11 +172,14 @@ def test_a_high_priority_request_waits_at_most_the_bundles_a_worker_holds_not_th
     assert {r.status for r in results} == {"succeeded"}
 
 
-def test_a_budget_refusal_inside_a_bundle_fails_that_member_only_and_the_budget_holds(fleet_env, start_worker, db):
+@PATHS
+def test_a_budget_refusal_inside_a_bundle_fails_that_member_only_and_the_budget_holds(
+    fleet_env, start_worker, db, staged
+):
     from tars_tasks.budgets import Budgets
     from tars_tasks.redis_client import get_redis
 
-    env = _bundle_env(fleet_env, size=8, TARS_SIM_LATENCY="uniform:50:150")
+    env = _bundle_env(fleet_env, size=8, staged=staged, TARS_SIM_LATENCY="uniform:50:150")
     s = make_settings(env)
     b = Budgets(redis_client=get_redis(s.shared_redis_url, settings=s), namespace=s.namespace,
                 lease_s=s.budget_reservation_lease_s)

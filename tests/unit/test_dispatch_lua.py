@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter, deque
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from config.catalog import load_catalog
@@ -494,3 +494,69 @@ def test_asking_for_no_moves_moves_nothing_and_says_the_ready_lists_are_full(red
     staging.stage(_msgs("a", 2))
     res = d.dispatch(tier="haiku", max_moves=0, now_us=T0_US)
     assert res.moved == [] and res.reason == "ready_cap" and res.staged == 2
+
+
+# --- bundles (tars_tasks.bundles): one entry, one slot per member --------------------------------
+
+
+def _bundles(tenant: str, sizes: list[int], *, tokens: int = 10, priority: int = 5) -> list[StagedMessage]:
+    out = []
+    for i, k in enumerate(sizes):
+        member_tokens = tuple(tokens + j for j in range(k)) if k > 1 else ()
+        out.append(StagedMessage(id=f"{tenant}-b{i}", tier="haiku", priority=priority, tenant=tenant,
+                                 tokens=sum(member_tokens) if k > 1 else tokens, body=f'{{"body": "{tenant}-b{i}"}}',
+                                 member_tokens=member_tokens))
+    return out
+
+
+def _member_slots(redis, moved) -> dict[str, list[float | None]]:
+    """Every moved entry's recorded slots (s from T0; None: not reserved, the worker acquires), one
+    per member, from the dispatcher's record."""
+    key = f"{stage_prefix(NS, 'haiku')}:slots"
+    return {r.id: [(int(v) - T0_US) / S_US if int(v) else None for v in redis.hget(key, r.id).decode().split(",")]
+            for _, r in moved}
+
+
+def test_a_staged_bundle_moves_whole_and_reserves_each_member_the_slot_single_moves_would_get(redis):
+    staging, d = _setup(redis, rpm=60, window_s=1.0)  # a slot every 1/60 s; the horizon 50 ms
+    staging.stage(_bundles("a", [4, 1, 3]))
+    assert staging.staged_count(tier="haiku") == 8  # the count is of requests, not entries
+    res = d.dispatch(tier="haiku", max_moves=50, now_us=T0_US)
+    assert [(r.id, r.requests) for r in res.moved] == [("a-b0", 4)]  # the rest is beyond the horizon
+    slots = _member_slots(redis, [(0, r) for r in res.moved])["a-b0"]
+    assert [round(s * 60, 3) for s in slots] == [0, 1, 2, 3]  # spaced as four single moves
+    assert res.staged == 4 and res.moved[0].tokens == 10 + 11 + 12 + 13
+    moved = _run(d, from_s=0.001, to_s=0.2, step_s=0.001)
+    assert [(r.id, r.requests) for _, r in moved] == [("a-b1", 1), ("a-b2", 3)]
+    later = _member_slots(redis, moved)
+    assert round(later["a-b1"][0] * 60, 3) == 4 and [round(s * 60, 3) for s in later["a-b2"]] == [5, 6, 7]
+    assert staging.staged_count(tier="haiku") == 0
+    assert _celery_ids(redis) == ["a-b0", "a-b1", "a-b2"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(capped_rpm=st.integers(1, 40), model_rpm=st.integers(45, 400), step_ms=st.integers(1, 30),
+       moves=st.integers(1, 40), sizes=st.lists(st.integers(1, 16), min_size=5, max_size=40))
+@example(capped_rpm=1, model_rpm=45, step_ms=1, moves=1, sizes=[4, 1, 1, 1, 1])
+def test_no_limit_is_exceeded_in_any_window_when_bundles_are_staged(redis, capped_rpm, model_rpm, step_ms, moves,
+                                                                    sizes):
+    redis.flushdb()
+    tenants = TenantConfig(tenants={"capped": TenantSpec(rpm=capped_rpm)})
+    staging, d = _setup(redis, rpm=model_rpm, tenants=tenants, window_s=1.0)
+    staging.stage(_bundles("capped", sizes) + _bundles("free", sizes * 5))
+    moved = _run(d, from_s=0, to_s=3, step_s=step_ms / 1000, max_moves=moves)
+    slots = _member_slots(redis, moved)
+    member_times = {t: [s for _, r in moved if r.tenant == t for s in slots[r.id] if s is not None]
+                    for t in ("capped", "free")}
+    assert all(len(slots[r.id]) == r.requests and slots[r.id][0] is not None for _, r in moved)
+    # a member left unreserved leaves the rest of its bundle unreserved (the worker acquires for them)
+    assert all(None not in s[: s.index(None)] and set(s[s.index(None):]) == {None} for s in slots.values()
+               if None in s)
+    assert all(None not in slots[r.id] for _, r in moved if r.tenant == "free")  # no limit of its own
+    assert _max_in_window(member_times["capped"], 1.0) <= capped_rpm
+    assert _max_in_window(member_times["capped"] + member_times["free"], 1.0) <= model_rpm
+    assert all(s >= t - 1e-6 for t, r in moved for s in slots[r.id] if s is not None)  # never before its first
+    total = sum(sizes) * 6
+    assert staging.staged_count(tier="haiku") == total - sum(r.requests for _, r in moved)
+    # it kept moving: the capped tenant's bundles made no holes in the model's schedule
+    assert sum(r.requests for _, r in moved) >= min(total, 3 * min(model_rpm, moves * 1000 / step_ms)) * 0.5

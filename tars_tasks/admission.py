@@ -10,8 +10,9 @@ row). What each mode does to a request:
   ``fallback`` tier (sonnet → haiku, opus → sonnet); the row keeps the tier that was asked for
   (``tier_requested``) and the one it was queued for (``tier_queued``);
 * ``critical`` — as high load, requests are answered from the response cache where it can (the
-  cheaper tier's answer too), and low-priority requests (< normal) that the cache cannot answer
-  are refused (the coordinator raises after its cache lookup, before any write);
+  cheaper tier's answer too; a moved request, the answer of the tier it asked for too), and
+  low-priority requests (< normal) that the cache cannot answer are refused (the coordinator
+  raises after its cache lookup, before any write);
 * full — a tier at ``max_queue_depth`` refuses everything, so queues stay bounded (per tier).
 
 Refusals raise :class:`~tars_tasks.errors.Overloaded` with a ``retry_after_s`` hint, before

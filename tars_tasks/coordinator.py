@@ -234,14 +234,23 @@ class Coordinator:
     # --- the response cache (tars_tasks/cache.py) ----------------------------------------------
 
     def answer_from_cache(self, planned: list[_Planned]) -> list[_Planned]:
-        """Every planned request with its cache verdict (digest, and the answer if one is cached)."""
+        """Every planned request with its cache verdict (digest, and the answer if one is cached).
+
+        Looked up on the tier it is queued for, then — moved to a cheaper tier by the fleet mode or its
+        tenant's soft budget threshold — on the tier it asked for (an answer already paid for, $0),
+        then in critical mode on the cheaper tier's."""
         items = [(p.route.tier, p.spec.tenant, request_columns(p.spec, catalog=self.catalog), p.spec.cache)
                  for p in planned]
-        # critical mode: the cheaper tier's cached answer will do too
-        also = [[t for t in (self.catalog.spec(p.route.tier).fallback,) if t] if p.mode == "critical" else []
-                for p in planned]
+        also = [self._other_cache_tiers(p) for p in planned]
         verdicts = self.cache_lookup.look_up(items, also_tiers=also)
         return [replace(p, cache=v) for p, v in zip(planned, verdicts, strict=True)]
+
+    def _other_cache_tiers(self, p: _Planned) -> list[str]:
+        """Tiers besides the queued one whose cached answer ``p`` may take, in order of preference."""
+        tiers = [p.requested_tier] if p.requested_tier != p.route.tier else []
+        if p.mode == "critical":  # the cheaper tier's cached answer will do too
+            tiers += [t for t in (self.catalog.spec(p.route.tier).fallback,) if t]
+        return [t for t in dict.fromkeys(tiers) if t != p.route.tier]
 
     def apply_budgets(self, planned: list[_Planned]) -> list[_Planned]:
         """Tenants' budgets (tars_tasks/budgets.py): past ``budget_soft_fraction`` (spent + reserved) a

@@ -196,3 +196,48 @@ def test_work_queued_before_the_fleet_went_to_high_load_runs_on_the_cheaper_tier
         ("sonnet", "haiku", "high_load")}
     assert (rows[high.id].tier_used, rows[high.id].served_mode) == ("opus", "optimal")
     assert (rows[low_opus.id].tier_used, rows[low_opus.id].served_mode) == ("sonnet", "high_load")
+
+
+def _cache_answer(tars, *, tier: str, prompt: str, text_: str, cost: str) -> None:
+    """Put ``text_`` in the response cache as the answer ``tier`` gave to ``prompt`` (analyst, temperature 0)."""
+    from decimal import Decimal
+
+    from tars_tasks.cache import CachedAnswer
+    from tars_tasks.schemas import request_columns, validate_spec
+
+    co = tars.coordinator
+    spec = validate_spec({"role": "analyst", "prompt": prompt, "tier": tier, "temperature": 0},
+                         catalog=tars.catalog, max_prompt_chars=10_000)
+    cols = request_columns(spec, catalog=tars.catalog)
+    digest = co.cache_lookup.digest_for(tier=tier, tenant="default", columns=cols, opt=None)
+    cache, model = co.cache_lookup.cache, tars.catalog.spec(tier).model
+    cache.put(key=cache.key(model=model, digest=digest), ttl_s=60,
+              answer=CachedAnswer(text=text_, stop_reason="end_turn", model=model, tier=tier,
+                                  cost_usd=Decimal(cost), source_request_id="x"))
+
+
+def test_a_request_moved_to_a_cheaper_tier_is_still_answered_from_its_own_tiers_cache(fleet_env, db, redis):
+    """High load and critical move below-high-priority sonnet work to haiku; a sonnet answer already in
+    the cache is still the request's, at $0: high load serves it instead of a haiku call, critical
+    serves it instead of refusing low priority (the old code looked up only the tier it moved to:
+    a haiku call, and Overloaded)."""
+    from decimal import Decimal
+
+    from tars_tasks.client import TarsClient
+
+    env = {**_env(fleet_env), "TARS_CACHE_URL": fleet_env["TARS_BROKER_URL"]}
+    with TarsClient(settings=make_settings(env)) as tars:
+        _cache_answer(tars, tier="sonnet", prompt="asked of sonnet", text_="from sonnet", cost="0.003")
+        _fill(redis, 70)
+        time.sleep(0.1)
+        busy = tars.get(tars.submit(role="analyst", prompt="asked of sonnet", tier="sonnet", temperature=0).id)
+        _fill(redis, 90)
+        time.sleep(0.1)
+        low = tars.get(tars.submit(role="analyst", prompt="asked of sonnet", tier="sonnet", temperature=0,
+                                   priority="low").id)
+        with pytest.raises(Overloaded):  # nothing cached for this one: refused as before
+            tars.submit(role="analyst", prompt="never asked", tier="sonnet", temperature=0, priority="low")
+    for got, mode in ((busy, "high_load"), (low, "critical")):
+        assert (got.status, got.answered_by, got.result, got.served_mode) == ("succeeded", "exact", "from sonnet",
+                                                                              mode)
+        assert got.tier_used == "sonnet" and got.cost_usd == 0 and got.saved_usd == Decimal("0.003")

@@ -101,6 +101,31 @@ def test_a_fleet_wide_budget_binds_all_tenants_together_across_workers(fleet_env
     assert real <= limit, (real, limit)
 
 
+def test_past_the_soft_threshold_a_tenants_sonnet_work_moves_to_the_cheaper_tier_and_a_worker_runs_it_there(
+        fleet_env, start_worker, db):
+    """80% (the default ``budget_soft_fraction``) of a tenant's day spent: its below-limit sonnet work is
+    queued on haiku and answered there; just below it, and for another tenant, sonnet stays sonnet."""
+    from tars_tasks.client import TarsClient
+
+    b = _budgets(fleet_env)
+    for tenant, spent in (("acme", "0.80"), ("initech", "0.79")):
+        b.set_limit(tenant=tenant, period="day", usd=Decimal("1"))
+        assert b.reserve(tenant=tenant, reservation_id=f"{tenant}-r", usd=Decimal(spent)) is None
+        b.settle(tenant=tenant, reservation_id=f"{tenant}-r", usd=Decimal(spent))
+    start_worker(tiers=["haiku", "sonnet"], concurrency=10, env=fleet_env)
+    with TarsClient(settings=make_settings(fleet_env)) as tars:
+        handles = {t: tars.submit(role="engineer", prompt="write a parser", tenant=t, max_tokens=200)
+                   for t in ("acme", "initech", "globex")}
+        done = {t: tars.wait(h.id, timeout=60) for t, h in handles.items()}
+    assert handles["acme"].tier == "haiku"
+    assert {t: (r.status, r.tier_used) for t, r in done.items()} == {
+        "acme": ("succeeded", "haiku"), "initech": ("succeeded", "sonnet"), "globex": ("succeeded", "sonnet")}
+    with db.connect() as conn:
+        rows = dict(conn.execute(text("SELECT tenant, tier_requested || '>' || tier_queued FROM requests")).all())
+    assert rows == {"acme": "sonnet>haiku", "initech": "sonnet>sonnet", "globex": "sonnet>sonnet"}
+    assert b.state("acme")[0].spent_usd == Decimal("0.80") + _spent_by_tenant(db, "acme")  # its call was settled
+
+
 def test_a_worker_killed_between_reserving_and_settling_leaves_the_budget_consistent(fleet_env, start_worker, db):
     from tars_tasks.client import TarsClient
 

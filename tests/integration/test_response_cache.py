@@ -155,3 +155,27 @@ def test_the_cache_holds_at_most_its_bound_least_recently_used_trimmed_first(red
                        source_request_id="big")
     assert cache.put(key=keys[5], answer=big, ttl_s=60) is False
     assert cache.get_many([keys[5]]) == [None]
+
+
+def test_each_tier_keeps_its_answers_for_its_own_ttl_and_a_tier_with_ttl_zero_caches_nothing(fleet_env, start_worker,
+                                                                                             db, tmp_path, redis):
+    """``cache_ttl_s`` is per tier: a worker's fill of a sonnet answer expires after sonnet's TTL (the
+    catalog's 120 s here, not haiku's), and haiku at 0 neither fills nor serves."""
+    body = DEFAULT_CATALOG_PATH.read_text().replace("cache_ttl_s = 3600", "cache_ttl_s = 0", 1)  # haiku's
+    head, sonnet = body.split("[tiers.sonnet]", 1)
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(head + "[tiers.sonnet]" + sonnet.replace("cache_ttl_s = 3600", "cache_ttl_s = 120", 1))
+    env = _cache_env(fleet_env, TARS_CATALOG_PATH=str(catalog))
+    start_worker(concurrency=10, env=env)
+    with _client(env) as tars:
+        s1 = tars.submit(role="researcher", prompt=PROMPT, temperature=0, tier="sonnet").wait(timeout=60)
+        s2 = tars.get(tars.submit(role="researcher", prompt=PROMPT, temperature=0, tier="sonnet").id)
+        h1 = tars.submit(role="researcher", prompt=PROMPT, temperature=0).wait(timeout=60)
+        h2 = tars.submit(role="researcher", prompt=PROMPT, temperature=0).wait(timeout=60)
+        cache = tars.coordinator.cache_lookup.cache
+        key = cache.key(model=tars.catalog.spec("sonnet").model, digest=_row(db, s1.id)["cache_digest"])
+    assert (s1.answered_by, s2.answered_by) == ("model", "exact")
+    assert 0 < redis.pttl(key) <= 120_000
+    assert [r.answered_by for r in (h1, h2)] == ["model", "model"]
+    assert _row(db, h1.id)["cache_digest"] is None
+    assert redis.keys(f"{env['TARS_NAMESPACE']}:cache:e:{tars.catalog.spec('haiku').model}:*") == []

@@ -115,3 +115,31 @@ def test_the_fleet_goes_critical_when_most_of_its_fleet_wide_budget_is_gone(redi
     view, changed = ModeBook(redis_client=redis, namespace=settings.namespace, settings=SETTINGS).decide(
         signals, now_ms=1_000_000)
     assert changed and view.mode == FleetMode.CRITICAL
+
+
+def test_the_limiter_backlog_and_open_breakers_are_measured_from_the_limiters_and_breakers_own_state(redis):
+    """The two signals read what the fleet limiter and the fleet breaker write (the other tests hand the
+    script their values): the limiter booked 19 s ahead of a 30 s max wait is a 0.63 backlog, one of three
+    tiers' breakers open is 0.33 — each past the high-load trigger — and a closed breaker counts nothing."""
+    from config.catalog import load_catalog
+    from tars_tasks.fleetmode import measure_signals
+    from workers.breaker import FleetBreaker
+    from workers.ratelimit import FleetRateLimiter, LimitSpec
+
+    settings = Settings(_env_file=None, namespace="unit-signals", max_queue_depth=0, ratelimit_max_wait_s=30.0,
+                        budgets_enabled=False)
+    catalog = load_catalog()
+    haiku, sonnet = catalog.spec("haiku"), catalog.spec("sonnet")
+    assert measure_signals(settings=settings, catalog=catalog, broker=None, state=redis) == {
+        "queue_load": 0.0, "limiter_backlog": 0.0, "breakers_open": 0.0, "budget_burn": 0.0}
+    limiter = FleetRateLimiter(redis_client=redis, namespace=settings.namespace, max_wait_s=30.0)
+    for _ in range(19):  # 60 a minute: one slot a second, the next free one 19 s from now
+        assert limiter.try_reserve(provider=haiku.provider, model=haiku.model, limits=LimitSpec(rpm=60, tpm=10**9),
+                                   tokens=1).granted
+    breaker = FleetBreaker(redis_client=redis, namespace=settings.namespace, cooldown_s=60)
+    assert breaker.record_failure(provider=sonnet.provider, model=sonnet.model, reason="test", trip=True)
+    signals = measure_signals(settings=settings, catalog=catalog, broker=None, state=redis)
+    assert signals["limiter_backlog"] == pytest.approx(19 / 30, abs=0.02)
+    assert signals["breakers_open"] == pytest.approx(1 / 3, abs=0.001)
+    breaker.reset(provider=sonnet.provider, model=sonnet.model)
+    assert measure_signals(settings=settings, catalog=catalog, broker=None, state=redis)["breakers_open"] == 0.0

@@ -337,11 +337,13 @@ class SubAgent:
             self.dead_letter(reason="invalid_request", detail=f"request {message.request_id}: {exc}")
             return None
         now = _now()
+        # it skipped admission: the mode it is served under is the fleet's now (as this worker reads it)
+        mode = str(self.mode_reader.mode()) if self.mode_reader is not None else None
         with self.engine.begin() as conn:
             stmt = insert_for(conn, Request.__table__).values(
                 id=message.request_id, **request_columns(spec, catalog=self.catalog), tier_requested=r.tier,
                 tier_queued=r.tier, status=RequestStatus.QUEUED, submitted_at=now, attempts=0, input_tokens=0,
-                output_tokens=0, cost_usd=0, lane=spec.lane,
+                output_tokens=0, cost_usd=0, lane=spec.lane, served_mode=mode,
                 reply_to=message.reply_to if spec.lane == LANE_BATCH else None,
             ).on_conflict_do_nothing()
             conn.execute(stmt)

@@ -241,3 +241,30 @@ def test_a_request_moved_to_a_cheaper_tier_is_still_answered_from_its_own_tiers_
         assert (got.status, got.answered_by, got.result, got.served_mode) == ("succeeded", "exact", "from sonnet",
                                                                               mode)
         assert got.tier_used == "sonnet" and got.cost_usd == 0 and got.saved_usd == Decimal("0.003")
+
+
+def test_a_plain_celery_request_records_the_fleet_mode_its_worker_served_it_under(fleet_env, db, redis,
+                                                                                  start_worker):
+    """A message from a producer that has only Celery skips admission; the worker that records its row
+    records the fleet's mode too (the old code left ``served_mode`` empty unless the mode moved it)."""
+    import uuid
+
+    from celery import Celery
+
+    from tars_tasks.fleetmode import ModeBook
+    from tests.faults.harness import wait_terminal
+
+    env = {**_env(fleet_env), "TARS_MODE_MIN_DWELL_S": "600"}  # held in high load for the test
+    book = ModeBook(redis_client=redis, namespace=env["TARS_NAMESPACE"], settings=make_settings(env))
+    assert book.decide({"queue_load": 0.7})[0].mode == "high_load"
+    stock = Celery("someone-else", broker=fleet_env["TARS_BROKER_URL"])
+    rids = [str(uuid.uuid4()) for _ in range(2)]
+    for rid, tier in zip(rids, ("haiku", "sonnet"), strict=True):
+        stock.send_task("tars.run_request", kwargs={"role": "researcher", "prompt": "plain", "tier": tier},
+                        task_id=rid, queue=f"tars.{tier}")
+    start_worker(tiers=["haiku", "sonnet"], concurrency=4, env=env)
+    assert wait_terminal(db, rids, timeout=60)
+    with db.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT id, status, served_mode, tier_used FROM requests"))}
+    assert [(rows[r].status, rows[r].served_mode) for r in rids] == [("succeeded", "high_load")] * 2
+    assert [rows[r].tier_used for r in rids] == ["haiku", "haiku"]  # the sonnet one moved, as queued work does

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +69,37 @@ BATCH_LANE = "batch_lane"
 DISPATCHED_SLOT_TOLERANCE_SHARE = 0.01
 #: Verdicts on a redelivered request (see :mod:`workers.quarantine`).
 SUSPICION_NONE, SUSPICION_SUSPECT, SUSPICION_POISON = "none", "suspect", "poison"
+
+
+def _run_concurrently(fn: Callable[[int], None], n: int) -> None:
+    """``fn(0)`` … ``fn(n - 1)`` at once, ``fn(0)`` in the caller; returns when all have returned.
+    Under gevent's monkey patching, plain greenlets (a patched ``threading.Thread`` costs several
+    times a greenlet's start: ~10% of a worker's CPU in a bundled drain's profile); else threads."""
+    if n <= 1:
+        if n:
+            fn(0)
+        return
+    if _greenlets():
+        import gevent
+
+        others = [gevent.spawn(fn, i) for i in range(1, n)]
+        fn(0)
+        gevent.joinall(others)
+        return
+    threads = [threading.Thread(target=fn, args=(i,), daemon=True) for i in range(1, n)]
+    for t in threads:
+        t.start()
+    fn(0)
+    for t in threads:
+        t.join()
+
+
+def _greenlets() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("threading"))
 
 
 def _now() -> datetime:
@@ -187,13 +218,7 @@ class SubAgent:
             out[i] = self.handle(message=messages[i], redelivered=redelivered, worker=worker,
                                  reserved_tokens=tokens[i], reserved_slot=member_slots[i])
 
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, len(messages))]
-        for t in threads:
-            t.start()
-        if messages:
-            run(0)
-        for t in threads:
-            t.join()
+        _run_concurrently(run, len(messages))
         return out
 
     def _reserved_slots(self, *, record_id: str, tier: str | None,

@@ -285,6 +285,7 @@ def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: in
         for i in range(0, backlog, 500):
             chunk = range(i, min(backlog, i + 500))
             client.submit_many([{"role": "researcher", "prompt": f"bench {j}"} for j in chunk])
+        waiting = _waiting_messages(settings)  # before any worker: what the backlog is in the broker
         procs, logs = _start_fleet(env, processes=processes, concurrency=concurrency, tmp=tmp, tag="zero")
         _wait_ready(logs)  # start-up (imports, connections) is not what a request costs
         meter = _meter(procs, db_name=db_url.rsplit("/", 1)[1]).start()
@@ -317,7 +318,23 @@ def bench_pipeline(*, db_url: str, processes: int, concurrency: int, backlog: in
             _stop(procs)
     n, span, ok = int(row[0]), float(row[1]), int(row[2])
     return {"requests": n, "succeeded": ok, "seconds": span, "requests_per_s": n / span,
-            "cpu_ms_per_request": _per(cpu, n)}
+            "cpu_ms_per_request": _per(cpu, n), "broker_messages": waiting}
+
+
+def _waiting_messages(settings) -> dict[str, int]:
+    """The backlog as the broker holds it before a worker runs: requests staged, staging entries and
+    Celery-list messages (with bundles on, entries and messages are fewer than requests)."""
+    from config.keys import TIERS, stage_count_key, stage_prefix
+    from tars_tasks.broker.presence import tier_lists
+
+    r = redis.Redis.from_url(settings.broker_redis_url)
+    try:
+        staged = sum(int(r.get(stage_count_key(settings.namespace, t)) or 0) for t in TIERS)
+        entries = sum(r.llen(k) for t in TIERS for k in r.scan_iter(match=f"{stage_prefix(settings.namespace, t)}:q:*"))
+        listed = sum(r.llen(k) for k in tier_lists(TIERS))
+    finally:
+        r.close()
+    return {"staged_requests": staged, "staging_entries": entries, "celery_messages": listed}
 
 
 def _pct(values: list[float], q: float) -> float:

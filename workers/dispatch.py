@@ -42,6 +42,7 @@ import redis
 
 from config.catalog import Catalog, ModelSpec
 from config.keys import (
+    budget_limits_key,
     queue_for_tier,
     ratelimit_key,
     stage_count_key,
@@ -600,7 +601,10 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
             if limiter is not None:  # the task reads its slot where it was fetched: with its unacked record
                 from tars_tasks.broker import slots
 
-                slots.enable(namespace=settings.namespace)
+                # the budgets' limits are counted there too when they live in the same Redis
+                limits = (budget_limits_key(settings.namespace)
+                          if settings.shared_redis_url == settings.broker_redis_url else None)
+                slots.enable(namespace=settings.namespace, budget_limits_key=limits)
     else:
         catalog = load_catalog(settings.catalog_path).with_overrides(provider=settings.provider_override,
                                                                      base_url=settings.provider_base_url)

@@ -9,6 +9,11 @@ the broker's Redis), the transport adds the read, the delete and ``TIME`` to the
 records the message as unacked (:mod:`tars_tasks.broker.transport`) and leaves the answer here
 for the task to :func:`take`. A message whose answer is not here (fetched before :func:`enable`,
 another pool) is read as before.
+
+When the budgets' state lives in the broker's Redis too, the same round trip counts the budget
+limits set (``HLEN`` of :func:`config.keys.budget_limits_key`): a call whose message was fetched
+with no limit set anywhere need not ask the budget scripts, whose answer would be "unlimited"
+(:meth:`SlotRead.no_budget_limits`; ``workers.callpath.budget_step``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ MAX_KEPT = 10_000
 _lock = threading.Lock()
 _answers: OrderedDict[str, SlotRead] = OrderedDict()
 _namespace: str | None = None
+_budget_limits_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +45,14 @@ class SlotRead:
     #: A bundle's slots, one per member in order (µs, Redis clock; 0: that member has none, it
     #: acquires its own); empty for a single message.
     member_slots_us: tuple[int, ...] = ()
+    #: How many budget limits were set (tenants' and the fleet's) when it was read; None: not read.
+    budget_limits: int | None = None
+
+    def no_budget_limits(self, *, max_age_s: float) -> bool:
+        """No budget limit was set anywhere when this was read, at most ``max_age_s`` ago: a budget
+        reserve then would have answered "unlimited" and held nothing. A limit set since applies
+        from the next fetch on, as it would to a call that had reserved just before it was set."""
+        return self.budget_limits == 0 and time.monotonic() - self.monotonic <= max_age_s
 
     def slot_monotonic(self) -> float | None:
         """The slot as a ``time.monotonic()`` value of this process."""
@@ -56,14 +70,18 @@ class SlotRead:
         return self.monotonic - (self.redis_now_us - us) / 1_000_000
 
 
-def enable(*, namespace: str) -> None:
-    global _namespace
+def enable(*, namespace: str, budget_limits_key: str | None = None) -> None:
+    """Read staged messages' slots with their unacked record; ``budget_limits_key``: also count the
+    budget limits set (only when the budgets' state is in the broker's Redis)."""
+    global _namespace, _budget_limits_key
     _namespace = namespace
+    _budget_limits_key = budget_limits_key
 
 
 def disable() -> None:
-    global _namespace
+    global _namespace, _budget_limits_key
     _namespace = None
+    _budget_limits_key = None
     with _lock:
         _answers.clear()
 
@@ -71,6 +89,11 @@ def disable() -> None:
 def namespace() -> str | None:
     """The namespace whose slot records the transport reads, or None (disabled)."""
     return _namespace
+
+
+def budget_limits_key() -> str | None:
+    """The budget limits hash the transport counts, or None."""
+    return _budget_limits_key
 
 
 def put(request_id: str, read: SlotRead) -> None:
@@ -85,13 +108,15 @@ def take(request_id: str) -> SlotRead | None:
         return _answers.pop(request_id, None)
 
 
-def answer(*, tier: str, slot: bytes | str | None, redis_time: tuple) -> SlotRead:
+def answer(*, tier: str, slot: bytes | str | None, redis_time: tuple,
+           budget_limits: int | None = None) -> SlotRead:
     """A slot record as read (a single message's slot, or a bundle's comma-separated slots)."""
     sec, usec = redis_time
     now_us = int(sec) * 1_000_000 + int(usec)
     if slot is None:
-        return SlotRead(tier=tier, slot_us=None, redis_now_us=now_us, monotonic=time.monotonic())
+        return SlotRead(tier=tier, slot_us=None, redis_now_us=now_us, monotonic=time.monotonic(),
+                        budget_limits=budget_limits)
     text = slot.decode() if isinstance(slot, bytes) else str(slot)
     members = tuple(int(v) for v in text.split(","))
     return SlotRead(tier=tier, slot_us=members[0], redis_now_us=now_us, monotonic=time.monotonic(),
-                    member_slots_us=members if len(members) > 1 else ())
+                    member_slots_us=members if len(members) > 1 else (), budget_limits=budget_limits)

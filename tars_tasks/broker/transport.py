@@ -49,16 +49,20 @@ class LeasedQoS(kombu_redis.QoS):
                     .hset(self.unacked_key, delivery_tag,
                           dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
                     .hset(UNACKED_OWNER_KEY, delivery_tag, owner)
+                limits_key = slots.budget_limits_key() if staged is not None else None
                 if staged is not None:  # its reserved slot, in the same round trip (tars_tasks.broker.slots)
                     key, request_id, _tier = staged
                     pipe.hget(key, request_id).hdel(key, request_id).time()
+                    if limits_key is not None:  # and whether any budget limit is set
+                        pipe.hlen(limits_key)
                 replies = pipe.execute()
         except Exception:  # the record may have been applied with its reply lost: never run here
             leases.abandon([delivery_tag])
             raise
         if staged is not None:
             _key, request_id, tier = staged
-            slots.put(request_id, slots.answer(tier=tier, slot=replies[3], redis_time=replies[5]))
+            slots.put(request_id, slots.answer(tier=tier, slot=replies[3], redis_time=replies[5],
+                                               budget_limits=int(replies[6]) if limits_key is not None else None))
         virtual.QoS.append(self, message, delivery_tag)
 
     def restore_unacked(self, client=None):

@@ -76,3 +76,38 @@ def test_the_slot_of_a_staged_message_is_read_and_deleted_with_its_unacked_recor
     finally:
         slots.disable()
         leases.release_owner()
+
+
+def test_the_budget_limits_set_are_counted_with_the_unacked_record_when_enabled(redis, redis_url):
+    from config.keys import budget_limits_key
+
+    transport.install()
+    leases.release_owner()
+    leases.claim_owner(node="test")
+    queue = Queue("tars.haiku", Exchange("tars.haiku", type="direct"), routing_key="tars.haiku")
+    limits = budget_limits_key(NS)
+    redis.delete(limits)
+    try:
+        for request_id in ("b-apart", "b-none", "b-one"):
+            _publish(redis_url, queue, request_id, staged=True)
+        with Connection(redis_url) as conn:
+            ch = conn.default_channel
+            slots.enable(namespace=NS)  # the budgets live elsewhere: not counted
+            tags = [ch.basic_get("tars.haiku", no_ack=False).delivery_tag]
+            apart = slots.take("b-apart")
+            slots.enable(namespace=NS, budget_limits_key=limits)
+            tags.append(ch.basic_get("tars.haiku", no_ack=False).delivery_tag)
+            none = slots.take("b-none")
+            redis.hset(limits, "acme:day", 1000)  # a limit set between two fetches
+            tags.append(ch.basic_get("tars.haiku", no_ack=False).delivery_tag)
+            one = slots.take("b-one")
+            for tag in tags:
+                ch.qos.ack(tag)
+        assert apart is not None and apart.budget_limits is None and not apart.no_budget_limits(max_age_s=60)
+        assert none is not None and none.budget_limits == 0 and none.no_budget_limits(max_age_s=60)
+        assert not none.no_budget_limits(max_age_s=0)  # read too long before its call: reserve as ever
+        assert one is not None and one.budget_limits == 1 and not one.no_budget_limits(max_age_s=60)
+    finally:
+        redis.delete(limits)
+        slots.disable()
+        leases.release_owner()

@@ -47,3 +47,37 @@ def test_a_duplicated_member_runs_once():
     rid = str(uuid.uuid4())
     assert BundleMessage.decode(args=(), kwargs={"v": 1, "tier": "haiku", "request_ids": [rid, rid]}).request_ids \
         == (rid,)
+
+
+# --- members run at once: threads, or greenlets under gevent ------------------------------------
+
+_CONCURRENT_PROBE = r"""
+import sys, threading
+if sys.argv[1] == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent
+from workers.agent import _run_concurrently, _greenlets
+
+n = 8
+barrier = threading.Barrier(n, timeout=10)  # every member must be running before any may return
+seen, caller = [], threading.get_ident()
+def member(i):
+    barrier.wait()
+    seen.append((i, threading.get_ident() == caller))
+_run_concurrently(member, n)
+assert sorted(i for i, _ in seen) == list(range(n)), seen
+assert dict(seen)[0], "member 0 runs in the caller"
+print("greenlets" if _greenlets() else "threads", len(seen))
+"""
+
+
+@pytest.mark.parametrize("mode", ["threads", "gevent"])
+def test_bundle_members_run_at_once_and_all_finish_before_the_bundle_returns(mode: str) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CONCURRENT_PROBE, mode], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["greenlets" if mode == "gevent" else "threads", "8"]

@@ -33,3 +33,10 @@ DEFAULT_MAX_OUTPUT_TOKENS = 64_000
 #: Appended to the system prompt of a request in JSON mode (OpenAI's JSON mode also requires the
 #: word "JSON" in the messages; Anthropic has no schema-free JSON mode, so the instruction is it).
 JSON_INSTRUCTION = "Respond with one JSON object and nothing else."
+#: ``deadline``: the providers' batch completion window — a batch is answered within 24 hours of
+#: its creation (Anthropic Message Batches: ``expires_at`` is 24 h after creation; OpenAI Batch:
+#: ``completion_window`` "24h", the only value it accepts). A request whose deadline is at least
+#: this goes to the batch lane; a shorter one stays interactive.
+BATCH_COMPLETION_WINDOW_S = 24 * 3600
+#: The longest ``deadline`` accepted (a year and a day); beyond it a value is a mistake, not a plan.
+DEADLINE_MAX_S = 366 * 24 * 3600

@@ -276,12 +276,16 @@ def _model_fields(*, system, messages, max_tokens, temperature, stop, response_f
 @click.option("--tenant", default="default", show_default=True)
 @click.option("--idempotency-key", default=None)
 @click.option("--tier", type=click.Choice(TIERS), default=None, help="Override the role's tier.")
-@click.option("--lane", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True,
-              help="batch: sent through the provider's batch API at the batch price, answered within 24 h.")
+@click.option("--lane", type=click.Choice(["interactive", "batch"]), default=None,
+              help="batch: sent through the provider's batch API at the batch price, answered within 24 h. "
+                   "Default: interactive, or batch if --deadline is at least 24h.")
+@click.option("--deadline", default=None,
+              help="How long you accept to wait: 24h, 90m, 2d, 3600s or seconds. At least 24h (the providers' "
+                   "batch window) takes the batch lane; shorter stays interactive.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the result.")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 def submit(role, prompt, system, messages, max_tokens, temperature, stop, response_format, metadata, priority, tenant,
-           idempotency_key, tier, lane, wait, timeout) -> None:
+           idempotency_key, tier, lane, deadline, wait, timeout) -> None:
     """Submit one request; prints its id (and with --wait, its result as JSON).
 
     On the embedded default (no TARS_BROKER_URL) nothing else could ever run the request, so it
@@ -294,7 +298,8 @@ def submit(role, prompt, system, messages, max_tokens, temperature, stop, respon
                           stop=stop, response_format=response_format, metadata=metadata)
     settings = _ready()
     spec = {"role": role, "priority": priority, "tenant": tenant, "idempotency_key": idempotency_key, "tier": tier,
-            "lane": lane, **({} if prompt is None else {"prompt": prompt}), **model}
+            **({} if lane is None else {"lane": lane}), **({} if deadline is None else {"deadline": deadline}),
+            **({} if prompt is None else {"prompt": prompt}), **model}
     if settings.embedded:
         from tars_tasks.embedded import database_path, run_in_process
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +146,7 @@ class TarsClient:
         metadata: Mapping[str, str] | None = None,
         cache: bool | None = None,
         lane: str | None = None,
+        deadline: str | int | float | timedelta | None = None,
         **unknown: Any,
     ) -> RequestHandle:
         """Validate, record and queue one request (the fields are :class:`RequestSpec`'s).
@@ -158,7 +159,8 @@ class TarsClient:
                  ("idempotency_key", idempotency_key), ("tier", tier))
         model = (("system", system), ("messages", messages), ("max_tokens", max_tokens),
                  ("temperature", temperature), ("stop", stop), ("response_format", response_format),
-                 ("metadata", metadata), ("cache", cache), ("lane", lane))
+                 ("metadata", metadata), ("cache", cache), ("lane", lane),
+                 ("deadline", deadline))
         spec: dict[str, Any] = {name: value for name, value in given if value is not REQUIRED}
         spec.update((name, value) for name, value in model if value is not None)
         return self.submit_many([{**spec, **unknown}], run_id=run_id)[0]

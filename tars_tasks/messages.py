@@ -11,10 +11,10 @@ carried tenant and priority, are still read (queued before an upgrade); those fi
 
 A plain-Celery producer may instead send the request's own fields (``role``, ``prompt``,
 ``priority``, ``tenant``, ``idempotency_key``, ``tier`` and the model request's ``system``,
-``messages``, ``max_tokens``, ``temperature``, ``stop``, ``response_format``, ``metadata``;
-optionally ``request_id``, else the task id is the request id) for a request that has no row
-yet: the worker validates them exactly as ``submit`` does, records the row and runs it
-(:attr:`RunRequestMessage.spec`); for a request that has a row, the row wins. Anything else —
+``messages``, ``max_tokens``, ``temperature``, ``stop``, ``response_format``, ``metadata``, and
+``cache``, ``lane``, ``deadline``; optionally ``request_id``, else the task id is the request id)
+for a request that has no row yet: the worker validates them exactly as ``submit`` does, records
+the row and runs it (:attr:`RunRequestMessage.spec`); for a request that has a row, the row wins. Anything else —
 positional arguments, unknown fields, an id that is not a UUID, no row and no fields to make
 one — is a :class:`MalformedMessage` (or a dead letter from the worker), recorded with the
 reason instead of acked silently.
@@ -37,7 +37,7 @@ _ROUTING_FIELDS_BY_VERSION = {3: ROUTING_FIELDS, 2: ROUTING_FIELDS | {"tenant", 
 #: Keyword arguments a plain-Celery producer may send to create a request.
 SPEC_FIELDS = frozenset({"role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
                          "max_tokens", "temperature", "stop", "response_format", "metadata", "cache",
-                         "lane"})
+                         "lane", "deadline"})
 _ID_MAX = 36
 _EXCERPT = 80
 

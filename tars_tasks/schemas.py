@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import timedelta
 from itertools import islice
 from typing import Any, Final
 
@@ -24,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from config.catalog import Catalog
 from config.keys import PRIORITY_MAX, PRIORITY_MIN, TIERS
 from config.request_limits import (
+    BATCH_COMPLETION_WINDOW_S,
+    DEADLINE_MAX_S,
     MESSAGE_ROLES,
     MESSAGES_MAX,
     METADATA_KEY_MAX_CHARS,
@@ -43,11 +46,14 @@ from tars_tasks.errors import InvalidRequest, excerpt, type_name
 
 PRIORITY_NAMES: dict[str, int] = {"low": 0, "normal": 5, "high": 9}
 FIELDS: tuple[str, ...] = ("role", "prompt", "priority", "tenant", "idempotency_key", "tier", "system", "messages",
-                           "max_tokens", "temperature", "stop", "response_format", "metadata", "cache", "lane")
+                           "max_tokens", "temperature", "stop", "response_format", "metadata", "cache", "lane",
+                           "deadline")
 #: The lanes a request may take: its own call now, or a provider batch at the batch price (within 24 h).
 LANE_INTERACTIVE = "interactive"
 LANE_BATCH = "batch"
 LANES: tuple[str, ...] = (LANE_INTERACTIVE, LANE_BATCH)
+#: The units of a ``deadline`` string, in seconds (largest first).
+DEADLINE_UNITS: dict[str, int] = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
 #: The fields that describe the model request itself (the rest route and identify it).
 MODEL_FIELDS: tuple[str, ...] = ("system", "messages", "max_tokens", "temperature", "stop", "response_format",
                                  "metadata")
@@ -68,6 +74,8 @@ _RUN_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:\-]{{0,{RUN_ID_MAX_CHARS - 1}
 _CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _USER_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:\-]{{0,{USER_ID_MAX_CHARS - 1}}}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# ASCII digits only ("\\d" would also take other scripts' digits), then letters: the unit, checked apart
+_DEADLINE_RE = re.compile(r"([0-9]+)([A-Za-z]*)")
 
 
 class _Required:
@@ -135,6 +143,16 @@ class RequestSpec(BaseModel):
       provider's batch window (24 h) and is sent through the provider's batch API at its batch
       price (docs/COST_CONTROLS.md, "Batch lane"). Only for a tier whose provider has one
       (``anthropic``, ``openai``).
+    * ``deadline``: ``None`` (default) or how long the producer accepts to wait for the answer: a
+      string ``<whole number><unit>`` with unit ``s``, ``m``, ``h`` or ``d`` (any case; no spaces,
+      signs or fractions: ``"24h"``, ``"90m"``, ``"2d"``, ``"3600s"``), a string of digits, an
+      ``int`` (seconds; not a bool), a whole-valued finite ``float`` or a ``timedelta`` of whole
+      seconds; more than 0 and at most 366 days. Stored as seconds. Without ``lane``, a deadline
+      of at least the providers' batch window (``BATCH_COMPLETION_WINDOW_S``, 24 h) puts the
+      request on the batch lane and a shorter one keeps it interactive. An explicit ``lane``
+      wins where it can keep the promise: ``"interactive"`` with any deadline stays interactive
+      (it answers sooner); ``"batch"`` with a deadline shorter than 24 h is refused (a batch is
+      only promised within 24 h).
 
     The texts a producer gives (``prompt``, ``system``, every message) together are at most
     ``TARS_MAX_PROMPT_CHARS`` characters (the role's default system prompt is not counted).
@@ -171,8 +189,11 @@ class RequestSpec(BaseModel):
     #: The response cache (tars_tasks/cache.py): None = the default (served from cache when not
     #: sampled), False = never from cache and never filling it, True = also when sampled.
     cache: bool | None = None
-    #: ``interactive`` or ``batch`` (the providers' batch APIs, at the batch price).
+    #: ``interactive`` or ``batch`` (the providers' batch APIs, at the batch price); the lane the
+    #: request takes, ``deadline`` taken into account.
     lane: str = LANE_INTERACTIVE
+    #: How long the producer accepts to wait for the answer, in seconds (None: not said).
+    deadline: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -409,6 +430,80 @@ def _lane(value: Any) -> str:
     raise _invalid("lane", f"lane must be one of {', '.join(LANES)}, got {type_name(value)} {excerpt(value)}")
 
 
+def _bad_deadline(message: str) -> InvalidRequest:
+    return _invalid("deadline", message)
+
+
+def parse_deadline(value: Any) -> int | None:
+    """A ``deadline`` as whole seconds (None stays None): ``"24h"``, ``"90m"``, ``"2d"``, ``"3600s"``
+    (units ``s``/``m``/``h``/``d`` in any case), a string of digits, an ``int``, a whole-valued finite
+    ``float`` or a ``timedelta`` of whole seconds; more than 0 and at most ``DEADLINE_MAX_S``.
+    Anything else is one :class:`InvalidRequest` (field ``deadline``) and nothing else is raised."""
+    if value is None:
+        return None
+    usage = "a duration such as 24h, 90m, 2d or 3600s, or a number of seconds"
+    if isinstance(value, str):
+        text = str.__str__(value)
+        m = _DEADLINE_RE.fullmatch(text)
+        if m is None:
+            if text[:1] == "-" and _DEADLINE_RE.fullmatch(text[1:]):
+                raise _bad_deadline(f"deadline must be more than 0, got {excerpt(text)}")
+            raise _bad_deadline(f"deadline must be {usage}; got {excerpt(text)}")
+        digits, unit = m.groups()
+        if unit and unit.lower() not in DEADLINE_UNITS:
+            raise _bad_deadline(f"deadline {excerpt(text)} has an unknown unit {excerpt(unit, limit=20)}: "
+                                f"use s, m, h or d")
+        digits = digits.lstrip("0") or "0"
+        if len(digits) > len(str(DEADLINE_MAX_S)):  # int() of a huge string is slow and may refuse
+            raise _bad_deadline(f"deadline {excerpt(text)} is more than {format_deadline(DEADLINE_MAX_S)}")
+        seconds = int(digits) * DEADLINE_UNITS[unit.lower() or "s"]
+    elif isinstance(value, timedelta):
+        seconds = value.days * 86_400 + value.seconds
+        if value.microseconds:
+            raise _bad_deadline(f"deadline must be whole seconds, got {excerpt(value)}")
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad_deadline(f"deadline must be {usage}; got {type_name(value)} {excerpt(value)}")
+    elif isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise _bad_deadline(f"deadline must be a whole number of seconds, got {excerpt(value)}")
+    else:
+        seconds = int(value)
+    if seconds <= 0:
+        raise _bad_deadline(f"deadline must be more than 0, got {excerpt(value)}")
+    if seconds > DEADLINE_MAX_S:
+        raise _bad_deadline(f"deadline {excerpt(value)} is more than {format_deadline(DEADLINE_MAX_S)}")
+    return seconds
+
+
+def format_deadline(seconds: int) -> str:
+    """Whole seconds in the largest unit that divides them exactly (``parse_deadline`` reads it back)."""
+    for unit, size in DEADLINE_UNITS.items():
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    raise AssertionError("unreachable: 's' divides every integer")
+
+
+def batch_window_label() -> str:
+    """The batch window as people say it (``24h``)."""
+    w = BATCH_COMPLETION_WINDOW_S
+    return f"{w // 3600}h" if w % 3600 == 0 else format_deadline(w)
+
+
+def resolve_lane(lane: str | None, deadline: int | None) -> str:
+    """The lane a request takes from its checked ``lane`` (None: not given) and ``deadline`` (seconds).
+
+    No lane: batch if the deadline is at least the batch window, else interactive. An explicit lane
+    wins where it keeps the deadline: interactive always does; batch only within the window."""
+    if lane is None:
+        batch = deadline is not None and deadline >= BATCH_COMPLETION_WINDOW_S
+        return LANE_BATCH if batch else LANE_INTERACTIVE
+    if lane == LANE_BATCH and deadline is not None and deadline < BATCH_COMPLETION_WINDOW_S:
+        window = batch_window_label()
+        raise _bad_deadline(f"deadline {format_deadline(deadline)} is shorter than the providers' batch window "
+                            f"({window}): lane 'batch' cannot promise it; leave out lane (a deadline under {window} "
+                            f"runs interactively) or give a deadline of at least {window}")
+    return lane
+
+
 def parse_priority(value: Any) -> int:
     """``"low" | "normal" | "high"`` (any case), ``"0"``..``"9"`` or an ``int`` 0..9 (9 is served first)."""
     names = "/".join(PRIORITY_NAMES)
@@ -454,6 +549,7 @@ def _check_fields(data: Any) -> dict[str, Any]:
                                    "is no prompt: end with a user turn, or give the new turn as prompt")
     key = data.get("idempotency_key")
     tier = data.get("tier")
+    deadline = parse_deadline(data.get("deadline"))
     return {
         "role": role,
         "prompt": prompt,
@@ -471,7 +567,8 @@ def _check_fields(data: Any) -> dict[str, Any]:
         "response_format": _response_format(data.get("response_format")),
         "metadata": _metadata(data.get("metadata")),
         "cache": _cache(data.get("cache")),
-        "lane": _lane(data.get("lane", LANE_INTERACTIVE)),
+        "lane": resolve_lane(_lane(data["lane"]) if "lane" in data else None, deadline),
+        "deadline": deadline,
     }
 
 
@@ -554,6 +651,7 @@ def request_columns(spec: RequestSpec, *, catalog: Catalog) -> dict[str, Any]:
         "max_tokens": m["max_tokens"], "temperature": m["temperature"],
         "stop": None if m["stop"] is None else list(m["stop"]), "response_format": m["response_format"],
         "metadata": None if m["metadata"] is None else dict(m["metadata"]),
+        "deadline_s": spec.deadline,
     }
 
 

@@ -132,6 +132,9 @@ class Request(Base):
     #: ``interactive`` (a Celery queue and a call of its own) or ``batch`` (gathered into a provider
     #: batch at the batch price by the batch runner: workers/batchlane/, docs/COST_CONTROLS.md).
     lane: Mapped[str] = mapped_column(String(20), default="interactive", server_default="interactive")
+    #: How long the producer accepted to wait for the answer, in seconds (the ``deadline`` field;
+    #: None: not given). A deadline of at least the batch window chose the batch lane.
+    deadline_s: Mapped[int | None] = mapped_column(Integer)
     #: A batch-lane request's completion channel (an interactive one's travels in its message).
     reply_to: Mapped[str | None] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("runs.id", ondelete="SET NULL"))

@@ -222,6 +222,8 @@ class JobStore:
                 spec["tier"] = s.tier
             if s.lane != LANE_INTERACTIVE:
                 spec["lane"] = s.lane
+            if s.deadline is not None:
+                spec["deadline"] = s.deadline
             out.append(spec)
         return out
 

@@ -10,6 +10,9 @@ the catalog), a ``prompt`` template (:mod:`tars_tasks.jobs.render`) and the step
 * ``quorum``: start once this many answers of the steps in ``after`` have succeeded (default: wait
   for all of them). With a quorum, a failed item of a fan-out step only fails the job if the
   quorum can no longer be reached;
+* ``lane`` and ``deadline``: the step's request's, parsed and combined exactly as ``submit`` does
+  (``tars_tasks.schemas.parse_deadline`` / ``resolve_lane``; a deadline of at least 24 h takes
+  the batch lane);
 * ``on_failure = "continue"``: a failed instance of this step does not fail the job (its answer is
   left out of later prompts); the default ``"fail"`` fails the job with the step's reason;
 * ``revises = "STEP"`` and ``max_revisions = N``: this step validates ``STEP`` (one of its
@@ -34,7 +37,7 @@ from typing import Any
 from config.catalog import Catalog
 from tars_tasks.errors import InvalidRequest, excerpt
 from tars_tasks.jobs import render
-from tars_tasks.schemas import LANE_INTERACTIVE, LANES
+from tars_tasks.schemas import LANE_INTERACTIVE, LANES, parse_deadline, resolve_lane
 
 #: Bounds of a template.
 MAX_STEPS = 50
@@ -45,7 +48,7 @@ TEMPLATE_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,99}")
 DEFAULT_TEMPLATES_PATH = Path(__file__).resolve().parents[2] / "config" / "jobs.toml"
 
 _STEP_KEYS = {"name", "role", "prompt", "after", "for_each", "max_items", "quorum", "on_failure", "revises",
-              "max_revisions", "on_exhausted", "tier", "lane"}
+              "max_revisions", "on_exhausted", "tier", "lane", "deadline"}
 _TEMPLATE_KEYS = {"description", "steps", "output"}
 
 
@@ -64,8 +67,11 @@ class StepDef:
     on_exhausted: str = "fail"
     tier: str | None = None
     #: ``interactive``, or ``batch``: the step's request goes through the providers' batch lane
-    #: (half price, answered within the batch window; docs/COST_CONTROLS.md).
+    #: (half price, answered within the batch window; docs/COST_CONTROLS.md). The lane the step
+    #: takes, its ``deadline`` taken into account exactly as ``submit`` does.
     lane: str = LANE_INTERACTIVE
+    #: How long the job accepts to wait for the step's answer, in seconds (None: not said).
+    deadline: int | None = None
 
     @property
     def fans_out(self) -> bool:
@@ -128,6 +134,17 @@ def _choice(tname: str, where: str, value: Any, choices: tuple[str, ...]) -> str
     return value
 
 
+def _lane_and_deadline(tname: str, at: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's ``lane`` and ``deadline``, resolved by the same rules (and refused with the same
+    words) as a request's (``tars_tasks.schemas.parse_deadline`` / ``resolve_lane``)."""
+    lane = None if data.get("lane") is None else _choice(tname, f"{at}.lane", data["lane"], LANES)
+    try:
+        deadline = parse_deadline(data.get("deadline"))
+        return {"lane": resolve_lane(lane, deadline), "deadline": deadline}
+    except InvalidRequest as exc:
+        raise _bad(tname, f"{at}: {exc}", field=f"{at}.deadline") from None
+
+
 def _step(tname: str, i: int, data: Any, *, catalog: Catalog) -> StepDef:
     if not isinstance(data, Mapping):
         raise _bad(tname, f"steps[{i}] must be a table", field=f"steps[{i}]")
@@ -169,7 +186,7 @@ def _step(tname: str, i: int, data: Any, *, catalog: Catalog) -> StepDef:
                            high=MAX_REVISIONS_CAP),
         on_exhausted=_choice(tname, f"{at}.on_exhausted", data.get("on_exhausted", "fail"), ("fail", "accept")),
         tier=tier,
-        lane=_choice(tname, f"{at}.lane", data.get("lane", LANE_INTERACTIVE), LANES),
+        **_lane_and_deadline(tname, at, data),
     )
     try:
         step.refs()

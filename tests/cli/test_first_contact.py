@@ -237,3 +237,28 @@ def _is_utf8(b: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+@pytest.mark.parametrize("deadline, words", [("1x", "deadline '1x' has an unknown unit 'x': use s, m, h or d"),
+                                             ("0", "deadline must be more than 0"),
+                                             ("soon", "deadline must be a duration such as 24h")])
+def test_a_bad_deadline_is_one_error_line_and_exit_2(deadline, words, fresh):
+    cwd, env = fresh
+    res = tars(["submit", "--role", "researcher", "--prompt", "hi", "--deadline", deadline], cwd=cwd, env=env)
+    assert words in one_line_error(res)
+    assert res.returncode == 2
+
+
+def test_a_batch_lane_with_a_deadline_it_cannot_promise_is_one_error_line_and_exit_2(fresh):
+    cwd, env = fresh
+    res = tars(["submit", "--role", "researcher", "--prompt", "hi", "--lane", "batch", "--deadline", "1h"],
+               cwd=cwd, env=env)
+    assert "shorter than the providers' batch window (24h)" in one_line_error(res)
+    assert res.returncode == 2
+
+
+def test_a_short_deadline_runs_interactively_on_the_embedded_default(fresh):
+    cwd, env = fresh
+    res = tars(["submit", "--role", "researcher", "--prompt", "hi", "--deadline", "90m", "--wait"], cwd=cwd, env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["status"] == "succeeded"

@@ -116,11 +116,12 @@ class Settings(BaseSettings):
     #: of one (tier, priority) — staged (dispatch on): of one tenant too — in one broker message
     #: (``tars.run_bundle``), run concurrently by the worker that takes it, each with its own row,
     #: verdict and notice; a crash reruns only the members whose rows are not terminal; dispatch
-    #: reserves every member its own rate-limit slot. 0 or 1: one message per request (the
-    #: default). Set it for workers too: a worker's dispatcher counts a bundle it holds as its
-    #: members only then. Bounded so that a high-priority request waits at most one bundle's worth
-    #: behind the low work a worker holds.
-    bundle_max: int = Field(default=0, ge=0, le=64)
+    #: reserves every member its own rate-limit slot. 0 or 1: one message per request. On by
+    #: default (16: a zero-latency drain then costs less CPU per request than bare Celery's per
+    #: task, docs/BENCHMARKS.md); the same value on workers: a worker's dispatcher counts a bundle
+    #: it holds as its members only when its own setting is > 1. Bounded so that a high-priority
+    #: request waits at most one bundle's worth behind the low work a worker holds.
+    bundle_max: int = Field(default=16, ge=0, le=64)
     #: A producer's bound on each broker operation of a submit (connect, publish, admission):
     #: past it, submit raises BrokerUnavailable instead of hanging.
     client_timeout_s: float = Field(default=5.0, gt=0)

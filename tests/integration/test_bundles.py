@@ -229,3 +229,14 @@ def test_a_cache_hit_in_a_submit_many_is_answered_at_submit_and_left_out_of_its_
         calls = conn.execute(text("SELECT count(*) FROM api_calls")).scalar()
     assert exact == 1 + 6 and calls == 1 + 5
     assert _messages(env) == []
+
+
+def test_bundles_of_sixteen_are_the_default(fleet_env):
+    """No TARS_BUNDLE_MAX (nor dispatch setting) given: a submit_many of 40 haiku requests of one
+    priority and tenant waits as bundles of 16, 16 and 8 (before the default changed: 40 singles)."""
+    env = {k: v for k, v in fleet_env.items() if k not in ("TARS_BUNDLE_MAX", "TARS_DISPATCH_ENABLED")}
+    with _client(env) as tars:
+        tars.submit_many([{"role": "researcher", "prompt": f"d {i}", "tier": "haiku"} for i in range(40)])
+    waiting = _messages(env, tiers=("haiku",))
+    assert sorted(len(ids) for _key, _task, ids in waiting) == [8, 16, 16]
+    assert {task for _key, task, _ids in waiting} == {TASK_RUN_BUNDLE}

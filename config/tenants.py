@@ -54,6 +54,11 @@ class TenantSpec(TenantLimits):
     #: Per-tier ceilings of this tenant (tier name -> limits).
     tiers: dict[str, TenantLimits] = Field(default_factory=dict)
 
+    def limited_on(self, tier: str) -> bool:
+        """Whether a rate limit of this tenant's own binds its calls to ``tier``."""
+        own = self.tiers.get(tier)
+        return self.limited or (own is not None and own.limited)
+
     @field_validator("tiers")
     @classmethod
     def _known_tiers(cls, v: dict[str, TenantLimits]) -> dict[str, TenantLimits]:

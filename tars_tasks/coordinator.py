@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from config.catalog import Catalog
 from config.keys import queue_for_tier
 from config.settings import Settings
+from config.tenants import TenantConfig, load_tenants
 from tars_tasks.admission import Admission
 from tars_tasks.broker.bound import AdmissionBound, Reservation
 from tars_tasks.budgets import Budgets
@@ -113,6 +114,8 @@ class Coordinator:
         self.engine = engine
         self.admission = admission or Admission.for_settings(settings=settings, catalog=catalog, engine=engine)
         self.bound = bound
+        #: The tenants' own limits (``TARS_TENANTS_PATH``), read when first needed.
+        self._tenants: TenantConfig | None = None
         #: The broker's Redis when requests are staged (dispatch), else None (published).
         self.staging_redis: redis.Redis | None = None
         needs_bound = bound is None and settings.max_queue_depth > 0
@@ -450,7 +453,8 @@ class Coordinator:
                                requests=[self._to_stage(p, reply_to=reply_to) for p in planned],
                                staging=self._staging, bundle_max=self.settings.bundle_max)
             else:
-                runs = group(planned, key=lambda p: (p.route.tier, p.spec.priority), size=self.settings.bundle_max)
+                runs = group(planned, key=lambda p: (p.route.tier, p.spec.priority) if self._bundles(p) else p.id,
+                             size=self.settings.bundle_max)
                 with self.celery_app.producer_or_acquire() as producer, producer.batch():
                     for run in runs:
                         p = run[0]
@@ -472,7 +476,16 @@ class Coordinator:
         tokens = staged_tokens(spec=self.catalog.spec(p.route.tier), prompt=cols["prompt"], system=cols["system"],
                                messages=cols["messages"], max_tokens=cols["max_tokens"])
         return ToStage(request_id=p.id, tier=p.route.tier, tenant=p.spec.tenant, priority=p.spec.priority,
-                       tokens=tokens, reply_to=reply_to)
+                       tokens=tokens, reply_to=reply_to, bundle=self._bundles(p))
+
+    def _bundles(self, p: _Planned) -> bool:
+        """Whether the request may share a bundle: not if its tenant has a rate limit of its own on
+        its tier (docs/DELIVERY.md, "Bundles")."""
+        if self.settings.bundle_max <= 1:
+            return False
+        if self._tenants is None:
+            self._tenants = load_tenants(self.settings.tenants_path)
+        return not self._tenants.spec(p.spec.tenant).limited_on(p.route.tier)
 
     def _fail_unsent(self, ids: list[str], *, error: str) -> None:
         if not ids:

@@ -79,6 +79,10 @@ class ToStage:
     priority: int
     tokens: int
     reply_to: str | None = None
+    #: False: staged alone, never in a bundle (a tenant with a rate limit of its own: the
+    #: dispatcher then paces each of its requests, instead of moving a bundle whose members beyond
+    #: the tenant's limit would wait in worker slots, holding back other tenants).
+    bundle: bool = True
 
 
 def stage_requests(celery_app: Celery, *, redis_client: redis.Redis, namespace: str,
@@ -90,10 +94,11 @@ def stage_requests(celery_app: Celery, *, redis_client: redis.Redis, namespace: 
 
     ``bundle_max`` > 1: every run of 2 .. ``bundle_max`` requests sharing (tier, priority, tenant)
     is staged as one ``tars.run_bundle`` entry (``tars_tasks.bundles``); dispatch moves it whole and
-    reserves each member a slot of its own."""
+    reserves each member a slot of its own; a request with ``bundle`` False always goes alone."""
     if not requests:
         return
-    runs = group(requests, key=lambda r: (r.tier, r.priority, r.tenant, r.reply_to), size=bundle_max)
+    runs = group(requests, key=lambda r: (r.tier, r.priority, r.tenant, r.reply_to) if r.bundle else r.request_id,
+                 size=bundle_max)
     ids: list[str] = []
     with celery_app.producer_or_acquire() as producer, capture_lpush(producer) as rendered:
         for run in runs:

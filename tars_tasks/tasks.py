@@ -147,7 +147,19 @@ def _start_maintenance(sender=None, **_kw) -> None:
     from workers.maintenance import FleetModeKeeper
 
     _maintenance.append(FleetModeKeeper(settings=settings, catalog=load_catalog(settings.catalog_path)).start())
+    _limit_bundle_calls(sender)
     _start_dispatcher(sender, settings)
+
+
+def _limit_bundle_calls(consumer) -> None:
+    """A pool that runs tasks in this process (gevent, threads, solo) runs at most its concurrency
+    of bundle members at once (``workers.agent.limit_calls_at_once``)."""
+    from workers.agent import limit_calls_at_once
+    from workers.dispatch import runs_in_process
+
+    pool = getattr(consumer, "pool", None)
+    if pool is not None and runs_in_process(pool):
+        limit_calls_at_once(int(getattr(pool, "limit", None) or get_settings().worker_concurrency))
 
 
 _dispatchers: list = []

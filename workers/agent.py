@@ -98,6 +98,19 @@ def _run_concurrently(fn: Callable[[int], None], n: int) -> None:
         t.join()
 
 
+#: At most this many requests run at once in this process (its pool's concurrency), bundle
+#: members included: without it a worker of concurrency C holding C bundles of B would run C x B
+#: calls at once (a breaker tripping would find them all in flight). Set by
+#: :func:`limit_calls_at_once` when the worker is ready (pools that run tasks in-process).
+_calls_at_once: threading.BoundedSemaphore | None = None
+
+
+def limit_calls_at_once(n: int | None) -> None:
+    """Run at most ``n`` requests at once in this process (None: no bound beyond the pool's)."""
+    global _calls_at_once
+    _calls_at_once = threading.BoundedSemaphore(n) if n else None
+
+
 def _greenlets() -> bool:
     try:
         from gevent import monkey
@@ -171,6 +184,18 @@ class SubAgent:
         attempt's rate-limit slot for that many tokens (not for a redelivery: its slot was spent).
         ``reserved_slot``: that slot's hints, already read (a staged bundle's member); else read here.
         ``no_budget_limits``: its bundle was fetched with no budget limit set (else read here)."""
+        gate = _calls_at_once
+        if gate is None:
+            return self._handle(message=message, redelivered=redelivered, worker=worker,
+                                reserved_tokens=reserved_tokens, reserved_slot=reserved_slot,
+                                no_budget_limits=no_budget_limits)
+        with gate:
+            return self._handle(message=message, redelivered=redelivered, worker=worker,
+                                reserved_tokens=reserved_tokens, reserved_slot=reserved_slot,
+                                no_budget_limits=no_budget_limits)
+
+    def _handle(self, *, message: RunRequestMessage, redelivered: bool, worker: str | None,
+                reserved_tokens: int | None, reserved_slot: dict[str, Any] | None, no_budget_limits: bool) -> str:
         worker = leases.current_owner() or worker or self.worker_name
         started = _now()
         hints = None

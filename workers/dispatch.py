@@ -552,6 +552,11 @@ class DispatchLoop:
 _IN_PROCESS_POOLS = ("gevent", "eventlet", "threads", "solo")
 
 
+def runs_in_process(pool: object) -> bool:
+    """Whether a Celery pool runs its tasks in the process that fetches them."""
+    return any(p in type(pool).__module__ for p in _IN_PROCESS_POOLS)
+
+
 def consumed_tiers(consumer) -> list[str]:
     """The tiers whose queues a Celery consumer consumes (``tars.{tier}``), highest tier first."""
     from config.keys import TIERS
@@ -589,9 +594,8 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
     if not tiers:
         return None
     concurrency = int(getattr(consumer.pool, "limit", None) or settings.worker_concurrency)
-    pool = type(consumer.pool).__module__
     limiter = None
-    if any(p in pool for p in _IN_PROCESS_POOLS):
+    if runs_in_process(consumer.pool):
         from workers.agent import get_agent
 
         caller = get_agent().caller

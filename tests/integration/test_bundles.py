@@ -240,3 +240,26 @@ def test_bundles_of_sixteen_are_the_default(fleet_env):
     waiting = _messages(env, tiers=("haiku",))
     assert sorted(len(ids) for _key, _task, ids in waiting) == [8, 16, 16]
     assert {task for _key, task, _ids in waiting} == {TASK_RUN_BUNDLE}
+
+
+def test_a_tenant_with_a_rate_limit_of_its_own_is_never_bundled(fleet_env, tmp_path):
+    """A bundle is moved whole; members past the tenant's own limit would wait in worker slots and
+    hold other tenants back (test_dispatch_fleet's tenant test failed so with bundles on). So a
+    tenant limited on a tier is staged one request per entry there, and bundled elsewhere."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text("[tenants.capped]\nrpm = 30\n[tenants.opus_capped.tiers.opus]\nrpm = 5\n")
+    env = {k: v for k, v in fleet_env.items() if k != "TARS_BUNDLE_MAX"} | {"TARS_TENANTS_PATH": str(tenants)}
+    with _client(env) as tars:
+        tars.submit_many([{"role": "researcher", "prompt": f"c {i}", "tier": "haiku", "tenant": "capped"}
+                          for i in range(20)]
+                         + [{"role": "researcher", "prompt": f"f {i}", "tier": "haiku", "tenant": "free"}
+                            for i in range(20)]
+                         + [{"role": "researcher", "prompt": f"o {i}", "tier": tier, "tenant": "opus_capped"}
+                            for tier in ("haiku", "opus") for i in range(4)])
+    by_tenant: dict[str, list[int]] = {}
+    for key, _task, ids in _messages(env):
+        tenant = key.rsplit(":", 1)[1]
+        by_tenant.setdefault(tenant, []).append(len(ids))
+    assert sorted(by_tenant["capped"]) == [1] * 20
+    assert sorted(by_tenant["free"]) == [4, 16]
+    assert sorted(by_tenant["opus_capped"]) == [1, 1, 1, 1, 4]  # alone on opus, bundled on haiku

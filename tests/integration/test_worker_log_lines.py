@@ -17,7 +17,8 @@ def test_a_workers_per_task_info_lines_follow_the_setting(lines, fleet_env, star
     env = {"TARS_TASK_LOG_LINES": "true"} if lines else {}
     worker = start_worker(tiers=["haiku"], concurrency=5, env=env)
     with TarsClient(settings=make_settings(fleet_env)) as client:
-        handles = client.submit_many([{"role": "researcher", "prompt": f"log {i}"} for i in range(5)])
+        # five messages (one submit each: a submit_many of five would be one bundle, one task)
+        handles = [client.submit(role="researcher", prompt=f"log {i}") for i in range(5)]
         assert {r.status for r in client.wait_many([h.id for h in handles], timeout=60)} == {"succeeded"}
     worker.stop(timeout=20)
     log = worker.log_path.read_text()

@@ -52,7 +52,11 @@ class BundleMessage:
                 "request_ids": list(self.request_ids)}
 
     def kwargsrepr(self) -> str:
-        return f"{{'tier': '{self.tier}', 'request_ids': {len(self.request_ids)}}}"
+        """What Celery events and Flower show of it — and, in plain text in the message's headers,
+        what the lost-request reconciler's presence search finds its members by (the kwargs are
+        base64 inside the body): ``tars_tasks.broker.presence``."""
+        ids = ", ".join(f"'{rid}'" for rid in self.request_ids)
+        return f"{{'tier': '{self.tier}', 'request_ids': [{ids}]}}"
 
     def members(self) -> list[RunRequestMessage]:
         """Each member as the single message it stands for."""

@@ -135,9 +135,15 @@ def test_a_worker_killed_between_reserving_and_settling_leaves_the_budget_consis
     victim = start_worker(tiers=["haiku"], concurrency=20, env=env)
     with TarsClient(settings=make_settings(env)) as tars:
         handles = tars.submit_many([{"role": "researcher", "prompt": f"q{i}", "tenant": "acme"} for i in range(10)])
-        deadline = time.monotonic() + 30
-        while b.state("acme")[1].reserved_usd == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # every call reserved (the calls take 3 s): the reservation stops growing, whether the ten
+        # came as ten messages or as one bundle whose members reserve one after another
+        deadline, last = time.monotonic() + 30, Decimal(-1)
+        while time.monotonic() < deadline:
+            now = b.state("acme")[1].reserved_usd
+            if now > 0 and now == last:
+                break
+            last = now
+            time.sleep(0.3)
         reserved_at_kill = b.state("acme")[1].reserved_usd
         assert reserved_at_kill > 0
         victim.kill()  # SIGKILL mid call: reserved, never settled

@@ -263,3 +263,24 @@ def test_a_tenant_with_a_rate_limit_of_its_own_is_never_bundled(fleet_env, tmp_p
     assert sorted(by_tenant["capped"]) == [1] * 20
     assert sorted(by_tenant["free"]) == [4, 16]
     assert sorted(by_tenant["opus_capped"]) == [1, 1, 1, 1, 4]  # alone on opus, bundled on haiku
+
+
+@PATHS
+def test_the_presence_search_finds_every_member_of_a_waiting_bundle(fleet_env, staged):
+    """The lost-request reconciler re-sends a queued request it finds in no staging list, no queue
+    and no worker's hands. A bundle's members are in its body (base64): before, the search saw only
+    the bundle's own id, so every member queued longer than TARS_REQUEUE_LOST_AFTER_S was staged a
+    second time (test_dispatch_fleet's SIGKILL test ended with 9 such copies left in staging)."""
+    from tars_tasks.broker.presence import ids_in_broker
+
+    env = _bundle_env(fleet_env, size=8, staged=staged)
+    with _client(env) as tars:
+        handles = tars.submit_many([{"role": "researcher", "prompt": f"p {i}", "tier": "haiku"} for i in range(8)])
+    ids = [h.id for h in handles]
+    assert [len(m) for _key, _task, m in _messages(env, tiers=("haiku",))] == [8]  # one bundle waits
+    r = redis_lib.Redis.from_url(env["TARS_BROKER_URL"])
+    try:
+        found = ids_in_broker(r, ids=ids, tiers=["haiku"], namespace=make_settings(env).namespace)
+    finally:
+        r.close()
+    assert found == set(ids)

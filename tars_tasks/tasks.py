@@ -147,13 +147,13 @@ def _start_maintenance(sender=None, **_kw) -> None:
     from workers.maintenance import FleetModeKeeper
 
     _maintenance.append(FleetModeKeeper(settings=settings, catalog=load_catalog(settings.catalog_path)).start())
-    _limit_bundle_calls(sender)
+    _limit_calls_at_once(sender)
     _start_dispatcher(sender, settings)
 
 
-def _limit_bundle_calls(consumer) -> None:
+def _limit_calls_at_once(consumer) -> None:
     """A pool that runs tasks in this process (gevent, threads, solo) runs at most its concurrency
-    of bundle members at once (``workers.agent.limit_calls_at_once``)."""
+    of requests at once, bundle members included (``workers.agent.limit_calls_at_once``)."""
     from workers.agent import limit_calls_at_once
     from workers.dispatch import runs_in_process
 

@@ -21,6 +21,7 @@ error finishes the request ``failed`` with reason ``internal_error`` (see :meth:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -184,12 +185,7 @@ class SubAgent:
         attempt's rate-limit slot for that many tokens (not for a redelivery: its slot was spent).
         ``reserved_slot``: that slot's hints, already read (a staged bundle's member); else read here.
         ``no_budget_limits``: its bundle was fetched with no budget limit set (else read here)."""
-        gate = _calls_at_once
-        if gate is None:
-            return self._handle(message=message, redelivered=redelivered, worker=worker,
-                                reserved_tokens=reserved_tokens, reserved_slot=reserved_slot,
-                                no_budget_limits=no_budget_limits)
-        with gate:
+        with _calls_at_once or contextlib.nullcontext():
             return self._handle(message=message, redelivered=redelivered, worker=worker,
                                 reserved_tokens=reserved_tokens, reserved_slot=reserved_slot,
                                 no_budget_limits=no_budget_limits)

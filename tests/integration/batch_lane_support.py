@@ -73,3 +73,12 @@ def wait_batches_done(db, timeout: float = 30.0) -> None:
     while rows(db, "SELECT id FROM provider_batches WHERE state <> 'done'"):
         assert time.monotonic() < deadline, rows(db, "SELECT * FROM provider_batches")
         time.sleep(0.1)
+
+
+def wait_batch_lane_row(db, request_id: str, *, timeout: float = 30.0) -> None:
+    """Until a worker has recorded a plain-Celery request's row on the batch lane (the worker
+    adopts the message and leaves the call to the batch runner)."""
+    deadline = time.monotonic() + timeout
+    while not rows(db, "SELECT id FROM requests WHERE id = :r AND lane = 'batch'", r=request_id):
+        assert time.monotonic() < deadline, f"the worker never recorded request {request_id} on the batch lane"
+        time.sleep(0.1)

@@ -7,7 +7,6 @@ request sent on to the interactive lane and answered there by a real worker."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.integration.batch_lane_support import (
     batches_created,
     rows,
     start_runner,
+    wait_batch_lane_row,
     wait_batches_done,
 )
 from tests.integration.model_calls_support import mock_llm  # noqa: F401 - fixture
@@ -48,10 +48,7 @@ def test_batch_lane_requests_are_answered_through_both_batch_apis_at_the_batch_p
         Celery("someone-else", broker=env["TARS_BROKER_URL"]).send_task(
             "tars.run_request", kwargs={"role": "researcher", "prompt": "plain, batched", "lane": "batch"},
             task_id=foreign, queue="tars.haiku")
-        deadline = time.monotonic() + 30
-        while not rows(db, "SELECT id FROM requests WHERE id = :r AND lane = 'batch'", r=foreign):
-            assert time.monotonic() < deadline, "the worker never recorded the plain-Celery batch-lane request"
-            time.sleep(0.1)
+        wait_batch_lane_row(db, foreign)
         assert rows(db, "SELECT id FROM api_calls WHERE request_id = :r", r=foreign) == []
         ids.append(foreign)
         runner = start_runner(env, tmp_path / "runner.log")

@@ -6,7 +6,6 @@ written. The deadline is recorded on the row (``requests.deadline_s``)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +17,14 @@ from config.catalog import load_catalog
 from tars_tasks.client import TarsClient
 from tars_tasks.errors import InvalidRequest
 from tests.helpers import make_settings, waiting_messages
-from tests.integration.batch_lane_support import batch_env, batches_created, rows, start_runner, wait_batches_done
+from tests.integration.batch_lane_support import (
+    batch_env,
+    batches_created,
+    rows,
+    start_runner,
+    wait_batch_lane_row,
+    wait_batches_done,
+)
 from tests.integration.model_calls_support import mock_llm  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
@@ -43,10 +49,7 @@ def test_a_24h_deadline_is_answered_through_the_batch_api_at_the_batch_price_and
             "tars.run_request", kwargs={"role": "researcher", "prompt": "plain, by tomorrow", "deadline": "24h"},
             task_id=foreign, queue="tars.haiku")
         start_worker(tiers=["haiku", "sonnet"], concurrency=10, env=env)
-        deadline = time.monotonic() + 30
-        while not rows(db, "SELECT id FROM requests WHERE id = :r AND lane = 'batch'", r=foreign):
-            assert time.monotonic() < deadline, "the worker never recorded the plain-Celery request with a deadline"
-            time.sleep(0.1)
+        wait_batch_lane_row(db, foreign)
         soon = client.submit(role="researcher", prompt="within the hour", deadline="1h")
         soon_result = soon.wait(timeout=60)
         assert soon_result.status == "succeeded"

@@ -113,7 +113,9 @@ def test_a_worker_killed_mid_bundle_reruns_only_the_unfinished_members(fleet_env
         handles = tars.submit_many([{"role": "researcher", "prompt": f"job {i}"} for i in range(n)])
         msgs = _messages(env)
         assert [(t, len(ids)) for _, t, ids in msgs] == [(TASK_RUN_BUNDLE, n)]  # one message for all 16
-        victim = start_worker(tiers=["haiku"], concurrency=1, env=env)
+        # concurrency n: its members run at once (a worker runs at most its concurrency of requests,
+        # bundle members included), so the kill finds some in flight
+        victim = start_worker(tiers=["haiku"], concurrency=n, env=env)
 
         def finished_on_victim():
             with db.connect() as conn:

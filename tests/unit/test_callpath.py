@@ -454,3 +454,46 @@ def test_retries_and_fallbacks_take_the_tenants_own_limits_too(tmp_path):
     other, _, _ = make(tenants_path=tenants)
     call(other, hints={"tenant": "someone-else"})  # no limits of its own: the model's only
     assert {k for scope, k in other.limiter._tat if scope == ""} == set()
+
+
+# --- the retry policy costs nothing until an attempt fails -------------------------------------
+
+
+def test_a_tier_whose_first_attempt_succeeds_builds_no_retry_policy(monkeypatch):
+    import workers.callpath.retry_step as retry_step
+
+    built: list[str] = []
+    real = retry_step.retrying_for
+
+    def counting(spec, **kw):
+        built.append(spec.tier)
+        return real(spec, **kw)
+
+    monkeypatch.setattr(retry_step, "retrying_for", counting)
+    caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]})
+    assert call(caller, tier="haiku").status == "succeeded" and built == []
+    out = call(caller)  # sonnet: one transient failure, then success
+    assert out.status == "succeeded" and [r.attempt for r in out.api_rows] == [1, 2] and built == ["sonnet"]
+
+
+def test_the_retry_budget_counts_the_first_attempts_time_though_the_policy_starts_at_its_failure(monkeypatch):
+    """The policy is built at the first failure; its clock still starts with the tier. A first
+    attempt that took the whole retry budget leaves no room for a backoff: no retry."""
+    import time as time_mod
+
+    real_monotonic = time_mod.monotonic
+    offset = [0.0]
+    monkeypatch.setattr(time_mod, "monotonic", lambda: real_monotonic() + offset[0])
+    # no limiter: its deadline (the tier's) would refuse the retry's slot on its own
+    caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]}, limiter=False)
+    budget = caller.spec("sonnet").retry_budget_s
+    real_complete = provider.complete
+
+    def slow_first(**kw):
+        if not provider.calls:
+            offset[0] += budget  # the first attempt "takes" the whole of the tier's retry budget
+        return real_complete(**kw)
+
+    provider.complete = slow_first
+    call(caller)
+    assert provider.calls.count("sonnet") == 1  # (then the fallback tier may answer)

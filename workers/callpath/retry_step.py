@@ -2,12 +2,17 @@
 after how long (full-jitter exponential backoff, ``Retry-After`` honoured, transient errors only,
 capped by ``max_attempts`` and ``retry_budget_s``: :func:`workers.retry.retrying_for`).
 
-Tenacity's own iterator drives it: each tier gets a fresh :class:`tenacity.Retrying`, a failed
-attempt is set on its state, and the next iteration either sleeps (through the call's sleep)
-and yields another attempt, or re-raises, which here means "no retry".
+Tenacity's own iterator drives it: a tier's first failed attempt gets a fresh
+:class:`tenacity.Retrying` (its clock set back to when the tier started, so the retry budget
+counts the first attempt too), each failed attempt is set on its state, and the next iteration
+either sleeps (through the call's sleep) and yields another attempt, or re-raises, which here
+means "no retry". A tier whose first attempt succeeds never builds one: most calls pay nothing
+for the policy.
 """
 
 from __future__ import annotations
+
+import time
 
 from workers.callpath.context import RETRY, Attempt, Call, Move
 from workers.callpath.path import CallStep
@@ -21,13 +26,19 @@ class RetryStep(CallStep):
 
     def before_tier(self, call: Call) -> None:
         assert call.spec is not None
-        attempts = iter(retrying_for(call.spec, sleep=call.sleep, initial_s=self.initial_s, max_s=self.max_s))
         state = call.state_of(self)
-        state["attempts"], state["current"] = attempts, next(attempts)
+        state["started"], state["attempts"], state["current"] = time.monotonic(), None, None
 
     def next_move(self, call: Call, attempt: Attempt, exc: BaseException) -> Move | None:
         state = call.state_of(self)
-        current = state.get("current")
+        if state.get("attempts") is None:
+            if "started" not in state:
+                return None
+            assert call.spec is not None
+            attempts = iter(retrying_for(call.spec, sleep=call.sleep, initial_s=self.initial_s, max_s=self.max_s))
+            state["attempts"], state["current"] = attempts, next(attempts)
+            state["current"].retry_state.start_time = state.pop("started")
+        current = state["current"]
         if current is None:
             return None
         current.retry_state.set_exception((type(exc), exc, exc.__traceback__))

@@ -63,7 +63,10 @@ def test_the_rate_limited_run_names_the_rate_limit_as_what_bound_it(session):
     a = step.aggregates
     assert a["valid"], a["invalid_reasons"]
     assert a["ceilings"]["binding"] == "rate limits"
-    assert a["rate_limit"]["requests_waited"] > 0
+    # the run reached the limit (with dispatch, requests wait in staging, not in the limiter: only a
+    # retry that finds no capacity is counted in rate_limit.requests_waited, so that count may be 0)
+    rl = next(it for it in a["ceilings"]["items"] if it["name"] == "rate limits")
+    assert rl["ratio"] >= 0.9, rl
     # the fleet-wide limit held (GCRA without burst: at most one call per slot of 1/7.84 s, plus the first)
     calls_per_s = a["retries"]["api_calls"] / a["throughput"]["span_s"]
     assert calls_per_s <= 8 * 0.98 * 1.15

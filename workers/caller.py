@@ -92,6 +92,7 @@ class ModelCaller:
             self.limiter = FleetRateLimiter(
                 redis_client=limiter_redis, namespace=settings.namespace, window_s=settings.ratelimit_window_s,
                 utilisation=settings.ratelimit_utilisation, max_wait_s=settings.ratelimit_max_wait_s, sleep=sleep,
+                coalesce_s=0.0,  # reservations made at the same moment (a bundle's members) share a script call
             )
         if breaker is None and redis_client is not None and settings.breaker_enabled:
             self.breaker = FleetBreaker(

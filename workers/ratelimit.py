@@ -27,15 +27,21 @@ Further limits (``also=``: a tenant's own RPM/TPM, and on one tier) are further 
 same script: the slot is the latest of every key's next slot and all of them advance, so each key
 keeps the spacing guarantee above for its own limit.
 
+Callers of one process that reserve the same keys at the same moment (a bundle's members, woken
+together by their rows' group commit) are served by one script call (``coalesce_s``): the script's
+"many" mode books them one after another exactly as that many single reservations would, so the
+guarantees above hold unchanged and only the round trips are saved.
+
 The clock is Redis' ``TIME``, so hosts with skewed clocks still agree on slot times.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -52,14 +58,20 @@ LATE_TOLERANCE_S = 0.05
 #: (with the next correction): a process whose first attempts all hold a dispatcher's slot, or a
 #: prefork child whose dispatcher runs in another process, reserves rarely itself.
 PENDING_FLUSH_S = 1.0
+#: At most this many reservations share one script call ("many" mode).
+COALESCE_MAX = 64
 
 #: KEYS: the model's limiter hash, then the hashes of further limits the same call must fit
 #: (a tenant's own, a tenant's on one tier: :func:`config.keys.tenant_ratelimit_key`).
-#: ARGV: 1 mode ("acquire" | "adjust"), 2 request cost, 3 token cost (may be negative in
-#: "adjust"), 4 max wait µs, 5 now µs ("" = TIME), then per key: µs per request (0 = no request
-#: limit of this kind), µs per token (0 = none), token correction of earlier calls applied first
-#: (deferred :meth:`FleetRateLimiter.adjust_tokens`).
+#: ARGV: 1 mode ("acquire" | "adjust" | "many"), 2 request cost ("many": the number of calls),
+#: 3 token cost (may be negative in "adjust"), 4 max wait µs, 5 now µs ("" = TIME), then per key:
+#: µs per request (0 = no request limit of this kind), µs per token (0 = none), token correction
+#: of earlier calls applied first (deferred :meth:`FleetRateLimiter.adjust_tokens`); "many": then
+#: each call's tokens.
 #: Returns {granted (0/1), wait µs}. A slot is the latest of every key's next slot; all advance.
+#: "many" books its calls one after another, each a request of cost 1 as "acquire" would (so the
+#: same state and waits as that many "acquire" calls at the same ``now``), and stops at the first
+#: that would wait more than the max: returns the waits (µs) of those booked, in order.
 LIMITER_LUA = """
 local now
 if ARGV[5] ~= '' then now = tonumber(ARGV[5]) else
@@ -94,6 +106,24 @@ if ARGV[1] == 'adjust' then
   save()
   return {1, 0}
 end
+if ARGV[1] == 'many' then
+  local base, cap, out = 5 + 3 * #KEYS, tonumber(ARGV[4]), {}
+  for j = 1, tonumber(ARGV[2]) do
+    local tok = tonumber(ARGV[base + j])
+    local start = now
+    for i = 1, #KEYS do start = math.max(start, st[i].r, st[i].t) end
+    if start - now > cap then break end
+    for i = 1, #KEYS do
+      local s = st[i]
+      -- whole µs, as a single call stores them (so the next one starts where it would)
+      if s.ri > 0 then s.r = math.floor(start + s.ri); s.dirty = true end
+      if s.ti > 0 then s.t = math.floor(start + tok * s.ti); s.dirty = true end
+    end
+    out[#out + 1] = string.format('%d', start - now)
+  end
+  save()
+  return out
+end
 local start = now
 for i = 1, #KEYS do start = math.max(start, st[i].r, st[i].t) end
 local wait = start - now
@@ -113,6 +143,17 @@ class Grant:
 
     granted: bool
     wait_s: float
+
+
+@dataclass(eq=False)
+class _Group:
+    """Reservations of one process on the same keys, gathered for one "many" script call."""
+
+    tokens: list[int] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    #: per member: seconds from the answer to its slot, or None (not booked: beyond the max wait)
+    waits: list[float | None] | None = None
+    error: BaseException | None = None
 
 
 class SlotMissed(Exception):
@@ -170,7 +211,11 @@ class FleetRateLimiter:
         late_tolerance_s: float = LATE_TOLERANCE_S,
         sleep: Callable[[float], None] = time.sleep,
         pending_flush_s: float = PENDING_FLUSH_S,
+        coalesce_s: float | None = None,
     ) -> None:
+        """``coalesce_s``: a reservation waits this long (0: one pass of gevent's hub, or a thread
+        switch) for others of this process on the same keys to share its script call; None: each
+        reservation is a script call of its own."""
         self.redis = redis_client
         self.late_tolerance_s = late_tolerance_s
         self.late_slots = 0  # slots given up because the caller woke too late (this process)
@@ -187,6 +232,10 @@ class FleetRateLimiter:
         self._pending_tokens: dict[str, int] = {}
         self._pending_limits: dict[str, LimitSpec] = {}
         self._pending_since: float | None = None
+        self.coalesce_s = coalesce_s
+        self._groups: dict[tuple, _Group] = {}
+        self._groups_lock = threading.Lock()
+        self.script_calls = 0  # reservation script calls of this process (the bench and tests read it)
 
     def key(self, *, provider: str, model: str) -> str:
         return ratelimit_key(self.namespace, provider, model)
@@ -259,6 +308,7 @@ class FleetRateLimiter:
         keys, args, credits = self._args([(self.key(provider=provider, model=model), limits), *also],
                                          mode="acquire", requests=requests, tokens=tokens,
                                          wait_cap_us=wait_cap_us, now_us=now_us)
+        self.script_calls += 1
         try:
             granted, wait_us = self._script(keys=keys, args=args)
         except BaseException:
@@ -278,8 +328,17 @@ class FleetRateLimiter:
         after ``deadline_s`` (a ``time.monotonic()`` value).
         """
         slept = 0.0
+        first = True
         while True:
-            grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens, also=also)
+            if first and self.coalesce_s is not None:
+                wait_s = self._reserve_together(provider=provider, model=model, limits=limits, tokens=tokens,
+                                                also=also)
+                # not booked (beyond the max wait): the single reservation below learns the wait
+                grant = (Grant(granted=True, wait_s=wait_s) if wait_s is not None else
+                         self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens, also=also))
+            else:
+                grant = self.try_reserve(provider=provider, model=model, limits=limits, tokens=tokens, also=also)
+            first = False
             now = time.monotonic()
             if deadline_s is not None and now + grant.wait_s > deadline_s:
                 if grant.granted:  # give the slot back; a later caller may use it
@@ -293,6 +352,59 @@ class FleetRateLimiter:
             pause = max(grant.wait_s - self.max_wait_s, 0.001)
             self._sleep(pause)
             slept += pause
+
+    def _reserve_together(self, *, provider: str, model: str, limits: LimitSpec, tokens: int,
+                          also: tuple[ExtraLimit, ...]) -> float | None:
+        """Book one slot in a script call shared with this process's other reservations of the
+        same keys made meanwhile (the first of them waits ``coalesce_s`` for the others, then
+        sends them all). Returns the seconds to this one's slot, or None if it was not booked."""
+        gkey = (provider, model, limits, also)
+        with self._groups_lock:
+            group = self._groups.get(gkey)
+            lead = group is None or len(group.tokens) >= COALESCE_MAX
+            if lead:
+                group = self._groups[gkey] = _Group()
+            index = len(group.tokens)
+            group.tokens.append(tokens)
+        if not lead:
+            group.done.wait()
+            if isinstance(group.error, redis.RedisError):
+                raise group.error  # the fleet state is unreachable for this member too
+            # the first was interrupted (its own time limit, a kill): this one reserves alone
+            return group.waits[index] if group.waits is not None else None
+        try:
+            time.sleep(self.coalesce_s or 0.0)  # gevent: the other ready greenlets run and join
+            with self._groups_lock:
+                if self._groups.get(gkey) is group:
+                    del self._groups[gkey]
+            group.waits = self._try_reserve_many(provider=provider, model=model, limits=limits,
+                                                 tokens=list(group.tokens), also=also)
+        except BaseException as exc:
+            group.error = exc
+            raise
+        finally:
+            with self._groups_lock:
+                if self._groups.get(gkey) is group:
+                    del self._groups[gkey]
+            group.done.set()
+        return group.waits[index]
+
+    def _try_reserve_many(self, *, provider: str, model: str, limits: LimitSpec, tokens: list[int],
+                          also: tuple[ExtraLimit, ...]) -> list[float | None]:
+        """One round trip: book ``len(tokens)`` calls one after another (as many single
+        reservations would); the seconds to each one's slot, None for those beyond the max wait."""
+        keys, args, credits = self._args([(self.key(provider=provider, model=model), limits), *also],
+                                         mode="many", requests=len(tokens), tokens=0,
+                                         wait_cap_us=self.max_wait_s * _US_PER_S, now_us=None)
+        self.script_calls += 1
+        try:
+            answer = self._script(keys=keys, args=[*args, *tokens])
+        except BaseException:
+            for k, v in credits.items():
+                self.return_pending(k, v)
+            raise
+        waits: list[float | None] = [int(w) / _US_PER_S for w in answer]
+        return waits + [None] * (len(tokens) - len(waits))
 
     def wait_for(self, ticket: Ticket) -> None:
         """Sleep until ``ticket``'s slot is due. Raises :class:`SlotMissed` (its tokens given back;

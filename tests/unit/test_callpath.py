@@ -470,7 +470,7 @@ def test_a_tier_whose_first_attempt_succeeds_builds_no_retry_policy(monkeypatch)
         return real(spec, **kw)
 
     monkeypatch.setattr(retry_step, "retrying_for", counting)
-    caller, provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]})
+    caller, _provider, _ = make({"sonnet": [TransientProviderError("503", status_code=503)]})
     assert call(caller, tier="haiku").status == "succeeded" and built == []
     out = call(caller)  # sonnet: one transient failure, then success
     assert out.status == "succeeded" and [r.attempt for r in out.api_rows] == [1, 2] and built == ["sonnet"]

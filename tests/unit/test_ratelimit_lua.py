@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+
 import pytest
+import redis as redis_lib
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from workers.ratelimit import FleetRateLimiter, LimitSpec
 
@@ -230,3 +237,137 @@ def test_a_dispatcher_takes_and_returns_a_workers_pending_correction(redis):
     assert lim.take_pending(key) == -7 and lim.take_pending(key) == 0
     lim.return_pending(key, -7)
     assert lim.take_pending(key) == -7
+
+
+# --- several reservations in one script call ("many" mode, coalescing) --------------------------
+
+
+
+def _state(redis, keys):
+    return [tuple(redis.hmget(k, "r", "t")) for k in keys]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rpm=st.sampled_from([0, 6, 60, 600, 100_000]), tpm=st.sampled_from([0, 600, 6_000, 10**9]),
+       tenant_rpm=st.sampled_from([0, 30, 120]), tokens=st.lists(st.integers(0, 5_000), min_size=1, max_size=40),
+       max_wait_s=st.sampled_from([0.0, 1.5, 30.0]), credit=st.integers(-2_000, 2_000))
+def test_many_books_exactly_what_as_many_single_reservations_book(redis, rpm, tpm, tenant_rpm, tokens, max_wait_s,
+                                                                 credit):
+    """Same waits, same refusals, same state left in every key (the model's and a tenant's), as
+    ``len(tokens)`` "acquire" calls at the same clock, a pending correction included."""
+    limits = [("model", LimitSpec(rpm=rpm, tpm=tpm)), ("tenant", LimitSpec(rpm=tenant_rpm, tpm=0))]
+    outs = []
+    for run in ("single", "many"):
+        keys = [f"unit:many:{run}:{name}" for name, _ in limits]
+        redis.delete(*keys)
+        lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=0.98,
+                               max_wait_s=max_wait_s)
+        for k, (_, spec) in zip(keys, limits, strict=True):
+            lim._defer(k, spec, credit)
+        kl = [(k, spec) for k, (_, spec) in zip(keys, limits, strict=True)]
+        if run == "single":
+            waits = []
+            for t in tokens:
+                k_, args, _ = lim._args(kl, mode="acquire", requests=1, tokens=t, wait_cap_us=max_wait_s * S_US,
+                                        now_us=T0_US)
+                granted, wait_us = lim._script(keys=k_, args=args)
+                if not int(granted):
+                    break
+                waits.append(int(wait_us))
+        else:
+            k_, args, _ = lim._args(kl, mode="many", requests=len(tokens), tokens=0, wait_cap_us=max_wait_s * S_US,
+                                    now_us=T0_US)
+            waits = [int(w) for w in lim._script(keys=k_, args=[*args, *tokens])]
+        outs.append((waits, _state(redis, keys)))
+        redis.delete(*keys)
+    assert outs[0] == outs[1]
+
+
+def test_reservations_made_together_share_one_script_call_and_keep_their_spacing(redis):
+    """Twenty threads reserve on one key at once: one script call (the first waits for the
+    others), and their slots are one request interval apart, as twenty calls one by one leave them."""
+    redis.delete("unit:ratelimit:p:m")
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=1.0, max_wait_s=30.0,
+                           coalesce_s=0.3)
+    limits, n = LimitSpec(rpm=600, tpm=10**9), 20  # a slot every 0.1 s
+    start, dues, lock = threading.Barrier(n), [], threading.Lock()
+
+    def one():
+        start.wait()
+        ticket = lim.reserve(provider="p", model="m", limits=limits, tokens=10)
+        with lock:
+            dues.append(ticket.due)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert lim.script_calls == 1
+    gaps = [b - a for a, b in itertools.pairwise(sorted(dues))]
+    assert len(dues) == n and all(abs(g - 0.1) < 0.01 for g in gaps), gaps
+
+
+def test_without_coalescing_every_reservation_is_a_script_call_of_its_own(redis):
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=1.0, max_wait_s=30.0)
+    for _ in range(3):
+        lim.reserve(provider="p", model="m2", limits=LimitSpec(rpm=10**6, tpm=10**9), tokens=1)
+    assert lim.script_calls == 3
+
+
+def test_a_coalesced_reservation_beyond_the_max_wait_falls_back_to_the_single_path(redis):
+    """Booked members get their slots; the one beyond the max wait is not booked by the shared
+    call and reserves on its own (sleeping until its slot is within reach)."""
+    redis.delete("unit:ratelimit:p:m3")
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        time.sleep(s)
+
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=1.0, max_wait_s=0.15,
+                           coalesce_s=0.0, sleep=sleep)
+    limits = LimitSpec(rpm=600, tpm=10**9)  # 0.1 s apart: slots at 0, 0.1, then 0.2 > 0.15
+    for _ in range(2):
+        lim.reserve(provider="p", model="m3", limits=limits, tokens=1)
+    third = lim.reserve(provider="p", model="m3", limits=limits, tokens=1)
+    assert sleeps and third.slept_s > 0  # the fallback slept until the slot was within the max wait
+
+
+@pytest.mark.parametrize("failure", ["interrupted", "redis_down"])
+def test_when_the_shared_call_fails_its_members_reserve_alone_or_see_the_redis_error(redis, failure):
+    """The first member's own interruption (a time limit) is not the others' business: they
+    reserve alone. An unreachable Redis is every member's (each then retries as the call path does)."""
+    redis.delete("unit:ratelimit:p:m4")
+    lim = FleetRateLimiter(redis_client=redis, namespace="unit", window_s=60.0, utilisation=1.0, max_wait_s=30.0,
+                           coalesce_s=0.3)
+    error = RuntimeError("soft time limit") if failure == "interrupted" else redis_lib.ConnectionError("down")
+
+    def fail_once(**kw):
+        lim._try_reserve_many = real
+        raise error
+
+    real, lim._try_reserve_many = lim._try_reserve_many, fail_once
+    n = 6
+    start, got, lock = threading.Barrier(n), [], threading.Lock()
+
+    def one():
+        start.wait()
+        try:
+            out = lim.reserve(provider="p", model="m4", limits=LimitSpec(rpm=6000, tpm=10**9), tokens=1)
+        except Exception as exc:  # the test sorts them below
+            out = exc
+        with lock:
+            got.append(out)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [g for g in got if isinstance(g, Exception)]
+    assert len(got) == n
+    if failure == "interrupted":
+        assert errors == [error]  # the first member only; the other five reserved alone
+    else:
+        assert len(errors) == n and all(e is error for e in errors)

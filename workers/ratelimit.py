@@ -150,7 +150,8 @@ class _Group:
     """Reservations of one process on the same keys, gathered for one "many" script call."""
 
     tokens: list[int] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
+    #: looked up when made, not at import: under gevent, the patched (greenlet-aware) Event
+    done: threading.Event = field(default_factory=lambda: threading.Event())
     #: per member: seconds from the answer to its slot, or None (not booked: beyond the max wait)
     waits: list[float | None] | None = None
     error: BaseException | None = None

@@ -236,7 +236,7 @@ class FleetRateLimiter:
         self.coalesce_s = coalesce_s
         self._groups: dict[tuple, _Group] = {}
         self._groups_lock = threading.Lock()
-        self.script_calls = 0  # reservation script calls of this process (the bench and tests read it)
+        self.script_calls = 0  # reservation script calls of this process (the tests read it)
 
     def key(self, *, provider: str, model: str) -> str:
         return ratelimit_key(self.namespace, provider, model)
@@ -374,19 +374,18 @@ class FleetRateLimiter:
             # the first was interrupted (its own time limit, a kill): this one reserves alone
             return group.waits[index] if group.waits is not None else None
         try:
-            time.sleep(self.coalesce_s or 0.0)  # gevent: the other ready greenlets run and join
-            with self._groups_lock:
-                if self._groups.get(gkey) is group:
-                    del self._groups[gkey]
+            try:
+                time.sleep(self.coalesce_s or 0.0)  # gevent: the other ready greenlets run and join
+            finally:  # closed: later reservations start a group of their own
+                with self._groups_lock:
+                    if self._groups.get(gkey) is group:
+                        del self._groups[gkey]
             group.waits = self._try_reserve_many(provider=provider, model=model, limits=limits,
                                                  tokens=list(group.tokens), also=also)
         except BaseException as exc:
             group.error = exc
             raise
         finally:
-            with self._groups_lock:
-                if self._groups.get(gkey) is group:
-                    del self._groups[gkey]
             group.done.set()
         return group.waits[index]
 

@@ -10,6 +10,7 @@ the budget scripts run, nobody else's), Postgres."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from decimal import Decimal
 
@@ -31,10 +32,15 @@ def broker(tmp_path):
     server.kill()
 
 
+MARK = "tars-test-monitor-watching"
+
+
 def _watch(url: str) -> Counter:
     """Commands seen by the server, counted by kind: the budget scripts' purge of a tenant's leases
     (one per script: a reserve, a settle, a state read) and the transport's count of the limits."""
     seen: Counter = Counter()
+    watching = threading.Event()
+    failed: list[BaseException] = []
 
     def run() -> None:
         try:
@@ -45,10 +51,17 @@ def _watch(url: str) -> Counter:
                         seen["budget_script"] += 1
                     elif line.startswith("HLEN") and ":budget:limits" in line:
                         seen["limits_counted"] += 1
-        except redis_lib.RedisError:
-            pass  # the server went at the test's end
+                    elif MARK in line:
+                        watching.set()
+        except redis_lib.RedisError as exc:  # the server went at the test's end, or the watch failed
+            failed.append(exc)
 
     threading.Thread(target=run, daemon=True).start()
+    # counting starts only once the MONITOR sees commands (a loaded machine connects it late)
+    client, deadline = redis_lib.Redis.from_url(url), time.monotonic() + 30
+    while not watching.wait(0.1):
+        assert not failed and time.monotonic() < deadline, f"MONITOR not watching: {failed}"
+        client.echo(MARK)
     return seen
 
 

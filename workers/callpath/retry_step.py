@@ -31,13 +31,11 @@ class RetryStep(CallStep):
 
     def next_move(self, call: Call, attempt: Attempt, exc: BaseException) -> Move | None:
         state = call.state_of(self)
-        if state.get("attempts") is None:
-            if "started" not in state:
-                return None
+        if state["attempts"] is None:  # the tier's first failure: its policy starts here
             assert call.spec is not None
             attempts = iter(retrying_for(call.spec, sleep=call.sleep, initial_s=self.initial_s, max_s=self.max_s))
             state["attempts"], state["current"] = attempts, next(attempts)
-            state["current"].retry_state.start_time = state.pop("started")
+            state["current"].retry_state.start_time = state["started"]
         current = state["current"]
         if current is None:
             return None

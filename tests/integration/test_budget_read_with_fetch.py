@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from decimal import Decimal
 
@@ -32,37 +33,52 @@ def broker(tmp_path):
     server.kill()
 
 
-MARK = "tars-test-monitor-watching"
+class _Watch:
+    """Commands the server saw, counted by kind: the budget scripts' purge of a tenant's leases (one
+    per script: a reserve, a settle, a state read) and the transport's count of the limits.
 
+    MONITOR streams every command in the order the server ran them, and the watcher thread parses
+    that stream behind it (on a loaded machine, seconds behind). :meth:`counts` therefore sends a
+    marker of its own and returns only once the watcher has reached it, so every command the server
+    ran before the call is counted; a failed watch fails the test with its error."""
 
-def _watch(url: str) -> Counter:
-    """Commands seen by the server, counted by kind: the budget scripts' purge of a tenant's leases
-    (one per script: a reserve, a settle, a state read) and the transport's count of the limits."""
-    seen: Counter = Counter()
-    watching = threading.Event()
-    failed: list[BaseException] = []
+    def __init__(self, url: str) -> None:
+        self._seen: Counter = Counter()
+        self._marks: set[str] = set()
+        self._lock = threading.Condition()
+        self._failed: list[BaseException] = []
+        self._client = redis_lib.Redis.from_url(url)
+        threading.Thread(target=self._run, args=(url,), daemon=True).start()
 
-    def run() -> None:
+    def _run(self, url: str) -> None:
         try:
             with redis_lib.Redis.from_url(url).monitor() as m:
                 for cmd in m.listen():
                     line = cmd["command"]
-                    if line.startswith("ZRANGEBYSCORE") and ":budget:lease:acme" in line:
-                        seen["budget_script"] += 1
-                    elif line.startswith("HLEN") and ":budget:limits" in line:
-                        seen["limits_counted"] += 1
-                    elif MARK in line:
-                        watching.set()
-        except redis_lib.RedisError as exc:  # the server went at the test's end, or the watch failed
-            failed.append(exc)
+                    with self._lock:
+                        if line.startswith("ZRANGEBYSCORE") and ":budget:lease:acme" in line:
+                            self._seen["budget_script"] += 1
+                        elif line.startswith("HLEN") and ":budget:limits" in line:
+                            self._seen["limits_counted"] += 1
+                        elif line.startswith("ECHO") and "tars-test-mark-" in line:
+                            self._marks.add(line.split()[-1])
+                            self._lock.notify_all()
+        except BaseException as exc:  # the server went at the test's end, or the watch failed
+            with self._lock:
+                self._failed.append(exc)
+                self._lock.notify_all()
 
-    threading.Thread(target=run, daemon=True).start()
-    # counting starts only once the MONITOR sees commands (a loaded machine connects it late)
-    client, deadline = redis_lib.Redis.from_url(url), time.monotonic() + 30
-    while not watching.wait(0.1):
-        assert not failed and time.monotonic() < deadline, f"MONITOR not watching: {failed}"
-        client.echo(MARK)
-    return seen
+    def counts(self) -> dict[str, int]:
+        mark = f"tars-test-mark-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + 60
+        with self._lock:
+            # the first marks may go before the MONITOR is connected: send again until one is seen
+            while mark not in self._marks:
+                assert not self._failed, f"the MONITOR watch failed: {self._failed}"
+                assert time.monotonic() < deadline, "the MONITOR did not reach a marker in 60 s"
+                self._client.echo(mark)
+                self._lock.wait(0.5)
+            return dict(self._seen)
 
 
 @pytest.mark.parametrize("bundle", [0, 16], ids=["singles", "bundles"])
@@ -71,15 +87,16 @@ def test_no_budget_script_runs_while_no_limit_is_set_and_a_limit_set_meanwhile_b
     from tars_tasks.client import TarsClient
 
     env = {**fleet_env, "TARS_BROKER_URL": broker, "TARS_BUNDLE_MAX": str(bundle)}
-    seen = _watch(broker)
+    seen = _Watch(broker)
+    seen.counts()  # watching before the worker starts
     start_worker(tiers=["haiku"], concurrency=50, env=env)
     n = 200
     with TarsClient(settings=make_settings(env)) as tars:
-        before = dict(seen)
+        before = seen.counts()
         handles = tars.submit_many([{"role": "researcher", "prompt": f"question {i}", "tenant": "acme"}
                                     for i in range(n)])
         first = tars.wait_many([h.id for h in handles], timeout=120)
-        after = dict(seen)
+        after = seen.counts()
         assert [x.status for x in first].count("succeeded") == n
         # before: every call's reserve ran the tenant's script (n of n); now only the submit's state
         # read does (one per submit_many), and a call whose message waited long after its fetch

@@ -5,8 +5,9 @@ client CPU (``time.process_time``) per entry of a group commit, and per row of a
 
 Variants of a commit (an entry: its request locked, two api_calls rows upserted, the request
 finished, its totals recomputed): ``orm`` (the SQLAlchemy statements, compiled and bound per row),
-``executemany`` (workers/pgsql.py: constant SQL, psycopg's pipelined ``executemany`` through
-``exec_driver_sql``) and ``executemany-raw`` (the same on the raw psycopg cursor). Commit 49e661e's
+``executemany`` (constant SQL, one step at a time, psycopg's pipelined ``executemany`` through
+``exec_driver_sql``: commit 91fced2's workers/pgsql.py), ``executemany-raw`` (the same on the raw
+psycopg cursor) and ``pipeline`` (workers/pgsql.py now: every step in one psycopg pipeline). Commit 49e661e's
 version of this bench also has ``unnest`` (one statement per step, arrays for parameters: that
 commit's workers/pgsql.py). Of a read: ``orm`` (``SELECT ... WHERE id IN (...)``) and ``any``
 (workers/pgsql.py, ``= ANY(array)``). Rounds alternate
@@ -75,14 +76,15 @@ class _Variant(GroupCommitWriter):
     def _commit_pg(self, conn, ids, api_rows, finishes) -> None:  # type: ignore[override]
         if self.mode == "orm":
             self._commit_orm(conn, ids, api_rows, finishes)
-        elif self.mode == "executemany":  # workers/pgsql.py, through SQLAlchemy's exec_driver_sql
+        elif self.mode == "pipeline":  # workers/pgsql.py: every step in one psycopg pipeline
             GroupCommitWriter._commit_pg(conn, ids, api_rows, finishes)
-        else:  # the same on the raw psycopg cursor (no SQLAlchemy error wrapping: for comparison only)
-            pgsql.lock_requests(conn, ids)
-            cur = conn.connection.driver_connection.cursor()
-            cur.executemany(_EM_INSERT, list(api_rows.values()))
-            cur.executemany(_EM_FINISH, finishes)
-            pgsql.recompute_totals(conn, ids)
+        else:  # one step at a time: through exec_driver_sql (commit 91fced2's workers/pgsql.py), or raw
+            run = (conn.exec_driver_sql if self.mode == "executemany"
+                   else conn.connection.driver_connection.cursor().executemany)
+            conn.exec_driver_sql(pgsql.LOCK_SQL, {"ids": ids})
+            run(_EM_INSERT, list(api_rows.values()))
+            run(_EM_FINISH, finishes)
+            conn.exec_driver_sql(pgsql.TOTALS_SQL, {"ids": ids})
 
 
 def main() -> int:
@@ -94,7 +96,7 @@ def main() -> int:
     engine = get_engine(fresh_db(args.pg_db))
     writer = _Variant(engine=engine, notifier=None)
     loader = RequestLoader(engine=engine)
-    modes = ["orm", "executemany", "executemany-raw"]
+    modes = ["orm", "executemany", "executemany-raw", "pipeline"]
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "read-orm", "read-any"]}
     for r in range(args.rounds + 2):  # two rounds of warm-up (statements prepared, caches filled)
         for m in modes if r % 2 else modes[::-1]:

@@ -19,8 +19,8 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
    it returns runs after the commit (publishing those steps).
 
 On Postgres each step is constant SQL run through the same connection and transaction
-(:mod:`workers.pgsql`: the per-row steps as psycopg's pipelined ``executemany``, no SQLAlchemy
-compilation or per-row binding); on any other database (SQLite, embedded) the same steps are
+(:mod:`workers.pgsql`: all four steps in one psycopg pipeline, no SQLAlchemy compilation or
+per-row binding); on any other database (SQLite, embedded) the same steps are
 SQLAlchemy statements.
 
 Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
@@ -386,15 +386,8 @@ class GroupCommitWriter:
     @staticmethod
     def _commit_pg(conn: Connection, ids: list[str], api_rows: dict[str, dict[str, Any]],
                    finishes: list[dict[str, Any]]) -> None:
-        """Postgres: one statement per step, arrays for parameters (:mod:`workers.pgsql`)."""
-        if ids:
-            pgsql.lock_requests(conn, ids)
-        if api_rows:
-            pgsql.upsert_attempts(conn, api_rows.values())
-        if finishes:
-            pgsql.finish_requests(conn, finishes)
-        if ids:
-            pgsql.recompute_totals(conn, ids)
+        """Postgres: the steps' constant SQL in one pipeline (:func:`workers.pgsql.write_batch`)."""
+        pgsql.write_batch(conn, ids=ids, api_rows=list(api_rows.values()), finishes=finishes)
 
     def _commit_orm(self, conn: Connection, ids: list[str], api_rows: dict[str, dict[str, Any]],
                     finishes: list[dict[str, Any]]) -> None:

@@ -155,3 +155,46 @@ def test_the_loader_reads_what_the_orm_read(client, db):
             orm = RequestRow(**conn.execute(select(*_COLUMNS).where(Request.id == rid)).one()._asdict())
             assert rows[rid] == orm
     assert rows[ids[1]].metadata == {"k": "v☃", "n": "1"} and rows[ids[1]].stop == ["END", "Ω"]
+
+
+def test_rows_the_database_refuses_in_a_pipelined_commit_fail_only_their_own_requests(client, db):
+    """The four steps go out in one pipeline, whose errors surface at its sync, outside SQLAlchemy's
+    execute: they must still be told permanent (isolate the entry) from transient (retry the batch).
+    A NUL in an answer (refused by the driver), a lone surrogate (the driver cannot encode it) and
+    an attempt row of a request that does not exist (refused by the server's foreign key) sit in
+    one batch with three good entries."""
+    ids = _submit(client, 6, "refused")
+    items = [(_attempts(rid, i, "refused"), _finish(rid, 0), None) for i, rid in enumerate(ids)]
+    items[1] = (items[1][0], _finish(ids[1], 0).replace(result="nul \x00 here"), None)
+    items[3] = (items[3][0], _finish(ids[3], 0).replace(result="lone \ud800 surrogate"), None)
+    items[4] = ([a.replace(request_id="no-such-request") for a in items[4][0]], items[4][1], None)
+    writer = GroupCommitWriter(engine=db, notifier=None, linger_ms=50)
+    try:
+        writer.finish_many(items)
+        assert writer.isolated == 3
+    finally:
+        writer.close()
+    with db.connect() as conn:
+        got = {r.id: (r.status, r.failure_reason, r.attempts)
+               for r in conn.execute(select(Request.id, Request.status, Request.failure_reason, Request.attempts)
+                                     .where(Request.id.in_(ids)))}
+    ok, refused = ("succeeded", None, 2), ("failed", "unwritable", 2)
+    assert [got[r] for r in ids] == [ok, refused, ok, refused, ("failed", "unwritable", 0), ok]
+
+
+def test_a_connection_broken_under_a_pipelined_commit_is_invalidated_and_the_error_is_transient(db):
+    from sqlalchemy import exc as sa_exc
+
+    from tars_tasks.db.errors import is_transient
+    from workers import pgsql
+
+    with db.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with db.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            pgsql.write_batch(conn, ids=["some-request"], api_rows=[], finishes=[])
+        assert info.value.connection_invalidated and conn.invalidated
+        assert is_transient(info.value)
+    with db.connect() as conn:  # the pool hands out a working connection next
+        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1

@@ -42,6 +42,7 @@ from tars_tasks.db.engine import get_engine
 from tars_tasks.db.models import DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import InvalidRequest
+from tars_tasks.jobs import STEP_METADATA_KEY
 from tars_tasks.messages import MalformedMessage, RunRequestMessage
 from tars_tasks.notify import LocalNotifier, Notifier, RedisNotifier
 from tars_tasks.redis_client import get_redis
@@ -118,6 +119,11 @@ def _greenlets() -> bool:
     except ImportError:
         return False
     return bool(monkey.is_module_patched("threading"))
+
+
+def _job_step(row: RequestRow) -> bool:
+    """Whether ``row`` may be a job's step: every step request carries its job in its metadata."""
+    return bool(row.metadata) and STEP_METADATA_KEY in row.metadata
 
 
 def _now() -> datetime:
@@ -312,7 +318,8 @@ class SubAgent:
                      f"{self.settings.max_deliveries - 1} redeliveries (max_deliveries={self.settings.max_deliveries})")
             self._finish(FinishRecord(request_id=row.id, status=RequestStatus.FAILED, tier_used=tier,
                                 model=self.catalog.spec(tier).model, worker=worker, started_at=started,
-                                error=error, failure_reason=REASON_POISON), api_rows=[], reply_to=message.reply_to)
+                                error=error, failure_reason=REASON_POISON, job_step=_job_step(row)),
+                         api_rows=[], reply_to=message.reply_to)
             return RequestStatus.FAILED
         tier, served_mode = self._apply_fleet_mode(row, tier)
         if served_mode is not None:
@@ -330,7 +337,8 @@ class SubAgent:
         self._finish(FinishRecord(request_id=row.id, status=result.status, tier_used=result.tier_used,
                                   model=result.model, worker=worker, started_at=started, result=result.text,
                                   error=result.error, failure_reason=result.failure_reason,
-                                  stop_reason=result.stop_reason, served_mode=served_mode),
+                                  stop_reason=result.stop_reason, served_mode=served_mode,
+                                  job_step=_job_step(row)),
                      api_rows=result.api_rows, reply_to=message.reply_to)
         return result.status
 

@@ -70,6 +70,9 @@ class FinishRecord:
     #: The fleet mode that moved queued work to a cheaper tier when it ran (None: the row keeps
     #: the mode it was admitted under).
     served_mode: str | None = None
+    #: Whether the request may be a job's step (its row has the step metadata); None: not known.
+    #: The writer's job hook looks up only requests not known to be none.
+    job_step: bool | None = None
 
     def replace(self, **changes: Any) -> FinishRecord:
         return dataclasses.replace(self, **changes)

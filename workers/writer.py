@@ -379,7 +379,9 @@ class GroupCommitWriter:
                 self._commit_pg(conn, ids, api_rows, finishes)
             else:
                 self._commit_orm(conn, ids, api_rows, finishes)
-            after = self.on_finished(conn, [f["id"] for f in finishes]) if finishes and self.on_finished else None
+            # the hook looks the finished requests up among job steps: not those known to be none
+            steps = [e.finish.request_id for e in batch if e.finish is not None and e.finish.job_step is not False]
+            after = self.on_finished(conn, steps) if steps and self.on_finished else None
         if after is not None:
             self._after_commit.append(after)
 

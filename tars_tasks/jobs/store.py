@@ -42,6 +42,7 @@ from tars_tasks.db.errors import is_transient
 from tars_tasks.db.models import ENQUEUE_FAILED, STATUS_FAILED, STATUS_QUEUED, ApiCall, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import BrokerUnavailable, DatabaseUnavailable, InvalidRequest, Overloaded
+from tars_tasks.jobs import STEP_METADATA_KEY
 from tars_tasks.jobs import plan as planner
 from tars_tasks.jobs.tables import (
     JOB_CANCELLED,
@@ -217,7 +218,8 @@ class JobStore:
             s = template.step(n.step)
             spec = {"role": s.role, "prompt": n.prompt, "priority": priority, "tenant": tenant,
                     "idempotency_key": step_key(job_id, n.step, n.item, n.revision),
-                    "metadata": {"job": job_id, "step": n.step, "item": str(n.item), "revision": str(n.revision)}}
+                    "metadata": {STEP_METADATA_KEY: job_id, "step": n.step, "item": str(n.item),
+                                 "revision": str(n.revision)}}
             if s.tier:
                 spec["tier"] = s.tier
             if s.lane != LANE_INTERACTIVE:

@@ -198,3 +198,20 @@ def test_a_connection_broken_under_a_pipelined_commit_is_invalidated_and_the_err
         assert is_transient(info.value)
     with db.connect() as conn:  # the pool hands out a working connection next
         assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+
+
+def test_the_job_hook_is_asked_only_about_requests_that_may_be_job_steps(client, db):
+    """A finish known to be no job's step (its row has no step metadata) is not looked up among
+    the steps; one known to be a step, or not known either way, is."""
+    ids = _submit(client, 4, "hook")
+    asked: list[list[str]] = []
+    writer = GroupCommitWriter(engine=db, notifier=None, linger_ms=50,
+                               on_finished=lambda conn, finished: asked.append(sorted(finished)))
+    try:
+        writer.finish_many([([], _finish(ids[0], 0).replace(job_step=False), None),
+                            ([], _finish(ids[1], 0).replace(job_step=True), None),
+                            ([], _finish(ids[2], 0), None)])
+        writer.finish_many([([], _finish(ids[3], 0).replace(job_step=False), None)])
+    finally:
+        writer.close()
+    assert asked == [sorted([ids[1], ids[2]])]  # the second batch: no step, no lookup

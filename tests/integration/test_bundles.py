@@ -128,7 +128,7 @@ def test_a_worker_killed_mid_bundle_reruns_only_the_unfinished_members(fleet_env
         with db.connect() as conn:
             done_before = set(conn.execute(text("SELECT id FROM requests WHERE status = 'succeeded'")).scalars())
         assert 3 <= len(done_before) <= n - 1
-        start_worker(tiers=["haiku"], concurrency=1, env=env)
+        start_worker(tiers=["haiku"], concurrency=n, env=env)
         results = tars.wait_many([h.id for h in handles], timeout=120)
     assert [r.status for r in results] == ["succeeded"] * n
     with db.connect() as conn:

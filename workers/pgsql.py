@@ -21,7 +21,8 @@ A group commit's four steps go out in **one psycopg pipeline** (:func:`write_bat
 together, their results read at one sync, then the COMMIT — two round trips where one per step
 and a sync per ``executemany`` made five. On this 2-core machine a round trip through the driver
 costs the client ~0.1 ms of CPU; ``bench/bench_pgwrite.py`` measured the client CPU per entry at
-batches of 1, 5 and 100: 1,563 / 457 / 147 us one step at a time, 1,163 / 378 / 127 us pipelined.
+batches of 1, 5 and 100 (medians of 40 alternated rounds, quiet machine, 2026-12-03): 1,819 / 469 /
+155 us one step at a time, 1,323 / 345 / 137 us pipelined.
 A pipeline's errors surface at its sync, outside SQLAlchemy's execute, so :func:`write_batch`
 wraps them as SQLAlchemy does (the same exception classes, a broken connection invalidated) for
 :mod:`tars_tasks.db.errors` to classify as before.

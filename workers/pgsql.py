@@ -10,10 +10,11 @@ per-batch steps (lock, totals, the loader's read) are one statement with an arra
 797 / 158 us; an ``unnest`` also needs each array of one Python type (psycopg refuses
 ``[Decimal, float]``), which row-by-row binding does not.
 
-The statements run through ``Connection.exec_driver_sql`` on the caller's SQLAlchemy connection:
-the same transaction as before (the ``on_finished`` hook still gets that connection), the same
-pool, pre-ping and invalidation of a connection a Postgres restart broke, the same SQLAlchemy
-exceptions for :mod:`tars_tasks.db.errors` to classify. Only SQL compilation and SQLAlchemy's
+The statements run on the caller's SQLAlchemy connection (the loader's through
+``Connection.exec_driver_sql``, the writer's on its driver connection, :func:`write_batch`): the
+same transaction as before (the ``on_finished`` hook still gets that connection), the same pool,
+pre-ping and invalidation of a connection a Postgres restart broke, the same SQLAlchemy exceptions
+for :mod:`tars_tasks.db.errors` to classify. Only SQL compilation and SQLAlchemy's
 per-row parameter handling are gone. The schema stays Alembic's
 (``tests/integration/test_pg_statements.py`` checks the rows against the ORM statements').
 

@@ -172,13 +172,18 @@ class Transport(HalfOpenChecks, kombu_redis.Transport):
             try:
                 get(self._deliver, timeout=timeout)
             except Empty:
-                if state.should_stop is not None or state.should_terminate is not None \
+                if _flagged(state.should_stop) or _flagged(state.should_terminate) \
                         or clock.monotonic() - time_start >= timeout:
                     raise TimeoutError() from None  # socket.timeout
                 if self.polling_interval is not None:
                     clock.sleep(min(self.polling_interval, timeout))
             else:
                 return
+
+
+def _flagged(flag) -> bool:
+    """Set as Celery's ``maybe_shutdown`` reads it: an exit code (0 included), not None or False."""
+    return flag is not None and flag is not False
 
 
 #: URL schemes served by :class:`Transport` once :func:`install` ran.

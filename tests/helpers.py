@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,3 +222,56 @@ class PrivateRedis:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class MonitorCounts:
+    """Commands a Redis server runs, counted by the kind ``classify(line)`` names (None: not counted).
+
+    MONITOR streams every command in the order the server ran them, and the watcher thread parses
+    that stream behind it (on a loaded machine, seconds behind). :meth:`counts` therefore sends a
+    marker of its own and returns only once the watcher has reached it, so every command the server
+    ran before the call is counted; a failed watch fails the test with its error. Use a private
+    server (:class:`PrivateRedis`): MONITOR sees every client's commands."""
+
+    def __init__(self, url: str, classify) -> None:
+        import threading
+
+        import redis as redis_lib
+
+        self._classify = classify
+        self._seen: Counter = Counter()
+        self._marks: set[str] = set()
+        self._lock = threading.Condition()
+        self._failed: list[BaseException] = []
+        self._client = redis_lib.Redis.from_url(url)
+        threading.Thread(target=self._run, args=(url,), daemon=True).start()
+
+    def _run(self, url: str) -> None:
+        import redis as redis_lib
+
+        try:
+            with redis_lib.Redis.from_url(url).monitor() as m:
+                for cmd in m.listen():
+                    line = cmd["command"]
+                    with self._lock:
+                        if line.startswith("ECHO") and "tars-test-mark-" in line:
+                            self._marks.add(line.split()[-1])
+                            self._lock.notify_all()
+                        elif (kind := self._classify(line)) is not None:
+                            self._seen[kind] += 1
+        except BaseException as exc:  # the server went at the test's end, or the watch failed
+            with self._lock:
+                self._failed.append(exc)
+                self._lock.notify_all()
+
+    def counts(self) -> dict[str, int]:
+        mark = f"tars-test-mark-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + 60
+        with self._lock:
+            # the first marks may go before the MONITOR is connected: send again until one is seen
+            while mark not in self._marks:
+                assert not self._failed, f"the MONITOR watch failed: {self._failed}"
+                assert time.monotonic() < deadline, "the MONITOR did not reach a marker in 60 s"
+                self._client.echo(mark)
+                self._lock.wait(0.5)
+            return dict(self._seen)

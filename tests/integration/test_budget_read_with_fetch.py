@@ -9,9 +9,6 @@ the budget scripts run, nobody else's), Postgres."""
 
 from __future__ import annotations
 
-import threading
-import time
-import uuid
 from collections import Counter
 from decimal import Decimal
 
@@ -21,7 +18,7 @@ from sqlalchemy import text
 
 from config.catalog import load_catalog
 from tars_tasks.budgets import Budgets
-from tests.helpers import PrivateRedis, make_settings
+from tests.helpers import MonitorCounts, PrivateRedis, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -33,52 +30,14 @@ def broker(tmp_path):
     server.kill()
 
 
-class _Watch:
-    """Commands the server saw, counted by kind: the budget scripts' purge of a tenant's leases (one
-    per script: a reserve, a settle, a state read) and the transport's count of the limits.
-
-    MONITOR streams every command in the order the server ran them, and the watcher thread parses
-    that stream behind it (on a loaded machine, seconds behind). :meth:`counts` therefore sends a
-    marker of its own and returns only once the watcher has reached it, so every command the server
-    ran before the call is counted; a failed watch fails the test with its error."""
-
-    def __init__(self, url: str) -> None:
-        self._seen: Counter = Counter()
-        self._marks: set[str] = set()
-        self._lock = threading.Condition()
-        self._failed: list[BaseException] = []
-        self._client = redis_lib.Redis.from_url(url)
-        threading.Thread(target=self._run, args=(url,), daemon=True).start()
-
-    def _run(self, url: str) -> None:
-        try:
-            with redis_lib.Redis.from_url(url).monitor() as m:
-                for cmd in m.listen():
-                    line = cmd["command"]
-                    with self._lock:
-                        if line.startswith("ZRANGEBYSCORE") and ":budget:lease:acme" in line:
-                            self._seen["budget_script"] += 1
-                        elif line.startswith("HLEN") and ":budget:limits" in line:
-                            self._seen["limits_counted"] += 1
-                        elif line.startswith("ECHO") and "tars-test-mark-" in line:
-                            self._marks.add(line.split()[-1])
-                            self._lock.notify_all()
-        except BaseException as exc:  # the server went at the test's end, or the watch failed
-            with self._lock:
-                self._failed.append(exc)
-                self._lock.notify_all()
-
-    def counts(self) -> dict[str, int]:
-        mark = f"tars-test-mark-{uuid.uuid4().hex}"
-        deadline = time.monotonic() + 60
-        with self._lock:
-            # the first marks may go before the MONITOR is connected: send again until one is seen
-            while mark not in self._marks:
-                assert not self._failed, f"the MONITOR watch failed: {self._failed}"
-                assert time.monotonic() < deadline, "the MONITOR did not reach a marker in 60 s"
-                self._client.echo(mark)
-                self._lock.wait(0.5)
-            return dict(self._seen)
+def _budget_commands(line: str) -> str | None:
+    """The budget scripts' purge of a tenant's leases (one per script: a reserve, a settle, a state
+    read) and the transport's count of the limits."""
+    if line.startswith("ZRANGEBYSCORE") and ":budget:lease:acme" in line:
+        return "budget_script"
+    if line.startswith("HLEN") and ":budget:limits" in line:
+        return "limits_counted"
+    return None
 
 
 @pytest.mark.parametrize("bundle", [0, 16], ids=["singles", "bundles"])
@@ -87,7 +46,7 @@ def test_no_budget_script_runs_while_no_limit_is_set_and_a_limit_set_meanwhile_b
     from tars_tasks.client import TarsClient
 
     env = {**fleet_env, "TARS_BROKER_URL": broker, "TARS_BUNDLE_MAX": str(bundle)}
-    seen = _Watch(broker)
+    seen = MonitorCounts(broker, _budget_commands)
     seen.counts()  # watching before the worker starts
     start_worker(tiers=["haiku"], concurrency=50, env=env)
     n = 200

@@ -250,7 +250,9 @@ class MonitorCounts:
         import redis as redis_lib
 
         try:
-            with redis_lib.Redis.from_url(url).monitor() as m:
+            # no read timeout: redis-py 8 gives a connection 5 s by default, and a MONITOR of a quiet
+            # server (no command while a worker starts) timed out and stopped counting
+            with redis_lib.Redis.from_url(url, socket_timeout=None).monitor() as m:
                 for cmd in m.listen():
                     line = cmd["command"]
                     with self._lock:

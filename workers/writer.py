@@ -15,8 +15,9 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
    the sum of its attempts however many deliveries ran it.
 
 5. the ``on_finished`` hook, if any, runs in the same transaction with the ids of the requests
-   finished in the batch (jobs schedule their next steps there: :mod:`tars_tasks.jobs.store`); what
-   it returns runs after the commit (publishing those steps).
+   finished in the batch that may be job steps (``FinishRecord.job_step`` not False; jobs schedule
+   their next steps there: :mod:`tars_tasks.jobs.store`); what it returns runs after the commit
+   (publishing those steps).
 
 On Postgres each step is constant SQL run through the same connection and transaction
 (:mod:`workers.pgsql`: all four steps in one psycopg pipeline, no SQLAlchemy compilation or

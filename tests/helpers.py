@@ -227,10 +227,10 @@ class PrivateRedis:
 class MonitorCounts:
     """Commands a Redis server runs, counted by the kind ``classify(line)`` names (None: not counted).
 
-    MONITOR streams every command in the order the server ran them, and the watcher thread parses
-    that stream behind it (on a loaded machine, seconds behind). :meth:`counts` therefore sends a
-    marker of its own and returns only once the watcher has reached it, so every command the server
-    ran before the call is counted; a failed watch fails the test with its error. Use a private
+    MONITOR streams every command in the order the server ran them, and the watcher thread reads
+    that stream some time after the server ran them. :meth:`counts` therefore sends a marker of
+    its own and returns only once the watcher has reached it, so every command the server ran
+    before the call is counted; a failed watch fails the test with its error. Use a private
     server (:class:`PrivateRedis`): MONITOR sees every client's commands."""
 
     def __init__(self, url: str, classify) -> None:

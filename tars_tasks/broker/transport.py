@@ -20,9 +20,7 @@
 
 from __future__ import annotations
 
-import time as clock
 from contextlib import contextmanager
-from queue import Empty
 from time import time
 
 from kombu import transport as kombu_transport
@@ -152,38 +150,6 @@ class Channel(kombu_redis.Channel):
 
 class Transport(HalfOpenChecks, kombu_redis.Transport):
     Channel = Channel
-
-    def drain_events(self, connection, timeout=None):
-        """Kombu's, except that a worker told to stop returns at its first empty poll.
-
-        Celery's gevent consumer (its "synloop") checks for a shutdown only between calls of
-        ``drain_events(timeout=2.0)``, and kombu's loop inside that call polls again after each
-        empty BRPOP (``brpop_timeout``, 1 s) until the 2 s are over: a warm shutdown began up to
-        3 s after SIGTERM (measured 3.0 s on an idle worker). Once ``should_stop`` or
-        ``should_terminate`` is set, an empty poll ends the call as its timeout would, so the
-        consumer stops fetching within one BRPOP. A message that arrives is delivered as before."""
-        if timeout is None:
-            return super().drain_events(connection, timeout=timeout)
-        from celery.worker import state  # this process's worker state (unset outside a worker)
-
-        time_start = clock.monotonic()  # looked up at the call: gevent may patch after import
-        get = self.cycle.get
-        while True:
-            try:
-                get(self._deliver, timeout=timeout)
-            except Empty:
-                if _flagged(state.should_stop) or _flagged(state.should_terminate) \
-                        or clock.monotonic() - time_start >= timeout:
-                    raise TimeoutError() from None  # socket.timeout
-                if self.polling_interval is not None:
-                    clock.sleep(min(self.polling_interval, timeout))
-            else:
-                return
-
-
-def _flagged(flag) -> bool:
-    """Set as Celery's ``maybe_shutdown`` reads it: an exit code (0 included), not None or False."""
-    return flag is not None and flag is not False
 
 
 #: URL schemes served by :class:`Transport` once :func:`install` ran.

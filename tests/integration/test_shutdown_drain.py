@@ -1,4 +1,4 @@
-"""A worker told to stop stops fetching at its first empty poll (``tars_tasks.broker.transport``).
+"""A worker told to stop stops fetching at its first empty poll (``tars_tasks.broker.halfopen``).
 
 Celery's gevent consumer checks for a shutdown only between its ``drain_events(timeout=2.0)``
 calls, and kombu polls again inside such a call after each empty BRPOP (1 s) until the 2 s are

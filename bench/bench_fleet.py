@@ -9,9 +9,12 @@
    its ratio to (1).
 3. closed loop with the seed's latency (uniform 0.5-2.5 s, no injected failures): keep C in
    flight for a steady window; throughput as % of Little's bound (C / mean model latency
-   measured from the api_calls rows of the window), and p99 end-to-end minus p99 model latency.
+   measured from the api_calls rows of the window), p99 end-to-end minus p99 model latency, and
+   the latency added to each request (end to end minus its own call), split into stages from its
+   rows' timestamps (``added_ms_by_stage``: submit, to the call, after it, to the client).
 4. bare Celery closed loop at each C: a task that sleeps the same U(0.5, 2.5) s (gevent) and
-   LPUSHes its token; the producer BRPOPs and sends the next — the same shape as (3).
+   LPUSHes its token; the producer BRPOPs and sends the next — the same shape as (3). Its added
+   latency per request is end to end minus the sleep it asked for (a late wake-up counts as added).
 5. For every part: CPU seconds per request (per task) of each process group — the producer
    (this process), the worker processes, redis-server, the Postgres backends of the bench
    database — and worker RSS in the middle of each closed-loop window; memory per in-flight
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -226,6 +230,7 @@ def bench_bare_closed(*, processes: int, concurrency: int, levels: list[int], du
                         "pct_of_bound": 100 * thr / bound,
                         "p99_added_ms": 1000 * (_pct(e2e, 99) - _pct(sleeps, 99)),
                         "p50_added_ms": 1000 * (_pct(e2e, 50) - _pct(sleeps, 50)),
+                        "added_ms_per_request": _summary([1000 * (a - b) for a, b in zip(e2e, sleeps, strict=True)]),
                         "cpu_ms_per_task": _per(cpu, len(done)), "worker_rss_bytes": mid.get("worker_rss_bytes"),
                         "unfinished": len(sent)})
             print(json.dumps(out[-1]), flush=True)
@@ -346,6 +351,53 @@ def _pct(values: list[float], q: float) -> float:
     return h.get_value_at_percentile(q) / 1e6
 
 
+#: The stages of a request's added latency, between the timestamps a closed loop has for it: the
+#: client's (epoch clock: ``send_start``, ``done_at``) and its rows' (the coordinator's
+#: ``requests.submitted_at``, the worker's ``api_calls.started_at`` / ``finished_at`` of the call
+#: that answered, ``requests.finished_at``). The stages add up to end-to-end minus the call:
+#: ``total``, what the pipeline added to that one request (a percentile of these is not the
+#: difference of two percentiles, ``p99_added_ms``, which two wide distributions make noisy).
+STAGES = (
+    ("submit", "send_start", "submitted_at"),         # the client's submit up to its row's timestamp
+    ("to_call", "submitted_at", "call_started_at"),   # admitted, staged, fetched, loaded, limiter
+    ("after_call", "call_finished_at", "finished_at"),  # the worker's bookkeeping of the answer
+    ("to_client", "finished_at", "done_at"),          # group commit, ack, notice, the client hears it
+)
+
+
+def _added_by_stage(engine, run_id: str, done: list) -> dict:
+    """p50 / p99 / mean (ms) of each of :data:`STAGES` over the window's completed requests."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(text(
+            "SELECT r.id, extract(epoch FROM r.submitted_at), extract(epoch FROM a.started_at), "
+            "extract(epoch FROM a.finished_at), extract(epoch FROM r.finished_at) "
+            "FROM requests r JOIN api_calls a ON a.request_id = r.id "
+            "WHERE r.run_id = :r AND a.outcome = 'ok'"), {"r": run_id})}
+    spans: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+    added: list[float] = []
+    for s in done:
+        row = rows.get(s.request_id)
+        if row is None or None in row:
+            continue
+        t = {"send_start": s.send_start, "done_at": s.done_at, "submitted_at": float(row[0]),
+             "call_started_at": float(row[1]), "call_finished_at": float(row[2]), "finished_at": float(row[3])}
+        for name, a, b in STAGES:
+            spans[name].append(1000 * (t[b] - t[a]))
+        added.append(1000 * (t["done_at"] - t["send_start"] - (t["call_finished_at"] - t["call_started_at"])))
+    return {"total": _summary(added), **{name: _summary(v) for name, v in spans.items()}}
+
+
+def _summary(ms: list[float]) -> dict:
+    """n, mean, p50 and p99 (nearest rank) of per-request milliseconds."""
+    if not ms:
+        return {"n": 0, "mean": None, "p50": None, "p99": None}
+    ordered = sorted(ms)
+    return {"n": len(ms), "mean": statistics.fmean(ms), "p50": statistics.median(ms),
+            "p99": ordered[math.ceil(0.99 * len(ordered)) - 1]}
+
+
 def bench_closed_loop(*, db_url: str, processes: int, concurrency: int, levels: list[int], duration_s: float,
                       warmup_s: float, tmp: Path) -> list[dict]:
     from sqlalchemy import text
@@ -383,6 +435,7 @@ def bench_closed_loop(*, db_url: str, processes: int, concurrency: int, levels: 
                     lat = [float(x) / 1000 for x in conn.execute(text(
                         "SELECT a.latency_ms FROM api_calls a JOIN requests r ON r.id = a.request_id "
                         "WHERE r.run_id = :r AND a.outcome = 'ok'"), {"r": run_id}).scalars()]
+                stages = _added_by_stage(client.engine, run_id, done)
                 mean_model = statistics.fmean(lat)
                 thr = len(done) / (w1 - w0)
                 bound = c / mean_model
@@ -396,6 +449,7 @@ def bench_closed_loop(*, db_url: str, processes: int, concurrency: int, levels: 
                     "failed": sum(1 for s in res.samples if s.status not in (None, "succeeded")),
                     "unfinished": res.unfinished,
                     "cpu_ms_per_request": _per(cpu, finished), "worker_rss_bytes": mid.get("worker_rss_bytes"),
+                    "added_ms_by_stage": stages,
                 })
                 print(json.dumps(out[-1]), flush=True)
     finally:
@@ -446,6 +500,12 @@ def memory_per_in_flight(levels: list[dict]) -> float | None:
     return slope([x for x, _ in pts], [y / 1024 for _, y in pts])
 
 
+def _per_request_txt(summary: dict | None) -> str:
+    if not summary or summary.get("p99") is None:
+        return ""
+    return f" (per request: p50 +{summary['p50']:,.0f}, p99 +{summary['p99']:,.0f} ms)"
+
+
 def ratio_table(result: dict) -> str:
     """The issue's table: bare Celery against the pipeline, from this one run."""
     rows = ["| figure | bare Celery | TARS full pipeline | pipeline / bare |", "|---|---|---|---|"]
@@ -461,9 +521,10 @@ def ratio_table(result: dict) -> str:
     for lv in result.get("closed_loop", []):
         c, b = lv["concurrency"], bc.get(lv["concurrency"])
         bare_txt = (f"{b['pct_of_bound']:.1f}% ({b['throughput_per_s']:,.0f}/s), p99 +{b['p99_added_ms']:,.0f} ms"
-                    if b else "not run")
+                    + _per_request_txt(b.get("added_ms_per_request")) if b else "not run")
         rows.append(f"| closed loop C = {c:,}, % of Little's bound | {bare_txt} | {lv['pct_of_bound']:.1f}% "
-                    f"({lv['throughput_per_s']:,.0f}/s), p99 +{lv['p99_added_ms']:,.0f} ms | "
+                    f"({lv['throughput_per_s']:,.0f}/s), p99 +{lv['p99_added_ms']:,.0f} ms"
+                    + _per_request_txt((lv.get("added_ms_by_stage") or {}).get("total")) + " | "
                     + (f"{lv['throughput_per_s'] / b['throughput_per_s']:.2f}x |" if b else "- |"))
     mb, mp = result.get("bare_kib_per_in_flight"), result.get("pipeline_kib_per_in_flight")
     if mb is not None or mp is not None:

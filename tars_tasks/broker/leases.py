@@ -86,15 +86,32 @@ def dead_tags(client, *, namespace: str, chunk: int = 500) -> dict[str, str]:
             return out
 
 
+#: KEYS = [owner hash, kombu's unacked hash]; ARGV = [tag]. Drops the tag's owner entry only if
+#: no message is unacked under that tag: a consumer records the two together (one MULTI), so a
+#: message restored and taken again meanwhile keeps its new holder's entry.
+DROP_ORPHAN_OWNER_LUA = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+
 def restore_dead(channel, tags: list[str]) -> int:
-    """Put the messages of ``tags`` back on their queues; returns how many were restored."""
+    """Put the messages of ``tags`` back on their queues; returns how many were restored.
+
+    Each restore is kombu's transaction, which removes the message's owner entry with its
+    unacked entry before the message is visible again. An owner entry left with no message is
+    dropped afterwards, but only while still no message is unacked under its tag: the restored
+    message may already be held again (same delivery tag) by a worker whose entry must stay, or
+    no sweep would restore it if that worker died too (seen: a request queued for the rest of a
+    fault case)."""
     restored = 0
     with channel.conn_or_acquire() as client:
+        drop_orphan = client.register_script(DROP_ORPHAN_OWNER_LUA)
         for tag in tags:
             held = client.hexists(channel.unacked_key, tag)
             channel.qos.restore_by_tag(tag, client=client)
             restored += int(bool(held))
-            client.hdel(UNACKED_OWNER_KEY, tag)  # an owner entry without a message: drop it too
+            drop_orphan(keys=[UNACKED_OWNER_KEY, channel.unacked_key], args=[tag])
     return restored
 
 

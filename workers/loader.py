@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 
 from tars_tasks.db.errors import describe, is_transient
+from tars_tasks.db.held import HeldConnection
 from tars_tasks.db.models import Request
 from workers import pgsql
 from workers.providers.request import ModelRequest
@@ -84,6 +85,8 @@ class RequestLoader:
         #: time.time() since which reads keep failing (None while they succeed)
         self.stalled_since: float | None = None
         self.last_error: str | None = None
+        #: the reads' connection, kept while they follow each other (no pre-ping per read)
+        self._held = HeldConnection(engine)
         self._thread = threading.Thread(target=self._run, name="tars-row-loader", daemon=True)
         self._closed = False
         self._thread.start()
@@ -124,12 +127,15 @@ class RequestLoader:
         return batch, False
 
     def _run(self) -> None:
-        while True:
-            batch, stop = self._take()
-            if batch:
-                self._answer(batch)
-            if stop:
-                return
+        try:
+            while True:
+                batch, stop = self._take()
+                if batch:
+                    self._answer(batch)
+                if stop:
+                    return
+        finally:
+            self._held.release()
 
     def _answer(self, batch: list[_Ask]) -> None:
         delay = 0.05
@@ -156,7 +162,7 @@ class RequestLoader:
             a.done.set()
 
     def _read(self, ids: list[str]) -> dict[str, RequestRow]:
-        with self.engine.connect() as conn:
+        with self._held.connect() as conn:
             if conn.dialect.name == "postgresql":  # one prepared statement, the ids as one array
                 return {t[0]: RequestRow(*t) for t in pgsql.load_requests(conn, ids)}
             return _orm_rows(conn, ids)

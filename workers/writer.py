@@ -22,7 +22,9 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
 On Postgres each step is constant SQL run through the same connection and transaction
 (:mod:`workers.pgsql`: all four steps in one psycopg pipeline, no SQLAlchemy compilation or
 per-row binding); on any other database (SQLite, embedded) the same steps are
-SQLAlchemy statements.
+SQLAlchemy statements. Commits that follow each other within a second share one connection
+(:class:`tars_tasks.db.held.HeldConnection`): only the first after a pause or an error pays the
+pool's pre-ping.
 
 Then it wakes the waiting tasks — which return, so Celery acks their messages — and publishes
 completion notices.
@@ -57,6 +59,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, u
 from config.pricing import TOKEN_CLASSES
 from tars_tasks.codes import FailureReason, RequestStatus
 from tars_tasks.db.errors import describe, is_transient
+from tars_tasks.db.held import HeldConnection
 from tars_tasks.db.models import ApiCall, DeadLetter, Request
 from tars_tasks.db.upsert import insert_for
 from tars_tasks.notify import Notice, Notifier
@@ -174,6 +177,8 @@ class GroupCommitWriter:
         self._q: queue.Queue[_Entry | None] = queue.Queue()
         self._finish = _finish_stmt()
         self._totals = _totals_stmt()
+        #: the commits' connection, kept while they follow each other (no pre-ping per commit)
+        self._held = HeldConnection(engine)
         self._thread = threading.Thread(target=self._run, name="tars-group-commit", daemon=True)
         self._closed = False
         self.batches = 0
@@ -265,6 +270,12 @@ class GroupCommitWriter:
         return batch, stop
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._held.release()
+
+    def _loop(self) -> None:
         while True:
             batch, stop = self._take_batch()
             if batch:
@@ -375,7 +386,7 @@ class GroupCommitWriter:
             if e.finish is not None:
                 finishes.append(_finish_row(e.finish))
         ids = sorted({r["request_id"] for r in api_rows.values()} | {f["id"] for f in finishes})
-        with self.engine.begin() as conn:
+        with self._held.begin() as conn:
             if conn.dialect.name == "postgresql":
                 self._commit_pg(conn, ids, api_rows, finishes)
             else:

@@ -11,7 +11,9 @@
    flight for a steady window; throughput as % of Little's bound (C / mean model latency
    measured from the api_calls rows of the window), p99 end-to-end minus p99 model latency, and
    the latency added to each request (end to end minus its own call), split into stages from its
-   rows' timestamps (``added_ms_by_stage``: submit, to the call, after it, to the client).
+   rows' timestamps (``added_ms_by_stage``: submit, to the call, after it, to the client), and
+   how long a client slot sat between hearing its request done and sending the next
+   (``client_gap_ms``).
 4. bare Celery closed loop at each C: a task that sleeps the same U(0.5, 2.5) s (gevent) and
    LPUSHes its token; the producer BRPOPs and sends the next — the same shape as (3). Its added
    latency per request is end to end minus the sleep it asked for (a late wake-up counts as added).

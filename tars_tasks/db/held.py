@@ -37,8 +37,6 @@ class HeldConnection:
         self._conn: Connection | None = None
         self._taken_at = 0.0
         self._used_at = 0.0
-        #: how many times a connection was checked out of the pool (tests count them)
-        self.checkouts = 0
 
     def _take(self) -> Connection:
         now = monotonic()
@@ -49,7 +47,6 @@ class HeldConnection:
             conn = None
         if conn is None:
             conn = self.engine.connect()
-            self.checkouts += 1
             self._conn, self._taken_at = conn, now
         return conn
 

@@ -25,12 +25,13 @@ QUEUE = "tars.race"
 
 @contextmanager
 def _owner(name: str):
+    """This process as the lease owner ``name`` for a while (the owner is process-wide state)."""
+    saved = leases._owner, leases._owner_pid
     leases.release_owner()
-    owner = leases.claim_owner(node=name)
     try:
-        yield owner
+        yield leases.claim_owner(node=name)
     finally:
-        leases.release_owner()
+        leases._owner, leases._owner_pid = saved
 
 
 class _TakesItBackAfterTheRestore:

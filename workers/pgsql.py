@@ -67,34 +67,59 @@ def _literal(code: str) -> str:
     return "'" + code.replace("'", "''") + "'"
 
 
-LOCK_SQL = "SELECT id FROM requests WHERE id = ANY(%(ids)s::varchar[]) ORDER BY id FOR UPDATE"
+#: Every statement reaches its rows by their keys, one index probe per id, whatever the plan
+#: cache holds: psycopg prepares a statement on its fifth use and Postgres then keeps one generic
+#: plan, costed with the tables' sizes and statistics of that moment. Asked with ``id = ANY(ids)``
+#: of a table still small (a fresh database; autovacuum off or not yet round) it keeps a seq scan
+#: of the whole table, per batch, as the table grows: measured on a fresh bench database, the
+#: totals join read every api_calls row for every group commit. A ``LATERAL`` subquery behind
+#: ``OFFSET 0`` is not flattened into a join, so each id is one parameterised probe, and a pk
+#: probe is an index scan at any size (``tests/integration/test_pg_plans.py``).
+_BY_ID = "FROM unnest(%(ids)s::varchar[]) AS q(id) CROSS JOIN LATERAL"
+
+#: Locks the batch's request rows in id order (the ids sorted by Postgres, as ``ORDER BY id`` was).
+LOCK_SQL = ("SELECT r.id FROM (SELECT u.id FROM unnest(%(ids)s::varchar[]) AS u(id) ORDER BY u.id) AS q "
+            "CROSS JOIN LATERAL (SELECT id FROM requests WHERE id = q.id OFFSET 0 FOR UPDATE) AS r")
 
 UPSERT_API_SQL = (
     f"INSERT INTO api_calls ({', '.join(API_COLUMNS)}) VALUES ({', '.join(f'%({c})s' for c in API_COLUMNS)}) "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in API_UPDATABLE)}"
 )
 
+#: A request's totals, recomputed from all its attempts (``r`` is the request row): the
+#: columns and a correlated sub-select over its api_calls, one index probe per request.
+TOTAL_COLUMNS: tuple[str, ...] = ("attempts", *TOKEN_CLASSES, "cost_usd")
+_TOTALS_OF_R = (
+    "SELECT count(a.id), "
+    + ", ".join(f"coalesce(sum(a.{c}), 0)" for c in TOKEN_CLASSES)
+    + ", coalesce(sum(a.cost_usd), 0) FROM api_calls AS a WHERE a.request_id = r.id"
+)
+
+#: Finishes a request not finished already, its totals in the same row version.
 FINISH_SQL = (
-    "UPDATE requests SET "
+    "UPDATE requests AS r SET "
     + ", ".join(f"{c} = %({c})s" for c in FINISH_COLUMNS[:-1])
-    + ", served_mode = coalesce(%(served_mode)s::varchar, served_mode)"
-    + f" WHERE id = %(id)s AND (status = {_literal(RequestStatus.QUEUED)}"
-    + f" OR (status = {_literal(RequestStatus.FAILED)} AND started_at IS NULL"
-    + f" AND failure_reason = {_literal(FailureReason.ENQUEUE_FAILED)}))"
+    + ", served_mode = coalesce(%(served_mode)s::varchar, r.served_mode)"
+    + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_OF_R})"
+    + f" WHERE r.id = %(id)s AND (r.status = {_literal(RequestStatus.QUEUED)}"
+    + f" OR (r.status = {_literal(RequestStatus.FAILED)} AND r.started_at IS NULL"
+    + f" AND r.failure_reason = {_literal(FailureReason.ENQUEUE_FAILED)}))"
 )
 
+#: A request's totals, written only where they changed (a request the batch finished has them
+#: already: a second row version would cost its indexes and its foreign-key check again).
 TOTALS_SQL = (
-    "UPDATE requests AS r SET attempts = t.n, "
-    + ", ".join(f"{c} = t.{c}" for c in TOKEN_CLASSES)
-    + ", cost_usd = t.cost_usd FROM ("
-    + "SELECT q.id, count(a.id) AS n, "
+    "UPDATE requests AS r SET "
+    + ", ".join(f"{c} = t.{c}" for c in TOTAL_COLUMNS)
+    + " FROM (SELECT count(a.id) AS attempts, "
     + ", ".join(f"coalesce(sum(a.{c}), 0) AS {c}" for c in TOKEN_CLASSES)
-    + ", coalesce(sum(a.cost_usd), 0) AS cost_usd"
-    + " FROM unnest(%(ids)s::varchar[]) AS q(id) LEFT JOIN api_calls AS a ON a.request_id = q.id GROUP BY q.id"
-    + ") AS t WHERE r.id = t.id"
+    + ", coalesce(sum(a.cost_usd), 0) AS cost_usd FROM api_calls AS a WHERE a.request_id = %(id)s) AS t"
+    + f" WHERE r.id = %(id)s AND ({', '.join(f'r.{c}' for c in TOTAL_COLUMNS)})"
+    + f" IS DISTINCT FROM ({', '.join(f't.{c}' for c in TOTAL_COLUMNS)})"
 )
 
-LOAD_SQL = f"SELECT {', '.join(LOAD_COLUMNS)} FROM requests WHERE id = ANY(%(ids)s::varchar[])"
+LOAD_SQL = (f"SELECT {', '.join(f'r.{c}' for c in LOAD_COLUMNS)} {_BY_ID} "
+            f"(SELECT {', '.join(LOAD_COLUMNS)} FROM requests WHERE id = q.id OFFSET 0) AS r")
 
 
 def load_requests(conn: Connection, ids: list[str]) -> list[tuple[Any, ...]]:
@@ -122,7 +147,7 @@ def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, An
             if finishes:
                 cur.executemany(FINISH_SQL, finishes)
             if ids:
-                cur.execute(TOTALS_SQL, {"ids": ids})
+                cur.executemany(TOTALS_SQL, [{"id": i} for i in ids])
     except psycopg.Error as exc:
         broken = raw.broken or conn.dialect.is_disconnect(exc, raw, None)
         if broken:

@@ -125,6 +125,12 @@ def stage_prefix(namespace: str, tier: str) -> str:
     return f"{namespace}:stage:{tier}"
 
 
+def stage_wake_channel(namespace: str) -> str:
+    """Pub/sub channel a producer publishes a tier's name on after staging in it: the dispatchers
+    of that tier step at once instead of at their next tick (their tick remains the fallback)."""
+    return f"{namespace}:stage-wake"
+
+
 def stage_slots_key(namespace: str, tier: str) -> str:
     """Hash entry id -> the µs (Redis clock) of the slot its dispatcher reserved: the worker that
     takes the message reads (and deletes) it, and gives a slot it would miss up (docs/DISPATCH.md)."""

@@ -26,7 +26,15 @@ from typing import Any
 import redis
 
 from config.catalog import ModelSpec
-from config.keys import TIERS, stage_count_key, stage_parked_key, stage_prefix, stage_queue_key, stage_ring_key
+from config.keys import (
+    TIERS,
+    stage_count_key,
+    stage_parked_key,
+    stage_prefix,
+    stage_queue_key,
+    stage_ring_key,
+    stage_wake_channel,
+)
 from tars_tasks.errors import InvalidRequest
 
 PRIORITIES: tuple[int, ...] = tuple(range(10))  # TARS priorities, 9 served first
@@ -135,6 +143,9 @@ class Staging:
     def stage(self, messages: Iterable[StagedMessage], *, pipeline: redis.client.Pipeline | None = None) -> None:
         """Append ``messages`` to staging, atomically per tier and per ``STAGE_BATCH_MAX`` entries.
 
+        Each tier staged in is then named on :func:`config.keys.stage_wake_channel` (one PUBLISH in
+        the same pipeline), so its dispatchers move the entries without waiting for their tick.
+
         Validates every entry first (one bad entry stages nothing). With ``pipeline`` the script
         calls are queued on it (the caller executes it, e.g. with its other writes); otherwise
         they run at once, in one pipeline. Raises redis errors as they are: the caller decides
@@ -154,6 +165,7 @@ class Staging:
                 for m in entries[i : i + STAGE_BATCH_MAX]:
                     args += [m.priority, m.tenant, m.tokens_field(), m.id, m.body]
                 self._script(keys=[stage_count_key(self.namespace, tier)], args=args, client=pipe)
+            pipe.publish(stage_wake_channel(self.namespace), tier)  # its dispatchers step now, not at their tick
         if pipeline is None:
             pipe.execute()
 

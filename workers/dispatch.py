@@ -32,6 +32,7 @@ nothing, because Redis runs a script to completion or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ from config.keys import (
     ratelimit_key,
     stage_count_key,
     stage_prefix,
+    stage_wake_channel,
     tenant_config_key,
     tenant_limit_prefix,
 )
@@ -75,6 +77,10 @@ DEFAULT_BATCH_MAX = 200
 MODEL_LIMIT_SLEEP_MAX_S = 1.0
 #: After a wake (a slot freed), how long the loop waits for more slots to free before it steps.
 WAKE_COALESCE_S = 0.002
+#: How long a dispatcher's listener for staging wakes blocks per read (it checks for stop between).
+LISTEN_POLL_S = 1.0
+#: After its subscription broke, the listener subscribes again after this long.
+LISTEN_RETRY_S = 1.0
 #: How often a dispatcher loop re-writes the tenant configuration into Redis (it survives a
 #: Redis restart without persistence this way).
 TENANT_CONFIG_REFRESH_S = 30.0
@@ -457,7 +463,10 @@ class DispatchLoop:
     ``free_slots()`` answers how many more messages the worker could start now (its free
     slots); it caps one step's moves (shared by the tiers, in the order given) and the ready
     depth of each tier's Celery lists.
-    ``wake()`` (e.g. when a task finishes) makes the loop step at once instead of at its next tick.
+    ``wake()`` (e.g. when a task finishes) makes the loop step at once instead of at its next tick;
+    ``staged(tier)`` (a producer staged in ``tier``: :meth:`listen` hears it on
+    :func:`config.keys.stage_wake_channel`) does too, and asks that tier even if it was found
+    empty within the tick.
     The loop never raises: a Redis error is logged and retried after a tick, like kombu's own
     reconnects.
     """
@@ -474,6 +483,7 @@ class DispatchLoop:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
         self._config_written = 0.0
         #: tier -> time.monotonic() before which a tier found with nothing staged is not asked again
         self._idle_until: dict[str, float] = {}
@@ -486,11 +496,49 @@ class DispatchLoop:
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        for t in (self._thread, self._listener):
+            if t is not None:
+                t.join(timeout_s)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def staged(self, tier: str) -> None:
+        """Entries were staged in ``tier``: step it at once (no-op for a tier not stepped here)."""
+        if tier in self.tiers:
+            self._idle_until.pop(tier, None)
+            self._wake.set()
+
+    def listen(self, *, redis_client: redis.Redis, namespace: str) -> DispatchLoop:
+        """Hear producers' staging (:func:`config.keys.stage_wake_channel`) until :meth:`stop`.
+        A lost subscription (Redis restarted, connection dropped) is made again after a second,
+        and once it is confirmed every tier is stepped: what was staged unheard moves then, no wake
+        is lost for longer than that (and the loop's tick bounds it anyway)."""
+        self._listener = threading.Thread(target=self._listen, args=(redis_client, stage_wake_channel(namespace)),
+                                          name="tars-dispatch-wakes", daemon=True)
+        self._listener.start()
+        return self
+
+    def _listen(self, client: redis.Redis, channel: str) -> None:
+        while not self._stop.is_set():
+            pubsub = client.pubsub()
+            try:
+                pubsub.subscribe(channel)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=LISTEN_POLL_S)
+                    if msg is None:
+                        continue
+                    if msg.get("type") == "message":
+                        self.staged(_s(msg["data"]))
+                    elif msg.get("type") == "subscribe":  # (re)subscribed: what was staged unheard moves now
+                        for tier in self.tiers:
+                            self.staged(tier)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("staging wakes unheard (%s); the dispatcher steps at its tick meanwhile", exc)
+                self._stop.wait(LISTEN_RETRY_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
 
     def step(self) -> float:
         """Step every tier once; return how long to sleep before the next step."""
@@ -628,4 +676,5 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
 
     log.info("dispatcher for %s (%d slots, horizon %.3fs)", ", ".join(tiers), concurrency, dispatcher.horizon_s)
     return DispatchLoop(dispatcher=dispatcher, tiers=tiers, free_slots=free_slots,
-                        tick_s=settings.dispatch_tick_s).start()
+                        tick_s=settings.dispatch_tick_s).start().listen(redis_client=dispatcher.redis_client,
+                                                                         namespace=settings.namespace)

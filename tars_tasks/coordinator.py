@@ -21,6 +21,7 @@ within ``client_timeout_s`` — is :class:`BrokerUnavailable` too, with nothing 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from typing import Any
 import redis
 from celery import Celery
 from sqlalchemy import Engine, select, tuple_, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config.catalog import Catalog
 from config.keys import queue_for_tier
@@ -105,6 +106,21 @@ class _Planned:
         return self.cache is not None and self.cache.hit is not None
 
 
+#: A run found in ``runs`` is not looked up again for this long: every submit call of a producer
+#: running under a run asked Postgres (a pool check-out with its pre-ping, the SELECT, the
+#: check-in's rollback: three round trips) before its insert. A run deleted meanwhile fails the
+#: insert's foreign key, and that is answered as the look-up would have answered.
+RUN_FOUND_TTL_S = 5.0
+#: At most this many runs remembered (then forgotten all at once).
+RUNS_FOUND_MAX = 1024
+#: The foreign key of ``requests.run_id`` (Postgres' own name for it: migration 0001 gives none).
+RUN_FK = "requests_run_id_fkey"
+
+
+def _unknown_run(run_id: str) -> InvalidRequest:
+    return InvalidRequest(f"unknown run_id {excerpt(run_id)}: no such run in runs", field="run_id")
+
+
 class Coordinator:
     def __init__(self, *, settings: Settings, catalog: Catalog, celery_app: Celery, engine: Engine,
                  admission: Admission | None = None, bound: AdmissionBound | None = None) -> None:
@@ -142,6 +158,8 @@ class Coordinator:
         self.budgets = (Budgets.for_settings(settings, timeout_s=settings.client_timeout_s)
                         if settings.budgets_enabled else None)
         self._notifier = None
+        #: run id -> time.monotonic() it was last found in ``runs`` (see :meth:`check_run`).
+        self._runs_found: dict[str, float] = {}
 
     def plan(self, requests: Iterable[RequestSpec | Mapping[str, Any]], *, run_id: str | None = None) -> list[_Planned]:
         """Validate and route every request and check ``run_id`` names a run; raise
@@ -173,6 +191,9 @@ class Coordinator:
         run_id = validate_run_id(run_id)
         if run_id is None:
             return None
+        found_at = self._runs_found.get(run_id)
+        if found_at is not None and time.monotonic() - found_at < RUN_FOUND_TTL_S:
+            return run_id  # a producer submits many calls under one run: one look-up per RUN_FOUND_TTL_S
         runs = Run.__table__.c
         try:
             with self.engine.connect() as conn:
@@ -180,7 +201,10 @@ class Coordinator:
         except OperationalError as exc:
             raise DatabaseUnavailable(f"could not look up run {run_id}: {exc.orig or exc}") from exc
         if found is None:
-            raise InvalidRequest(f"unknown run_id {excerpt(run_id)}: no such run in runs", field="run_id")
+            raise _unknown_run(run_id)
+        if len(self._runs_found) >= RUNS_FOUND_MAX:
+            self._runs_found.clear()
+        self._runs_found[run_id] = time.monotonic()
         return run_id
 
     def admit(self, planned: list[_Planned]) -> list[_Planned]:
@@ -438,6 +462,12 @@ class Coordinator:
                         existing[(tenant, key)] = (rid, tier, prio)
         except OperationalError as exc:
             raise DatabaseUnavailable(f"could not record requests: {exc.orig or exc}") from exc
+        except IntegrityError as exc:
+            # the run was found within RUN_FOUND_TTL_S and deleted since: the same answer as the look-up's
+            if run_id is None or getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != RUN_FK:
+                raise
+            self._runs_found.pop(run_id, None)
+            raise _unknown_run(run_id) from None
         return created, existing
 
     def _enqueue(self, planned: Sequence[_Planned], *, reply_to: str | None) -> None:

@@ -54,6 +54,7 @@ from config.keys import (
 )
 from config.tenants import TenantConfig
 from tars_tasks.errors import InvalidRequest
+from tars_tasks.redis_client import PubSubWatch
 from tars_tasks.staging import (  # noqa: F401 - the producer's half, re-exported for the worker side and tests
     PRIORITIES,
     STAGE_BATCH_MAX,
@@ -522,10 +523,15 @@ class DispatchLoop:
     def _listen(self, client: redis.Redis, channel: str) -> None:
         while not self._stop.is_set():
             pubsub = client.pubsub()
+            # a frozen connection is dropped (and subscribed again), not waited on for ever
+            watch = (PubSubWatch(pubsub) if pubsub.connection_pool.connection_kwargs.get("health_check_interval")
+                     else None)
             try:
                 pubsub.subscribe(channel)
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=LISTEN_POLL_S)
+                    if watch is not None:
+                        watch.check()
                     if msg is None:
                         continue
                     if msg.get("type") == "message":

@@ -37,6 +37,7 @@ from typing import Any
 import redis
 
 from config.keys import budget_key, budget_limits_key
+from tars_tasks.redis_client import queue_script
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ class Budgets:
             return {scopes[0]: self.state(scopes[0], at=at)}
         pipe = self.redis.pipeline(transaction=False)
         for scope in scopes:
-            self._state(keys=self._keys(scope, at), args=[scope], client=pipe)
+            queue_script(pipe, self._state, keys=self._keys(scope, at), args=[scope])
         return {scope: self._periods(scope, raw, at=at) for scope, raw in zip(scopes, pipe.execute(), strict=True)}
 
     def _periods(self, tenant: str, raw: Sequence[Any], *, at: datetime | None) -> list[PeriodState]:
@@ -310,8 +311,8 @@ class Budgets:
         scopes = [tenant] if tenant == FLEET else [tenant, FLEET]
         pipe = self.redis.pipeline(transaction=True)
         for scope in scopes:
-            self._reserve(keys=self._keys(scope), client=pipe,
-                          args=[scope, to_nano(usd), reservation_id, self.lease_ms, _DAY_TTL_S, _MONTH_TTL_S])
+            queue_script(pipe, self._reserve, keys=self._keys(scope),
+                         args=[scope, to_nano(usd), reservation_id, self.lease_ms, _DAY_TTL_S, _MONTH_TTL_S])
         results = pipe.execute()
         refused = next(((scope, r) for scope, r in zip(scopes, results, strict=True) if int(r[0]) != 1), None)
         if refused is None:
@@ -328,7 +329,7 @@ class Budgets:
         scopes = [tenant] if tenant == FLEET else [tenant, FLEET]
         pipe = self.redis.pipeline(transaction=True)
         for scope in scopes:
-            self._settle(keys=self._keys(scope), args=[reservation_id, to_nano(usd)], client=pipe)
+            queue_script(pipe, self._settle, keys=self._keys(scope), args=[reservation_id, to_nano(usd)])
         (state, *_), *_ = pipe.execute()
         return _s(state)
 

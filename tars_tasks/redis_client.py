@@ -97,6 +97,15 @@ def get_redis(url: str, *, settings: Settings | None = None, timeout_s: float | 
         return client
 
 
+def queue_script(pipe: redis.client.Pipeline, script: Any, *, keys: list[Any], args: list[Any] | None = None) -> None:
+    """Queue ``script`` (a registered :class:`redis.commands.core.Script`) on ``pipe`` as an EVAL
+    of its text. ``script(..., client=pipe)`` makes the pipeline's ``execute()`` first ask
+    ``SCRIPT EXISTS`` (redis-py's ``Pipeline.load_scripts``): a round trip more on every
+    execute — two per submit call on a producer (budgets, staging). EVAL needs no script loaded
+    (Redis keeps it cached under its SHA1) and cannot fail NOSCRIPT after a restart or a flush."""
+    pipe.eval(script.script, len(keys), *keys, *(args or []))
+
+
 class PubSubWatch:
     """Detects a pub/sub connection that stopped answering and drops it, so the next read reconnects.
 

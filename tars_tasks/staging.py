@@ -36,6 +36,7 @@ from config.keys import (
     stage_wake_channel,
 )
 from tars_tasks.errors import InvalidRequest
+from tars_tasks.redis_client import queue_script
 
 PRIORITIES: tuple[int, ...] = tuple(range(10))  # TARS priorities, 9 served first
 
@@ -164,7 +165,7 @@ class Staging:
                 args: list[str | int] = [prefix]
                 for m in entries[i : i + STAGE_BATCH_MAX]:
                     args += [m.priority, m.tenant, m.tokens_field(), m.id, m.body]
-                self._script(keys=[stage_count_key(self.namespace, tier)], args=args, client=pipe)
+                queue_script(pipe, self._script, keys=[stage_count_key(self.namespace, tier)], args=args)
             pipe.publish(stage_wake_channel(self.namespace), tier)  # its dispatchers step now, not at their tick
         if pipeline is None:
             pipe.execute()

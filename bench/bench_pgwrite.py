@@ -84,7 +84,7 @@ class _Variant(GroupCommitWriter):
             conn.exec_driver_sql(pgsql.LOCK_SQL, {"ids": ids})
             run(_EM_INSERT, list(api_rows.values()))
             run(_EM_FINISH, finishes)
-            conn.exec_driver_sql(pgsql.TOTALS_SQL, {"ids": ids})
+            run(pgsql.TOTALS_SQL, [{"id": i} for i in ids])
 
 
 def main() -> int:

@@ -2,9 +2,10 @@
 
 SQLAlchemy compiled and bound every row of every batch (an ``executemany`` of the finishing
 UPDATE, the attempt upsert): about a fifth of a worker's CPU in issue 13's profile. Here the SQL
-is constant text: the per-row steps (attempt upsert, finish) are psycopg ``executemany`` calls,
-which pipeline the rows in one round trip and prepare the statement once per connection; the
-per-batch steps (lock, totals, the loader's read) are one statement with an array of ids.
+is constant text: the per-row steps (attempt upsert, finish, totals) are psycopg ``executemany``
+calls, which pipeline the rows in one round trip and prepare the statement once per connection;
+the lock and the loader's read are one statement with an array of ids, probed id by id (see
+``_BY_ID`` below: why no statement may leave the plan a choice of scanning a whole table).
 ``bench/bench_pgwrite.py`` measured the alternatives (client CPU per entry, batches of 5 and
 100): SQLAlchemy 1,534 / 277 us, one ``unnest`` statement per step 921 / 223 us, ``executemany``
 797 / 158 us; an ``unnest`` also needs each array of one Python type (psycopg refuses

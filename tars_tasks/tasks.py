@@ -183,8 +183,8 @@ def _start_dispatcher(consumer, settings) -> None:
 
 @signals.task_postrun.connect
 def _slot_freed(**_kw) -> None:
-    for loop in _dispatchers:  # a freed slot is refilled at once, not at the next tick
-        loop.wake()
+    for loop in _dispatchers:  # a freed slot is refilled at once, not at the next tick (if it was wanted)
+        loop.slot_freed()
 
 
 @signals.worker_shutdown.connect

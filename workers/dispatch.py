@@ -464,7 +464,8 @@ class DispatchLoop:
     ``free_slots()`` answers how many more messages the worker could start now (its free
     slots); it caps one step's moves (shared by the tiers, in the order given) and the ready
     depth of each tier's Celery lists.
-    ``wake()`` (e.g. when a task finishes) makes the loop step at once instead of at its next tick;
+    ``wake()`` makes the loop step at once instead of at its next tick; ``slot_freed()`` (a task
+    finished) does so only if the last step was held back by the free slots;
     ``staged(tier)`` (a producer staged in ``tier``: :meth:`listen` hears it on
     :func:`config.keys.stage_wake_channel`) does too, and asks that tier even if it was found
     empty within the tick.
@@ -488,6 +489,8 @@ class DispatchLoop:
         self._config_written = 0.0
         #: tier -> time.monotonic() before which a tier found with nothing staged is not asked again
         self._idle_until: dict[str, float] = {}
+        #: Whether the last step left work staged for want of free slots (then a freed slot matters).
+        self._slot_bound = False
 
     def start(self) -> DispatchLoop:
         self._thread = threading.Thread(target=self.run, name="tars-dispatch", daemon=True)
@@ -503,6 +506,18 @@ class DispatchLoop:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def slot_bound(self) -> bool:
+        """Whether the last step left work staged for want of this worker's free slots."""
+        return self._slot_bound
+
+    def slot_freed(self) -> None:
+        """A task finished: step at once if the last step was held back by the free slots (a full
+        worker, a ready cap, a batch cut at the slots); else the slot changes nothing a step would
+        see (new work wakes the loop through :meth:`staged`), and the loop is left asleep."""
+        if self._slot_bound:
+            self._wake.set()
 
     def staged(self, tier: str) -> None:
         """Entries were staged in ``tier``: step it at once (no-op for a tier not stepped here)."""
@@ -553,9 +568,11 @@ class DispatchLoop:
             self.dispatcher.publish_tenant_config()
             self._config_written = now
         sleeps = []
+        slot_bound = False
         free = self.free_slots()  # shared by the tiers of this worker: what one tier got, the next cannot
         for tier in self.tiers:
             if free <= 0:
+                slot_bound = True
                 sleeps.append(self.tick_s)  # a finishing task wakes the loop sooner
                 continue
             idle_left = self._idle_until.get(tier, 0.0) - now
@@ -571,6 +588,8 @@ class DispatchLoop:
             else:
                 self._idle_until.pop(tier, None)
             free -= sum(r.requests for r in result.moved)
+            if result.reason == "ready_cap" or (result.reason == "batch" and free <= 0):
+                slot_bound = True
             if self.on_result is not None:
                 self.on_result(tier, result)
             until_slot = max(result.wait_s - self.dispatcher.horizon_s, 0.001)
@@ -583,6 +602,7 @@ class DispatchLoop:
                 sleeps.append(min(self.tick_s, until_slot))  # another tenant's new work may come sooner
             else:
                 sleeps.append(self.tick_s)
+        self._slot_bound = slot_bound
         return min(sleeps, default=self.tick_s)
 
     def run(self) -> None:

@@ -102,3 +102,27 @@ def test_a_failing_step_does_not_end_the_loop():
         assert calls.wait(5)
     finally:
         loop.stop()
+
+
+def _moved(n: int):
+    from workers.dispatch import Reservation
+
+    return [Reservation(id=str(i), tenant="a", priority=5, tokens=1, slot_us=0, slot_in_s=0) for i in range(n)]
+
+
+@pytest.mark.parametrize(("free", "result", "bound"), [
+    (5, _r("empty"), False),                 # everything staged moved: a freed slot changes nothing
+    (5, _r("model_limit", 0.5), False),      # the model's limit holds it, not the slots
+    (5, _r("tenant_limit", 0.5), False),
+    (5, _r("ready_cap"), True),              # the Celery lists hold as much as the free slots
+    (5, DispatchResult(moved=_moved(5), reason="batch", wait_s=0, staged=3), True),   # cut at the slots
+    (50, DispatchResult(moved=_moved(20), reason="batch", wait_s=0, staged=3), False),  # cut at batch_max
+    (0, _r("empty"), True),                  # a full worker
+])
+def test_a_finishing_task_wakes_the_loop_only_when_free_slots_held_the_last_step_back(free, result, bound):
+    d = FakeDispatcher({"haiku": result})
+    loop = DispatchLoop(dispatcher=d, tiers=["haiku"], free_slots=lambda: free, batch_max=20)
+    loop.step()
+    assert loop.slot_bound is bound
+    loop.slot_freed()
+    assert loop._wake.is_set() is bound

@@ -554,7 +554,7 @@ class DispatchLoop:
                     elif msg.get("type") == "subscribe":  # (re)subscribed: what was staged unheard moves now
                         for tier in self.tiers:
                             self.staged(tier)
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # never ends the listener: Redis errors, and anything else
                 log.warning("staging wakes unheard (%s); the dispatcher steps at its tick meanwhile", exc)
                 self._stop.wait(LISTEN_RETRY_S)
             finally:

@@ -491,6 +491,9 @@ class DispatchLoop:
         self._idle_until: dict[str, float] = {}
         #: Whether the last step left work staged for want of free slots (then a freed slot matters).
         self._slot_bound = False
+        #: Tiers a staging wake named since their last dispatch began: a step that found one of
+        #: them empty does not mark it idle (what was staged meanwhile moves at the next step).
+        self._woken: set[str] = set()
 
     def start(self) -> DispatchLoop:
         self._thread = threading.Thread(target=self.run, name="tars-dispatch", daemon=True)
@@ -522,6 +525,7 @@ class DispatchLoop:
     def staged(self, tier: str) -> None:
         """Entries were staged in ``tier``: step it at once (no-op for a tier not stepped here)."""
         if tier in self.tiers:
+            self._woken.add(tier)
             self._idle_until.pop(tier, None)
             self._wake.set()
 
@@ -582,8 +586,9 @@ class DispatchLoop:
                 # (with one busy tier and two idle ones, two of every three scripts were idle ones).
                 sleeps.append(idle_left)
                 continue
+            self._woken.discard(tier)
             result = self.dispatcher.dispatch(tier=tier, max_moves=min(free, self.batch_max), max_ready=free)
-            if result.reason == "empty" and result.staged <= 0:
+            if result.reason == "empty" and result.staged <= 0 and tier not in self._woken:
                 self._idle_until[tier] = now + self.tick_s
             else:
                 self._idle_until.pop(tier, None)

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import redis as redis_lib
 
 from config.catalog import load_catalog
 from config.keys import queue_for_tier, stage_wake_channel
@@ -41,18 +42,21 @@ def _wait_for(cond, bound_s: float = MOVE_BOUND_S) -> bool:
 
 
 @pytest.fixture
-def loop(redis):
+def loop(redis, redis_url):
     ns = f"wakes-{uuid.uuid4().hex[:8]}"
+    # the listener's own client, named, so a test can cut its connection and no other process's
+    listener = redis_lib.Redis.from_url(redis_url, client_name=ns)
     stepped = threading.Event()
     dispatcher = Dispatcher(redis_client=redis, namespace=ns, catalog=load_catalog(),
                             limits=LimitWindow(window_s=60.0, utilisation=1.0))
     lp = DispatchLoop(dispatcher=dispatcher, tiers=[TIER], free_slots=lambda: 100, tick_s=TICK_S,
                       on_result=lambda tier, result: stepped.set())
-    lp.start().listen(redis_client=redis, namespace=ns)
+    lp.start().listen(redis_client=listener, namespace=ns)
     assert stepped.wait(MOVE_BOUND_S), "the loop's first step (nothing staged) did not run"
     lp.ns = ns  # type: ignore[attr-defined]
     yield lp
     lp.stop()
+    listener.close()
 
 
 def _subscribed(redis, ns: str) -> bool:
@@ -84,7 +88,10 @@ def test_another_tiers_staging_moves_nothing_here(redis, loop):
 def test_what_is_staged_while_the_subscription_is_down_moves_once_it_is_made_again(redis, loop):
     """Its wake is published to nobody; the listener's new subscription steps the tier."""
     assert _wait_for(lambda: _subscribed(redis, loop.ns))
-    redis.client_kill_filter(_type="pubsub")
+    ids = [c["id"] for c in redis.client_list(_type="pubsub") if c.get("name") == loop.ns]
+    assert ids, "the listener's subscription was not found"
+    for client_id in ids:
+        redis.client_kill_filter(_id=client_id)
     _stage(redis, loop.ns, ["unheard"])
     assert _wait_for(lambda: "unheard" in _moved(redis), bound_s=30.0)
     assert _wait_for(lambda: _subscribed(redis, loop.ns))

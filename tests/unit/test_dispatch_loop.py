@@ -126,3 +126,23 @@ def test_a_finishing_task_wakes_the_loop_only_when_free_slots_held_the_last_step
     assert loop.slot_bound is bound
     loop.slot_freed()
     assert loop._wake.is_set() is bound
+
+
+def test_a_staging_wake_that_comes_during_the_step_finding_the_tier_empty_keeps_the_tier_asked():
+    """The wake's entries were staged after the script looked: marking the tier idle would leave
+    them until the tick (with a tick of a minute, a minute)."""
+
+    class WokenMidStep(FakeDispatcher):
+        def dispatch(self, **kw):
+            result = super().dispatch(**kw)
+            if len(self.calls) == 1:
+                loop.staged("haiku")  # heard while this step's script ran
+            return result
+
+    d = WokenMidStep({"haiku": DispatchResult(moved=[], reason="empty", wait_s=0, staged=0)})
+    loop = DispatchLoop(dispatcher=d, tiers=["haiku"], free_slots=lambda: 5, tick_s=60.0)
+    loop.step()
+    loop.step()
+    assert len(d.calls) == 2  # the second step asked the tier again
+    loop.step()
+    assert len(d.calls) == 2  # and, with no wake since, a tier found empty is idle until its tick

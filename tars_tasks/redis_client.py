@@ -97,7 +97,8 @@ def get_redis(url: str, *, settings: Settings | None = None, timeout_s: float | 
         return client
 
 
-def queue_script(pipe: redis.client.Pipeline, script: Any, *, keys: list[Any], args: list[Any] | None = None) -> None:
+def queue_script(pipe: redis.client.Pipeline, script: redis.commands.core.Script, *, keys: list[Any],
+                 args: list[Any] | None = None) -> None:
     """Queue ``script`` (a registered :class:`redis.commands.core.Script`) on ``pipe`` as an EVAL
     of its text. ``script(..., client=pipe)`` makes the pipeline's ``execute()`` first ask
     ``SCRIPT EXISTS`` (redis-py's ``Pipeline.load_scripts``): a round trip more on every

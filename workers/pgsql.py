@@ -87,13 +87,13 @@ UPSERT_API_SQL = (
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in API_UPDATABLE)}"
 )
 
-#: A request's totals, recomputed from all its attempts (``r`` is the request row): the
-#: columns and a correlated sub-select over its api_calls, one index probe per request.
+#: A request's totals, recomputed from all its attempts: the columns, and the aggregate over
+#: api_calls ``a`` that gives them (one index probe per request, by ``a.request_id``).
 TOTAL_COLUMNS: tuple[str, ...] = ("attempts", *TOKEN_CLASSES, "cost_usd")
-_TOTALS_OF_R = (
-    "SELECT count(a.id), "
-    + ", ".join(f"coalesce(sum(a.{c}), 0)" for c in TOKEN_CLASSES)
-    + ", coalesce(sum(a.cost_usd), 0) FROM api_calls AS a WHERE a.request_id = r.id"
+_TOTALS_SELECT = (
+    "SELECT count(a.id) AS attempts, "
+    + ", ".join(f"coalesce(sum(a.{c}), 0) AS {c}" for c in TOKEN_CLASSES)
+    + ", coalesce(sum(a.cost_usd), 0) AS cost_usd FROM api_calls AS a WHERE a.request_id = "
 )
 
 #: Finishes a request not finished already, its totals in the same row version.
@@ -101,7 +101,7 @@ FINISH_SQL = (
     "UPDATE requests AS r SET "
     + ", ".join(f"{c} = %({c})s" for c in FINISH_COLUMNS[:-1])
     + ", served_mode = coalesce(%(served_mode)s::varchar, r.served_mode)"
-    + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_OF_R})"
+    + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_SELECT}r.id)"
     + f" WHERE r.id = %(id)s AND (r.status = {_literal(RequestStatus.QUEUED)}"
     + f" OR (r.status = {_literal(RequestStatus.FAILED)} AND r.started_at IS NULL"
     + f" AND r.failure_reason = {_literal(FailureReason.ENQUEUE_FAILED)}))"
@@ -112,9 +112,7 @@ FINISH_SQL = (
 TOTALS_SQL = (
     "UPDATE requests AS r SET "
     + ", ".join(f"{c} = t.{c}" for c in TOTAL_COLUMNS)
-    + " FROM (SELECT count(a.id) AS attempts, "
-    + ", ".join(f"coalesce(sum(a.{c}), 0) AS {c}" for c in TOKEN_CLASSES)
-    + ", coalesce(sum(a.cost_usd), 0) AS cost_usd FROM api_calls AS a WHERE a.request_id = %(id)s) AS t"
+    + f" FROM ({_TOTALS_SELECT}%(id)s) AS t"
     + f" WHERE r.id = %(id)s AND ({', '.join(f'r.{c}' for c in TOTAL_COLUMNS)})"
     + f" IS DISTINCT FROM ({', '.join(f't.{c}' for c in TOTAL_COLUMNS)})"
 )

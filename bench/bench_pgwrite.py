@@ -1,24 +1,33 @@
 """The writer's and the loader's Postgres statements, variant against variant, on one connection:
 client CPU (``time.process_time``) per entry of a group commit, and per row of a group read.
 
-    .venv/bin/python bench/bench_pgwrite.py --pg-db tars_h_pgwrite_micro --batch 100 --rounds 30
+    .venv/bin/python bench/bench_pgwrite.py --pg-db tars_h_pgwrite_micro --batch 100 --rounds 30 [--gevent]
 
 Variants of a commit (an entry: its request locked, two api_calls rows upserted, the request
 finished, its totals recomputed): ``orm`` (the SQLAlchemy statements, compiled and bound per row),
-``executemany`` (constant SQL, one step at a time, psycopg's pipelined ``executemany`` through
-``exec_driver_sql``: commit 91fced2's workers/pgsql.py), ``executemany-raw`` (the same on the raw
-psycopg cursor) and ``pipeline`` (workers/pgsql.py now: every step in one psycopg pipeline). Commit 49e661e's
-version of this bench also has ``unnest`` (one statement per step, arrays for parameters: that
-commit's workers/pgsql.py). Of a read: ``orm`` (``SELECT ... WHERE id IN (...)``) and ``any``
-(workers/pgsql.py, ``= ANY(array)``). Rounds alternate
-the variants, so a busy machine weighs on all of them alike.
+``rows`` (workers/pgsql.py's statements per row, through psycopg's pipelined ``executemany``,
+all steps in one pipeline: what commit 1df98c2 wrote at any batch size) and ``sets``
+(workers/pgsql.py's statements of arrays, one per step). The writer takes ``sets`` from
+``pgsql.SETS_FROM`` rows of a step on, ``rows`` below. Of a read:
+``orm`` (``SELECT ... WHERE id IN (...)``) and ``any`` (workers/pgsql.py). Rounds alternate the
+variants, so a busy machine weighs on all of them alike.
+
+``--gevent`` monkey-patches first, as a gevent worker is: psycopg then waits in Python
+(``psycopg.waiting.wait_poll`` on gevent's poll) instead of its C loop, once per command a
+pipeline sends, so a statement per row costs far more there than in a plain process.
 """
 
 from __future__ import annotations
 
+import sys
+
+if "--gevent" in sys.argv:  # before anything imports socket or select: as celery -P gevent does
+    from gevent import monkey
+
+    monkey.patch_all()
+
 import argparse
 import statistics
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -29,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pgdb import fresh_db  # noqa: E402
+from meters import _cpu as cpu_seconds  # noqa: E402
+from meters import postgres_backends  # noqa: E402
+from pgdb import PG_ADMIN, fresh_db  # noqa: E402
 from sqlalchemy import Connection, text  # noqa: E402
 
 from tars_tasks.codes import AttemptOutcome, RequestStatus  # noqa: E402
@@ -66,25 +77,25 @@ def _batch(ids: list[str]) -> list[_Entry]:
     return out
 
 
-_EM_INSERT = pgsql.UPSERT_API_SQL
-_EM_FINISH = pgsql.FINISH_SQL
-
-
 class _Variant(GroupCommitWriter):
-    mode = "unnest"
+    mode = "sets"
 
     def _commit_pg(self, conn, ids, api_rows, finishes) -> None:  # type: ignore[override]
         if self.mode == "orm":
             self._commit_orm(conn, ids, api_rows, finishes)
-        elif self.mode == "pipeline":  # workers/pgsql.py: every step in one psycopg pipeline
+            return
+        # workers/pgsql.py with every step as a set (SETS_FROM 1), or row by row
+        sets_from, pgsql.SETS_FROM = pgsql.SETS_FROM, 1 if self.mode == "sets" else 1 << 30
+        try:
             GroupCommitWriter._commit_pg(conn, ids, api_rows, finishes)
-        else:  # one step at a time: through exec_driver_sql (commit 91fced2's workers/pgsql.py), or raw
-            run = (conn.exec_driver_sql if self.mode == "executemany"
-                   else conn.connection.driver_connection.cursor().executemany)
-            conn.exec_driver_sql(pgsql.LOCK_SQL, {"ids": ids})
-            run(_EM_INSERT, list(api_rows.values()))
-            run(_EM_FINISH, finishes)
-            run(pgsql.TOTALS_SQL, [{"id": i} for i in ids])
+        finally:
+            pgsql.SETS_FROM = sets_from
+
+
+def psycopg_wait() -> str:
+    import psycopg.waiting
+
+    return psycopg.waiting.wait.__name__
 
 
 def main() -> int:
@@ -92,39 +103,59 @@ def main() -> int:
     p.add_argument("--pg-db", default="tars_bench_pgwrite")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--repeat", type=int, default=10, help="commits of a variant per round (the server's CPU "
+                   "is read in clock ticks: several commits between two readings)")
+    p.add_argument("--gevent", action="store_true", help="monkey-patch first, as a gevent worker is")
     args = p.parse_args()
     engine = get_engine(fresh_db(args.pg_db))
     writer = _Variant(engine=engine, notifier=None)
     loader = RequestLoader(engine=engine)
-    modes = ["orm", "executemany", "executemany-raw", "pipeline"]
+    modes = ["orm", "rows", "sets"]
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "read-orm", "read-any"]}
+    server: dict[str, float] = dict.fromkeys(cpu, 0.0)
+    backends: list[int] = []
+    n = args.batch * args.repeat
     for r in range(args.rounds + 2):  # two rounds of warm-up (statements prepared, caches filled)
+        if r == 2:  # the connections are open now: the server processes whose CPU counts
+            backends = postgres_backends(PG_ADMIN, args.pg_db)()
         for m in modes if r % 2 else modes[::-1]:
             with engine.begin() as conn:
-                ids = _requests(conn, args.batch)
-            batch = _batch(ids)
+                ids = [_requests(conn, args.batch) for _ in range(args.repeat)]
+            batches = [_batch(chunk) for chunk in ids]
             writer.mode = m
-            t = time.process_time()
-            writer._commit(batch)
+            s0, t = _server_cpu(backends), time.process_time()
+            for batch in batches:
+                writer._commit(batch)
+            t, s1 = time.process_time() - t, _server_cpu(backends)
             if r >= 2:
-                cpu[m].append((time.process_time() - t) / args.batch)
+                cpu[m].append(t / n)
+                server[m] += s1 - s0
             for name, read in (("read-orm", loader._read_orm), ("read-any", loader._read)):
-                t = time.process_time()
-                got = read(sorted(ids))
+                s0, t = _server_cpu(backends), time.process_time()
+                got = [read(sorted(chunk)) for chunk in ids]
+                t, s1 = time.process_time() - t, _server_cpu(backends)
                 if r >= 2:
-                    cpu[name].append((time.process_time() - t) / args.batch)
-                assert len(got) == args.batch
+                    cpu[name].append(t / n)
+                    server[name] += s1 - s0
+                assert all(len(g) == args.batch for g in got)
     with engine.connect() as conn:
         totals_ok = conn.execute(text("SELECT count(*) FROM requests WHERE status = 'succeeded' AND attempts = 2"
                                       " AND input_tokens = 200")).scalar_one()
     writer.close()
     loader.close()
-    print(f"batch {args.batch}, {args.rounds} rounds; requests finished with both attempts counted: {totals_ok}")
-    print("| variant | client CPU µs per entry (median) | p10 | p90 |\n|---|---:|---:|---:|")
+    print(f"batch {args.batch}, {args.rounds} rounds of {args.repeat}, gevent {args.gevent}; psycopg waits in "
+          f"{psycopg_wait()}; requests finished with both attempts counted: {totals_ok}")
+    print("| variant | client CPU µs per entry (median) | p10 | p90 | server CPU µs per entry (mean) |\n"
+          "|---|---:|---:|---:|---:|")
     for m, xs in cpu.items():
         q = statistics.quantiles(xs, n=10)
-        print(f"| {m} | {statistics.median(xs) * 1e6:.0f} | {q[0] * 1e6:.0f} | {q[-1] * 1e6:.0f} |")
+        print(f"| {m} | {statistics.median(xs) * 1e6:.0f} | {q[0] * 1e6:.0f} | {q[-1] * 1e6:.0f} | "
+              f"{server[m] / (n * args.rounds) * 1e6:.0f} |")
     return 0
+
+
+def _server_cpu(pids: list[int]) -> float:
+    return sum(c for pid in pids if (c := cpu_seconds(pid)) is not None)
 
 
 if __name__ == "__main__":

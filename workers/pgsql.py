@@ -2,14 +2,20 @@
 
 SQLAlchemy compiled and bound every row of every batch (an ``executemany`` of the finishing
 UPDATE, the attempt upsert): about a fifth of a worker's CPU in issue 13's profile. Here the SQL
-is constant text: the per-row steps (attempt upsert, finish, totals) are psycopg ``executemany``
-calls, which pipeline the rows in one round trip and prepare the statement once per connection;
-the lock and the loader's read are one statement with an array of ids, probed id by id (see
-``_BY_ID`` below: why no statement may leave the plan a choice of scanning a whole table).
-``bench/bench_pgwrite.py`` measured the alternatives (client CPU per entry, batches of 5 and
-100): SQLAlchemy 1,534 / 277 us, one ``unnest`` statement per step 921 / 223 us, ``executemany``
-797 / 158 us; an ``unnest`` also needs each array of one Python type (psycopg refuses
-``[Decimal, float]``), which row-by-row binding does not.
+is constant text, in two forms for each per-row step (attempt upsert, finish, totals): a
+statement per row (psycopg's pipelined ``executemany``, prepared once per connection) and one
+statement for the whole step, each column's values as one array (``unnest``, binary parameters).
+The writer takes the set form from :data:`SETS_FROM` rows of a step on. The lock and the loader's
+read are one statement with an array of ids, probed id by id (see ``_BY_ID`` below: why no
+statement may leave the plan a choice of scanning a whole table).
+
+Why both: a gevent worker's psycopg waits in Python (``wait_poll`` on gevent's poll: the C wait
+loop is not used once ``select`` is patched), and a pipeline passes through that wait once per
+statement it sends, so a statement per row costs the client a poll per row. ``bench/bench_pgwrite.py
+--gevent --rounds 10 --repeat 20`` (2026-12-07), client / server CPU per entry (two attempts, a
+finish, totals): batches of 3, rows 226 / 183 us, sets 218 / 350 us; of 8, rows 150 / 119, sets
+90 / 100; of 100, rows 106 / 93, sets 23 / 56 (SQLAlchemy: 515, 265, 145 us of client CPU). An
+array must be of one Python type (psycopg refuses ``[Decimal, float]``): :func:`_arrays` makes it so.
 
 The statements run on the caller's SQLAlchemy connection (the loader's through
 ``Connection.exec_driver_sql``, the writer's on its driver connection, :func:`write_batch`): the
@@ -32,9 +38,11 @@ wraps them as SQLAlchemy does (the same exception classes, a broken connection i
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg.types.numeric import Int8Dumper
 from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 
@@ -82,8 +90,38 @@ _BY_ID = "FROM unnest(%(ids)s::varchar[]) AS q(id) CROSS JOIN LATERAL"
 LOCK_SQL = ("SELECT r.id FROM (SELECT u.id FROM unnest(%(ids)s::varchar[]) AS u(id) ORDER BY u.id) AS q "
             "CROSS JOIN LATERAL (SELECT id FROM requests WHERE id = q.id OFFSET 0 FOR UPDATE) AS r")
 
-UPSERT_API_SQL = (
+#: SQL types of the columns the set-based steps take as arrays (the rest are varchar).
+_SQL_TYPES = {"attempt": "integer", "http_status": "integer", "error": "text", "result": "text",
+              **{c: "integer" for c in TOKEN_CLASSES}, "cost_usd": "numeric", "latency_ms": "numeric",
+              "ratelimit_wait_ms": "numeric", "started_at": "timestamptz", "finished_at": "timestamptz"}
+#: Columns whose values go as Python floats, and as Decimals (an array is of one Python type).
+_FLOATS = frozenset({"latency_ms", "ratelimit_wait_ms"})
+_DECIMALS = frozenset({"cost_usd"})
+
+
+def _unnest(columns: tuple[str, ...]) -> str:
+    """``unnest`` of one array parameter per column, each cast to its column's type, as ``u(columns)``."""
+    arrays = ", ".join(f"%({c})b::{_SQL_TYPES.get(c, 'varchar')}[]" for c in columns)
+    return f"unnest({arrays}) AS u({', '.join(columns)})"
+
+
+#: The row (its current version's ``ctid``) of the request ``u.id``, by one pk probe per id.
+_TID_OF_U = "CROSS JOIN LATERAL (SELECT ctid AS tid FROM requests WHERE id = u.id OFFSET 0) AS x"
+
+#: A group commit's step goes as one statement for all its rows from this many rows on, and as
+#: a statement per row (psycopg's pipelined ``executemany``) below: measured under gevent
+#: (``bench/bench_pgwrite.py --gevent``), one statement per row costs the client a pass through
+#: gevent's poll per row, and one statement of arrays costs the server more for a few rows.
+SETS_FROM = 8
+
+#: Row by row: one attempt.
+UPSERT_API_ROW_SQL = (
     f"INSERT INTO api_calls ({', '.join(API_COLUMNS)}) VALUES ({', '.join(f'%({c})s' for c in API_COLUMNS)}) "
+    f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in API_UPDATABLE)}"
+)
+#: As a set: all the batch's attempts, a row per attempt id (the ids are distinct).
+UPSERT_API_SET_SQL = (
+    f"INSERT INTO api_calls ({', '.join(API_COLUMNS)}) SELECT * FROM {_unnest(API_COLUMNS)} "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in API_UPDATABLE)}"
 )
 
@@ -95,26 +133,48 @@ _TOTALS_SELECT = (
     + ", ".join(f"coalesce(sum(a.{c}), 0) AS {c}" for c in TOKEN_CLASSES)
     + ", coalesce(sum(a.cost_usd), 0) AS cost_usd FROM api_calls AS a WHERE a.request_id = "
 )
+#: Only a request not finished already is finished (a duplicate delivery changes nothing).
+_UNFINISHED = (f"(r.status = {_literal(RequestStatus.QUEUED)}"
+               f" OR (r.status = {_literal(RequestStatus.FAILED)} AND r.started_at IS NULL"
+               f" AND r.failure_reason = {_literal(FailureReason.ENQUEUE_FAILED)}))")
+_TOTALS_CHANGED = (f"({', '.join(f'r.{c}' for c in TOTAL_COLUMNS)})"
+                   f" IS DISTINCT FROM ({', '.join(f't.{c}' for c in TOTAL_COLUMNS)})")
 
-#: Finishes a request not finished already, its totals in the same row version.
-FINISH_SQL = (
+#: Row by row: finishes a request not finished already, its totals in the same row version.
+FINISH_ROW_SQL = (
     "UPDATE requests AS r SET "
     + ", ".join(f"{c} = %({c})s" for c in FINISH_COLUMNS[:-1])
     + ", served_mode = coalesce(%(served_mode)s::varchar, r.served_mode)"
     + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_SELECT}r.id)"
-    + f" WHERE r.id = %(id)s AND (r.status = {_literal(RequestStatus.QUEUED)}"
-    + f" OR (r.status = {_literal(RequestStatus.FAILED)} AND r.started_at IS NULL"
-    + f" AND r.failure_reason = {_literal(FailureReason.ENQUEUE_FAILED)}))"
+    + f" WHERE r.id = %(id)s AND {_UNFINISHED}"
+)
+#: As a set: the same for all the batch's finishes, one per request id (the first of the batch,
+#: as row by row). Rows are joined by ``ctid``, a TID scan each: the batch holds their locks, so
+#: no version moves meanwhile.
+FINISH_SET_SQL = (
+    "UPDATE requests AS r SET "
+    + ", ".join(f"{c} = v.{c}" for c in FINISH_COLUMNS[:-1])
+    + ", served_mode = coalesce(v.served_mode, r.served_mode)"
+    + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_SELECT}r.id)"
+    + f" FROM (SELECT u.*, x.tid FROM {_unnest(('id', *FINISH_COLUMNS))} {_TID_OF_U}) AS v"
+    + f" WHERE r.ctid = v.tid AND {_UNFINISHED}"
 )
 
-#: A request's totals, written only where they changed (a request the batch finished has them
-#: already: a second row version would cost its indexes and its foreign-key check again).
-TOTALS_SQL = (
+#: Row by row: a request's totals, written only where they changed (a request the batch finished
+#: has them already: a second row version would cost its indexes and its foreign-key check again).
+TOTALS_ROW_SQL = (
     "UPDATE requests AS r SET "
     + ", ".join(f"{c} = t.{c}" for c in TOTAL_COLUMNS)
     + f" FROM ({_TOTALS_SELECT}%(id)s) AS t"
-    + f" WHERE r.id = %(id)s AND ({', '.join(f'r.{c}' for c in TOTAL_COLUMNS)})"
-    + f" IS DISTINCT FROM ({', '.join(f't.{c}' for c in TOTAL_COLUMNS)})"
+    + f" WHERE r.id = %(id)s AND {_TOTALS_CHANGED}"
+)
+#: As a set: the same for all the batch's requests (the ids are distinct).
+TOTALS_SET_SQL = (
+    "UPDATE requests AS r SET "
+    + ", ".join(f"{c} = t.{c}" for c in TOTAL_COLUMNS)
+    + f" FROM (SELECT x.tid, s.* FROM unnest(%(ids)s::varchar[]) AS u(id) {_TID_OF_U}"
+    + f" CROSS JOIN LATERAL ({_TOTALS_SELECT}u.id) AS s) AS t"
+    + f" WHERE r.ctid = t.tid AND {_TOTALS_CHANGED}"
 )
 
 LOAD_SQL = (f"SELECT {', '.join(f'r.{c}' for c in LOAD_COLUMNS)} {_BY_ID} "
@@ -124,6 +184,19 @@ LOAD_SQL = (f"SELECT {', '.join(f'r.{c}' for c in LOAD_COLUMNS)} {_BY_ID} "
 def load_requests(conn: Connection, ids: list[str]) -> list[tuple[Any, ...]]:
     """The LOAD_COLUMNS of the requests ``ids`` that exist (any order)."""
     return list(conn.exec_driver_sql(LOAD_SQL, {"ids": ids}).all())
+
+
+def _arrays(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dict[str, list[Any]]:
+    """One array per column of ``rows`` (the parameters of :func:`_unnest`), numbers of one type each."""
+    out: dict[str, list[Any]] = {}
+    for c in columns:
+        values = [r[c] for r in rows]
+        if c in _FLOATS:
+            values = [None if v is None else float(v) for v in values]
+        elif c in _DECIMALS:
+            values = [v if v is None or type(v) is Decimal else Decimal(str(v)) for v in values]
+        out[c] = values
+    return out
 
 
 def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, Any]],
@@ -139,14 +212,26 @@ def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, An
     try:
         with raw.pipeline():
             cur = raw.cursor()
+            # every int as int8: an int array's type must not follow its values (smallint[] for
+            # small ones, integer[] past 32,767), or each mix would be a prepared statement of its own
+            cur.adapters.register_dumper(int, Int8Dumper)
             if ids:
                 cur.execute(LOCK_SQL, {"ids": ids})
-            if api_rows:
-                cur.executemany(UPSERT_API_SQL, api_rows)
-            if finishes:
-                cur.executemany(FINISH_SQL, finishes)
-            if ids:
-                cur.executemany(TOTALS_SQL, [{"id": i} for i in ids])
+            if len(api_rows) >= SETS_FROM:
+                cur.execute(UPSERT_API_SET_SQL, _arrays(api_rows, API_COLUMNS))
+            elif api_rows:
+                cur.executemany(UPSERT_API_ROW_SQL, api_rows)
+            if len(finishes) >= SETS_FROM:
+                first: dict[str, dict[str, Any]] = {}
+                for f in finishes:  # the first finish of a request wins, as row by row
+                    first.setdefault(f["id"], f)
+                cur.execute(FINISH_SET_SQL, _arrays(list(first.values()), ("id", *FINISH_COLUMNS)))
+            elif finishes:
+                cur.executemany(FINISH_ROW_SQL, finishes)
+            if len(ids) >= SETS_FROM:
+                cur.execute(TOTALS_SET_SQL, {"ids": ids})
+            elif ids:
+                cur.executemany(TOTALS_ROW_SQL, [{"id": i} for i in ids])
     except psycopg.Error as exc:
         broken = raw.broken or conn.dialect.is_disconnect(exc, raw, None)
         if broken:

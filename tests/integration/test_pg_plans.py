@@ -8,8 +8,9 @@ group commit (4,184 seq scans, 44.6 M rows read in a 35 s bench run of 19,260 re
 
 Here each statement is prepared with ``plan_cache_mode = force_generic_plan`` in a database of
 its own, freshly migrated and never analysed, once with empty tables and once after 3,000
-requests and their attempts were inserted, and its plan must scan neither ``requests`` nor
-``api_calls`` sequentially.
+requests and their attempts were inserted, and its plan must reach ``requests`` and ``api_calls``
+rows only by key: their primary keys, ``api_calls.request_id``'s index, or a TID scan (a row found by
+key) — no seq scan, no scan of the status index.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from workers import pgsql
 
 pytestmark = pytest.mark.integration
 
-#: Parameter types for PREPARE (the rest are varchar).
-_TYPES = {"ids": "varchar[]", "attempt": "integer", "http_status": "integer", "input_tokens": "integer",
+#: Types to PREPARE a parameter the statement does not cast as (the rest are varchar).
+_TYPES = {"attempt": "integer", "http_status": "integer", "input_tokens": "integer",
           "cache_write_tokens": "integer", "cache_write_1h_tokens": "integer", "cache_read_tokens": "integer",
           "output_tokens": "integer", "cost_usd": "numeric", "latency_ms": "numeric",
           "ratelimit_wait_ms": "numeric", "started_at": "timestamptz", "finished_at": "timestamptz"}
 
-STATEMENTS = {"lock": pgsql.LOCK_SQL, "load": pgsql.LOAD_SQL, "upsert_api": pgsql.UPSERT_API_SQL,
-              "finish": pgsql.FINISH_SQL, "totals": pgsql.TOTALS_SQL}
+STATEMENTS = {"lock": pgsql.LOCK_SQL, "load": pgsql.LOAD_SQL,
+              "upsert_api_row": pgsql.UPSERT_API_ROW_SQL, "upsert_api_set": pgsql.UPSERT_API_SET_SQL,
+              "finish_row": pgsql.FINISH_ROW_SQL, "finish_set": pgsql.FINISH_SET_SQL,
+              "totals_row": pgsql.TOTALS_ROW_SQL, "totals_set": pgsql.TOTALS_SET_SQL}
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,14 @@ def fresh_url() -> Iterator[str]:
 
 
 def _generic_plan(conn: psycopg.Connection, name: str, sql: str) -> str:
-    """The generic plan Postgres keeps for ``sql`` (psycopg's ``%(x)s`` made ``$n``), as text."""
-    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", sql)))
+    """The generic plan Postgres keeps for ``sql`` (psycopg's ``%(x)s`` made ``$n``), as text.
+    A parameter is PREPAREd as the type the statement casts it to (``%(x)b::integer[]``), else as
+    its column's (:data:`_TYPES`)."""
+    casts = dict(re.findall(r"%\((\w+)\)[sb]::(\w+(?:\[\])?)", sql))
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)[sb]", sql)))
     for i, n in enumerate(names):
-        sql = sql.replace(f"%({n})s", f"${i + 1}")
-    conn.execute(f"PREPARE {name}({', '.join(_TYPES.get(n, 'varchar') for n in names)}) AS {sql}")
+        sql = re.sub(rf"%\({n}\)[sb]", f"${i + 1}", sql)
+    conn.execute(f"PREPARE {name}({', '.join(casts.get(n) or _TYPES.get(n, 'varchar') for n in names)}) AS {sql}")
     plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE {name}({', '.join('NULL' for _ in names)})"))
     conn.execute(f"DEALLOCATE {name}")
     return plan
@@ -71,9 +77,20 @@ def _plans(url: str) -> dict[str, str]:
     return plans
 
 
+#: How a statement may reach rows of requests and api_calls: by key (a TID scan: a row found by key).
+_BY_KEY = re.compile(r"(Index (Only )?Scan using (requests_pkey|api_calls_pkey|ix_api_calls_request_id)"
+                     r"|Tid Scan) on (requests|api_calls)\b")
+
+
 def _seq_scans(plans: dict[str, str]) -> dict[str, list[str]]:
-    return {name: found for name, plan in plans.items()
-            if (found := re.findall(r"Seq Scan on (requests|api_calls)\b", plan))}
+    """Per statement, its scans of requests or api_calls not by key (a seq scan; an index on
+    status, which reads every queued request; a bitmap scan)."""
+    out = {}
+    for name, plan in plans.items():
+        scans = re.findall(r"((?:[\w ]+ )?Scan(?: using \w+)? on (?:requests|api_calls))\b", plan)
+        if found := [s.strip() for s in scans if not _BY_KEY.search(s)]:
+            out[name] = found
+    return out
 
 
 def _fill(url: str, n: int) -> None:
@@ -105,3 +122,16 @@ def test_the_check_finds_the_seq_scan_of_the_former_totals_join(fresh_url):
         plan = _generic_plan(conn, "former", former)
         conn.rollback()
     assert "Seq Scan on api_calls" in plan
+    assert "Seq Scan on api_calls" in _seq_scans({"former": plan})["former"]
+
+
+def test_the_check_finds_a_set_update_that_joins_by_id(fresh_url):
+    """The obvious set-based finish, ``UPDATE ... FROM unnest(...) WHERE r.id = v.id``, is planned
+    as a hash join over the requests found by status: every queued request is read per batch."""
+    naive = ("UPDATE requests AS r SET status = v.status FROM unnest(%(ids)b::varchar[], %(status)b::varchar[]) "
+             "AS v(id, status) WHERE r.id = v.id AND r.status = 'queued'")
+    with psycopg.connect(fresh_url) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        plan = _generic_plan(conn, "naive", naive)
+        conn.rollback()
+    assert _seq_scans({"naive": plan}) == {"naive": ["Index Scan using ix_requests_status on requests"]}

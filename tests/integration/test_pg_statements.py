@@ -19,6 +19,7 @@ from sqlalchemy import Connection, select
 
 from tars_tasks.codes import AttemptOutcome, FailureReason, RequestStatus
 from tars_tasks.db.models import ApiCall, Request
+from workers import pgsql
 from workers.loader import RequestLoader
 from workers.records import AttemptRecord, FinishRecord
 from workers.writer import GroupCommitWriter
@@ -104,9 +105,17 @@ def _rows(db, ids: list[str]) -> list[tuple[dict, list[dict]]]:
     return out
 
 
-def test_raw_statements_write_what_the_orm_wrote(client, db):
-    orm = _rows(db, _write(OrmWriter, db, client, "orm"))
-    raw_ids = _write(GroupCommitWriter, db, client, "raw")
+@pytest.fixture(params=["rows", "sets", "mixed"])
+def sets_from(request, monkeypatch) -> str:
+    """Every step row by row, every step as one statement of arrays, or as the writer picks
+    (``pgsql.SETS_FROM``: the batches here have 12 attempts, 7 finishes and 6 requests)."""
+    monkeypatch.setattr(pgsql, "SETS_FROM", {"rows": 1 << 30, "sets": 1, "mixed": 8}[request.param])
+    return request.param
+
+
+def test_raw_statements_write_what_the_orm_wrote(client, db, sets_from):
+    orm = _rows(db, _write(OrmWriter, db, client, f"orm-{sets_from}"))
+    raw_ids = _write(GroupCommitWriter, db, client, f"raw-{sets_from}")
     raw = _rows(db, raw_ids)
     assert raw == orm
     req0, calls0 = raw[0]
@@ -122,7 +131,7 @@ def test_raw_statements_write_what_the_orm_wrote(client, db):
         assert conn.execute(select(ApiCall.id).where(ApiCall.request_id.in_(raw_ids))).all().__len__() == 12
 
 
-def test_an_enqueue_failed_row_is_finished_and_a_finished_one_is_not(client, db):
+def test_an_enqueue_failed_row_is_finished_and_a_finished_one_is_not(client, db, sets_from):
     ids = _submit(client, 3, "guard")
     with db.begin() as conn:
         conn.execute(Request.__table__.update().where(Request.id == ids[0]).values(

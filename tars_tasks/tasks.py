@@ -181,6 +181,12 @@ def _start_dispatcher(consumer, settings) -> None:
         _maintenance.append(loop)
 
 
+@signals.task_received.connect
+def _received(request=None, **_kw) -> None:
+    for loop in _dispatchers:  # a message taken: its requests are held until the next exact count
+        loop.received(request)
+
+
 @signals.task_postrun.connect
 def _slot_freed(**_kw) -> None:
     for loop in _dispatchers:  # a freed slot is refilled at once, not at the next tick (if it was wanted)

@@ -45,8 +45,8 @@ from tars_tasks.bundles import group
 from tars_tasks.cache import ResponseCache
 from tars_tasks.cache_lookup import CacheLookup, CacheVerdict, SemanticOptions
 from tars_tasks.codes import FailureReason, RequestStatus
+from tars_tasks.db.bulk import insert_rows
 from tars_tasks.db.models import Request, Run
-from tars_tasks.db.upsert import insert_for
 from tars_tasks.errors import (
     BrokerUnavailable,
     BudgetExceeded,
@@ -443,10 +443,8 @@ class Coordinator:
             )
         try:
             with self.engine.begin() as conn:
-                stmt = insert_for(conn, Request.__table__).on_conflict_do_nothing(
-                    index_elements=["tenant", "idempotency_key"]
-                )
-                created = {r[0] for r in conn.execute(stmt.returning(Request.__table__.c.id), rows)}
+                created = set(insert_rows(conn, Request.__table__, rows,
+                                          on_conflict_do_nothing=("tenant", "idempotency_key"), returning="id"))
                 existing: dict[tuple[str, str | None], tuple[str, str, int]] = {}
                 dup_keys = [
                     (p.spec.tenant, p.spec.idempotency_key)

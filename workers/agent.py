@@ -107,6 +107,52 @@ def _run_concurrently(fn: Callable[[int], None], n: int) -> None:
 _calls_at_once: threading.BoundedSemaphore | None = None
 
 
+class _MembersDone:
+    """Members of bundles still held by this process that have finished (their rows durable).
+
+    A bundle's Celery message is held (reserved, unacked) until its last member finishes, and the
+    dispatcher's free slots count every member of a held bundle. With model latencies spread as
+    U(0.5, 2.5) s, a bundle of 16 lasts ~2.4 s while its members are busy 1.5 s on average: about
+    a third of the slots it is counted for were free, and at C = 2,000 the dispatcher left work
+    staged for want of slots that were idle. The free slots subtract this count.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def bundle(self) -> _BundleTally:
+        """The tally of one bundle's members, from its start to :meth:`_BundleTally.close`."""
+        return _BundleTally(self)
+
+    def __call__(self) -> int:
+        return self._n
+
+
+class _BundleTally:
+    def __init__(self, owner: _MembersDone) -> None:
+        self._owner = owner
+        self._n = 0
+        self._open = True
+
+    def member_finished(self) -> None:
+        with self._owner._lock:
+            if self._open:  # a member outliving its bundle (the bundle raised) was counted there already
+                self._n += 1
+                self._owner._n += 1
+
+    def close(self) -> None:
+        """The bundle returns (or raised): its members leave the reserved requests, and the count."""
+        with self._owner._lock:
+            self._open = False
+            self._owner._n -= self._n
+            self._n = 0
+
+
+#: Finished members of the bundles this process holds (:class:`_MembersDone`).
+members_done = _MembersDone()
+
+
 def limit_calls_at_once(n: int | None) -> None:
     """Run at most ``n`` requests at once in this process (None: no bound beyond the pool's)."""
     global _calls_at_once
@@ -252,12 +298,20 @@ class SubAgent:
                     tokens = [reserved_tokens[0], *([None] * (len(messages) - 1))]
                     member_slots = [{} for _ in messages]
 
-        def run(i: int) -> None:
-            out[i] = self.handle(message=messages[i], redelivered=redelivered, worker=worker,
-                                 reserved_tokens=tokens[i], reserved_slot=member_slots[i],
-                                 no_budget_limits=no_budget_limits)
+        tally = members_done.bundle()
 
-        _run_concurrently(run, len(messages))
+        def run(i: int) -> None:
+            try:
+                out[i] = self.handle(message=messages[i], redelivered=redelivered, worker=worker,
+                                     reserved_tokens=tokens[i], reserved_slot=member_slots[i],
+                                     no_budget_limits=no_budget_limits)
+            finally:  # its slot is free for the dispatcher while the bundle waits for the others
+                tally.member_finished()
+
+        try:
+            _run_concurrently(run, len(messages))
+        finally:  # the bundle leaves the reserved requests now: its members are counted there no more
+            tally.close()
         return out
 
     def _reserved_slots(self, *, record_id: str, tier: str | None,

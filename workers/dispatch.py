@@ -715,6 +715,12 @@ def _requests_in(request) -> int:
     return len(ids) if isinstance(ids, list) and ids else 1
 
 
+def _members_done() -> Callable[[], int]:
+    from workers.agent import members_done
+
+    return members_done
+
+
 def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
     """Start this worker process's dispatcher for the tiers it consumes (at ``worker_ready``).
 
@@ -761,7 +767,9 @@ def start_for_worker(*, consumer, settings) -> DispatchLoop | None:
 
     held = None
     if settings.bundle_max > 1:  # a bundle held stands for its members (tars_tasks.bundles): a walk
-        held = HeldRequests(count=lambda: sum(_requests_in(r) for r in list(state.reserved_requests)))
+        # less the members already finished of bundles still held (counted where the tasks run)
+        done = _members_done() if runs_in_process(consumer.pool) else (lambda: 0)
+        held = HeldRequests(count=lambda: sum(_requests_in(r) for r in list(state.reserved_requests)) - done())
 
         def free_slots() -> int:
             return held.free(concurrency, exact_below=DEFAULT_BATCH_MAX)

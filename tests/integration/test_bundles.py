@@ -174,6 +174,30 @@ def test_a_high_priority_request_waits_at_most_the_bundles_a_worker_holds_not_th
     assert {r.status for r in results} == {"succeeded"}
 
 
+def test_a_bundles_finished_members_free_their_slots_before_the_bundle_ends(fleet_env, start_worker, db):
+    """Eight slots, all held by a bundle of eight whose calls take U(0.1, 3) s, then one request
+    more: it starts once the first member has finished (not before: the slots were full) and
+    before the last has (its slot was free; counted until the bundle's end, it waited for all)."""
+    env = _bundle_env(fleet_env, size=8, staged=True, TARS_SIM_LATENCY="uniform:100:3000")
+    with _client(env) as tars:
+        bundle = tars.submit_many([{"role": "researcher", "prompt": f"b {i}"} for i in range(8)])
+        assert [len(ids) for _, _, ids in _messages(env)] == [8]
+        start_worker(tiers=["haiku"], concurrency=8, env=env)
+
+        def all_in_flight():
+            with db.connect() as conn:
+                return conn.execute(text("SELECT count(*) FROM api_calls")).scalar() == 8
+
+        wait_until(all_in_flight, timeout=60, interval=0.01)
+        extra = tars.submit(role="researcher", prompt="one more")
+        results = {r.id: r for r in tars.wait_many([b.id for b in bundle] + [extra.id], timeout=120)}
+    assert {r.status for r in results.values()} == {"succeeded"}
+    members = [results[b.id] for b in bundle]
+    first_done = min(r.finished_at for r in members)
+    last_done = max(r.finished_at for r in members)
+    assert first_done < results[extra.id].started_at < last_done
+
+
 @PATHS
 def test_a_budget_refusal_inside_a_bundle_fails_that_member_only_and_the_budget_holds(
     fleet_env, start_worker, db, staged

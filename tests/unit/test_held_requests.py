@@ -65,7 +65,7 @@ def test_the_free_slots_never_exceed_the_true_ones_and_are_exact_where_they_coul
 
 def test_far_from_the_bound_a_step_does_not_walk_the_reserved_requests():
     w = Worker()
-    for i in range(50):
+    for _ in range(50):
         w.receive(1)
         w.now += 0.001
         assert w.held.free(CONCURRENCY, exact_below=EXACT_BELOW) <= w.true_free()

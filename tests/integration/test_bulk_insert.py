@@ -1,0 +1,106 @@
+"""The submit path's insert (tars_tasks/db/bulk.py) against SQLAlchemy's, on the real Postgres.
+
+Rows of random content — unicode text, JSON lists and objects, NULLs, ints past 32,767, floats
+given as ints, Decimals given as ints and floats, codes as str enums — inserted both ways leave
+the same rows, column for column, read back through the ORM; a row whose (tenant,
+idempotency key) exists already is skipped and its id not returned, as ``ON CONFLICT DO NOTHING``
+was.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from tars_tasks.codes import RequestStatus
+from tars_tasks.db.bulk import insert_rows
+from tars_tasks.db.models import Request
+from tars_tasks.db.upsert import insert_for
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 12, 7, 12, 0, 0, 123456, tzinfo=UTC)
+text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | text,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                           max_leaves=8)
+
+row = st.fixed_dictionaries({
+    "role": st.sampled_from(["researcher", "writer"]),
+    "tier_requested": st.sampled_from(["haiku", "sonnet", "opus"]),
+    "priority": st.integers(0, 9),
+    "prompt": st.none() | text,
+    "system": st.none() | text,
+    "messages": st.none() | st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": text}), max_size=2),
+    "max_tokens": st.none() | st.integers(1, 2**31 - 1),
+    "temperature": st.none() | st.floats(0, 2) | st.integers(0, 2),
+    "stop": st.none() | st.lists(text, max_size=3),
+    "metadata_": st.none() | st.dictionaries(text, text, max_size=3),
+    "saved_usd": st.decimals(0, 10, places=9) | st.integers(0, 5) | st.floats(0, 1, allow_nan=False).map(
+        lambda f: round(f, 6)),
+    "cache_similarity": st.none() | st.floats(0, 1) | st.integers(0, 1),
+    "deadline_s": st.none() | st.integers(0, 100_000),
+    "status": st.sampled_from([RequestStatus.QUEUED, RequestStatus.SUCCEEDED]),
+    "idempotency_key": st.none() | st.sampled_from(["k1", "k2", "k3"]),
+})
+
+
+def _as_columns(r: dict, *, tenant: str) -> dict:
+    cols = {("metadata" if k == "metadata_" else k): v for k, v in r.items()}
+    return {"id": str(uuid.uuid4()), "tenant": tenant, "tier_queued": r["tier_requested"], "submitted_at": T0,
+            "started_at": None, "finished_at": T0 + timedelta(seconds=1), "lane": "interactive",
+            "run_id": None, "reply_to": None, "result": "réponse 😀", "answered_by": None, **cols}
+
+
+def _read(db, ids: list[str]) -> list[dict]:
+    skip = {"id", "tenant"}
+    with db.connect() as conn:
+        by_id = {r.id: r._asdict() for r in conn.execute(select(Request.__table__).where(Request.id.in_(ids)))}
+    return [{k: v for k, v in by_id[i].items() if k not in skip} if i in by_id else None for i in ids]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(row, min_size=1, max_size=12))
+def test_rows_inserted_as_arrays_read_back_as_sqlalchemy_inserted_them(db, rows):
+    ref_tenant, tenant = f"ref-{uuid.uuid4().hex[:8]}", f"arr-{uuid.uuid4().hex[:8]}"
+    ref_rows = [_as_columns(r, tenant=ref_tenant) for r in rows]
+    arr_rows = [_as_columns(r, tenant=tenant) for r in rows]
+    # a key already taken before the call: skipped, as is a key's second row within the call
+    taken = {"id": str(uuid.uuid4()), **{k: v for k, v in arr_rows[0].items() if k != "id"}, "idempotency_key": "k3"}
+    ref_taken = {**taken, "id": str(uuid.uuid4()), "tenant": ref_tenant}
+    seen, ref_keep, arr_keep = set(), [], []
+    for ref, arr in zip(ref_rows, arr_rows, strict=True):
+        key = arr["idempotency_key"]
+        if key is not None and (key in seen or key == "k3"):
+            continue
+        if key is not None:
+            seen.add(key)
+        ref_keep.append(ref)
+        arr_keep.append(arr)
+    with db.begin() as conn:
+        stmt = insert_for(conn, Request.__table__)
+        conn.execute(stmt, [ref_taken])
+        conn.execute(stmt, [taken])
+        ref_stmt = stmt.on_conflict_do_nothing(index_elements=["tenant", "idempotency_key"]).returning(
+            Request.__table__.c.id)
+        ref_created = {r[0] for r in conn.execute(ref_stmt, ref_rows)}
+        created = set(insert_rows(conn, Request.__table__, arr_rows,
+                                  on_conflict_do_nothing=("tenant", "idempotency_key"), returning="id"))
+    assert created == {r["id"] for r in arr_keep}
+    assert ref_created == {r["id"] for r in ref_keep}
+    assert _read(db, [r["id"] for r in arr_keep]) == _read(db, [r["id"] for r in ref_keep])
+
+
+def test_a_row_of_the_wrong_shape_is_refused_with_sqlalchemys_error(db):
+    from sqlalchemy.exc import IntegrityError
+
+    bad = _as_columns({"role": "researcher", "tier_requested": "haiku", "priority": 5, "status": "queued"},
+                      tenant="t")
+    bad["run_id"] = "no-such-run"
+    with pytest.raises(IntegrityError), db.begin() as conn:
+        insert_rows(conn, Request.__table__, [bad], returning="id")

@@ -464,7 +464,7 @@ class HeldRequests:
     """How many requests a worker holds (prefetched or running), for its dispatcher's free slots.
 
     Exactly, it is a walk over Celery's reserved requests, a bundle counting its members
-    (``count``); made at every dispatch step, that walk was 6.6% of a worker's CPU at C = 1,000
+    (``count``); made at every dispatch step, that walk was 6.6% of a worker's py-spy samples at C = 1,000
     (py-spy, 2026-12-07). So :meth:`free` walks at most every ``refresh_s`` and in between adds what
     the worker received since (:meth:`received`, from Celery's ``task_received``), never subtracting
     what finished: the count errs high only, the free slots it gives err low only, and where they

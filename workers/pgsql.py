@@ -14,8 +14,10 @@ loop is not used once ``select`` is patched), and a pipeline passes through that
 statement it sends, so a statement per row costs the client a poll per row. ``bench/bench_pgwrite.py
 --gevent --rounds 10 --repeat 20`` (2026-12-07), client / server CPU per entry (two attempts, a
 finish, totals): batches of 3, rows 226 / 183 us, sets 218 / 350 us; of 8, rows 150 / 119, sets
-90 / 100; of 100, rows 106 / 93, sets 23 / 56 (SQLAlchemy: 515, 265, 145 us of client CPU). An
-array must be of one Python type (psycopg refuses ``[Decimal, float]``): :func:`_arrays` makes it so.
+90 / 100; of 100, rows 106 / 93, sets 23 / 56 (SQLAlchemy: 515, 265, 145 us of client CPU); the
+binding shared with the submit insert since costs the sets ~2 us more per entry at 100. An
+array must be of one Python type (psycopg refuses ``[Decimal, float]``): the arrays are bound as
+:mod:`tars_tasks.db.bulk` binds the submit insert's, by the columns' types.
 
 The statements run on the caller's SQLAlchemy connection (the loader's through
 ``Connection.exec_driver_sql``, the writer's on its driver connection, :func:`write_batch`): the
@@ -38,16 +40,16 @@ wraps them as SQLAlchemy does (the same exception classes, a broken connection i
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import psycopg
-from psycopg.types.numeric import Int8Dumper
 from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 
 from config.pricing import TOKEN_CLASSES
 from tars_tasks.codes import FailureReason, RequestStatus
+from tars_tasks.db.bulk import INT8_DUMPER, arrays_of, unnest_of
+from tars_tasks.db.models import ApiCall, Request
 
 #: api_calls columns in insert order.
 API_COLUMNS: tuple[str, ...] = (
@@ -90,19 +92,8 @@ _BY_ID = "FROM unnest(%(ids)s::varchar[]) AS q(id) CROSS JOIN LATERAL"
 LOCK_SQL = ("SELECT r.id FROM (SELECT u.id FROM unnest(%(ids)s::varchar[]) AS u(id) ORDER BY u.id) AS q "
             "CROSS JOIN LATERAL (SELECT id FROM requests WHERE id = q.id OFFSET 0 FOR UPDATE) AS r")
 
-#: SQL types of the columns the set-based steps take as arrays (the rest are varchar).
-_SQL_TYPES = {"attempt": "integer", "http_status": "integer", "error": "text", "result": "text",
-              **{c: "integer" for c in TOKEN_CLASSES}, "cost_usd": "numeric", "latency_ms": "numeric",
-              "ratelimit_wait_ms": "numeric", "started_at": "timestamptz", "finished_at": "timestamptz"}
-#: Columns whose values go as Python floats, and as Decimals (an array is of one Python type).
-_FLOATS = frozenset({"latency_ms", "ratelimit_wait_ms"})
-_DECIMALS = frozenset({"cost_usd"})
-
-
-def _unnest(columns: tuple[str, ...]) -> str:
-    """``unnest`` of one array parameter per column, each cast to its column's type, as ``u(columns)``."""
-    arrays = ", ".join(f"%({c})b::{_SQL_TYPES.get(c, 'varchar')}[]" for c in columns)
-    return f"unnest({arrays}) AS u({', '.join(columns)})"
+_API = ApiCall.__table__
+_REQ = Request.__table__
 
 
 #: The row (its current version's ``ctid``) of the request ``u.id``, by one pk probe per id.
@@ -121,7 +112,7 @@ UPSERT_API_ROW_SQL = (
 )
 #: As a set: all the batch's attempts, a row per attempt id (the ids are distinct).
 UPSERT_API_SET_SQL = (
-    f"INSERT INTO api_calls ({', '.join(API_COLUMNS)}) SELECT * FROM {_unnest(API_COLUMNS)} "
+    f"INSERT INTO api_calls ({', '.join(API_COLUMNS)}) SELECT * FROM {unnest_of(_API, API_COLUMNS)} AS u "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in API_UPDATABLE)}"
 )
 
@@ -140,24 +131,25 @@ _UNFINISHED = (f"(r.status = {_literal(RequestStatus.QUEUED)}"
 _TOTALS_CHANGED = (f"({', '.join(f'r.{c}' for c in TOTAL_COLUMNS)})"
                    f" IS DISTINCT FROM ({', '.join(f't.{c}' for c in TOTAL_COLUMNS)})")
 
-#: Row by row: finishes a request not finished already, its totals in the same row version.
-FINISH_ROW_SQL = (
-    "UPDATE requests AS r SET "
-    + ", ".join(f"{c} = %({c})s" for c in FINISH_COLUMNS[:-1])
-    + ", served_mode = coalesce(%(served_mode)s::varchar, r.served_mode)"
-    + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_SELECT}r.id)"
-    + f" WHERE r.id = %(id)s AND {_UNFINISHED}"
-)
+def _finishing(value) -> str:
+    """The finishing UPDATE up to its FROM: each column set to ``value(column)`` (``served_mode``
+    NULL keeps the row's mode), and the totals from the request's attempts, in the same row version."""
+    return ("UPDATE requests AS r SET " + ", ".join(f"{c} = {value(c)}" for c in FINISH_COLUMNS[:-1])
+            + f", served_mode = coalesce({value('served_mode')}, r.served_mode)"
+            + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_SELECT}r.id)")
+
+
+#: Row by row: finishes a request not finished already.
+FINISH_ROW_SQL = (_finishing(lambda c: "%(served_mode)s::varchar" if c == "served_mode" else f"%({c})s")
+                  + f" WHERE r.id = %(id)s AND {_UNFINISHED}")
 #: As a set: the same for all the batch's finishes, one per request id (the first of the batch,
 #: as row by row). Rows are joined by ``ctid``, a TID scan each: the batch holds their locks, so
 #: no version moves meanwhile.
+_FINISH_VALUES = ("id", *FINISH_COLUMNS)
 FINISH_SET_SQL = (
-    "UPDATE requests AS r SET "
-    + ", ".join(f"{c} = v.{c}" for c in FINISH_COLUMNS[:-1])
-    + ", served_mode = coalesce(v.served_mode, r.served_mode)"
-    + f", ({', '.join(TOTAL_COLUMNS)}) = ({_TOTALS_SELECT}r.id)"
-    + f" FROM (SELECT u.*, x.tid FROM {_unnest(('id', *FINISH_COLUMNS))} {_TID_OF_U}) AS v"
-    + f" WHERE r.ctid = v.tid AND {_UNFINISHED}"
+    _finishing(lambda c: f"v.{c}")
+    + f" FROM (SELECT u.*, x.tid FROM {unnest_of(_REQ, _FINISH_VALUES)} AS u({', '.join(_FINISH_VALUES)})"
+    + f" {_TID_OF_U}) AS v WHERE r.ctid = v.tid AND {_UNFINISHED}"
 )
 
 #: Row by row: a request's totals, written only where they changed (a request the batch finished
@@ -186,19 +178,6 @@ def load_requests(conn: Connection, ids: list[str]) -> list[tuple[Any, ...]]:
     return list(conn.exec_driver_sql(LOAD_SQL, {"ids": ids}).all())
 
 
-def _arrays(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dict[str, list[Any]]:
-    """One array per column of ``rows`` (the parameters of :func:`_unnest`), numbers of one type each."""
-    out: dict[str, list[Any]] = {}
-    for c in columns:
-        values = [r[c] for r in rows]
-        if c in _FLOATS:
-            values = [None if v is None else float(v) for v in values]
-        elif c in _DECIMALS:
-            values = [v if v is None or type(v) is Decimal else Decimal(str(v)) for v in values]
-        out[c] = values
-    return out
-
-
 def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, Any]],
                 finishes: list[dict[str, Any]]) -> None:
     """A group commit's steps in one pipeline, in the transaction of ``conn``: lock the requests
@@ -212,20 +191,18 @@ def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, An
     try:
         with raw.pipeline():
             cur = raw.cursor()
-            # every int as int8: an int array's type must not follow its values (smallint[] for
-            # small ones, integer[] past 32,767), or each mix would be a prepared statement of its own
-            cur.adapters.register_dumper(int, Int8Dumper)
+            cur.adapters.register_dumper(int, INT8_DUMPER)  # every int as int8 (tars_tasks.db.bulk.arrays_of)
             if ids:
                 cur.execute(LOCK_SQL, {"ids": ids})
             if len(api_rows) >= SETS_FROM:
-                cur.execute(UPSERT_API_SET_SQL, _arrays(api_rows, API_COLUMNS))
+                cur.execute(UPSERT_API_SET_SQL, arrays_of(_API, api_rows, API_COLUMNS, int8_cursor=True))
             elif api_rows:
                 cur.executemany(UPSERT_API_ROW_SQL, api_rows)
             if len(finishes) >= SETS_FROM:
                 first: dict[str, dict[str, Any]] = {}
                 for f in finishes:  # the first finish of a request wins, as row by row
                     first.setdefault(f["id"], f)
-                cur.execute(FINISH_SET_SQL, _arrays(list(first.values()), ("id", *FINISH_COLUMNS)))
+                cur.execute(FINISH_SET_SQL, arrays_of(_REQ, list(first.values()), _FINISH_VALUES, int8_cursor=True))
             elif finishes:
                 cur.executemany(FINISH_ROW_SQL, finishes)
             if len(ids) >= SETS_FROM:

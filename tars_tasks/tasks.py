@@ -111,6 +111,21 @@ def _after_setup_logger(**_kw) -> None:
     _quiet_task_lines()
 
 
+@signals.worker_init.connect
+@signals.worker_process_init.connect
+def _fix_allocator(**_kw) -> None:
+    """Before the worker's first message (in each pool child too): a fixed mmap threshold, logged
+    once the worker's logging is set up (``worker_init`` comes before it)."""
+    from workers.memory import fix_mmap_threshold
+
+    n = get_settings().worker_mmap_threshold_bytes
+    _allocator_note[:] = [f"mmap threshold fixed at {n:,} bytes" if fix_mmap_threshold(threshold_bytes=n)
+                          else "mmap threshold left to the C library"]
+
+
+_allocator_note: list[str] = []
+
+
 @signals.worker_process_init.connect
 def _init_process(**_kw) -> None:
     from tars_tasks.db.engine import dispose_engines
@@ -140,6 +155,8 @@ def _start_maintenance(sender=None, **_kw) -> None:
 
     app_ = getattr(sender, "app", None) or app
     settings = get_settings()
+    for note in _allocator_note:
+        log.info("allocator: %s", note)
     _maintenance.append(UnackedRestorer(celery_app=app_, interval_s=settings.unacked_restore_interval_s).start())
     _maintenance.append(LeaseSweeper(celery_app=app_, settings=settings).start())
     _maintenance.append(LostRequestReconciler(celery_app=app_, settings=settings).start())

@@ -30,7 +30,7 @@ SCENARIOS = [
     Scenario(name="open-20", title="Open loop at 20/s", kind="open", rate_per_s=20, arrival="poisson", seed=3,
              duration_s=2, warmup_s=0.5, workers=2, worker_concurrency=20),
     # 8 calls per (1 s) window per model x 0.98: the limiter, not the 5 clients, binds
-    Scenario(name="rate-limited", title="Rate limited at 8 per second", concurrency=5, duration_s=3, warmup_s=0.5,
+    Scenario(name="rate-limited", title="Rate limited at 8 per second", concurrency=5, duration_s=6, warmup_s=0.5,
              workers=1, worker_concurrency=20, roles={"researcher": 1.0}, catalog_overrides={"rpm": 8},
              overrides_required=True, requires=("fleet_rate_limiter",)),
 ]

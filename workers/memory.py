@@ -1,0 +1,62 @@
+"""The C allocator's setting a long-running worker needs: a fixed mmap threshold (glibc only).
+
+glibc serves a request of at least ``M_MMAP_THRESHOLD`` bytes (128 KiB at start) with its own
+``mmap``, returned to the system when freed. But when such a block is freed, glibc raises the
+threshold to its size (up to 32 MiB, "dynamic mmap threshold"). From then on the large transient
+buffers of a worker (a group commit's parameter arrays, a dispatch step's messages, a big
+response) come from the main heap, where a block still in use above them keeps their pages
+resident: the heap's resident size creeps up for minutes as rarer, larger peaks occur, while the
+Python objects alive stay the same (issue 13's soaks, docs/BENCHMARKS.md: tracemalloc flat within
+0.7 MiB over four minutes, the ``[heap]`` segment +0.24 to +0.44 MiB). Setting the threshold
+explicitly (``mallopt(M_MMAP_THRESHOLD, n)``) also turns the dynamic adjustment off: large blocks
+always go to ``mmap`` and back. This is what ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment
+does, applied by the worker itself so that every way of starting one (``tars fleet worker``,
+plain ``celery -A tars_tasks worker``, compose) gets it.
+
+Elsewhere (musl, macOS, a libc without ``mallopt``) :func:`fix_mmap_threshold` does nothing and
+says so by returning False.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+#: ``M_MMAP_THRESHOLD`` in glibc's <malloc.h>.
+M_MMAP_THRESHOLD = -3
+#: glibc's own starting threshold: what it uses until the first large block is freed.
+DEFAULT_THRESHOLD_BYTES = 128 * 1024
+#: glibc's ceiling for the threshold (``HEAP_MAX_SIZE / 2`` on 64-bit): ``mallopt`` refuses more.
+MAX_THRESHOLD_BYTES = 32 * 1024 * 1024
+
+
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def fix_mmap_threshold(*, threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
+    """Fix this process's mmap threshold at ``threshold_bytes`` (0: leave glibc's dynamic one).
+
+    True when the C library took the setting; False where there is nothing to set.
+    """
+    if threshold_bytes < 0 or threshold_bytes > MAX_THRESHOLD_BYTES:
+        raise ValueError(f"threshold_bytes must be 0 or at most {MAX_THRESHOLD_BYTES:,}, got {threshold_bytes:,}")
+    if threshold_bytes == 0:
+        return False
+    fn = _mallopt()
+    if fn is None:
+        log.debug("no mallopt in this C library: mmap threshold left as it is")
+        return False
+    return fn(M_MMAP_THRESHOLD, threshold_bytes) == 1

@@ -80,14 +80,14 @@ def _batch(ids: list[str]) -> list[_Entry]:
 class _Variant(GroupCommitWriter):
     mode = "sets"
 
-    def _commit_pg(self, conn, ids, api_rows, finishes) -> None:  # type: ignore[override]
+    def _commit_pg(self, conn, ids, api_rows, finishes, *, commit) -> None:  # type: ignore[override]
         if self.mode == "orm":
             self._commit_orm(conn, ids, api_rows, finishes)
             return
         # workers/pgsql.py with every step as a set (SETS_FROM 1), or row by row
         sets_from, pgsql.SETS_FROM = pgsql.SETS_FROM, 1 if self.mode == "sets" else 1 << 30
         try:
-            GroupCommitWriter._commit_pg(conn, ids, api_rows, finishes)
+            GroupCommitWriter._commit_pg(conn, ids, api_rows, finishes, commit=commit)
         finally:
             pgsql.SETS_FROM = sets_from
 

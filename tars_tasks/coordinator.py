@@ -442,7 +442,13 @@ class Coordinator:
                 }
             )
         try:
-            with self.engine.begin() as conn:
+            with self.engine.connect() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Each statement here stands alone: the INSERT is atomic, ON CONFLICT waits for a
+                    # writer of the same key to end, and the look-up after it reads committed rows in a
+                    # transaction too. In autocommit the INSERT is one round trip, not BEGIN, INSERT,
+                    # COMMIT (the pool puts the connection back out of autocommit when it is returned).
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
                 created = set(insert_rows(conn, Request.__table__, rows,
                                           on_conflict_do_nothing=("tenant", "idempotency_key"), returning="id"))
                 existing: dict[tuple[str, str | None], tuple[str, str, int]] = {}
@@ -458,6 +464,7 @@ class Coordinator:
                     )
                     for rid, tenant, key, tier, prio in conn.execute(q):
                         existing[(tenant, key)] = (rid, tier, prio)
+                conn.commit()  # elsewhere (SQLite) a transaction; in autocommit nothing is left to commit
         except OperationalError as exc:
             raise DatabaseUnavailable(f"could not record requests: {exc.orig or exc}") from exc
         except IntegrityError as exc:

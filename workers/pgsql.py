@@ -29,8 +29,13 @@ per-row parameter handling are gone. The schema stays Alembic's
 
 A group commit's four steps go out in **one psycopg pipeline** (:func:`write_batch`): sent
 together, their results read at one sync, then the COMMIT — two round trips where one per step
-and a sync per ``executemany`` made five. On this 2-core machine a round trip through the driver
-costs the client ~0.1 ms of CPU; ``bench/bench_pgwrite.py`` measured the client CPU per entry at
+and a sync per ``executemany`` made five. (Three in fact: psycopg syncs after the BEGIN it sends
+before a pipeline's first statement. With nothing else to run in the transaction, the pipeline
+now holds our own BEGIN and COMMIT on a connection put in autocommit for it: one round trip. The
+loader's read, one statement, likewise runs in autocommit: one round trip, not BEGIN, SELECT,
+ROLLBACK; libpq's trace counts them in ``tests/integration/test_pg_statements.py``.)
+On this 2-core machine a round trip through the driver costs the client ~0.1 ms of CPU;
+``bench/bench_pgwrite.py`` measured the client CPU per entry at
 batches of 1, 5 and 100 (medians of 40 alternated rounds, quiet machine, 2026-12-03): 1,819 / 469 /
 155 us one step at a time, 1,323 / 345 / 137 us pipelined.
 A pipeline's errors surface at its sync, outside SQLAlchemy's execute, so :func:`write_batch`
@@ -50,6 +55,8 @@ from config.pricing import TOKEN_CLASSES
 from tars_tasks.codes import FailureReason, RequestStatus
 from tars_tasks.db.bulk import INT8_DUMPER, arrays_of, unnest_of
 from tars_tasks.db.models import ApiCall, Request
+
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 #: api_calls columns in insert order.
 API_COLUMNS: tuple[str, ...] = (
@@ -174,24 +181,49 @@ LOAD_SQL = (f"SELECT {', '.join(f'r.{c}' for c in LOAD_COLUMNS)} {_BY_ID} "
 
 
 def load_requests(conn: Connection, ids: list[str]) -> list[tuple[Any, ...]]:
-    """The LOAD_COLUMNS of the requests ``ids`` that exist (any order)."""
-    return list(conn.exec_driver_sql(LOAD_SQL, {"ids": ids}).all())
+    """The LOAD_COLUMNS of the requests ``ids`` that exist (any order).
+
+    One statement reads them: on a connection with nothing of a transaction sent yet it runs in
+    autocommit, one round trip where psycopg's BEGIN and the ROLLBACK after made three; the
+    connection is put back as it was after it."""
+    raw = conn.connection.driver_connection
+    if raw.autocommit or raw.info.transaction_status != _IDLE:
+        return list(conn.exec_driver_sql(LOAD_SQL, {"ids": ids}).all())
+    raw.autocommit = True
+    try:
+        return list(conn.exec_driver_sql(LOAD_SQL, {"ids": ids}).all())
+    finally:
+        if not _back_as_it_was(raw, True):
+            conn.invalidate()
 
 
 def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, Any]],
-                finishes: list[dict[str, Any]]) -> None:
+                finishes: list[dict[str, Any]], commit: bool = False) -> None:
     """A group commit's steps in one pipeline, in the transaction of ``conn``: lock the requests
     ``ids`` (sorted), upsert the attempts, finish the requests, recompute their totals.
+
+    ``commit=True`` (nothing else is to run in the transaction) makes the whole transaction that
+    pipeline: ``BEGIN``, the steps, ``COMMIT``, one round trip. psycopg would begin the transaction
+    itself with a sync of its own (it waits for BEGIN's answer before the pipeline goes on), and
+    SQLAlchemy's commit is one more: three round trips. So for that one pipeline the connection is
+    in autocommit and the BEGIN and COMMIT are ours; after it, it is back as it was (a failed
+    pipeline is rolled back first). SQLAlchemy's commit then finds nothing to commit.
 
     Raises what SQLAlchemy would have raised for the same failure: a ``DBAPIError`` subclass
     (``IntegrityError``, ``DataError``, ``OperationalError``, ...) with the driver's error as
     ``orig``, ``connection_invalidated`` set (and the connection invalidated) if it broke; a value
     the driver cannot encode as a ``StatementError``."""
     raw = conn.connection.driver_connection
+    # only a transaction of which nothing was sent yet can be made one pipeline
+    whole = commit and not raw.autocommit and raw.info.transaction_status == _IDLE
     try:
+        if whole:
+            raw.autocommit = True
         with raw.pipeline():
             cur = raw.cursor()
             cur.adapters.register_dumper(int, INT8_DUMPER)  # every int as int8 (tars_tasks.db.bulk.arrays_of)
+            if whole:
+                cur.execute("BEGIN")
             if ids:
                 cur.execute(LOCK_SQL, {"ids": ids})
             if len(api_rows) >= SETS_FROM:
@@ -209,11 +241,41 @@ def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, An
                 cur.execute(TOTALS_SET_SQL, {"ids": ids})
             elif ids:
                 cur.executemany(TOTALS_ROW_SQL, [{"id": i} for i in ids])
+            if whole:
+                cur.execute("COMMIT")
     except psycopg.Error as exc:
-        broken = raw.broken or conn.dialect.is_disconnect(exc, raw, None)
+        broken = raw.broken or conn.dialect.is_disconnect(exc, raw, None) or not _back_as_it_was(raw, whole)
         if broken:
             conn.invalidate(exc)
         raise sa_exc.DBAPIError.instance("group commit", None, exc, psycopg.Error, hide_parameters=True,
                                          connection_invalidated=broken, dialect=conn.dialect) from exc
     except (TypeError, ValueError) as exc:  # a parameter the driver could not adapt or encode
+        if not _back_as_it_was(raw, whole):
+            conn.invalidate(exc)
         raise sa_exc.StatementError(str(exc), "group commit", None, exc) from exc
+    except BaseException as exc:  # interrupted (a timeout, a kill of the greenlet): never reuse it
+        if whole:
+            conn.invalidate(exc)
+        raise
+    if whole and not _back_as_it_was(raw, whole):
+        conn.invalidate()
+        raise sa_exc.DBAPIError.instance("group commit", None, psycopg.OperationalError(
+            "the group commit's connection could not be put back out of autocommit"), psycopg.Error,
+            hide_parameters=True, connection_invalidated=True, dialect=conn.dialect)
+
+
+def _back_as_it_was(raw: psycopg.Connection, whole: bool) -> bool:
+    """After a pipeline of our own BEGIN ... COMMIT: the connection out of autocommit again, any
+    transaction the failure left open rolled back first. False if that could not be done (the
+    connection must then be dropped, never reused)."""
+    if not whole:
+        return True
+    if raw.closed or raw.broken:
+        return False
+    try:
+        if raw.info.transaction_status != _IDLE:
+            raw.execute("ROLLBACK")
+        raw.autocommit = False
+    except psycopg.Error:
+        return False
+    return raw.info.transaction_status == _IDLE and not raw.autocommit

@@ -21,7 +21,8 @@ under gevent) takes everything queued, up to ``batch_max`` entries, waiting at m
 
 On Postgres each step is constant SQL run through the same connection and transaction
 (:mod:`workers.pgsql`: all four steps in one psycopg pipeline, no SQLAlchemy compilation or
-per-row binding); on any other database (SQLite, embedded) the same steps are
+per-row binding; with no hook to run, the pipeline holds the BEGIN and the COMMIT too, so the
+whole transaction is one round trip); on any other database (SQLite, embedded) the same steps are
 SQLAlchemy statements. Commits that follow each other within a second share one connection
 (:class:`tars_tasks.db.held.HeldConnection`): only the first after a pause or an error pays the
 pool's pre-ping.
@@ -386,22 +387,25 @@ class GroupCommitWriter:
             if e.finish is not None:
                 finishes.append(_finish_row(e.finish))
         ids = sorted({r["request_id"] for r in api_rows.values()} | {f["id"] for f in finishes})
+        # the hook looks the finished requests up among job steps: not those known to be none
+        steps = [e.finish.request_id for e in batch if e.finish is not None and e.finish.job_step is not False]
+        hook = self.on_finished if steps else None
         with self._held.begin() as conn:
             if conn.dialect.name == "postgresql":
-                self._commit_pg(conn, ids, api_rows, finishes)
+                # with no hook to run in the transaction, the whole of it is one pipeline
+                self._commit_pg(conn, ids, api_rows, finishes, commit=hook is None)
             else:
                 self._commit_orm(conn, ids, api_rows, finishes)
-            # the hook looks the finished requests up among job steps: not those known to be none
-            steps = [e.finish.request_id for e in batch if e.finish is not None and e.finish.job_step is not False]
-            after = self.on_finished(conn, steps) if steps and self.on_finished else None
+            after = hook(conn, steps) if hook is not None else None
         if after is not None:
             self._after_commit.append(after)
 
     @staticmethod
     def _commit_pg(conn: Connection, ids: list[str], api_rows: dict[str, dict[str, Any]],
-                   finishes: list[dict[str, Any]]) -> None:
-        """Postgres: the steps' constant SQL in one pipeline (:func:`workers.pgsql.write_batch`)."""
-        pgsql.write_batch(conn, ids=ids, api_rows=list(api_rows.values()), finishes=finishes)
+                   finishes: list[dict[str, Any]], *, commit: bool) -> None:
+        """Postgres: the steps' constant SQL in one pipeline (:func:`workers.pgsql.write_batch`),
+        with its BEGIN and COMMIT if ``commit``."""
+        pgsql.write_batch(conn, ids=ids, api_rows=list(api_rows.values()), finishes=finishes, commit=commit)
 
     def _commit_orm(self, conn: Connection, ids: list[str], api_rows: dict[str, dict[str, Any]],
                     finishes: list[dict[str, Any]]) -> None:

@@ -104,3 +104,51 @@ def test_a_row_of_the_wrong_shape_is_refused_with_sqlalchemys_error(db):
     bad["run_id"] = "no-such-run"
     with pytest.raises(IntegrityError), db.begin() as conn:
         insert_rows(conn, Request.__table__, [bad], returning="id")
+
+
+def test_a_submit_records_its_rows_without_a_transaction_round_trip_and_returns_the_connection_as_it_was(
+        client, db):
+    """The submit's INSERT runs in autocommit: no BEGIN or COMMIT is sent (two round trips of four:
+    the pool's ping, BEGIN, INSERT, COMMIT); a submit with an idempotency key seen before still finds
+    the first request; and the pooled connection is handed back out of autocommit, so the next
+    user of the pool gets a transaction (rolled back, it leaves nothing)."""
+    import tempfile
+
+    from psycopg import pq
+    from sqlalchemy import event, text
+
+    engine = client.coordinator.engine
+    traces: list = []
+
+    def on_checkout(dbapi_conn, _record, _proxy):
+        fh = tempfile.TemporaryFile("w+")
+        dbapi_conn.pgconn.trace(fh.fileno())
+        dbapi_conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        traces.append((dbapi_conn, fh))
+
+    def on_checkin(dbapi_conn, _record):
+        assert not dbapi_conn.autocommit, "a connection went back to the pool in autocommit"
+
+    event.listen(engine, "checkout", on_checkout)
+    event.listen(engine, "checkin", on_checkin)
+    try:
+        first = client.submit(role="researcher", prompt="one trip", idempotency_key="k-trip")
+        again = client.submit(role="researcher", prompt="one trip", idempotency_key="k-trip")
+    finally:
+        event.remove(engine, "checkout", on_checkout)
+        for dbapi_conn, _ in traces:
+            dbapi_conn.pgconn.untrace()
+    event.remove(engine, "checkin", on_checkin)
+    assert again.id == first.id
+    sent = []
+    for _, fh in traces:
+        fh.seek(0)
+        sent += [ln for ln in fh.read().splitlines() if ln.startswith("F\t")]
+        fh.close()
+    assert any("INSERT INTO" in ln for ln in sent), sent
+    assert not any("BEGIN" in ln or "COMMIT" in ln for ln in sent), sent
+    with engine.connect() as conn:  # a pooled connection: in a transaction again
+        conn.execute(text("UPDATE requests SET role = 'writer' WHERE id = :i"), {"i": first.id})
+        conn.rollback()
+    with engine.connect() as conn:
+        assert conn.execute(select(Request.role).where(Request.id == first.id)).scalar_one() == "researcher"

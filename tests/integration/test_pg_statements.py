@@ -34,7 +34,7 @@ SKIP_API = {"id", "request_id"}
 class OrmWriter(GroupCommitWriter):
     """The writer with its former SQLAlchemy statements on Postgres too (the reference)."""
 
-    def _commit_pg(self, conn: Connection, ids, api_rows, finishes) -> None:  # type: ignore[override]
+    def _commit_pg(self, conn: Connection, ids, api_rows, finishes, *, commit) -> None:  # type: ignore[override]
         self._commit_orm(conn, ids, api_rows, finishes)
 
 
@@ -191,7 +191,8 @@ def test_rows_the_database_refuses_in_a_pipelined_commit_fail_only_their_own_req
     assert [got[r] for r in ids] == [ok, refused, ok, refused, ("failed", "unwritable", 0), ok]
 
 
-def test_a_connection_broken_under_a_pipelined_commit_is_invalidated_and_the_error_is_transient(db):
+@pytest.mark.parametrize("commit", [False, True], ids=["in-a-transaction", "whole-transaction"])
+def test_a_connection_broken_under_a_pipelined_commit_is_invalidated_and_the_error_is_transient(db, commit):
     from sqlalchemy import exc as sa_exc
 
     from tars_tasks.db.errors import is_transient
@@ -199,10 +200,11 @@ def test_a_connection_broken_under_a_pipelined_commit_is_invalidated_and_the_err
 
     with db.connect() as conn:
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        conn.rollback()  # nothing of the next transaction sent yet: commit=True makes it one pipeline
         with db.connect() as other:
             other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
         with pytest.raises(sa_exc.DBAPIError) as info:
-            pgsql.write_batch(conn, ids=["some-request"], api_rows=[], finishes=[])
+            pgsql.write_batch(conn, ids=["some-request"], api_rows=[], finishes=[], commit=commit)
         assert info.value.connection_invalidated and conn.invalidated
         assert is_transient(info.value)
     with db.connect() as conn:  # the pool hands out a working connection next
@@ -224,3 +226,119 @@ def test_the_job_hook_is_asked_only_about_requests_that_may_be_job_steps(client,
     finally:
         writer.close()
     assert asked == [sorted([ids[1], ids[2]])]  # the second batch: no step, no lookup
+
+
+def _round_trips(raw, fn) -> tuple[list[str], int]:
+    """The protocol messages ``fn`` sends on ``raw`` (libpq's trace), and how many times the
+    server said it was ready for the next query (one per round trip)."""
+    import tempfile
+
+    from psycopg import pq
+
+    with tempfile.TemporaryFile("w+") as fh:
+        raw.pgconn.trace(fh.fileno())
+        raw.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            fn()
+        finally:
+            raw.pgconn.untrace()
+        fh.seek(0)
+        lines = fh.read().splitlines()
+    sent = [ln.split("\t")[2].split()[0] for ln in lines if ln.startswith("F\t")]
+    return sent, sum(1 for ln in lines if ln.startswith("B\t") and "ReadyForQuery" in ln)
+
+
+def _batch(client, tag: str, n: int = 3):
+    from workers.writer import _finish_row
+
+    ids = _submit(client, n, tag)
+    api_rows = [a.columns() for i, rid in enumerate(ids) for a in _attempts(rid, i, tag)]
+    return sorted(ids), api_rows, [_finish_row(_finish(rid, 0)) for rid in ids]
+
+
+def _statuses(db, ids) -> dict[str, str]:
+    with db.connect() as conn:
+        return dict(conn.execute(select(Request.id, Request.status).where(Request.id.in_(ids))).all())
+
+
+@pytest.mark.parametrize("sets", [False, True], ids=["rows", "sets"])
+def test_a_group_commit_with_nothing_else_in_its_transaction_is_one_round_trip(client, db, sets, monkeypatch):
+    """BEGIN, the steps and COMMIT in one pipeline: one Sync, no simple query (psycopg's own BEGIN
+    and SQLAlchemy's COMMIT are one each), one ReadyForQuery. Committed when write_batch returns,
+    and the connection is transactional again after it. With something still to run in the
+    transaction (the job hook), the steps are in the transaction and nothing is committed."""
+    monkeypatch.setattr(pgsql, "SETS_FROM", 1 if sets else 1 << 30)
+    ids, api_rows, finishes = _batch(client, f"one-trip-{sets}")
+    with db.connect() as conn:
+        raw = conn.connection.driver_connection
+        with conn.begin():
+            sent, trips = _round_trips(raw, lambda: pgsql.write_batch(conn, ids=ids, api_rows=api_rows,
+                                                                       finishes=finishes, commit=True))
+            assert (sent.count("Sync"), sent.count("Query"), trips) == (1, 0, 1), sent
+            assert set(_statuses(db, ids).values()) == {"succeeded"}  # seen from another connection
+        assert not raw.autocommit
+    ids, api_rows, finishes = _batch(client, f"in-tx-{sets}")
+    with db.connect() as conn:
+        raw = conn.connection.driver_connection
+        tx = conn.begin()
+        sent, trips = _round_trips(raw, lambda: pgsql.write_batch(conn, ids=ids, api_rows=api_rows,
+                                                                   finishes=finishes, commit=False))
+        assert trips == 2 and "Query" not in sent, sent  # psycopg's BEGIN, then the steps; no COMMIT
+        assert set(_statuses(db, ids).values()) == {"queued"}
+        tx.rollback()
+    assert set(_statuses(db, ids).values()) == {"queued"}
+
+
+def test_a_refused_whole_transaction_leaves_nothing_and_the_connection_transactional(client, db):
+    """An attempt of a request that does not exist (the foreign key refuses it) in a one-pipeline
+    transaction: nothing of the batch is written, the error is SQLAlchemy's IntegrityError, the
+    connection lives (not invalidated, out of autocommit, no transaction open), and what runs on
+    it next is a transaction again: rolled back, it leaves nothing (in autocommit it would stay)."""
+    from sqlalchemy import exc as sa_exc
+
+    from tars_tasks.db.errors import is_transient
+
+    ids, api_rows, finishes = _batch(client, "refused-whole")
+    bad = [*api_rows, {**api_rows[0], "id": "refused-whole-x", "request_id": "no-such-request"}]
+    with db.connect() as conn:
+        raw = conn.connection.driver_connection
+        with pytest.raises(sa_exc.IntegrityError) as info, conn.begin():
+            pgsql.write_batch(conn, ids=ids, api_rows=bad, finishes=finishes, commit=True)
+        assert not is_transient(info.value) and not conn.invalidated and not info.value.connection_invalidated
+        assert not raw.autocommit and raw.info.transaction_status == psycopg_idle()
+        assert set(_statuses(db, ids).values()) == {"queued"}
+        with conn.begin() as tx:
+            pgsql.write_batch(conn, ids=ids, api_rows=api_rows, finishes=finishes, commit=False)
+            tx.rollback()
+        assert set(_statuses(db, ids).values()) == {"queued"}
+        with conn.begin():
+            pgsql.write_batch(conn, ids=ids, api_rows=api_rows, finishes=finishes, commit=True)
+    assert set(_statuses(db, ids).values()) == {"succeeded"}
+
+
+def psycopg_idle():
+    from psycopg import pq
+
+    return pq.TransactionStatus.IDLE
+
+
+def test_the_loaders_read_is_one_round_trip_and_leaves_the_connection_transactional(client, db):
+    """The loader's statement outside a transaction (psycopg's BEGIN and the ROLLBACK after were
+    two round trips more); inside one already begun it stays in it."""
+    from tars_tasks.db.held import HeldConnection
+
+    ids, _, _ = _batch(client, "load-trip", n=2)
+    held = HeldConnection(db)
+    try:
+        with held.connect() as conn:
+            raw = conn.connection.driver_connection
+            got: list = []
+            sent, trips = _round_trips(raw, lambda: got.extend(pgsql.load_requests(conn, ids)))
+            assert sorted(r[0] for r in got) == ids and trips == 1 and "Query" not in sent, sent
+            assert not raw.autocommit
+        with held.connect() as conn:  # the held connection again, now in a transaction of its own
+            conn.exec_driver_sql("SELECT 1")
+            sent, trips = _round_trips(raw, lambda: pgsql.load_requests(conn, ids))
+            assert trips == 1 and raw.info.transaction_status != psycopg_idle()
+    finally:
+        held.release()

@@ -21,8 +21,8 @@
    (this process), the worker processes, redis-server, the Postgres backends of the bench
    database — and worker RSS in the middle of each closed-loop window; memory per in-flight
    request is the slope of worker RSS against C. ``--soak S``: S seconds at C = 1,000, worker RSS
-   every 10 s, slope after the first minute (MB/min). ``--profile DIR``: py-spy records one
-   worker during the pipeline drain (a speedscope file per run).
+   every 10 s, slope after the first minute and over the soak's second half (MB/min).
+   ``--profile DIR``: py-spy records one worker during the pipeline drain (a speedscope file per run).
 
 Everything runs against 127.0.0.1 and is bounded. Results print as JSON (``--out`` to save).
 """

@@ -504,8 +504,11 @@ def bench_soak(*, db_url: str, processes: int, concurrency: int, c: int, soak_s:
             stop.set()
     finally:
         _stop(procs)
+    # A sample taken as the loop ends (no new requests, those in flight finishing: RSS falls by
+    # ~1 MiB) is not of C in flight; counted, it bends the slope down, so only samples up to
+    # half a period before the end are.
     def mib_per_min(t0: float) -> float:
-        after = [(x, y) for x, y in samples if x >= t0]
+        after = [(x, y) for x, y in samples if t0 <= x <= soak_s - every_s / 2]
         return slope([x / 60 for x, _ in after], [y / 2**20 for _, y in after])
 
     # The first minute is the warm-up the target allows; the second half is shown beside it, since

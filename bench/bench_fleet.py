@@ -513,7 +513,7 @@ def bench_soak(*, db_url: str, processes: int, concurrency: int, c: int, soak_s:
 
     # The first minute is the warm-up the target allows; the second half is shown beside it, since
     # RSS that follows a running peak (the allocator keeps what the busiest moment touched) rises
-    # for longer than a minute and then stays flat, where a leak goes on rising.
+    # for longer than a minute, ever more slowly, where a leak keeps its slope.
     return {"concurrency": c, "seconds": soak_s, "completed": sum(1 for x in res.samples if x.done_at is not None),
             "rss_samples": [[round(x, 1), y] for x, y in samples], "settle_s": settle_s,
             "rss_slope_mib_per_min_after_settle": mib_per_min(settle_s),

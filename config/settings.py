@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     worker_pool: str = "gevent"
     #: Large blocks (at least this many bytes) always come from their own mmap, returned when
     #: freed: glibc's dynamic threshold would move them into the heap, whose resident size then
-    #: creeps up for minutes (workers/memory.py). 0 leaves the C library's default.
+    #: creeps up (workers/memory.py; it did not lower the soak's RSS slope). 0: the C library's default.
     worker_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0, le=32 * 1024 * 1024)
     #: Group commit: at most this many tasks' rows per transaction ...
     writer_batch_max: int = Field(default=500, ge=1)

@@ -7,11 +7,14 @@ buffers of a worker (a group commit's parameter arrays, a dispatch step's messag
 response) come from the main heap, where a block still in use above them keeps their pages
 resident: the heap's resident size creeps up for minutes as rarer, larger peaks occur, while the
 Python objects alive stay the same (issue 13's soaks, docs/BENCHMARKS.md: tracemalloc flat within
-0.7 MiB over four minutes, the ``[heap]`` segment +0.24 to +0.44 MiB). Setting the threshold
-explicitly (``mallopt(M_MMAP_THRESHOLD, n)``) also turns the dynamic adjustment off: large blocks
-always go to ``mmap`` and back. This is what ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment
-does, applied by the worker itself so that every way of starting one (``tars fleet worker``,
-plain ``celery -A tars_tasks worker``, compose) gets it.
+0.7 MiB over four minutes, the ``[heap]`` segment +0.24 and +0.44 MiB from the first to the third
+minute, +0.06 and +0.12 with the threshold fixed). Setting the threshold explicitly
+(``mallopt(M_MMAP_THRESHOLD, n)``) also turns the dynamic adjustment off: large blocks always go
+to ``mmap`` and back. It keeps them out of the heap; it did not lower the whole worker's RSS slope
+in those soaks (the rest of the rise is in the anonymous mappings, pymalloc's arenas among them).
+This is what ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment does, applied by the worker
+itself so that every way of starting one (``tars fleet worker``, plain ``celery -A tars_tasks
+worker``, compose) gets it.
 
 Elsewhere (musl, macOS, a libc without ``mallopt``) :func:`fix_mmap_threshold` does nothing and
 says so by returning False.

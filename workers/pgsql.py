@@ -193,7 +193,7 @@ def load_requests(conn: Connection, ids: list[str]) -> list[tuple[Any, ...]]:
     try:
         return list(conn.exec_driver_sql(LOAD_SQL, {"ids": ids}).all())
     finally:
-        if not _back_as_it_was(raw, True):
+        if not _out_of_autocommit(raw):
             conn.invalidate()
 
 
@@ -244,32 +244,30 @@ def write_batch(conn: Connection, *, ids: list[str], api_rows: list[dict[str, An
             if whole:
                 cur.execute("COMMIT")
     except psycopg.Error as exc:
-        broken = raw.broken or conn.dialect.is_disconnect(exc, raw, None) or not _back_as_it_was(raw, whole)
+        broken = raw.broken or conn.dialect.is_disconnect(exc, raw, None) or (whole and not _out_of_autocommit(raw))
         if broken:
             conn.invalidate(exc)
         raise sa_exc.DBAPIError.instance("group commit", None, exc, psycopg.Error, hide_parameters=True,
                                          connection_invalidated=broken, dialect=conn.dialect) from exc
     except (TypeError, ValueError) as exc:  # a parameter the driver could not adapt or encode
-        if not _back_as_it_was(raw, whole):
+        if whole and not _out_of_autocommit(raw):
             conn.invalidate(exc)
         raise sa_exc.StatementError(str(exc), "group commit", None, exc) from exc
     except BaseException as exc:  # interrupted (a timeout, a kill of the greenlet): never reuse it
         if whole:
             conn.invalidate(exc)
         raise
-    if whole and not _back_as_it_was(raw, whole):
+    if whole and not _out_of_autocommit(raw):
         conn.invalidate()
         raise sa_exc.DBAPIError.instance("group commit", None, psycopg.OperationalError(
             "the group commit's connection could not be put back out of autocommit"), psycopg.Error,
             hide_parameters=True, connection_invalidated=True, dialect=conn.dialect)
 
 
-def _back_as_it_was(raw: psycopg.Connection, whole: bool) -> bool:
-    """After a pipeline of our own BEGIN ... COMMIT: the connection out of autocommit again, any
-    transaction the failure left open rolled back first. False if that could not be done (the
-    connection must then be dropped, never reused)."""
-    if not whole:
-        return True
+def _out_of_autocommit(raw: psycopg.Connection) -> bool:
+    """After a statement or a pipeline of our own BEGIN ... COMMIT in autocommit: the connection
+    out of autocommit again, any transaction a failure left open rolled back first. False if that
+    could not be done (the connection must then be dropped, never reused)."""
     if raw.closed or raw.broken:
         return False
     try:

@@ -152,3 +152,51 @@ def test_a_submit_records_its_rows_without_a_transaction_round_trip_and_returns_
         conn.rollback()
     with engine.connect() as conn:
         assert conn.execute(select(Request.role).where(Request.id == first.id)).scalar_one() == "researcher"
+
+
+PRODUCER = r"""
+import json, random, sys, time
+from config.settings import get_settings
+from tars_tasks.client import TarsClient
+
+seed, start_at, n = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+keys = [f"race-{i}" for i in range(n)]
+random.Random(seed).shuffle(keys)
+got = {}
+with TarsClient(settings=get_settings()) as client:
+    client.submit(role="researcher", prompt="warm", tenant=f"warm-{seed}")  # connections open before the start
+    time.sleep(max(0.0, start_at - time.time()))
+    for i in range(0, n, 25):
+        chunk = keys[i:i + 25]
+        subs = client.submit_many([{"role": "researcher", "prompt": k, "idempotency_key": k, "tenant": "race"}
+                                   for k in chunk])
+        got.update({k: [s.id, s.created] for k, s in zip(chunk, subs)})
+print(json.dumps(got))
+"""
+
+
+def test_producers_racing_on_the_same_idempotency_keys_record_each_key_once(fleet_env, db, redis):
+    """Four producer processes submit the same 300 keys at once, each in its own order (1,200
+    submits, in calls of 25): the INSERT runs in autocommit, so what stops a second row is ON
+    CONFLICT alone and what finds the first is the look-up after it. Every key is one row, every
+    producer was answered with that row's id, exactly one submit per key says it created it, and
+    exactly one message per key is waiting."""
+    import json
+    import time
+
+    from tests.helpers import start_producer_script, waiting_messages
+
+    n, start_at = 300, time.time() + 4
+    kids = [start_producer_script(PRODUCER, fleet_env, args=[str(seed), str(start_at), str(n)]) for seed in range(4)]
+    answers = []
+    for kid in kids:
+        out, err = kid.communicate(timeout=180)
+        assert kid.returncode == 0, err[-3000:]
+        answers.append(json.loads(out.strip().splitlines()[-1]))
+    with db.connect() as conn:
+        rows = dict(conn.execute(select(Request.idempotency_key, Request.id).where(Request.tenant == "race")).all())
+    assert len(rows) == n
+    for got in answers:
+        assert {k: v[0] for k, v in got.items()} == rows
+    assert sum(v[1] for got in answers for v in got.values()) == n
+    assert waiting_messages(redis, tiers=["haiku"]) == n + 4  # and the four warm-up requests

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     #: freed: glibc's dynamic threshold would move them into the heap, whose resident size then
     #: creeps up (workers/memory.py; it did not lower the soak's RSS slope). 0: the C library's default.
     worker_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0, le=32 * 1024 * 1024)
+    #: At ready, what the worker started with is frozen out of the cyclic collector's full
+    #: collections (``gc.freeze``, workers/memory.py): they walk only what requests allocated since.
+    worker_gc_freeze: bool = True
     #: Group commit: at most this many tasks' rows per transaction ...
     writer_batch_max: int = Field(default=500, ge=1)
     #: ... and a batch waits at most this long for company before it is committed.

@@ -16,6 +16,9 @@ model call that really happened is recorded as its own ``api_calls`` row.
 * On Redis, ``redis://`` is served by :class:`tars_tasks.broker.transport.Transport` (kombu's
   Redis transport plus leases on unacked messages, TARS's priority poll order and half-open
   checks on the gevent path; installed by :func:`make_app`).
+* ``-P gevent`` runs :class:`tars_tasks.broker.gevent_pool.TaskPool`: Celery's gevent pool, whose
+  finished task greenlets refcounting frees (Celery's own keeps each in a cycle; also installed
+  by :func:`make_app`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, concurrency
 
 from config.keys import (
     KOMBU_PRIORITY_SEP,
@@ -42,6 +45,9 @@ from tars_tasks.redis_client import broker_transport_bounds
 #: kombu's in-memory transport polls an empty queue every second by default; at concurrency 1
 #: that second was most of a request's life. Measured: baseline C=1 at 72% of Little's bound.
 EMBEDDED_POLLING_INTERVAL_S = 0.005
+
+#: What ``-P gevent`` runs once an app is made (a string: a producer never imports gevent for it).
+GEVENT_POOL = "tars_tasks.broker.gevent_pool:TaskPool"
 
 __all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "celery_config", "get_app", "make_app", "redis_priority"]
 
@@ -97,6 +103,7 @@ def celery_config(settings: Settings, *, producer: bool = False) -> dict:
 
 def make_app(settings: Settings | None = None, *, producer: bool = False) -> Celery:
     broker_transport.install()  # redis:// served by TARS's transport in this process
+    concurrency.ALIASES["gevent"] = GEVENT_POOL  # -P gevent: Celery's pool less a cycle per task
     settings = settings or get_settings()
     celery = Celery("tars_tasks", include=["tars_tasks.tasks"])
     celery.conf.update(celery_config(settings, producer=producer))

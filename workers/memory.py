@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -63,3 +64,18 @@ def fix_mmap_threshold(*, threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> boo
         log.debug("no mallopt in this C library: mmap threshold left as it is")
         return False
     return fn(M_MMAP_THRESHOLD, threshold_bytes) == 1
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (modules, classes, functions, the app's configuration: what a
+    started worker keeps for its whole life) out of the cyclic collector's reach; returns how many.
+
+    A started worker holds ~700,000 such objects. The collector's full collections, which a busy
+    worker runs every few seconds (requests in flight outlive the young generations), walk them all:
+    ~150 ms with the hub held, each time. Frozen (``gc.freeze``), they are not walked; what the
+    requests allocate afterwards is collected as before. Garbage is collected first, so none is
+    frozen; an object frozen here that later becomes cyclic garbage would stay (startup objects don't).
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

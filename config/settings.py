@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     worker_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0, le=32 * 1024 * 1024)
     #: At ready, what the worker started with is frozen out of the cyclic collector's full
     #: collections (``gc.freeze``, workers/memory.py): they walk only what requests allocated since.
+    #: Not in the embedded fleet, whose worker runs inside its host's process.
     worker_gc_freeze: bool = True
     #: Group commit: at most this many tasks' rows per transaction ...
     writer_batch_max: int = Field(default=500, ge=1)

@@ -166,7 +166,7 @@ def _start_maintenance(sender=None, **_kw) -> None:
     _maintenance.append(FleetModeKeeper(settings=settings, catalog=load_catalog(settings.catalog_path)).start())
     _limit_calls_at_once(sender)
     _start_dispatcher(sender, settings)
-    if settings.worker_gc_freeze:
+    if settings.worker_gc_freeze and not settings.embedded:  # a process of its own, not its host's
         from workers.memory import freeze_startup_objects
 
         log.info("gc: %s objects of the worker's start-up frozen out of the collector", f"{freeze_startup_objects():,}")

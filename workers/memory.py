@@ -11,7 +11,9 @@ Python objects alive stay the same (issue 13's soaks, docs/BENCHMARKS.md: tracem
 minute, +0.06 and +0.12 with the threshold fixed). Setting the threshold explicitly
 (``mallopt(M_MMAP_THRESHOLD, n)``) also turns the dynamic adjustment off: large blocks always go
 to ``mmap`` and back. It keeps them out of the heap; it did not lower the whole worker's RSS slope
-in those soaks (the rest of the rise is in the anonymous mappings, pymalloc's arenas among them).
+in those soaks. The rest of the rise was in pymalloc's arenas, and came from cyclic garbage: each
+finished task's greenlet waited for a full collection (tars_tasks/broker/gevent_pool.py, and
+:func:`freeze_startup_objects` below).
 This is what ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment does, applied by the worker
 itself so that every way of starting one (``tars fleet worker``, plain ``celery -A tars_tasks
 worker``, compose) gets it.

@@ -258,7 +258,8 @@ with EmbeddedFleet():
             calls = conn.execute(text("SELECT count(*) FROM api_calls WHERE outcome = 'ok'")).scalar()
 print(json.dumps({"status": [r.status for r in rs], "worker": [r.worker if hasattr(r, "worker") else None for r in rs],
                   "tiers": [r.tier_used for r in rs], "calls": calls, "task": run_request.name,
-                  "broker": c.settings.broker_url, "db": c.settings.database_url}))
+                  "broker": c.settings.broker_url, "db": c.settings.database_url,
+                  "frozen": __import__("gc").get_freeze_count()}))
 """
     import os
     import subprocess
@@ -280,6 +281,7 @@ print(json.dumps({"status": [r.status for r in rs], "worker": [r.worker if hasat
     assert data["task"] == "tars.run_request"
     assert data["broker"].startswith("memory://") and data["db"].startswith("sqlite")
     assert (tmp_path / "data" / "tars" / "embedded.db").exists()  # the user's data directory, not the cwd
+    assert data["frozen"] == 0  # a worker process of its own freezes its start-up objects; its host's, never
 
 
 def test_a_request_that_kills_its_worker_every_time_is_failed_after_max_deliveries(fleet_env, start_worker, client, db):

@@ -1,13 +1,14 @@
 """Celery's gevent pool without a reference cycle per task (what ``-P gevent`` runs here).
 
-Celery 5.5+ gives every task's greenlet a ``terminate`` attribute bound to that greenlet
-(``greenlet.terminate = types.MethodType(_terminate, greenlet)``, celery/celery#9440, for
-``revoke(terminate=True)``). The greenlet then refers to itself: once the task ends, refcounting
+Celery's gevent pool (5.7.0 here, since celery/celery#9440) gives every task's greenlet a
+``terminate`` attribute bound to that greenlet (``greenlet.terminate = types.MethodType(_terminate,
+greenlet)``, for ``revoke(terminate=True)``). The greenlet then refers to itself: once the task ends, refcounting
 cannot free it, nor anything it still holds (its frames' locals, Context, greenlet-local dicts,
 the task's arguments). Only the cyclic collector's full collections do, which a worker full of
 long-lived objects runs rarely: in issue 13's soak at C = 1,000 (about 40 tasks per second per
-process) each worker collected ~12,000 such objects every ~10 s, each full collection holding the
-hub for ~150 ms, and the RSS followed the garbage's highest peaks (docs/BENCHMARKS.md).
+process) each worker's full collections, every ~10 s, found ~12,800 such objects each time and
+held the hub for up to 184 ms, and the soak's RSS rose with the garbage's highest peaks
+(docs/BENCHMARKS.md).
 
 :class:`TaskPool` keeps Celery's behaviour and binds ``terminate`` through a weak reference.
 gevent's greenlet-tree tracking (a captured spawning stack of ~10 frames and a tree-locals dict on
